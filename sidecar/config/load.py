@@ -1,0 +1,319 @@
+"""Reading config files into the model. The only place that touches YAML.
+
+``load_bootstrap`` and ``load_mesh`` raise ``ConfigError`` with every problem found, each
+naming its path and value; the caller (``__main__``, SIGHUP reload, the control-plane
+client) decides what a failure means: exit at start-up, keep the last good snapshot later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .model import (
+    AccessLogConfig,
+    Bootstrap,
+    DownstreamTimeouts,
+    Limits,
+    ListenerConfig,
+    MeshConfig,
+    PoolConfig,
+    RouteConfig,
+    RouteMatch,
+    ServiceConfig,
+    ServiceTimeouts,
+    TlsFiles,
+    WeightedTarget,
+)
+from .reader import ConfigError, Fields, Problems, convert, parse_address
+
+__all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml"]
+
+SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def read_yaml(path: Path) -> Any:
+    """One YAML document; errors name the file (and the line, where YAML knows it)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(["file not found"], str(path)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"], str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(["not UTF-8 text"], str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{where}invalid YAML: {problem}"], str(path)) from None
+
+
+# === bootstrap ===========================================================================
+
+
+def load_bootstrap(path: Path | str) -> Bootstrap:
+    path = Path(path)
+    problems = Problems()
+    top = Fields(read_yaml(path), "", problems)
+    service = top.str("service", pattern=SERVICE_NAME)
+    mode = top.str("mode", "sidecar", choices=("sidecar", "gateway"))
+    app = top.address("app", None)
+    listeners = _listeners(top.sub("listeners"), mode)
+    mesh = top.str("mesh")
+    mesh_path = (path.parent / mesh) if isinstance(mesh, str) else path.parent
+    limits = _limits(top.sub("limits"))
+    timeouts = _downstream_timeouts(top.sub("timeouts"))
+    access_log = _access_log(top.sub("access_log"))
+    tls = _tls(top, path.parent)
+    log_level = top.str("log_level", "info", choices=("debug", "info", "warning", "error"))
+    top.done()
+    if mode == "sidecar" and app is None and any(l.name == "inbound" for l in listeners):
+        problems.add("app", "is required when an inbound listener is configured")
+    if any(l.tls for l in listeners) and tls is None:
+        problems.add("tls", "is required when a listener uses TLS")
+    problems.raise_if_any(str(path))
+    return Bootstrap(
+        source=path, service=service, mode=mode, app=app, listeners=tuple(listeners),
+        mesh_path=mesh_path, limits=limits, timeouts=timeouts, access_log=access_log,
+        tls=tls, log_level=log_level,
+    )
+
+
+def _listeners(node: Fields, mode: str) -> list[ListenerConfig]:
+    out: list[ListenerConfig] = []
+    names = ("outbound", "inbound", "admin", "gateway")
+    for name in names:
+        if not node.has(name):
+            continue
+        value = node.data[name]
+        if isinstance(value, dict):
+            sub = node.sub(name)
+            address = sub.address("address")
+            tls = sub.bool("tls", name == "inbound")
+            sub.done()
+        else:
+            address = node.address(name)
+            tls = False
+        if address is None:
+            continue
+        if name == "admin" and not _is_loopback(address[0]):
+            node.error(name, f"must be a loopback address (admin is never public), got {address[0]!r}")
+        out.append(ListenerConfig(name=name, address=address, tls=tls))  # type: ignore[arg-type]
+    node.done()
+    if mode == "gateway" and not any(l.name == "gateway" for l in out):
+        node.error("gateway", "is required in gateway mode")
+    if not any(l.name in ("outbound", "inbound", "gateway") for l in out):
+        node.problems.add(node.path, "at least one of outbound, inbound, gateway is required")
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _limits(node: Fields) -> Limits:
+    d = Limits()
+    limits = Limits(
+        max_connections=node.int("max_connections", d.max_connections, min=1),
+        max_request_line=node.size("max_request_line", d.max_request_line),
+        max_headers_size=node.size("max_headers_size", d.max_headers_size),
+        max_header_count=node.int("max_header_count", d.max_header_count, min=1),
+        max_request_body=node.size("max_request_body", d.max_request_body),
+        max_pipelined=node.int("max_pipelined", d.max_pipelined, min=1, max=1024),
+        allow_underscores_in_headers=node.bool(
+            "allow_underscores_in_headers", d.allow_underscores_in_headers),
+    )
+    node.done()
+    return limits
+
+
+def _downstream_timeouts(node: Fields) -> DownstreamTimeouts:
+    d = DownstreamTimeouts()
+    timeouts = DownstreamTimeouts(
+        request_headers=node.duration("request_headers", d.request_headers, min=0.001),
+        idle=node.duration("idle", d.idle, min=0.001),
+        drain=node.duration("drain", d.drain),
+    )
+    node.done()
+    return timeouts
+
+
+def _access_log(node: Fields) -> AccessLogConfig:
+    d = AccessLogConfig()
+    config = AccessLogConfig(enabled=node.bool("enabled", d.enabled), path=node.str("path", d.path))
+    node.done()
+    return config
+
+
+def _tls(top: Fields, base: Path) -> TlsFiles | None:
+    if not top.has("tls"):
+        top.raw("tls", None)
+        return None
+    node = top.sub("tls")
+    paths = [node.str(k) for k in ("cert", "key", "bundle")]
+    node.done()
+    if any(p is None or not isinstance(p, str) for p in paths):
+        return None
+    cert, key, bundle = (base / p for p in paths)
+    return TlsFiles(cert=cert, key=key, bundle=bundle)
+
+
+# === mesh ================================================================================
+
+
+def load_mesh(path: Path | str) -> MeshConfig:
+    path = Path(path)
+    return parse_mesh(read_yaml(path), source=str(path))
+
+
+def parse_mesh(data: Any, *, source: str | None = None, version: str | None = None) -> MeshConfig:
+    """The one validator of the mesh schema, for files and pushed snapshots alike."""
+    problems = Problems()
+    top = Fields(data, "", problems)
+    trust_domain = top.str("trust_domain", "pake.local", pattern=TRUST_DOMAIN)
+    services: dict[str, ServiceConfig] = {}
+    for name, node in top.items("services"):
+        if not SERVICE_NAME.match(name):
+            problems.add(node.path, f"service name must match {SERVICE_NAME.pattern}, got {name!r}")
+            continue
+        services[name] = _service(name, node, trust_domain)
+    top.done()
+    _check_references(services, problems)
+    _check_hosts(services, problems)
+    problems.raise_if_any(source)
+    if version is None:
+        canonical = json.dumps(data, sort_keys=True, default=str).encode()
+        version = hashlib.sha256(canonical).hexdigest()[:12]
+    return MeshConfig(trust_domain=trust_domain, services=services, version=version)
+
+
+def _service(name: str, node: Fields, trust_domain: str) -> ServiceConfig:
+    endpoints = []
+    for path, item in node.list("endpoints"):
+        address = convert(node.problems, path, item, parse_address)
+        if address is not None:
+            endpoints.append(address)
+    hosts_default = [name, f"{name}.{trust_domain}"]
+    hosts = []
+    for path, item in node.list("hosts", hosts_default):
+        if not isinstance(item, str) or not item or ":" in item or item != item.lower():
+            node.problems.add(path, f"must be a lower-case host name without port, got {item!r}")
+        else:
+            hosts.append(item)
+    routes = tuple(_route(path, item, name, node) for path, item in node.list("routes"))
+    if not routes:
+        routes = (RouteConfig(name=f"{name}/default", match=RouteMatch(),
+                              to=(WeightedTarget(service=name),)),)
+    service = ServiceConfig(
+        name=name,
+        endpoints=tuple(endpoints),
+        hosts=tuple(hosts),
+        routes=routes,
+        timeouts=_service_timeouts(node.sub("timeouts")),
+        pool=_pool(node.sub("pool")),
+        max_request_body=node.size("max_request_body", None),
+    )
+    node.done()
+    return service
+
+
+def _route(path: str, data: Any, service: str, parent: Fields) -> RouteConfig:
+    node = Fields(data, path, parent.problems)
+    name = node.str("name", f"{service}/{path.rsplit('[', 1)[-1].rstrip(']')}")
+    match = _match(node.sub("match"))
+    targets = []
+    for tpath, item in node.list("to", [{"service": service}]):
+        t = Fields(item, tpath, parent.problems)
+        targets.append(WeightedTarget(
+            service=t.str("service", pattern=SERVICE_NAME),
+            weight=t.int("weight", 100, min=0, max=10_000)))
+        t.done()
+    if targets and sum(t.weight for t in targets) == 0:
+        node.error("to", "weights must not all be 0")
+    timeout = node.duration("timeout", None, min=0.001)
+    node.done()
+    return RouteConfig(name=name, match=match, to=tuple(targets), timeout=timeout)
+
+
+def _match(node: Fields) -> RouteMatch:
+    prefix = node.str("path_prefix", "/")
+    exact = node.str("path", None)
+    for key, value in (("path_prefix", prefix), ("path", exact)):
+        if isinstance(value, str) and not value.startswith("/"):
+            node.error(key, f"must start with /, got {value!r}")
+    methods = []
+    for mpath, m in node.list("methods"):
+        if not isinstance(m, str) or not m.isupper() or not m.isalpha():
+            node.problems.add(mpath, f"must be an upper-case HTTP method, got {m!r}")
+        else:
+            methods.append(m)
+    headers = []
+    hnode = node.sub("headers")
+    for hname, hvalue in hnode.data.items():
+        hnode.raw(hname)
+        if not isinstance(hname, str) or not HEADER_NAME.match(hname.lower()):
+            hnode.error(str(hname), "is not a valid header name")
+        elif not isinstance(hvalue, str):
+            hnode.error(hname, f"must be a string, got {hvalue!r}")
+        else:
+            headers.append((hname.lower(), hvalue))
+    node.done()
+    return RouteMatch(path_prefix=prefix, path_exact=exact, methods=frozenset(methods),
+                      headers=tuple(headers))
+
+
+def _service_timeouts(node: Fields) -> ServiceTimeouts:
+    d = ServiceTimeouts()
+    timeouts = ServiceTimeouts(
+        route=node.duration("route", d.route, min=0.001),
+        connect=node.duration("connect", d.connect, min=0.001),
+    )
+    node.done()
+    return timeouts
+
+
+def _pool(node: Fields) -> PoolConfig:
+    d = PoolConfig()
+    pool = PoolConfig(
+        max_connections=node.int("max_connections", d.max_connections, min=1),
+        max_idle=node.int("max_idle", d.max_idle, min=0),
+        idle_timeout=node.duration("idle_timeout", d.idle_timeout, min=0.001),
+        max_pending=node.int("max_pending", d.max_pending, min=0),
+    )
+    node.done()
+    return pool
+
+
+def _check_references(services: dict[str, ServiceConfig], problems: Problems) -> None:
+    for service in services.values():
+        for i, route in enumerate(service.routes):
+            for j, target in enumerate(route.to):
+                if target.service and target.service not in services:
+                    problems.add(f"services.{service.name}.routes[{i}].to[{j}].service",
+                                 f"unknown service {target.service!r}")
+
+
+def _check_hosts(services: dict[str, ServiceConfig], problems: Problems) -> None:
+    seen: dict[str, str] = {}
+    for service in services.values():
+        for host in service.hosts:
+            if host in seen and seen[host] != service.name:
+                problems.add(f"services.{service.name}.hosts",
+                             f"host {host!r} is already routed to {seen[host]!r}")
+            seen.setdefault(host, service.name)

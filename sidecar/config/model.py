@@ -1,0 +1,158 @@
+"""The config of the mesh as frozen dataclasses.
+
+Two documents: the **bootstrap** (``sidecar.yaml``: who am I, where do I listen, where does
+my mesh config come from) and the **mesh** config (services, endpoints, routes, and the
+policies later issues add), which a file gives in static mode and the control plane
+pushes later. Objects are immutable so a snapshot can be shared by every exchange that
+started under it. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "AccessLogConfig",
+    "Address",
+    "Bootstrap",
+    "DownstreamTimeouts",
+    "Limits",
+    "ListenerConfig",
+    "MeshConfig",
+    "PoolConfig",
+    "RouteConfig",
+    "RouteMatch",
+    "ServiceConfig",
+    "ServiceTimeouts",
+    "TlsFiles",
+    "WeightedTarget",
+]
+
+Address = tuple[str, int]
+Mode = Literal["sidecar", "gateway"]
+
+
+# === bootstrap ===========================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on what one downstream may make us hold. Nothing grows without one."""
+
+    max_connections: int = 10_000
+    max_request_line: int = 8 * 1024  # request line (method + target + version) -> 414
+    max_headers_size: int = 60 * 1024  # all header lines together -> 431
+    max_header_count: int = 100  # -> 431
+    max_request_body: int | None = None  # None: streamed, unbounded; else -> 413
+    max_pipelined: int = 16  # requests parsed ahead of the one being answered
+    allow_underscores_in_headers: bool = False  # x_user aliases x-user in many apps
+
+
+@dataclass(frozen=True, slots=True)
+class DownstreamTimeouts:
+    request_headers: float = 10.0  # from the first byte of a request to its last header -> 408
+    idle: float = 60.0  # keep-alive: no request in flight and nothing received
+    drain: float = 20.0  # SIGTERM: how long in-flight requests may take to finish
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: Literal["outbound", "inbound", "admin", "gateway"]
+    address: Address
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    bundle: Path
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    enabled: bool = True
+    path: str = "stdout"  # or a file path
+
+
+@dataclass(frozen=True, slots=True)
+class Bootstrap:
+    source: Path
+    service: str
+    mode: Mode
+    app: Address | None
+    listeners: tuple[ListenerConfig, ...]
+    mesh_path: Path
+    limits: Limits = Limits()
+    timeouts: DownstreamTimeouts = DownstreamTimeouts()
+    access_log: AccessLogConfig = AccessLogConfig()
+    tls: TlsFiles | None = None
+    log_level: str = "info"
+
+    def listener(self, name: str) -> ListenerConfig | None:
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        return None
+
+
+# === mesh ================================================================================
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTimeouts:
+    route: float = 15.0  # whole exchange, all tries -> 504 UT
+    connect: float = 1.0  # one TCP (+TLS) connect -> 503 UF
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Upstream connections per endpoint."""
+
+    max_connections: int = 1024
+    max_idle: int = 64
+    idle_timeout: float = 60.0
+    max_pending: int = 1024  # exchanges waiting for a connection, per endpoint -> 503 UO
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    path_prefix: str = "/"
+    path_exact: str | None = None
+    methods: frozenset[str] = frozenset()  # empty: any method
+    headers: tuple[tuple[str, str], ...] = ()  # (lower-case name, exact value)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedTarget:
+    service: str
+    weight: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    match: RouteMatch
+    to: tuple[WeightedTarget, ...]
+    timeout: float | None = None  # overrides the target service's route timeout
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    endpoints: tuple[Address, ...]
+    hosts: tuple[str, ...]  # Host/authority names routed to this service (lower case, no port)
+    routes: tuple[RouteConfig, ...]
+    timeouts: ServiceTimeouts = ServiceTimeouts()
+    pool: PoolConfig = PoolConfig()
+    max_request_body: int | None = None  # tighter than the listener's bound, for this service
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    trust_domain: str
+    services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+    version: str = ""  # content hash, or the control plane's version

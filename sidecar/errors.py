@@ -1,0 +1,126 @@
+"""Why the sidecar answered a request itself, and the one place that turns errors into replies.
+
+Every refusal is a ``ProxyError`` subclass carrying its status, a short error code, and the
+response flag (Envoy's vocabulary: ``NR`` no route, ``UF`` upstream connect failure, ``UT``
+upstream timeout, ``UO`` overflow / breaker open, ``URX`` retries exhausted, ``UPE``
+upstream protocol or identity error, ``DPE`` downstream protocol error). ``rescue()`` maps
+an error to a ``LocalReply``; the access log and metrics carry the same flag.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+__all__ = [
+    "CircuitOpen",
+    "DownstreamProtocolError",
+    "Forbidden",
+    "LocalReply",
+    "NoHealthyUpstream",
+    "NoRoute",
+    "ProxyError",
+    "RateLimited",
+    "Unauthenticated",
+    "UpstreamConnectError",
+    "UpstreamIdentityError",
+    "UpstreamProtocolError",
+    "UpstreamReset",
+    "UpstreamTimeout",
+    "rescue",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """A response the sidecar makes itself: JSON ``{"error","detail","service"}`` and a flag."""
+
+    status: int
+    error: str
+    detail: str
+    flag: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    close: bool = False  # close the downstream connection after the reply
+
+    def body(self, service: str) -> bytes:
+        return json.dumps({"error": self.error, "detail": self.detail, "service": service},
+                          separators=(",", ":")).encode()
+
+
+class ProxyError(Exception):
+    status = 500
+    error = "internal_error"
+    flag = "-"
+    close = False
+
+    def __init__(self, detail: str, *, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers
+
+    def reply(self) -> LocalReply:
+        return LocalReply(self.status, self.error, self.detail, self.flag, self.headers, self.close)
+
+
+class DownstreamProtocolError(ProxyError):
+    """Malformed or ambiguous HTTP from downstream: never forwarded, connection closed."""
+
+    error = "bad_request"
+    flag = "DPE"
+    close = True
+
+    def __init__(self, detail: str, status: int = 400, error: str = "bad_request") -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+
+
+class NoRoute(ProxyError):
+    status, error, flag = 404, "no_route", "NR"
+
+
+class Unauthenticated(ProxyError):
+    status, error, flag = 401, "unauthenticated", "UAEX"
+
+
+class Forbidden(ProxyError):
+    status, error, flag = 403, "forbidden", "RBAC"
+
+
+class RateLimited(ProxyError):
+    status, error, flag = 429, "rate_limited", "RL"
+
+
+class UpstreamConnectError(ProxyError):
+    status, error, flag = 503, "upstream_connect_failure", "UF"
+
+
+class NoHealthyUpstream(ProxyError):
+    status, error, flag = 503, "no_healthy_upstream", "UH"
+
+
+class CircuitOpen(ProxyError):
+    status, error, flag = 503, "upstream_overflow", "UO"
+
+
+class UpstreamIdentityError(ProxyError):
+    status, error, flag = 503, "upstream_identity_mismatch", "UPE"
+
+
+class UpstreamTimeout(ProxyError):
+    status, error, flag = 504, "upstream_timeout", "UT"
+
+
+class UpstreamReset(ProxyError):
+    status, error, flag = 502, "upstream_reset", "UC"
+
+
+class UpstreamProtocolError(ProxyError):
+    status, error, flag = 502, "upstream_protocol_error", "UPE"
+
+
+def rescue(exc: BaseException) -> LocalReply:
+    """The single mapping from an error to what the downstream sees."""
+    if isinstance(exc, ProxyError):
+        return exc.reply()
+    return LocalReply(500, "internal_error", f"{type(exc).__name__}", "-", close=True)

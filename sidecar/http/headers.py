@@ -1,0 +1,30 @@
+"""Header tables shared by the request and response paths. Pure constants and helpers."""
+
+from __future__ import annotations
+
+__all__ = ["HOP_BY_HOP", "MESH_INTERNAL", "connection_tokens", "is_valid_request_id"]
+
+# RFC 9110 §7.6.1: meaningful for one hop only; framing is re-done by us on each side.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"content-length", b"host", b"expect",
+})
+
+# Headers only the mesh may set. Stripped from anything arriving from outside the sidecar,
+# so an app can trust them.
+MESH_INTERNAL = (b"x-pake-peer-identity", b"x-pake-attempts")
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def is_valid_request_id(value: bytes) -> bool:
+    """Keep a caller's id only when it is short and printable: it lands in every log line."""
+    return 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value)

@@ -1,0 +1,133 @@
+"""HTTP/1.1 responses from upstream: bytes in, calls on a ``ResponseSink`` out.
+
+Hop-by-hop headers are removed here, so the downstream side re-frames the body itself.
+A response to HEAD carries no body whatever its Content-Length says; llhttp cannot be
+told that, so the parser ends the message at the head and the connection is not reused
+(see ``UpstreamConnection``). 1xx responses other than 101 are dropped: the sidecar
+answers ``Expect: 100-continue`` itself and never forwards Expect.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httptools
+
+from ..errors import UpstreamProtocolError
+from .headers import HOP_BY_HOP, connection_tokens
+from .message import ResponseHead
+
+__all__ = ["ResponseParser", "ResponseSink"]
+
+_MAX_HEAD = 96 * 1024
+_MAX_HEADERS = 200
+
+
+class ResponseSink(Protocol):
+    def on_response_head(self, head: ResponseHead) -> None: ...
+    def on_response_body(self, chunk: bytes) -> None: ...
+    def on_response_end(self) -> None: ...
+
+
+class ResponseParser:
+    __slots__ = ("sink", "_parser", "_headers", "_head_bytes", "_in_head", "head_only",
+                 "reason", "started", "done", "upgraded")
+
+    def __init__(self, sink: ResponseSink) -> None:
+        self.sink = sink
+        self._parser = httptools.HttpResponseParser(self)
+        self.head_only = False  # set for HEAD requests
+        self.started = False  # any byte of a response arrived
+        self.done = False
+        self.upgraded = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = True
+        self.reason = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Returns the bytes after a 101 response (the tunnel's first bytes), else b""."""
+        self.started = True
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > _MAX_HEAD:
+                raise UpstreamProtocolError("upstream response head too large")
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded = True
+            return data[exc.args[0]:]
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, UpstreamProtocolError):
+                raise cause from None
+            raise
+        except httptools.HttpParserError as exc:
+            raise UpstreamProtocolError(f"malformed upstream response: {exc}") from None
+        return b""
+
+    # --- httptools callbacks ------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            self._headers.append((name, value))
+            if len(self._headers) > _MAX_HEADERS:
+                raise UpstreamProtocolError("too many upstream response headers")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return
+        content_length = None
+        chunked = False
+        connection: list[bytes] = []
+        upgrade: bytes | None = None
+        kept: list[tuple[bytes, bytes]] = []
+        for raw_name, value in self._headers:
+            name = raw_name.lower()
+            if name in HOP_BY_HOP:
+                if name == b"upgrade":
+                    upgrade = value
+                elif name == b"content-length":
+                    content_length = int(value)
+                elif name == b"transfer-encoding":
+                    chunked = True
+                elif name == b"connection":
+                    connection.append(value)
+                continue
+            kept.append((name, value))
+        if connection:
+            tokens = connection_tokens(connection)
+            kept = [(n, v) for n, v in kept if n not in tokens]
+        head = ResponseHead(
+            status=status, reason=self.reason or b"-", headers=kept,
+            content_length=content_length, chunked=chunked,
+            keep_alive=self._parser.should_keep_alive(),
+            upgrade=upgrade if status == 101 else None,
+        )
+        self.sink.on_response_head(head)
+        if self.head_only or status == 101:
+            self.done = True
+            self.sink.on_response_end()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.done:
+            self.sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._reset()  # an interim response; the final one follows
+            return
+        if not self.done:
+            self.done = True
+            self.sink.on_response_end()

@@ -1,0 +1,45 @@
+"""Serialising heads and framing bodies. Pure; every byte sent is made here from parsed
+fields, never copied raw from the other side."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from .message import RequestHead
+
+__all__ = ["chunk", "LAST_CHUNK", "reason_phrase", "request_head", "response_head"]
+
+LAST_CHUNK = b"0\r\n\r\n"
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+def request_head(head: RequestHead, extra: list[tuple[bytes, bytes]]) -> bytes:
+    """The request line and headers for upstream: HTTP/1.1, Host from the authority,
+    end-to-end headers, then ``extra`` (framing and mesh headers)."""
+    lines = [head.method.encode(), b" ", head.target, b" HTTP/1.1\r\nhost: ",
+             head.authority.encode(), b"\r\n"]
+    for name, value in head.headers:
+        lines += (name, b": ", value, b"\r\n")
+    for name, value in extra:
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                  extra: list[tuple[bytes, bytes]]) -> bytes:
+    lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+    for name, value in headers:
+        lines += (name, b": ", value, b"\r\n")
+    for name, value in extra:
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)

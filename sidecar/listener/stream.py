@@ -1,0 +1,209 @@
+"""The downstream half of one exchange: the request body on its way up, the response on its
+way down.
+
+The request body is buffered only until an upstream connection is attached, then it passes
+straight through; past ``HIGH_WATER`` buffered bytes the connection stops reading. A copy of
+the first ``replay_limit`` bytes is kept (references, not copies) so a failed attempt can be
+re-sent; a longer body makes the exchange not replayable. The response is re-framed for the
+downstream: Content-Length when upstream gave one, else chunked for HTTP/1.1, else
+close-delimited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..errors import LocalReply
+from ..exchange import Exchange
+from ..http.message import RequestHead, ResponseHead
+from ..http.writer import LAST_CHUNK, chunk, reason_phrase, response_head
+
+if TYPE_CHECKING:
+    from ..upstream.upstream_connection import UpstreamConnection
+    from .connection import DownstreamConnection
+
+__all__ = ["Stream", "HIGH_WATER"]
+
+HIGH_WATER = 64 * 1024
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY = frozenset({204, 304})
+_MODE_NONE, _MODE_LENGTH, _MODE_CHUNKED, _MODE_CLOSE = 0, 1, 2, 3
+
+
+class Stream:
+    __slots__ = (
+        "conn", "head", "exchange", "snapshot", "task", "pending", "pending_bytes",
+        "body_done", "replay", "replay_bytes", "replay_limit", "upstream", "up_chunked",
+        "response_started", "response_done", "mode", "keep_alive", "sent_continue",
+        "tunnel_closed", "tunnel", "early_data",
+    )
+
+    def __init__(self, conn: DownstreamConnection, head: RequestHead, exchange: Exchange,
+                 snapshot: object, replay_limit: int = 64 * 1024) -> None:
+        self.conn = conn
+        self.head = head
+        self.exchange = exchange
+        self.snapshot = snapshot
+        self.task: asyncio.Task[None] | None = None
+        self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        self.body_done = not head.has_body
+        self.replay: list[bytes] | None = []
+        self.replay_bytes = 0
+        self.replay_limit = replay_limit
+        self.upstream: UpstreamConnection | None = None
+        self.up_chunked = head.chunked
+        self.response_started = False
+        self.response_done = False
+        self.mode = _MODE_NONE
+        self.keep_alive = head.keep_alive
+        self.sent_continue = False
+        self.tunnel = False
+        self.tunnel_closed: asyncio.Future[None] | None = None
+        self.early_data = b""  # bytes after an upgrade request, for the tunnel
+
+    # === request body =====================================================================
+    def feed_body(self, data: bytes) -> None:
+        self.exchange.bytes_in += len(data)
+        replay = self.replay
+        if replay is not None:
+            self.replay_bytes += len(data)
+            if self.replay_bytes > self.replay_limit:
+                self.replay = None
+            else:
+                replay.append(data)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(chunk(data) if self.up_chunked else data)
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > HIGH_WATER:
+            self.conn.block_reading(self.conn.BLOCK_BODY)
+
+    def end_body(self) -> None:
+        self.body_done = True
+        if self.upstream is not None and self.up_chunked:
+            self.upstream.write(LAST_CHUNK)
+
+    def replayable(self) -> bool:
+        """Can the request be sent again in full? (its whole body is in the replay copy)"""
+        return self.replay is not None and (self.body_done or self.replay_bytes == 0) \
+            and not self.response_started
+
+    def attach(self, upstream: UpstreamConnection, head_bytes: bytes, *, again: bool) -> None:
+        """Send the request on ``upstream``: the head, what body we have, then live body."""
+        self.upstream = upstream
+        if not again and not self.sent_continue and self.head.expect_continue and not self.body_done:
+            self.sent_continue = True
+            self.conn.write(_CONTINUE)
+        frame = self.up_chunked
+        parts = [head_bytes]
+        source = self.replay if again and self.replay is not None else self.pending
+        for data in source:
+            parts.append(chunk(data) if frame else data)
+        if self.body_done and frame:
+            parts.append(LAST_CHUNK)
+        upstream.write(b"".join(parts) if len(parts) > 1 else head_bytes)
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.conn.unblock_reading(self.conn.BLOCK_BODY)
+
+    def detach(self) -> None:
+        self.upstream = None
+
+    # === response (UpstreamListener) ======================================================
+    def on_response_head(self, head: ResponseHead) -> None:
+        self.response_started = True
+        self.exchange.status = head.status
+        status = head.status
+        extra: list[tuple[bytes, bytes]] = []
+        if status == 101:
+            self.mode = _MODE_NONE
+            extra.append((b"connection", b"upgrade"))
+            if head.upgrade is not None:
+                extra.append((b"upgrade", head.upgrade))
+            self.tunnel = True
+            self.keep_alive = False
+        elif self.head.method == "HEAD" or status in _NO_BODY:
+            self.mode = _MODE_NONE
+            if head.content_length is not None and status != 204:
+                extra.append((b"content-length", b"%d" % head.content_length))
+        elif head.content_length is not None:
+            self.mode = _MODE_LENGTH
+            extra.append((b"content-length", b"%d" % head.content_length))
+        elif self.head.version == "1.1":
+            self.mode = _MODE_CHUNKED
+            extra.append((b"transfer-encoding", b"chunked"))
+        else:
+            self.mode = _MODE_CLOSE
+            self.keep_alive = False
+        if not self.body_done and not self.tunnel:
+            # the upstream answered before the request body ended; we cannot resync the
+            # downstream parser on the rest of a body nobody reads, so this is the last one
+            self.keep_alive = False
+        if status != 101:
+            self._connection_header(extra)
+        extra.append((b"x-request-id", self.exchange.request_id.encode()))
+        self.conn.write(response_head(status, head.reason, head.headers, extra))
+
+    def _connection_header(self, extra: list[tuple[bytes, bytes]]) -> None:
+        keep = self.keep_alive and not self.conn.draining
+        if not keep:
+            self.keep_alive = False
+            extra.append((b"connection", b"close"))
+        elif self.head.version == "1.0":
+            extra.append((b"connection", b"keep-alive"))
+
+    def on_response_body(self, data: bytes) -> None:
+        self.exchange.bytes_out += len(data)
+        mode = self.mode
+        if mode == _MODE_CHUNKED:
+            self.conn.write(chunk(data))
+        elif mode != _MODE_NONE:
+            self.conn.write(data)
+
+    def on_response_end(self) -> None:
+        self.response_done = True
+        if self.mode == _MODE_CHUNKED:
+            self.conn.write(LAST_CHUNK)
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.exchange.bytes_out += len(data)
+        self.conn.write(data)
+
+    def on_tunnel_closed(self) -> None:
+        if self.tunnel_closed is not None and not self.tunnel_closed.done():
+            self.tunnel_closed.set_result(None)
+
+    def pause_request_body(self) -> None:
+        self.conn.block_reading(self.conn.BLOCK_UPSTREAM)
+
+    def resume_request_body(self) -> None:
+        self.conn.unblock_reading(self.conn.BLOCK_UPSTREAM)
+
+    # === local replies ======================================================================
+    def send_local_reply(self, reply: LocalReply, service: str) -> None:
+        ex = self.exchange
+        ex.status = reply.status
+        ex.flags = reply.flag
+        ex.reason = reply.detail
+        if self.response_started:
+            # half a response is out: the only honest signal left is to cut the connection
+            self.keep_alive = False
+            self.conn.abort()
+            return
+        self.response_started = True
+        self.response_done = True
+        body = reply.body(service) if self.head.method != "HEAD" else b""
+        if reply.close or not self.body_done:
+            self.keep_alive = False
+        extra = list(reply.headers)
+        extra += ((b"content-type", b"application/json"),
+                  (b"content-length", b"%d" % len(reply.body(service))),
+                  (b"x-request-id", ex.request_id.encode()))
+        self._connection_header(extra)
+        ex.bytes_out += len(body)
+        self.conn.write(response_head(reply.status, reason_phrase(reply.status), [], extra) + body)
