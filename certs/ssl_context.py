@@ -1,0 +1,264 @@
+"""TLS contexts for mesh mTLS, and a source that swaps them on rotation.
+
+Rules: both sides require a certificate from the peer and verify it against
+the trust bundle; the peer's *identity* is then checked by SPIFFE ID
+(certs.identity), never by host name. Files are validated with certs.pem
+before OpenSSL sees them, so an error names the file and the problem.
+A TlsContextSource builds new contexts and swaps them in with one
+assignment: handshakes started later use the new ones, connections already
+open keep theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from cryptography import x509
+
+from certs import pem
+from certs.bundle import TrustBundle
+from certs.describe import describe_certificate, fingerprint, uri_sans
+from certs.identity import IdentityError, SpiffeId
+
+__all__ = [
+    "ALPN_PROTOCOLS",
+    "TlsContextSource",
+    "TlsFiles",
+    "TlsMaterial",
+    "TlsPaths",
+    "client_context",
+    "describe",
+    "load_material",
+    "server_context",
+]
+
+ALPN_PROTOCOLS = ("http/1.1",)
+Clock = Callable[[], datetime]
+Side = Literal["server", "client"]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TlsPaths(Protocol):
+    """Anything naming the three files, e.g. TlsFiles or the sidecar config's own."""
+
+    @property
+    def cert(self) -> Path: ...
+
+    @property
+    def key(self) -> Path: ...
+
+    @property
+    def bundle(self) -> Path: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """Paths of a workload's certificate chain, private key and trust bundle."""
+
+    cert: Path
+    key: Path
+    bundle: Path
+
+    @classmethod
+    def of(cls, cert: Path | str, key: Path | str, bundle: Path | str) -> TlsFiles:
+        return cls(Path(cert), Path(key), Path(bundle))
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """The validated content of a TlsFiles: what the contexts were built from.
+
+    `digest` covers the bytes of all three files, so a reload can tell
+    "nothing changed" from "changed" without comparing certificates.
+    """
+
+    files: TlsPaths
+    chain: tuple[x509.Certificate, ...]
+    bundle: TrustBundle
+    spiffe_id: SpiffeId
+    digest: bytes
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def load_material(files: TlsPaths, now: datetime | None = None) -> TlsMaterial:
+    """Read and validate cert, key and bundle; PemError names the bad file.
+
+    Checks: each file exists and parses, the key matches the leaf, the
+    leaf is within its validity period at `now` and carries exactly one
+    URI SAN that is a SPIFFE ID (our own identity; every peer checks it).
+    """
+    now = _utcnow() if now is None else now
+    cert_bytes = pem.read_file(files.cert)
+    key_bytes = pem.read_file(files.key)
+    bundle_bytes = pem.read_file(files.bundle)
+    chain = pem.parse_certificates(cert_bytes, files.cert)
+    key = pem.parse_private_key(key_bytes, files.key)
+    pem.check_key_matches(chain[0], key, files.cert, files.key)
+    pem.check_validity(chain[0], files.cert, now)
+    spiffe_id = _own_identity(chain[0], files.cert)
+    bundle = TrustBundle.from_pem(bundle_bytes, files.bundle)
+    digest = hashlib.sha256(
+        b"\0".join(hashlib.sha256(b).digest() for b in (cert_bytes, key_bytes, bundle_bytes))
+    ).digest()
+    return TlsMaterial(files, tuple(chain), bundle, spiffe_id, digest)
+
+
+def _own_identity(leaf: x509.Certificate, source: Path) -> SpiffeId:
+    uris = uri_sans(leaf)
+    if len(uris) != 1:
+        raise pem.PemError(
+            source, f"certificate must carry exactly one SPIFFE ID URI SAN, found {len(uris)}"
+        )
+    try:
+        return SpiffeId.parse(uris[0])
+    except IdentityError as exc:
+        raise pem.PemError(
+            source, f"certificate URI SAN is not a workload SPIFFE ID: {exc}"
+        ) from None
+
+
+def _build(side: Side, material: TlsMaterial) -> ssl.SSLContext:
+    if side == "server":
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # Resumption (tickets for TLS 1.3 and 1.2) saves a full handshake per
+        # reconnecting peer; tickets are keyed per context, so a rotation
+        # (new context) also ends resumption of sessions made before it.
+        ctx.options &= ~ssl.OP_NO_TICKET
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # The peer is identified by its SPIFFE ID after the handshake, not by
+        # a host name: endpoints are addresses, and many share one identity.
+        ctx.check_hostname = False
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    # Our own CA writes RFC 5280-clean certificates, so let OpenSSL insist.
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    # The bundle from the bytes already validated, not re-read from disk.
+    ctx.load_verify_locations(cadata=material.bundle.to_pem().decode("ascii"))
+    files = material.files
+    try:
+        ctx.load_cert_chain(files.cert, files.key)
+    except ssl.SSLError as exc:
+        # Only reachable if a file changed between validation and this load.
+        raise pem.PemError(
+            files.cert, f"OpenSSL refused the certificate/key pair: {exc.reason or exc}"
+        ) from None
+    except OSError as exc:
+        raise pem.PemError(files.cert, f"cannot read for TLS: {exc.strerror or exc}") from None
+    return ctx
+
+
+def server_context(
+    cert: Path | str, key: Path | str, bundle: Path | str, *, now: datetime | None = None
+) -> ssl.SSLContext:
+    """A server context requiring a client certificate from the bundle's CAs."""
+    return _build("server", load_material(TlsFiles.of(cert, key, bundle), now))
+
+
+def client_context(
+    cert: Path | str, key: Path | str, bundle: Path | str, *, now: datetime | None = None
+) -> ssl.SSLContext:
+    """A client context presenting our certificate, verifying the server's chain.
+
+    Pass `server_hostname=""` (asyncio) or a service name for SNI; host
+    names are not checked. Check the server with workload_identity(role="server").
+    """
+    return _build("client", load_material(TlsFiles.of(cert, key, bundle), now))
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """One consistent set: both contexts and the material they came from."""
+
+    material: TlsMaterial
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+class TlsContextSource:
+    """The current server and client contexts of a workload, reloadable.
+
+    The sidecar asks `.server()` for each accepted connection and `.client()`
+    for each new upstream connection, so a reload takes effect at the next
+    handshake while open connections keep the context they started with.
+    Construction loads the files and raises PemError if they are unusable.
+    """
+
+    def __init__(self, files: TlsPaths, *, clock: Clock = _utcnow) -> None:
+        self.files = files
+        self._clock = clock
+        self._current = self._load()
+
+    def _load(self) -> _Generation:
+        return self._build(load_material(self.files, self._clock()))
+
+    @staticmethod
+    def _build(material: TlsMaterial) -> _Generation:
+        return _Generation(material, _build("server", material), _build("client", material))
+
+    def server(self) -> ssl.SSLContext:
+        """The server context for the next accepted connection."""
+        return self._current.server
+
+    def client(self) -> ssl.SSLContext:
+        """The client context for the next upstream connection."""
+        return self._current.client
+
+    @property
+    def spiffe_id(self) -> SpiffeId:
+        """Our own identity, from the current certificate."""
+        return self._current.material.spiffe_id
+
+    @property
+    def material(self) -> TlsMaterial:
+        """What the current contexts were built from."""
+        return self._current.material
+
+    def reload(self) -> bool:
+        """Re-read the files; swap in new contexts if their content changed.
+
+        Returns True when new contexts were swapped in, False when the files
+        hold exactly what is already loaded. Raises PemError when the files
+        are unusable (missing, corrupt, key/cert mismatch mid-rotation,
+        expired); the current contexts then stay in place.
+        """
+        material = load_material(self.files, self._clock())
+        if material.digest == self._current.material.digest:
+            return False
+        # One assignment: a reader gets the old or the new pair, never a mix.
+        self._current = self._build(material)
+        return True
+
+    def info(self) -> dict[str, Any]:
+        """The current certificate for /certs, logs and `certs show`; never the key."""
+        return describe(self._current.material, self._clock())
+
+
+def describe(material: TlsMaterial, now: datetime) -> dict[str, Any]:
+    """JSON-ready facts about a loaded leaf and its bundle."""
+    leaf = material.leaf
+    info = describe_certificate(leaf, now)
+    info.update(
+        chain_length=len(material.chain),
+        bundle=[fingerprint(root) for root in material.bundle.roots],
+        files={
+            "cert": str(material.files.cert),
+            "key": str(material.files.key),
+            "bundle": str(material.files.bundle),
+        },
+    )
+    return info
+

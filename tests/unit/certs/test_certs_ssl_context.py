@@ -1,0 +1,285 @@
+"""Real mTLS handshakes on loopback with the contexts the sidecar uses.
+
+The handshake refuses what the chain check can see (no certificate, other
+CA, expired, not yet valid); identity rules the chain check cannot see are
+workload_identity's (a chain-valid certificate without a SPIFFE ID passes the
+handshake and is then refused by identity).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from certs.bundle import TrustBundle
+from certs.identity import IdentityError, SpiffeId, workload_identity
+from certs.pem import PemError
+from certs.ssl_context import (
+    TlsContextSource,
+    TlsFiles,
+    client_context,
+    load_material,
+    server_context,
+)
+from certs.testing import BadKind, MeshPki, make_test_pki, unchecked_context
+
+# The `handshake` fixture (conftest.py): run_handshake(server_ctx, client_ctx) -> Outcome.
+Handshake = Callable[..., Awaitable[Any]]
+
+TD = "pake.local"
+
+
+def contexts(files: TlsFiles) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    return (
+        server_context(files.cert, files.key, files.bundle),
+        client_context(files.cert, files.key, files.bundle),
+    )
+
+
+def test_context_settings(pki: MeshPki) -> None:
+    server, client = contexts(pki.services["orders"])
+    for ctx in (server, client):
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert ctx.verify_flags & ssl.VERIFY_X509_STRICT
+        assert not ctx.options & ssl.OP_NO_TICKET
+    assert server.protocol == ssl.PROTOCOL_TLS_SERVER
+    assert client.protocol == ssl.PROTOCOL_TLS_CLIENT
+    assert client.check_hostname is False
+
+
+async def test_mutual_tls_identifies_both_sides(pki: MeshPki, handshake: Handshake) -> None:
+    server, _ = contexts(pki.services["orders"])
+    _, client = contexts(pki.services["frontend"])
+    out = await handshake(server, client)
+    assert out.ok, out
+    assert out.alpn == "http/1.1"
+    assert workload_identity(out.client_peer_der, TD, "client") == SpiffeId(TD, "frontend")
+    assert workload_identity(out.server_peer_der, TD, "server") == SpiffeId(TD, "orders")
+
+
+async def test_tls12_only_client_still_works(pki: MeshPki, handshake: Handshake) -> None:
+    server, _ = contexts(pki.services["orders"])
+    _, client = contexts(pki.services["frontend"])
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    assert (await handshake(server, client)).ok
+
+
+async def test_server_refuses_client_without_certificate(
+    pki: MeshPki, handshake: Handshake
+) -> None:
+    server, _ = contexts(pki.services["orders"])
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname = False
+    anonymous.load_verify_locations(cafile=pki.bundle)
+    out = await handshake(server, anonymous)
+    assert isinstance(out.server_error, ssl.SSLError), out
+    assert "did not return a certificate" in str(out.server_error)
+    assert out.client_peer_der is None and out.reply == b""
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        ("other_ca", "unable to get local issuer certificate"),
+        ("expired", "certificate has expired"),
+        ("not_yet_valid", "certificate is not yet valid"),
+    ],
+)
+async def test_server_refuses_bad_client_chain(
+    pki: MeshPki, handshake: Handshake, kind: BadKind, why: str
+) -> None:
+    server, _ = contexts(pki.services["orders"])
+    client = unchecked_context("client", pki.bad(kind, "frontend"))
+    out = await handshake(server, client)
+    assert isinstance(out.server_error, ssl.SSLCertVerificationError), out
+    assert why in str(out.server_error)
+    assert out.client_peer_der is None and out.reply == b""
+
+
+@pytest.mark.parametrize("kind", ["other_ca", "expired"])
+async def test_client_refuses_bad_server_chain(
+    pki: MeshPki, handshake: Handshake, kind: BadKind
+) -> None:
+    server = unchecked_context("server", pki.bad(kind, "orders"))
+    _, client = contexts(pki.services["frontend"])
+    out = await handshake(server, client)
+    assert isinstance(out.client_error, ssl.SSLCertVerificationError), out
+    assert out.server_error is not None
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("no_uri_san", "no_uri_san"), ("two_uri_sans", "multiple_uri_sans"),
+     ("wrong_trust_domain", "wrong_trust_domain"), ("no_client_auth", "no_client_auth")],
+)
+async def test_chain_valid_but_identity_refused(
+    pki: MeshPki, handshake: Handshake, kind: BadKind, reason: str
+) -> None:
+    server, _ = contexts(pki.services["orders"])
+    client = unchecked_context("client", pki.bad(kind, "frontend"))
+    out = await handshake(server, client)
+    if kind == "no_client_auth":
+        # OpenSSL checks the EKU purpose of a client certificate too; the
+        # identity check is the second line (see test_certs_identity).
+        assert "unsuitable certificate purpose" in str(out.server_error)
+        return
+    assert out.ok, out
+    with pytest.raises(IdentityError) as info:
+        workload_identity(out.client_peer_der, TD, "client")
+    assert info.value.reason == reason
+
+
+async def test_intermediate_chain_handshakes(
+    pki_intermediate: MeshPki, handshake: Handshake
+) -> None:
+    server, _ = contexts(pki_intermediate.services["orders"])
+    _, client = contexts(pki_intermediate.services["frontend"])
+    assert len(TrustBundle.load(pki_intermediate.bundle).roots) == 1  # the root only
+    out = await handshake(server, client)
+    assert out.ok, out
+    assert workload_identity(out.client_peer_der, TD, "client").service == "frontend"
+
+
+async def test_bundle_with_two_roots_accepts_leaves_of_both(
+    tmp_path: Path, handshake: Handshake
+) -> None:
+    old = make_test_pki(tmp_path / "old", services=("orders", "frontend"))
+    new = make_test_pki(tmp_path / "new", services=("frontend",))
+    both = tmp_path / "both.pem"
+    TrustBundle.merge_files([old.bundle, new.bundle]).write(both)
+    orders = old.services["orders"]
+    server = server_context(orders.cert, orders.key, both)
+    for pki in (old, new):
+        files = pki.services["frontend"]
+        client = client_context(files.cert, files.key, both)
+        out = await handshake(server, client)
+        assert out.ok, out
+    # And the old bundle alone refuses the new CA's leaf.
+    server_old_only = server_context(orders.cert, orders.key, old.bundle)
+    files = new.services["frontend"]
+    out = await handshake(server_old_only, client_context(files.cert, files.key, both))
+    assert out.server_error is not None
+
+
+# === loading errors name the file ===
+
+
+def test_missing_key_names_the_file(pki: MeshPki) -> None:
+    files = pki.services["orders"]
+    files.key.unlink()
+    with pytest.raises(PemError) as info:
+        server_context(files.cert, files.key, files.bundle)
+    assert str(info.value) == f"{files.key}: file is missing"
+
+
+def test_mismatched_key_names_both(pki: MeshPki) -> None:
+    orders, frontend = pki.services["orders"], pki.services["frontend"]
+    with pytest.raises(PemError) as info:
+        client_context(orders.cert, frontend.key, orders.bundle)
+    assert str(info.value) == (
+        f"{frontend.key}: private key does not match certificate {orders.cert}"
+    )
+
+
+def test_corrupt_bundle_names_it(pki: MeshPki, tmp_path: Path) -> None:
+    files = pki.services["orders"]
+    bad = tmp_path / "bundle.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    with pytest.raises(PemError, match=f"^{bad}: corrupt PEM certificate$"):
+        server_context(files.cert, files.key, bad)
+
+
+@pytest.mark.parametrize(
+    ("kind", "problem"),
+    [("expired", "certificate expired at"), ("not_yet_valid", "not valid until"),
+     ("no_uri_san", "exactly one SPIFFE ID URI SAN"), ("not_spiffe", "not a workload SPIFFE ID")],
+)
+def test_own_certificate_must_be_usable(pki: MeshPki, kind: BadKind, problem: str) -> None:
+    files = pki.bad(kind)
+    with pytest.raises(PemError, match=f"^{files.cert}: .*{problem}"):
+        load_material(files)
+
+
+# === TlsContextSource ===
+
+
+def test_source_info_never_contains_the_key(pki: MeshPki) -> None:
+    files = pki.services["orders"]
+    source = TlsContextSource(files)
+    info = source.info()
+    assert info["spiffe_id"] == "spiffe://pake.local/service/orders"
+    assert info["subject"] == "CN=orders"
+    assert int(info["serial"], 16) > 0
+    assert 3500 < info["seconds_to_expiry"] <= 3600
+    assert info["files"]["key"] == str(files.key)
+    assert source.spiffe_id == SpiffeId(TD, "orders")
+    dumped = json.dumps(info)
+    assert "PRIVATE" not in dumped
+    assert files.key.read_text().splitlines()[1] not in dumped
+
+
+def test_reload_without_change_keeps_contexts(pki: MeshPki) -> None:
+    source = TlsContextSource(pki.services["orders"])
+    server, client = source.server(), source.client()
+    assert source.reload() is False
+    assert source.server() is server and source.client() is client
+
+
+async def test_reload_swaps_contexts_for_new_handshakes_only(
+    pki: MeshPki, handshake: Handshake
+) -> None:
+    orders = pki.services["orders"]
+    source = TlsContextSource(orders)
+    old_serial = source.info()["serial"]
+    old_server = source.server()
+    _, client = contexts(pki.services["frontend"])
+
+    pki.issue("orders")  # renew in place: same paths, new key and certificate
+    assert source.reload() is True
+    assert source.server() is not old_server
+    assert source.info()["serial"] != old_serial
+
+    # The sidecar picks the context per connection, so the next handshake shows the new cert.
+    out = await handshake(old_server, client, server_ctx_factory=source.server)
+    assert out.ok, out
+    new_leaf = workload_identity(out.server_peer_der, TD, "server")
+    assert new_leaf.service == "orders"
+    served = x509.load_der_x509_certificate(out.server_peer_der)
+    assert format(served.serial_number, "x") == source.info()["serial"]
+
+
+async def test_reload_failure_keeps_old_contexts(pki: MeshPki, handshake: Handshake) -> None:
+    orders = pki.services["orders"]
+    source = TlsContextSource(orders)
+    server, client = source.server(), source.client()
+    orders.cert.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    with pytest.raises(PemError, match=f"^{orders.cert}: corrupt"):
+        source.reload()
+    assert source.server() is server and source.client() is client
+    _, frontend = contexts(pki.services["frontend"])
+    assert (await handshake(source.server(), frontend)).ok
+
+
+def test_reload_during_non_atomic_rotation(pki: MeshPki, tmp_path: Path) -> None:
+    orders = pki.services["orders"]
+    source = TlsContextSource(orders)
+    renewed = pki.issue("orders", out_dir=tmp_path / "renewed")
+    orders.key.write_bytes(renewed.key.read_bytes())  # key first, cert not yet
+    with pytest.raises(PemError, match="private key does not match"):
+        source.reload()
+    orders.cert.write_bytes(renewed.cert.read_bytes())
+    assert source.reload() is True
+    assert source.info()["serial"] == TlsContextSource(renewed).info()["serial"]
+
+
+def test_source_construction_fails_clearly(pki: MeshPki, tmp_path: Path) -> None:
+    files = TlsFiles(tmp_path / "missing.pem", pki.services["orders"].key, pki.bundle)
+    with pytest.raises(PemError, match=f"^{tmp_path / 'missing.pem'}: file is missing$"):
+        TlsContextSource(files)
