@@ -1,0 +1,237 @@
+"""The checks a token must pass before its claims are believed.
+
+``parse_token`` decodes the three segments itself, strictly: base64url without padding,
+JSON objects whose members are unique (``object_pairs_hook``; a duplicate ``alg`` or
+``sub`` could be read differently by us and by the app), no NaN/Infinity. ``Verifier``
+then refuses, cheapest first: ``alg: none``, HS* (our keys are public keys: algorithm
+confusion), algorithms outside the provider's allow-list, ``jku``/``x5u``/``jwk``/``x5c``
+headers (keys named by the token are never followed), any ``crit`` (we implement no
+extension), a wrong ``typ``, an unknown ``kid`` (and asks the JWKS cache to refetch, off the
+hot path), time claims that are not JSON numbers, a missing ``exp``, expiry, ``nbf`` and
+``iat`` with leeway, issuer, audience and required claims; last, the signature, with PyJWT
+and the resolved key under ``algorithms=[alg]``. Every refusal is a ``JwtError`` whose
+description is ours, short, and never contains the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from jwt.exceptions import InvalidSignatureError, PyJWTError
+
+from ..config.policy import JwtProvider
+from .jwks import JwksCache
+
+__all__ = ["JwtError", "ParsedToken", "VerifiedToken", "Verifier", "parse_token", "strict_json"]
+
+_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+_KEY_HEADERS = ("jku", "x5u", "jwk", "x5c")
+# Claims are checked by us, with our clock and leeway; PyJWT checks the signature only.
+_SIGNATURE_ONLY = {
+    "verify_signature": True, "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+    "verify_aud": False, "verify_iss": False, "verify_sub": False, "verify_jti": False,
+    "require": [], "enforce_minimum_key_length": True,
+}
+
+
+class JwtError(Exception):
+    """A refused token. ``description`` goes into ``WWW-Authenticate``; ``reason`` is a
+    short code for logs and metrics."""
+
+    def __init__(self, description: str, reason: str, error: str = "invalid_token") -> None:
+        super().__init__(description)
+        self.description = description
+        self.reason = reason
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedToken:
+    raw: str
+    header: dict[str, Any]
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    provider: str
+    principal: str
+    roles: frozenset[str]
+    claims: dict[str, Any]  # shared by cache hits: callers copy before handing it out
+    exp: float
+    kid: str | None
+    alg: str
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError("duplicate member")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError("not JSON")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_constants)
+
+
+def strict_json(data: bytes | str) -> Any:
+    """JSON that refuses duplicate members and NaN/Infinity (ValueError)."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    return _DECODER.decode(text)
+
+
+def _segment(seg: str, what: str) -> bytes:
+    if not _B64URL.match(seg) or len(seg) % 4 == 1:
+        raise JwtError(f"malformed token {what}", "malformed")
+    try:
+        return base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))
+    except (binascii.Error, ValueError):
+        raise JwtError(f"malformed token {what}", "malformed") from None
+
+
+def _object(seg: str, what: str) -> dict[str, Any]:
+    try:
+        value = strict_json(_segment(seg, what))
+    except JwtError:
+        raise
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "duplicate" if str(exc) == "duplicate member" else "malformed"
+        text = f"duplicate member in token {what}" if reason == "duplicate" else \
+            f"token {what} is not JSON"
+        raise JwtError(text, reason) from None
+    if not isinstance(value, dict):
+        raise JwtError(f"token {what} is not a JSON object", "malformed")
+    return value
+
+
+def parse_token(token: str, max_size: int) -> ParsedToken:
+    """The decoded header and payload of a compact JWS (signature not yet checked)."""
+    if len(token) > max_size:
+        raise JwtError("token too large", "too_large")
+    parts = token.split(".")
+    if len(parts) != 3:
+        # Five parts is a JWE (encrypted); we only accept signed tokens.
+        raise JwtError("malformed token", "malformed")
+    if not parts[2]:
+        raise JwtError("token is not signed", "no_signature")
+    return ParsedToken(raw=token, header=_object(parts[0], "header"),
+                       payload=_object(parts[1], "payload"))
+
+
+def _number(value: Any) -> bool:
+    # bool is an int subclass in Python, but `true` is not a JSON number.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _typ(value: str) -> str:
+    # RFC 7515 §4.1.9: media types compare case-insensitively; "application/" may be omitted.
+    value = value.lower()
+    return value[len("application/"):] if value.startswith("application/") else value
+
+
+class Verifier:
+    """One provider's checks. Built once per snapshot; ``verify`` runs per token."""
+
+    def __init__(self, provider: JwtProvider, jwks: JwksCache, *,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.provider = provider
+        self.jwks = jwks
+        self.wall = wall
+        self._audiences = frozenset(provider.audiences)
+        self._typ = _typ(provider.typ) if provider.typ else None
+
+    def verify(self, token: ParsedToken) -> VerifiedToken:
+        p = self.provider
+        header, claims = token.header, token.payload
+        alg = header.get("alg")
+        if not isinstance(alg, str) or not alg:
+            raise JwtError("token has no alg", "malformed")
+        if alg.lower() == "none":
+            raise JwtError("unsigned tokens (alg none) are not accepted", "alg_none")
+        if alg.upper().startswith("HS"):
+            raise JwtError("symmetric algorithms are not accepted", "alg_symmetric")
+        if alg not in p.algorithms:
+            raise JwtError("algorithm not allowed", "alg_not_allowed")
+        for name in _KEY_HEADERS:
+            if name in header:
+                raise JwtError(f"tokens naming their own key ({name}) are not accepted",
+                               "key_in_header")
+        if "crit" in header:
+            raise JwtError("unsupported critical header", "crit")
+        if self._typ is not None:
+            typ = header.get("typ")
+            if not isinstance(typ, str) or _typ(typ) != self._typ:
+                raise JwtError("wrong token type", "typ")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise JwtError("malformed kid", "malformed")
+        self._check_claims(claims)
+        key = self.jwks.lookup(kid, alg)
+        if key is None:
+            if kid is None:
+                raise JwtError("token has no kid", "no_kid")
+            self.jwks.request_refetch()  # this token is refused now; a later one may pass
+            raise JwtError("unknown signing key", "unknown_kid")
+        pyjwk = key.for_alg(alg)
+        if pyjwk is None:
+            raise JwtError("signing key does not match the algorithm", "key_alg")
+        try:
+            jwt.decode(token.raw, pyjwk, algorithms=[alg], options=_SIGNATURE_ONLY)  # type: ignore[arg-type]
+        except InvalidSignatureError:
+            raise JwtError("invalid signature", "signature") from None
+        except PyJWTError as exc:
+            raise JwtError("invalid token", type(exc).__name__) from None
+        principal: str = claims[p.principal_claim]  # checked: a non-empty string
+        return VerifiedToken(provider=p.name, principal=principal, roles=self._roles(claims),
+                             claims=claims, exp=float(claims["exp"]), kid=kid, alg=alg)
+
+    def _check_claims(self, claims: dict[str, Any]) -> None:
+        p = self.provider
+        for name in ("exp", "nbf", "iat"):
+            if name in claims and not _number(claims[name]):
+                raise JwtError(f"{name} is not a number", "time_type")
+        if "exp" not in claims:
+            raise JwtError("token has no exp", "no_exp")
+        now = self.wall()
+        if now > claims["exp"] + p.leeway:
+            raise JwtError("token expired", "expired")
+        if "nbf" in claims and now + p.leeway < claims["nbf"]:
+            raise JwtError("token not yet valid", "nbf")
+        if "iat" in claims and now + p.leeway < claims["iat"]:
+            raise JwtError("token issued in the future", "iat")
+        if claims.get("iss") != p.issuer:
+            raise JwtError("wrong issuer", "iss")
+        aud = claims.get("aud")
+        auds = [aud] if isinstance(aud, str) else aud
+        if not isinstance(auds, list) or not any(
+                isinstance(a, str) and a in self._audiences for a in auds):
+            raise JwtError("wrong audience", "aud")
+        for name in p.required_claims:
+            if name not in claims:
+                raise JwtError(f"missing claim {name}", "required_claim")
+        principal = claims.get(p.principal_claim)
+        if not isinstance(principal, str) or not principal:
+            raise JwtError(f"missing claim {p.principal_claim}", "required_claim")
+
+    def _roles(self, claims: dict[str, Any]) -> frozenset[str]:
+        if self.provider.roles_claim is None:
+            return frozenset()
+        value = claims.get(self.provider.roles_claim)
+        if isinstance(value, str):
+            return frozenset(value.split())  # OAuth `scope` style: space-separated
+        if isinstance(value, list):
+            return frozenset(v for v in value if isinstance(v, str))
+        return frozenset()
