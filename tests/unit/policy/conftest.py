@@ -123,8 +123,9 @@ def request(method: str = "GET", path: str = "/orders/1", *,
 def exchange(req: RequestHead | None = None, *, peer: str | None = None,
              client: str = "203.0.113.7", request_id: str = "req-1",
              route: Any = None, **kw: Any) -> Exchange:
+    kw.setdefault("principal", peer)
     ex = Exchange(request=req or request(), listener="inbound", downstream_address=client,
-                  request_id=request_id, start=0.0, peer_identity=peer, principal=peer,
+                  request_id=request_id, start=0.0, peer_identity=peer,
                   trace_id="trace-1", service="orders", **kw)
     ex.route = route
     return ex
