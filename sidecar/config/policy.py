@@ -52,6 +52,7 @@ Where it sits in the mesh config (``mesh.yaml``)::
                 paths: ["/orders", "/orders/*", "/orders/**", {prefix: /orders/}]
                 headers: {x-tenant: acme}
             - deny: {paths: ["/admin/**"]}
+              unless: {claims: {roles: {contains: admin}}}   # optional exception
         routes:
           - match: {path_prefix: /orders/}
             rate_limit: {rate: 100/s, burst: 100, key: subject, max_keys: 10000}
@@ -66,7 +67,8 @@ segment (``/orders/*`` matches ``/orders/1``, not ``/orders/1/items`` nor ``/ord
 ``**`` matches anything, ``/`` included (``/orders/**`` matches ``/orders/`` and below);
 ``{prefix: /orders/}`` is a plain prefix. ``from`` takes service names (expanded to
 ``spiffe://<trust domain>/service/<name>``) or SPIFFE IDs, with ``*`` for one segment;
-``from: ["*"]`` is any mTLS peer. ``principals`` take ``*`` for any characters.
+``from: ["*"]`` is any mTLS peer. ``principals`` take ``*`` for any characters. A rule's
+``unless`` (same fields) is its exception: "deny /admin/** unless the caller is an admin".
 
 The audit sink is the sidecar's own (bootstrap ``sidecar.yaml``)::
 
@@ -241,6 +243,7 @@ class RbacRule:
     name: str
     action: Literal["allow", "deny"]
     match: RbacMatch
+    unless: RbacMatch | None = None  # the rule does not apply when this matches
 
 
 @dataclass(frozen=True, slots=True)
@@ -620,11 +623,13 @@ def parse_rbac_policy(node: Fields) -> RbacPolicy:
             rule.done()
             continue
         match = _rbac_match(rule.sub(actions[0]))
+        unless = parse_optional(rule, "unless", _rbac_match)
         rule.done()
         if name in names:
             rule.error("name", f"{name!r} is used by another rule")
         names.add(name)
-        rules.append(RbacRule(name=name, action=actions[0], match=match))  # type: ignore[arg-type]
+        rules.append(RbacRule(name=name, action=actions[0], match=match,  # type: ignore[arg-type]
+                              unless=unless))
     node.done()
     return RbacPolicy(default=default, dry_run=dry_run, rules=tuple(rules))
 
