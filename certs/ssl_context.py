@@ -217,6 +217,29 @@ class TlsContextSource:
         """The client context for the next upstream connection."""
         return self._current.client
 
+    def server_dispatcher(self) -> ssl.SSLContext:
+        """One fixed context for `create_server(ssl=...)` that still rotates.
+
+        For listeners that let the loop do TLS instead of calling start_tls
+        per connection: its SNI callback (OpenSSL calls it for every
+        ClientHello, with or without a server name) moves each new handshake
+        onto the current server context, so certificate, key and bundle of
+        the latest reload apply. Its own settings (CERT_REQUIRED, TLS >= 1.2,
+        strict verification) are those of every server context.
+        Caveat: session tickets are issued under the dispatcher's keys, so a
+        session may resume across a reload until the ticket expires
+        (OpenSSL's default lifetime is 2 h); start_tls with .server() does
+        not have that window.
+        """
+        ctx = _build("server", self._current.material)
+        ctx.sni_callback = self._select_server
+        return ctx
+
+    def _select_server(
+        self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: object
+    ) -> None:
+        ssl_object.context = self._current.server
+
     @property
     def spiffe_id(self) -> SpiffeId:
         """Our own identity, from the current certificate."""

@@ -8,6 +8,8 @@ handshake and is then refused by identity).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import Awaitable, Callable
@@ -283,3 +285,74 @@ def test_source_construction_fails_clearly(pki: MeshPki, tmp_path: Path) -> None
     files = TlsFiles(tmp_path / "missing.pem", pki.services["orders"].key, pki.bundle)
     with pytest.raises(PemError, match=f"^{tmp_path / 'missing.pem'}: file is missing$"):
         TlsContextSource(files)
+
+
+# === server_dispatcher: rotation for create_server(ssl=...) listeners ===
+
+
+async def _serve_once(
+    server_ssl: ssl.SSLContext, client: ssl.SSLContext
+) -> tuple[bytes | None, bytes]:
+    """One exchange against asyncio.start_server(ssl=...): (server cert DER, reply)."""
+    seen: list[bytes | None] = []
+
+    async def on_accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+        with contextlib.suppress(OSError, ConnectionError, asyncio.IncompleteReadError):
+            await reader.readexactly(4)
+            writer.write(b"pong")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(on_accept, "127.0.0.1", 0, ssl=server_ssl)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname=""), 5
+        )
+        served = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.write(b"ping")
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(4), 5)
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert seen and seen[0] is not None  # the client certificate was required and seen
+    return served, reply
+
+
+async def _dispatcher_follows_reloads(tmp_path: Path) -> None:
+    pki = make_test_pki(tmp_path / "pki", services=("orders", "frontend"))
+    source = TlsContextSource(pki.services["orders"])
+    dispatcher = source.server_dispatcher()
+    client = TlsContextSource(pki.services["frontend"]).client()
+    for _ in range(2):
+        served, reply = await _serve_once(dispatcher, client)
+        assert reply == b"pong"
+        assert format(x509.load_der_x509_certificate(served).serial_number, "x") == (
+            source.info()["serial"]
+        )
+        pki.issue("orders")
+        assert source.reload()
+    # A bundle change applies too: a client of a new CA is trusted after reload.
+    new = make_test_pki(tmp_path / "new", services=("frontend",))
+    TrustBundle.merge_files([pki.bundle, new.bundle]).write(pki.services["orders"].bundle)
+    assert source.reload()
+    new_client = TlsContextSource(new.services["frontend"]).client()
+    new_client.load_verify_locations(cafile=pki.bundle)  # and it trusts our server
+    served, reply = await _serve_once(dispatcher, new_client)
+    assert reply == b"pong"
+
+
+async def test_server_dispatcher_follows_reloads(tmp_path: Path) -> None:
+    await _dispatcher_follows_reloads(tmp_path)
+
+
+def test_server_dispatcher_follows_reloads_on_uvloop(tmp_path: Path) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    # The sidecar runs on uvloop, whose TLS transport is its own implementation.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_dispatcher_follows_reloads(tmp_path))
