@@ -141,7 +141,8 @@ def test_custom_token_header(keys: dict[str, SigningKey]) -> None:
 
 def test_challenge_description_is_quote_safe() -> None:
     value = bearer_challenge("pake", "invalid_token", 'bad "x" \\ \x01 \u00e9')
-    assert value == b'Bearer realm="pake", error="invalid_token", error_description="bad \'x\' \' \' \'"'
+    assert value == (b'Bearer realm="pake", error="invalid_token", '
+                     b'error_description="bad \'x\' \' \' \'"')
 
 
 # === header spoofing =====================================================================
