@@ -12,7 +12,7 @@ HOP_BY_HOP = frozenset({
 
 # Headers only the mesh may set. Stripped from anything arriving from outside the sidecar,
 # so an app can trust them.
-MESH_INTERNAL = (b"x-pake-peer-identity", b"x-pake-attempts")
+MESH_INTERNAL = frozenset({b"x-pake-peer-identity", b"x-pake-attempts"})
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:
@@ -25,6 +25,9 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return tokens
 
 
+_VISIBLE = bytes(range(0x21, 0x7F))
+
+
 def is_valid_request_id(value: bytes) -> bool:
     """Keep a caller's id only when it is short and printable: it lands in every log line."""
-    return 0 < len(value) <= 128 and all(0x21 <= c <= 0x7E for c in value)
+    return 0 < len(value) <= 128 and not value.translate(None, _VISIBLE)

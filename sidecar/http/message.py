@@ -26,6 +26,9 @@ class RequestHead:
     keep_alive: bool = True
     upgrade: bytes | None = None  # the Upgrade header (e.g. b"websocket") when asked for
     expect_continue: bool = False
+    forwarded_for: bytes | None = None  # X-Forwarded-For as received (kept out of headers)
+    forwarded_proto: bytes | None = None  # X-Forwarded-Proto as received (also in headers)
+    request_id: bytes | None = None  # X-Request-ID as received (also in headers)
 
     @property
     def has_body(self) -> bool:

@@ -13,17 +13,28 @@ No asyncio here: the connection feeds bytes and receives calls on a ``RequestSin
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import httptools
 
 from ..config.model import Limits
 from ..errors import DownstreamProtocolError
-from .headers import HOP_BY_HOP, connection_tokens
+from .headers import HOP_BY_HOP, MESH_INTERNAL, connection_tokens
 from .message import RequestHead
 
 __all__ = ["RequestParser", "RequestSink"]
 
+(_HOST, _REQUEST_ID, _FORWARDED_FOR, _FORWARDED_PROTO, _CONTENT_LENGTH, _TRANSFER_ENCODING,
+ _CONNECTION, _UPGRADE, _EXPECT, _DROP) = range(10)
+# One dict look-up per header decides everything that is not a plain end-to-end header.
+_SPECIAL: dict[bytes, int] = {
+    **{name: _DROP for name in HOP_BY_HOP | MESH_INTERNAL},
+    b"host": _HOST, b"x-request-id": _REQUEST_ID, b"x-forwarded-for": _FORWARDED_FOR,
+    b"x-forwarded-proto": _FORWARDED_PROTO, b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION, b"upgrade": _UPGRADE,
+    b"expect": _EXPECT,
+}
 _MAX_CHUNK_OVERHEAD = 4096  # bytes of chunk-size line + extensions allowed per chunk
 _HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")
 
@@ -36,9 +47,8 @@ class RequestSink(Protocol):
 
 class RequestParser:
     __slots__ = (
-        "_sink", "_limits", "_parser", "_url", "_headers", "_header_bytes", "_in_head",
-        "_head_bytes", "_chunked", "_chunks", "_overhead", "_body_bytes", "_max_body",
-        "upgraded",
+        "_sink", "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
+        "_chunked", "_chunks", "_overhead", "_body_bytes", "_max_body", "_max_head", "upgraded",
     )
 
     def __init__(self, sink: RequestSink, limits: Limits) -> None:
@@ -46,13 +56,10 @@ class RequestParser:
         self._limits = limits
         self._parser = httptools.HttpRequestParser(self)
         self._max_body = limits.max_request_body
+        self._max_head = limits.max_request_line + limits.max_headers_size
         self.upgraded = False
-        self._reset()
-
-    def _reset(self) -> None:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._header_bytes = 0
         self._in_head = True
         self._head_bytes = 0
         self._chunked = False
@@ -83,7 +90,8 @@ class RequestParser:
             raise
         except httptools.HttpParserError as exc:
             raise DownstreamProtocolError(f"malformed request: {exc}") from None
-        if self._in_head and self._head_bytes > self._limits.max_request_line + self._limits.max_headers_size:
+        if self._in_head and self._head_bytes > self._max_head:
+            # httptools holds a partial header in memory until it is complete: cap it here
             if not self._headers:
                 raise DownstreamProtocolError("request line too long", 414, "uri_too_long")
             raise DownstreamProtocolError("request headers too large", 431, "headers_too_large")
@@ -93,7 +101,9 @@ class RequestParser:
 
     # --- httptools callbacks ------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self._reset()
+        self._url = b""
+        self._headers = []
+        self._body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -101,20 +111,16 @@ class RequestParser:
             raise DownstreamProtocolError("request line too long", 414, "uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head:
-            return  # trailers: not forwarded
-        self._headers.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
-        if len(self._headers) > self._limits.max_header_count:
-            raise DownstreamProtocolError("too many request headers", 431, "headers_too_large")
-        if self._header_bytes > self._limits.max_headers_size:
-            raise DownstreamProtocolError("request headers too large", 431, "headers_too_large")
+        if self._in_head:  # after the head: trailers, which are not forwarded
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         head = self._build_head()
         self._in_head = False
         self._chunked = head.chunked
-        self._overhead = 0
+        if head.chunked:
+            self._chunks = 0
+            self._overhead = 0
         limit = self._max_body
         if limit is not None and head.content_length is not None and head.content_length > limit:
             raise DownstreamProtocolError(
@@ -142,73 +148,100 @@ class RequestParser:
     # --- validation -----------------------------------------------------------------------
     def _build_head(self) -> RequestHead:
         parser = self._parser
+        limits = self._limits
+        headers = self._headers
+        if len(headers) > limits.max_header_count:
+            raise DownstreamProtocolError(
+                f"{len(headers)} request headers, more than {limits.max_header_count}", 431,
+                "headers_too_large")
+        if self._head_bytes > limits.max_headers_size and \
+                sum(len(n) + len(v) + 4 for n, v in headers) > limits.max_headers_size:
+            raise DownstreamProtocolError("request headers too large", 431, "headers_too_large")
         version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
+        if version != "1.1" and version != "1.0":
             raise DownstreamProtocolError(f"HTTP version {version} is not supported", 505,
                                           "http_version_not_supported")
         method = parser.get_method().decode("ascii")
         if method == "CONNECT":
             raise DownstreamProtocolError("CONNECT is not supported", 405, "method_not_allowed")
 
-        hosts: list[bytes] = []
+        host: bytes | None = None
+        hosts = 0
         content_length: int | None = None
         chunked = False
-        connection: list[bytes] = []
+        connection: list[bytes] | None = None
         upgrade: bytes | None = None
         expect = False
+        forwarded_for: bytes | None = None
+        forwarded_proto: bytes | None = None
+        request_id: bytes | None = None
         kept: list[tuple[bytes, bytes]] = []
-        underscores_ok = self._limits.allow_underscores_in_headers
-        for raw_name, value in self._headers:
+        keep = kept.append
+        special = _SPECIAL
+        underscores_ok = limits.allow_underscores_in_headers
+        for raw_name, value in headers:
             name = raw_name.lower()
-            if name in HOP_BY_HOP:
-                if name == b"host":
-                    hosts.append(value)
-                elif name == b"content-length":
-                    content_length = int(value)  # llhttp checked digits and duplicates
-                elif name == b"transfer-encoding":
-                    if value.strip().lower() != b"chunked":
-                        raise DownstreamProtocolError(
-                            "Transfer-Encoding other than a single chunked is refused")
-                    chunked = True
-                elif name == b"connection":
-                    connection.append(value)
-                elif name == b"upgrade":
-                    upgrade = value
-                elif name == b"expect":
-                    if value.strip().lower() != b"100-continue":
-                        raise DownstreamProtocolError("unsupported Expect", 417,
-                                                      "expectation_failed")
-                    expect = True
-                continue
-            if not underscores_ok and b"_" in name:
-                raise DownstreamProtocolError(
-                    f"header name with underscore refused: {name.decode('latin-1')}")
-            kept.append((name, value))
+            code = special.get(name)
+            if code is None:
+                if b"_" in name and not underscores_ok:
+                    raise DownstreamProtocolError(
+                        f"header name with underscore refused: {name.decode('latin-1')}")
+                keep((name, value))
+            elif code == _HOST:
+                host = value
+                hosts += 1
+            elif code == _REQUEST_ID:
+                request_id = value
+                keep((name, value))
+            elif code == _FORWARDED_FOR:
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            elif code == _FORWARDED_PROTO:
+                forwarded_proto = value
+                keep((name, value))
+            elif code == _CONTENT_LENGTH:
+                content_length = int(value)  # llhttp checked the digits and duplicates
+            elif code == _TRANSFER_ENCODING:
+                if value.strip().lower() != b"chunked":
+                    raise DownstreamProtocolError(
+                        "Transfer-Encoding other than a single chunked is refused")
+                chunked = True
+            elif code == _CONNECTION:
+                if connection is None:
+                    connection = []
+                connection.append(value)
+            elif code == _UPGRADE:
+                upgrade = value
+            elif code == _EXPECT:
+                if value.strip().lower() != b"100-continue":
+                    raise DownstreamProtocolError("unsupported Expect", 417, "expectation_failed")
+                expect = True
+            # else: hop-by-hop or mesh-internal: dropped
 
-        tokens = connection_tokens(connection) if connection else set()
-        if tokens:
+        if connection is not None:
+            tokens = connection_tokens(connection)
             # headers the client named in Connection are hop-by-hop too
             kept = [(n, v) for n, v in kept if n not in tokens]
-        if upgrade is not None and b"upgrade" not in tokens:
+            if upgrade is not None and b"upgrade" not in tokens:
+                upgrade = None
+        else:
             upgrade = None
 
         target, authority = self._target(method)
         if authority is None:
-            if len(hosts) > 1:
+            if hosts > 1:
                 raise DownstreamProtocolError("more than one Host header")
-            if not hosts:
+            if host is None:
                 if version == "1.1":
                     raise DownstreamProtocolError("HTTP/1.1 request without Host")
                 authority = ""
             else:
-                authority = _check_host(hosts[0])
-        path = target.partition(b"?")[0].decode("latin-1")
-        keep_alive = parser.should_keep_alive()
+                authority = _check_host(host)
+        query = target.find(b"?")
+        path = (target if query < 0 else target[:query]).decode("latin-1")
         return RequestHead(
-            method=method, target=target, path=path, authority=authority,
-            host=_strip_port(authority), version=version, headers=kept,
-            content_length=content_length, chunked=chunked, keep_alive=keep_alive,
-            upgrade=upgrade, expect_continue=expect,
+            method, target, path, authority, _strip_port(authority), version, kept,
+            content_length, chunked, parser.should_keep_alive(), upgrade, expect,
+            forwarded_for, forwarded_proto, request_id,
         )
 
     def _target(self, method: str) -> tuple[bytes, str | None]:
@@ -237,6 +270,7 @@ class RequestParser:
         raise DownstreamProtocolError("malformed request target")
 
 
+@functools.lru_cache(maxsize=256)  # a pure function; a sidecar sees few distinct hosts
 def _check_host(value: bytes) -> str:
     host = value.strip().lower()
     if not host or b"," in host or not _HOST_CHARS.issuperset(host):

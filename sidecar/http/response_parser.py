@@ -20,6 +20,7 @@ from .message import ResponseHead
 __all__ = ["ResponseParser", "ResponseSink"]
 
 _MAX_HEAD = 96 * 1024
+_HOP_LENGTHS = frozenset(len(name) for name in HOP_BY_HOP)
 _MAX_HEADERS = 200
 
 
@@ -36,11 +37,19 @@ class ResponseParser:
     def __init__(self, sink: ResponseSink) -> None:
         self.sink = sink
         self._parser = httptools.HttpResponseParser(self)
-        self.head_only = False  # set for HEAD requests
-        self.started = False  # any byte of a response arrived
-        self.done = False
         self.upgraded = False
+        self.begin(False)
+
+    def begin(self, head_only: bool) -> None:
+        """Expect the response to a new request (``head_only`` for HEAD)."""
+        self.head_only = head_only
+        self.started = False  # any byte of this response arrived
+        self.done = False
         self._reset()
+
+    def reusable(self) -> bool:
+        """llhttp is ready for the next response on the same connection."""
+        return self.done and not self.upgraded and not self.head_only
 
     def _reset(self) -> None:
         self._headers: list[tuple[bytes, bytes]] = []
@@ -93,6 +102,10 @@ class ResponseParser:
         upgrade: bytes | None = None
         kept: list[tuple[bytes, bytes]] = []
         for raw_name, value in self._headers:
+            # names are forwarded as received; only possible hop-by-hop ones are lower-cased
+            if len(raw_name) not in _HOP_LENGTHS:
+                kept.append((raw_name, value))
+                continue
             name = raw_name.lower()
             if name in HOP_BY_HOP:
                 if name == b"upgrade":
@@ -104,10 +117,10 @@ class ResponseParser:
                 elif name == b"connection":
                     connection.append(value)
                 continue
-            kept.append((name, value))
+            kept.append((raw_name, value))
         if connection:
             tokens = connection_tokens(connection)
-            kept = [(n, v) for n, v in kept if n not in tokens]
+            kept = [(n, v) for n, v in kept if n.lower() not in tokens]
         head = ResponseHead(
             status=status, reason=self.reason or b"-", headers=kept,
             content_length=content_length, chunked=chunked,

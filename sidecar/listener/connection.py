@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..config.model import DownstreamTimeouts, Limits
 from ..errors import DownstreamProtocolError, LocalReply
@@ -25,6 +25,7 @@ from ..http.headers import is_valid_request_id
 from ..http.message import RequestHead
 from ..http.request_parser import RequestParser
 from ..http.writer import reason_phrase, response_head
+from ..deadline import Deadline
 from .stream import Stream
 
 __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
@@ -35,7 +36,6 @@ class ServerState:
     """What the sidecar tracks across listeners: for limits and an orderly drain."""
 
     connections: set[DownstreamConnection] = field(default_factory=set)
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
     draining: bool = False
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -49,7 +49,8 @@ class ListenerContext:
     limits: Limits
     timeouts: DownstreamTimeouts
     state: ServerState
-    serve: Callable[[Stream], Coroutine[Any, Any, None]]
+    start: Callable[[Stream], None]  # the pipeline: takes the exchange from here
+    abort: Callable[[Stream], None]  # the downstream went away mid-exchange
     current_snapshot: Callable[[], object]
     on_protocol_error: Callable[[DownstreamConnection, DownstreamProtocolError], None]
     scheme: bytes = b"http"
@@ -71,12 +72,17 @@ class DownstreamConnection(asyncio.Protocol):
         self.parser = RequestParser(self, ctx.limits)
         self.client = "-"
         self.peer_identity: str | None = None
-        self.streams: deque[Stream] = deque()
+        self.streams: deque[Stream] = deque()  # answered in this order
+        self.receiving: Stream | None = None  # the request whose body is arriving
         self.closed = False
         self._blocked = 0
         self._write_paused = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._head_timer_armed = False
+        # Timeouts: one cheap-to-move deadline for idle/request-headers, one for the exchange
+        self._head_timer_armed = False  # the deadline is the 408 one, not the idle one
+        self._deadline = Deadline(loop, self._on_deadline)
+        self.route_deadline = Deadline(loop, self._on_route_deadline)
+        self._corked = 0
+        self._out: list[bytes] = []
 
     @property
     def draining(self) -> bool:
@@ -84,8 +90,7 @@ class DownstreamConnection(asyncio.Protocol):
 
     # === asyncio.Protocol ===============================================================
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         ctx = self.ctx
         ctx.state.connections.add(self)
         ctx.connections += 1
@@ -114,8 +119,8 @@ class DownstreamConnection(asyncio.Protocol):
                 if len(streams[-1].early_data) > 64 * 1024:
                     self.block_reading(self.BLOCK_BODY)
             return
-        if self._timer is not None and not self._head_timer_armed:
-            self._cancel_timer()
+        if not self._head_timer_armed:
+            self._deadline.clear()
         try:
             rest = self.parser.feed(data)
         except DownstreamProtocolError as exc:
@@ -134,16 +139,16 @@ class DownstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._cancel_timer()
+        self._deadline.cancel()
+        self.route_deadline.cancel()
         ctx = self.ctx
         ctx.state.connections.discard(self)
         ctx.connections -= 1
-        for stream in self.streams:
-            if stream.task is not None and not stream.task.done():
-                stream.exchange.flags = "DC"  # downstream went away mid-exchange
-                stream.task.cancel()
-            elif stream.upstream is not None:
-                stream.upstream.abort()
+        self._out.clear()
+        for stream in list(self.streams):
+            if not stream.finished:
+                ctx.abort(stream)
+        self.streams.clear()
         if ctx.state.draining and not ctx.state.connections:
             ctx.state.drained.set()
 
@@ -163,39 +168,40 @@ class DownstreamConnection(asyncio.Protocol):
 
     # === RequestSink (called by the parser) ==============================================
     def on_request(self, head: RequestHead) -> None:
-        self._cancel_timer()
-        rid = head.header(b"x-request-id")
+        self._head_timer_armed = False
+        self._deadline.clear()
+        rid = head.request_id
         if rid is not None and is_valid_request_id(rid):
             request_id = rid.decode("ascii")
         else:
             request_id = "%032x" % random.getrandbits(128)
             head.set_header(b"x-request-id", request_id.encode())
         exchange = Exchange(request=head, listener=self.ctx.name, downstream_address=self.client,
-                            request_id=request_id, start=self.loop.time(),
+                            request_id=request_id, start=time.monotonic(),
                             peer_identity=self.peer_identity)
         stream = Stream(self, head, exchange, self.ctx.current_snapshot())
+        self.receiving = stream
         self.streams.append(stream)
         if len(self.streams) == 1:
-            self._start(stream)
+            self.ctx.start(stream)
         elif len(self.streams) > self.ctx.limits.max_pipelined:
             self.block_reading(self.BLOCK_PIPELINE)
 
     def on_body(self, chunk: bytes) -> None:
-        self.streams[-1].feed_body(chunk)
+        stream = self.receiving
+        if stream is not None and not stream.finished:
+            stream.feed_body(chunk)
+        # else: answered already (a local reply); the body is read and dropped
 
     def on_request_end(self) -> None:
-        self.streams[-1].end_body()
+        stream = self.receiving
+        self.receiving = None
+        if stream is not None:
+            stream.end_body()
 
     # === exchanges ========================================================================
-    def _start(self, stream: Stream) -> None:
-        task = self.loop.create_task(self.ctx.serve(stream))
-        stream.task = task
-        tasks = self.ctx.state.tasks
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
     def stream_done(self, stream: Stream) -> None:
-        """The pipeline finished ``stream`` (called from its task)."""
+        """The pipeline finished ``stream``: answer the next pipelined request, or idle."""
         if not self.streams or self.streams[0] is not stream:
             return
         self.streams.popleft()
@@ -206,7 +212,7 @@ class DownstreamConnection(asyncio.Protocol):
             return
         self.unblock_reading(self.BLOCK_PIPELINE | self.BLOCK_BODY | self.BLOCK_UPSTREAM)
         if self.streams:
-            self._start(self.streams[0])
+            self.ctx.start(self.streams[0])
         elif not (self.parser.mid_head):
             self._arm_idle()
 
@@ -224,11 +230,31 @@ class DownstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self._corked:
+            self._out.append(data)
+        elif self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def cork(self) -> None:
+        """Collect writes until ``uncork``: a response head and body that arrive in one
+        upstream read leave in one write (one syscall instead of two or three)."""
+        self._corked += 1
+
+    def uncork(self) -> None:
+        self._corked -= 1
+        if not self._corked and self._out:
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        if self.transport is not None and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     # === closing ==========================================================================
     def close(self) -> None:
+        if self._out:
+            self._flush()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         self.closed = True
@@ -245,32 +271,32 @@ class DownstreamConnection(asyncio.Protocol):
 
     # === timers ===========================================================================
     def _arm_idle(self) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(self.ctx.timeouts.idle, self.close)
+        self._head_timer_armed = False
+        self._deadline.set_in(self.ctx.timeouts.idle)
 
     def _arm_head_timer(self) -> None:
-        self._cancel_timer()
         self._head_timer_armed = True
-        self._timer = self.loop.call_later(self.ctx.timeouts.request_headers, self._head_timeout)
+        self._deadline.set_in(self.ctx.timeouts.request_headers)
 
-    def _cancel_timer(self) -> None:
-        self._head_timer_armed = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _on_deadline(self) -> None:
+        if self._head_timer_armed:
+            self._head_timer_armed = False
+            self._protocol_error(DownstreamProtocolError(
+                f"request headers not received within {self.ctx.timeouts.request_headers}s",
+                408, "request_timeout"))
+        elif not self.streams:
+            self.close()  # keep-alive idle
 
-    def _head_timeout(self) -> None:
-        self._timer = None
-        self._head_timer_armed = False
-        self._protocol_error(DownstreamProtocolError(
-            f"request headers not received within {self.ctx.timeouts.request_headers}s",
-            408, "request_timeout"))
+    def _on_route_deadline(self) -> None:
+        if self.streams:
+            stream = self.streams[0]
+            if stream.driver is not None and not stream.finished:
+                stream.driver.on_timeout(stream)
 
     def _protocol_error(self, exc: DownstreamProtocolError) -> None:
         """Answer a malformed request (if nothing else is being answered) and close."""
         self.ctx.on_protocol_error(self, exc)
-        busy = [s for s in self.streams if s.response_started and not s.response_done]
-        if busy or (self.streams and self.streams[0].task is not None and not self.streams[0].body_done):
+        if self.streams:
             self.abort()  # mid-exchange: the exchange cannot be answered cleanly any more
             return
         reply: LocalReply = exc.reply()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import LocalReply
 from ..exchange import Exchange
@@ -21,6 +21,8 @@ from ..http.message import RequestHead, ResponseHead
 from ..http.writer import LAST_CHUNK, chunk, reason_phrase, response_head
 
 if TYPE_CHECKING:
+    from ..errors import ProxyError
+    from ..upstream.pool import Pool
     from ..upstream.upstream_connection import UpstreamConnection
     from .connection import DownstreamConnection
 
@@ -32,12 +34,21 @@ _NO_BODY = frozenset({204, 304})
 _MODE_NONE, _MODE_LENGTH, _MODE_CHUNKED, _MODE_CLOSE = 0, 1, 2, 3
 
 
+class Driver(Protocol):
+    """What moves an exchange on when the upstream side reports (the router)."""
+
+    def on_response_end(self, stream: Stream) -> None: ...
+    def on_upstream_error(self, stream: Stream, exc: ProxyError) -> None: ...
+    def on_tunnel_closed(self, stream: Stream) -> None: ...
+
+
 class Stream:
     __slots__ = (
         "conn", "head", "exchange", "snapshot", "task", "pending", "pending_bytes",
         "body_done", "replay", "replay_bytes", "replay_limit", "upstream", "up_chunked",
         "response_started", "response_done", "mode", "keep_alive", "sent_continue",
-        "tunnel_closed", "tunnel", "early_data",
+        "tunnel", "early_data", "driver", "pool", "timeout", "cluster", "head_bytes",
+        "reused", "resent", "tried", "finished",
     )
 
     def __init__(self, conn: DownstreamConnection, head: RequestHead, exchange: Exchange,
@@ -61,8 +72,17 @@ class Stream:
         self.keep_alive = head.keep_alive
         self.sent_continue = False
         self.tunnel = False
-        self.tunnel_closed: asyncio.Future[None] | None = None
         self.early_data = b""  # bytes after an upgrade request, for the tunnel
+        # router state, one exchange at a time (see routing/router.py)
+        self.driver: Driver | None = None
+        self.pool: Pool | None = None
+        self.timeout = 0.0  # the route timeout, running on conn.route_deadline
+        self.cluster: object = None
+        self.head_bytes = b""
+        self.reused = False
+        self.resent = False
+        self.tried: list[object] | None = None
+        self.finished = False
 
     # === request body =====================================================================
     def feed_body(self, data: bytes) -> None:
@@ -115,6 +135,12 @@ class Stream:
         self.upstream = None
 
     # === response (UpstreamListener) ======================================================
+    def cork(self) -> None:
+        self.conn.cork()
+
+    def uncork(self) -> None:
+        self.conn.uncork()
+
     def on_response_head(self, head: ResponseHead) -> None:
         self.response_started = True
         self.exchange.status = head.status
@@ -144,10 +170,14 @@ class Stream:
             # the upstream answered before the request body ended; we cannot resync the
             # downstream parser on the rest of a body nobody reads, so this is the last one
             self.keep_alive = False
+        elif self.head.upgrade is not None:
+            self.keep_alive = False  # the upgrade was declined; the parser cannot go on
         if status != 101:
             self._connection_header(extra)
         extra.append((b"x-request-id", self.exchange.request_id.encode()))
         self.conn.write(response_head(status, head.reason, head.headers, extra))
+        if status == 101 and self.driver is not None:
+            self.driver.on_tunnel_open(self)
 
     def _connection_header(self, extra: list[tuple[bytes, bytes]]) -> None:
         keep = self.keep_alive and not self.conn.draining
@@ -169,14 +199,20 @@ class Stream:
         self.response_done = True
         if self.mode == _MODE_CHUNKED:
             self.conn.write(LAST_CHUNK)
+        if self.driver is not None:
+            self.driver.on_response_end(self)
+
+    def on_upstream_error(self, exc: ProxyError) -> None:
+        if self.driver is not None:
+            self.driver.on_upstream_error(self, exc)
 
     def on_tunnel_data(self, data: bytes) -> None:
         self.exchange.bytes_out += len(data)
         self.conn.write(data)
 
     def on_tunnel_closed(self) -> None:
-        if self.tunnel_closed is not None and not self.tunnel_closed.done():
-            self.tunnel_closed.set_result(None)
+        if self.driver is not None:
+            self.driver.on_tunnel_closed(self)
 
     def pause_request_body(self) -> None:
         self.conn.block_reading(self.conn.BLOCK_UPSTREAM)

@@ -1,34 +1,67 @@
 """Prometheus metrics of one sidecar, in a registry of its own (no process globals).
 
-The hot path calls ``exchange_done`` once per exchange. Labelled children are cached in
-dicts keyed by their label tuple, so a request costs two dict look-ups and three
-increments rather than prometheus-client's label validation each time.
+The hot path calls ``exchange_done`` once per exchange: a few dict updates and one bisect,
+no locks and no label validation (about 0.3 µs instead of 1.1 µs with prometheus-client's
+labelled metrics). Everything else (rare events) uses prometheus-client's metrics directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 __all__ = ["Metrics"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0, 30.0)
+_BOUNDS = (*_LATENCY_BUCKETS, float("inf"))
+_BOUND_LABELS = tuple("+Inf" if b == float("inf") else repr(b) for b in _BOUNDS)
 _STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
+
+
+class _ExchangeCollector(Collector):
+    """Per-exchange counters and latency histograms as plain ints in dicts, turned into
+    Prometheus families only when scraped. The event loop is single-threaded, so the
+    per-value locks of prometheus-client's own metrics buy nothing on this path."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.local: dict[tuple[str, str], int] = {}
+        self.latency: dict[tuple[str, str], list[float]] = {}  # bucket counts..., sum, count
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("pake_requests", "Requests by listener, route, cluster and status class",
+                                       labels=["listener", "route", "cluster", "status_class"])
+        for key, value in list(self.requests.items()):
+            requests.add_metric(list(key), value)
+        yield requests
+        local = CounterMetricFamily("pake_local_replies", "Replies the sidecar made itself, by flag",
+                                    labels=["listener", "flag"])
+        for key, value in list(self.local.items()):
+            local.add_metric(list(key), value)
+        yield local
+        latency = HistogramMetricFamily("pake_request_duration_seconds",
+                                        "Time from request head to response end", labels=["listener", "cluster"])
+        for key, values in list(self.latency.items()):
+            cumulative, buckets = 0.0, []
+            for bound, count in zip(_BOUND_LABELS, values):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric(list(key), buckets, values[-2])
+        yield latency
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("pake_requests_total", "Requests by listener, route, cluster and status class",
-                                ["listener", "route", "cluster", "status_class"], registry=r)
-        self.latency = Histogram("pake_request_duration_seconds", "Time from request head to response end",
-                                 ["listener", "cluster"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.local_replies = Counter("pake_local_replies_total", "Replies the sidecar made itself, by flag",
-                                     ["listener", "flag"], registry=r)
+        self._exchanges = _ExchangeCollector()
+        r.register(self._exchanges)
         self.active_connections = Gauge("pake_downstream_connections_active", "Open downstream connections",
                                         ["listener"], registry=r)
         self.connections_refused = Counter("pake_downstream_connections_refused_total",
@@ -39,29 +72,23 @@ class Metrics:
         self.protocol_errors = Counter("pake_downstream_protocol_errors_total",
                                        "Malformed requests refused, by status", ["listener", "status"],
                                        registry=r)
-        self._requests: dict[tuple[str, str, str, int], Callable[[], None]] = {}
-        self._latency: dict[tuple[str, str], Callable[[float], None]] = {}
-        self._local: dict[tuple[str, str], Callable[[], None]] = {}
 
     def exchange_done(self, listener: str, route: str, cluster: str, status: int, flag: str,
                       seconds: float) -> None:
-        key = (listener, route, cluster, status // 100)
-        inc = self._requests.get(key)
-        if inc is None:
-            inc = self.requests.labels(listener, route, cluster, _STATUS_CLASS.get(status // 100, "other")).inc
-            self._requests[key] = inc
-        inc()
+        c = self._exchanges
+        key = (listener, route, cluster, _STATUS_CLASS.get(status // 100, "other"))
+        requests = c.requests
+        requests[key] = requests.get(key, 0) + 1
         lkey = (listener, cluster)
-        observe = self._latency.get(lkey)
-        if observe is None:
-            observe = self._latency[lkey] = self.latency.labels(listener, cluster).observe
-        observe(seconds)
+        values = c.latency.get(lkey)
+        if values is None:
+            values = c.latency[lkey] = [0.0] * (len(_BOUNDS) + 2)
+        values[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        values[-2] += seconds
+        values[-1] += 1
         if flag != "-":
             fkey = (listener, flag)
-            linc = self._local.get(fkey)
-            if linc is None:
-                linc = self._local[fkey] = self.local_replies.labels(listener, flag).inc
-            linc()
+            c.local[fkey] = c.local.get(fkey, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

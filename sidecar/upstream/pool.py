@@ -43,13 +43,21 @@ class Pool:
         return (f"<Pool {self.address_text} connections={self.connections} idle={len(self.idle)}"
                 f" pending={len(self.waiters)}>")
 
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle, live connection at once, or None (dead ones are dropped on the way)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()  # the most recently used one is the most likely alive
+            if conn.is_available():
+                return conn
+            conn.close()
+        return None
+
     async def acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
         """A connection to send one request on, and whether it was reused."""
-        while self.idle:
-            conn = self.idle.pop()  # the most recently used one is the most likely alive
-            if conn.is_available():
-                return conn, True
-            conn.close()
+        conn = self.take_idle()
+        if conn is not None:
+            return conn, True
         if self.connections < self.config.max_connections:
             return await self._connect(connect_timeout), False
         if len(self.waiters) >= self.config.max_pending:
@@ -103,6 +111,11 @@ class Pool:
             return
         conn.arm_idle_timer(self.config.idle_timeout)
         self.idle.append(conn)
+
+    def put_back(self, conn: UpstreamConnection) -> None:
+        """An unused connection (its exchange ended while it was being opened)."""
+        conn.reusable = True
+        self.release(conn)
 
     def on_connection_lost(self, conn: UpstreamConnection) -> None:
         try:

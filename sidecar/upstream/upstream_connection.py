@@ -1,10 +1,11 @@
 """One connection to an upstream endpoint: writes a request, parses the response and hands
-it, piece by piece, to the downstream stream that asked for it.
+it, piece by piece, to the stream that asked for it.
 
 Rules: a connection serves one exchange at a time (no upstream pipelining); it is reused
 only when the response ended cleanly, both sides allow keep-alive and it was not a HEAD
 (llhttp cannot be told to skip a HEAD response's body). A connection that receives bytes
-or EOF while idle is dead and the pool throws it away before reuse.
+or EOF while idle is dead and the pool throws it away before reuse. Everything here is a
+callback: no task or future per request.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import ProxyError, UpstreamProtocolError, UpstreamReset
+from ..deadline import Deadline
+from ..errors import ProxyError, UpstreamReset
 from ..http.message import ResponseHead
 from ..http.response_parser import ResponseParser
 
@@ -25,9 +27,12 @@ __all__ = ["UpstreamConnection", "UpstreamListener"]
 class UpstreamListener(Protocol):
     """The downstream side of the exchange this connection is serving."""
 
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
     def on_response_head(self, head: ResponseHead) -> None: ...
     def on_response_body(self, chunk: bytes) -> None: ...
     def on_response_end(self) -> None: ...
+    def on_upstream_error(self, exc: ProxyError) -> None: ...
     def on_tunnel_data(self, data: bytes) -> None: ...
     def on_tunnel_closed(self) -> None: ...
     def pause_request_body(self) -> None: ...
@@ -35,23 +40,19 @@ class UpstreamListener(Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    __slots__ = ("pool", "transport", "parser", "listener", "done", "closed", "reusable",
-                 "requests", "tunnel", "_idle_timer", "_loop", "ssl_object", "_head")
-
     def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self.parser: ResponseParser | None = None
         self.listener: UpstreamListener | None = None
-        self.done: asyncio.Future[ResponseHead | None] | None = None
         self.closed = False
         self.reusable = False
         self.tunnel = False
         self.requests = 0
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle = Deadline(loop, self.close)  # pool idle timeout
         self.ssl_object: object | None = None
-        self._head: ResponseHead | None = None
+        self.head: ResponseHead | None = None
 
     def __repr__(self) -> str:
         state = "CLOSED" if self.closed else ("ACTIVE" if self.listener else "IDLE")
@@ -63,22 +64,22 @@ class UpstreamConnection(asyncio.Protocol):
         return not self.closed and self.listener is None and self.transport is not None \
             and not self.transport.is_closing()
 
-    def start(self, listener: UpstreamListener, head_only: bool) -> asyncio.Future[ResponseHead | None]:
-        """Bind this connection to one exchange. The returned future resolves when the
-        response has ended (with its head) or fails with a ProxyError."""
-        self._cancel_idle_timer()
+    def start(self, listener: UpstreamListener, head_only: bool) -> None:
+        """Bind this connection to one exchange until ``finish``."""
+        self._idle.clear()
         self.listener = listener
         self.requests += 1
         self.reusable = False
-        self.parser = ResponseParser(self)
-        self.parser.head_only = head_only
-        self.done = self._loop.create_future()
-        self._head = None
-        return self.done
+        self.head = None
+        parser = self.parser
+        if parser is None or not parser.reusable():
+            parser = self.parser = ResponseParser(self)
+        parser.begin(head_only)
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
 
     def response_started(self) -> bool:
         return self.parser is not None and self.parser.started
@@ -86,38 +87,31 @@ class UpstreamConnection(asyncio.Protocol):
     def finish(self) -> bool:
         """The exchange is over. Returns whether the connection can go back to the pool."""
         self.listener = None
-        self.parser = None
         if not self.reusable or self.closed:
             self.close()
             return False
         return True
 
     def arm_idle_timer(self, timeout: float) -> None:
-        self._idle_timer = self._loop.call_later(timeout, self.close)
-
-    def _cancel_idle_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._idle.set_in(timeout)
 
     def close(self) -> None:
-        self._cancel_idle_timer()
+        self._idle.cancel()
         if not self.closed:
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
 
     def abort(self) -> None:
-        self._cancel_idle_timer()
         self.closed = True
+        self._idle.cancel()
         if self.transport is not None:
             self.transport.abort()
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=64 * 1024)
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=64 * 1024)  # type: ignore[attr-defined]
         self.ssl_object = transport.get_extra_info("ssl_object")
 
     def data_received(self, data: bytes) -> None:
@@ -130,19 +124,22 @@ class UpstreamConnection(asyncio.Protocol):
             return
         parser = self.parser
         assert parser is not None
+        listener.cork()
         try:
             rest = parser.feed(data)
         except ProxyError as exc:
-            self._fail(exc)
             self.abort()
+            self._fail(exc)
             return
-        if parser.upgraded and self._head is not None and self._head.status == 101:
+        finally:
+            listener.uncork()
+        if parser.upgraded and self.head is not None and self.head.status == 101:
             self.tunnel = True
             if rest:
                 listener.on_tunnel_data(rest)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_idle_timer()
+        self._idle.cancel()
         self.closed = True
         self.pool.on_connection_lost(self)
         listener = self.listener
@@ -152,13 +149,12 @@ class UpstreamConnection(asyncio.Protocol):
             listener.on_tunnel_closed()
             return
         parser = self.parser
-        head = self._head
+        head = self.head
         if parser is not None and not parser.done and head is not None \
                 and head.content_length is None and not head.chunked:
             # a close-delimited body: EOF is its end (llhttp would need llhttp_finish)
             parser.done = True
             listener.on_response_end()
-            self._resolve()
             return
         self._fail(UpstreamReset("upstream connection closed before the response completed"
                                  if parser is not None and parser.started
@@ -174,7 +170,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- ResponseSink (called by the parser) ----------------------------------------------
     def on_response_head(self, head: ResponseHead) -> None:
-        self._head = head
+        self.head = head
         assert self.listener is not None
         self.listener.on_response_head(head)
 
@@ -183,21 +179,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.listener.on_response_body(chunk)
 
     def on_response_end(self) -> None:
-        head = self._head
-        assert self.listener is not None and head is not None
+        head = self.head
         parser = self.parser
-        self.reusable = head.keep_alive and head.status != 101 and parser is not None \
-            and not parser.head_only
+        assert self.listener is not None and head is not None and parser is not None
+        self.reusable = head.keep_alive and head.status != 101 and not parser.head_only
         if head.status != 101:
             self.listener.on_response_end()
-        self._resolve()
-
-    def _resolve(self) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_result(self._head)
 
     def _fail(self, exc: ProxyError) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(exc)
-        else:
-            self.abort()
+        listener = self.listener
+        if listener is not None:
+            listener.on_upstream_error(exc)

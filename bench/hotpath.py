@@ -1,0 +1,124 @@
+"""Per-request Python cost of the sidecar's hot path, without sockets or the kernel.
+
+A real ``DownstreamConnection`` -> pipeline -> router -> ``UpstreamConnection`` run over
+in-memory transports: the upstream transport answers every request at once with the
+profile's response. Prints µs per exchange; ``--profile`` runs cProfile over it.
+``python -m bench.hotpath [--profile] [--requests N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import re
+import time
+from pathlib import Path
+
+import uvloop
+
+from bench.upstream import response_for
+from sidecar.config.model import Bootstrap, ListenerConfig, MeshConfig
+from sidecar.config.load import parse_mesh
+from sidecar.listener.connection import DownstreamConnection, ListenerContext, ServerState
+from sidecar.observability.metrics import Metrics
+from sidecar.pipeline import Pipeline
+from sidecar.snapshot import build_snapshot
+from sidecar.upstream.cluster_manager import ClusterManager
+from sidecar.upstream.upstream_connection import UpstreamConnection
+
+__all__ = ["main"]
+
+LUA = Path(__file__).resolve().parent.parent.parent / "shared" / "bench" / "realistic-request.lua"
+
+
+class _Transport:
+    """Enough of an asyncio transport for the protocols; ``on_write`` sees every write."""
+
+    def __init__(self, on_write=None) -> None:  # type: ignore[no-untyped-def]
+        self.on_write = on_write
+        self.written = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        if self.on_write is not None:
+            self.on_write(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def set_write_buffer_limits(self, high: int) -> None: ...
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+def request_bytes(profile: str) -> bytes:
+    headers = ""
+    if profile == "realistic":
+        pairs = re.findall(r'wrk.headers\["(.*?)"\] = "(.*?)"', LUA.read_text())
+        headers = "".join(f"{k}: {v}\r\n" for k, v in pairs)
+    return f"GET / HTTP/1.1\r\nHost: 127.0.0.1:15106\r\n{headers}\r\n".encode()
+
+
+async def run(profile: str, requests: int, do_profile: bool) -> float:
+    loop = asyncio.get_running_loop()
+    mesh: MeshConfig = parse_mesh({"services": {"up": {"endpoints": ["127.0.0.1:1"]}}})
+    bootstrap = Bootstrap(source=Path("."), service="up", mode="sidecar", app=("127.0.0.1", 1),
+                          listeners=(ListenerConfig("inbound", ("127.0.0.1", 0)),), mesh_path=Path("."))
+    snapshot = build_snapshot(bootstrap, mesh)
+    clusters = ClusterManager(loop)
+    clusters.update(mesh, "up", bootstrap.app)
+    pipeline = Pipeline(service="up", clusters=clusters, metrics=Metrics(), access_log=None, loop=loop)
+    ctx = ListenerContext(name="inbound", service="up", limits=bootstrap.limits,
+                          timeouts=bootstrap.timeouts, state=ServerState(), start=pipeline.start,
+                          abort=pipeline.abort, current_snapshot=lambda: snapshot,
+                          on_protocol_error=lambda c, e: None)
+    first, rest = response_for(profile)
+    response = first + b"x-request-id: 7f3c9a2e\r\n" + rest if first else rest
+    pool = clusters.get("local-app").pools[0]  # type: ignore[union-attr]
+    upstream = UpstreamConnection(pool, loop)
+    upstream.connection_made(_Transport(lambda data: upstream.data_received(response)))  # type: ignore[arg-type]
+    pool.connections = 1
+    pool.idle.append(upstream)
+    down = DownstreamConnection(ctx, loop)
+    out = _Transport()
+    down.connection_made(out)  # type: ignore[arg-type]
+    request = request_bytes(profile)
+    for _ in range(1000):
+        down.data_received(request)
+    profiler = cProfile.Profile() if do_profile else None
+    if profiler:
+        profiler.enable()
+    start = time.perf_counter()
+    for _ in range(requests):
+        down.data_received(request)
+    elapsed = time.perf_counter() - start
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    assert out.written > 0 and upstream.requests == requests + 1000, "the exchange did not complete"
+    return elapsed / requests * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.hotpath")
+    parser.add_argument("--requests", type=int, default=50_000)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the loop")
+    args = parser.parse_args()
+    for profile in ("tiny", "realistic"):
+        us = uvloop.run(run(profile, args.requests, args.profile))
+        print(f"{profile:10s} {us:6.2f} µs of Python per exchange (no I/O)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""``pake-sidecar run -c sidecar.yaml``: the only place that exits the process.
+
+A bad config stops start-up with one line on stderr naming the file, the path and the
+value, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import uvloop
+
+from .config.load import load_bootstrap, load_mesh
+from .config.reader import ConfigError
+from .observability.logging import configure_logging
+
+__all__ = ["main"]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pake-sidecar", description="The PAKE Mesh sidecar.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the sidecar")
+    run.add_argument("-c", "--config", required=True, help="the bootstrap file (sidecar.yaml)")
+    check = sub.add_parser("check", help="validate the config files and exit")
+    check.add_argument("-c", "--config", required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        bootstrap = load_bootstrap(args.config)
+        mesh = load_mesh(bootstrap.mesh_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"pake-sidecar: {exc.source}: {problem}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        print(f"ok: {args.config} (mesh {bootstrap.mesh_path}, version {mesh.version},"
+              f" {len(mesh.services)} services)")
+        return 0
+    configure_logging(bootstrap.log_level)
+    from .app import Sidecar  # after logging is configured
+
+    async def run() -> None:
+        sidecar = Sidecar(bootstrap, mesh)
+        await sidecar.run()
+
+    try:
+        uvloop.run(run())
+    except OSError as exc:
+        print(f"pake-sidecar: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The sidecar process: owns listeners, clusters, admin, the current snapshot, and the
+order of start-up, reload and drain. No module globals: everything hangs off ``Sidecar``.
+
+Drain (SIGTERM): stop accepting, ``/readyz`` answers 503, idle connections close, busy
+ones finish their current exchange (up to ``timeouts.drain``), then what is left is
+cancelled and the process exits 0. Reload (SIGHUP): read the files again; a valid mesh
+config becomes the new snapshot (connections and pools stay), an invalid one is logged
+with its path-qualified error and the old snapshot keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+from typing import Any
+
+import structlog
+
+from .admin.server import AdminResponse, AdminServer, json_response
+from .config.load import load_bootstrap, load_mesh
+from .config.model import Bootstrap, MeshConfig
+from .config.reader import ConfigError
+from .errors import DownstreamProtocolError
+from .listener.connection import DownstreamConnection, ListenerContext, ServerState
+from .listener.listener import Listener
+from .observability.access_log import AccessLog
+from .observability.metrics import Metrics
+from .pipeline import Pipeline
+from .snapshot import Snapshot, build_snapshot
+from .upstream.cluster_manager import ClusterManager
+
+__all__ = ["Sidecar"]
+
+log = structlog.get_logger("pake.sidecar")
+
+
+class Sidecar:
+    def __init__(self, bootstrap: Bootstrap, mesh: MeshConfig) -> None:
+        self.bootstrap = bootstrap
+        self.loop = asyncio.get_running_loop()
+        self.state = ServerState()
+        self.metrics = Metrics()
+        self.clusters = ClusterManager(
+            self.loop, on_connect_failure=lambda c: self.metrics.connect_failures.labels(c).inc())
+        self.snapshot: Snapshot = self._build(mesh)
+        self.listeners: dict[str, Listener] = {}
+        self.admin: AdminServer | None = None
+        self.access_log = AccessLog(path=bootstrap.access_log.path) if bootstrap.access_log.enabled else None
+        self.stopping = asyncio.Event()
+
+    def _build(self, mesh: MeshConfig) -> Snapshot:
+        snapshot = build_snapshot(self.bootstrap, mesh)
+        self.clusters.update(mesh, self.bootstrap.service, self.bootstrap.app)
+        return snapshot
+
+    # === start ==============================================================================
+    async def start(self) -> None:
+        b = self.bootstrap
+        for lc in b.listeners:
+            if lc.name == "admin":
+                continue
+            scheme = b"https" if lc.tls else b"http"
+            pipeline = Pipeline(service=b.service, clusters=self.clusters, metrics=self.metrics,
+                                access_log=self.access_log, loop=self.loop, scheme=scheme)
+            ctx = ListenerContext(
+                name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
+                state=self.state, start=pipeline.start, abort=pipeline.abort,
+                current_snapshot=lambda: self.snapshot,
+                on_protocol_error=self._protocol_error, scheme=scheme)
+            listener = Listener(lc, ctx, self.loop,
+                                on_refused=self.metrics.connections_refused.labels(lc.name).inc)
+            await listener.start()
+            self.listeners[lc.name] = listener
+            self.metrics.active_connections.labels(lc.name).set_function(lambda c=ctx: c.connections)
+        admin = b.listener("admin")
+        if admin is not None:
+            self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes())
+            await self.admin.start()
+        log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports())
+
+    def ports(self) -> dict[str, int]:
+        ports = {name: listener.port for name, listener in self.listeners.items()}
+        if self.admin is not None:
+            ports["admin"] = self.admin.port
+        return ports
+
+    def _protocol_error(self, conn: DownstreamConnection, exc: DownstreamProtocolError) -> None:
+        self.metrics.protocol_errors.labels(conn.ctx.name, str(exc.status)).inc()
+        if self.access_log is not None:
+            log.info("refused", listener=conn.ctx.name, client=conn.client, status=exc.status,
+                     flags=exc.flag, reason=exc.detail)
+
+    # === reload =============================================================================
+    def reload(self) -> bool:
+        try:
+            bootstrap = load_bootstrap(self.bootstrap.source)
+            mesh = load_mesh(bootstrap.mesh_path)
+        except ConfigError as exc:
+            log.error("reload_rejected", problems=exc.problems, source=exc.source,
+                      keeping=self.snapshot.version)
+            return False
+        if bootstrap.listeners != self.bootstrap.listeners:
+            log.warning("reload_listeners_unchanged", detail="listener addresses change on restart only")
+        self.snapshot = self._build(mesh)
+        log.info("reloaded", version=self.snapshot.version)
+        return True
+
+    # === drain ==============================================================================
+    async def drain(self) -> None:
+        self.state.draining = True
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+        for conn in list(self.state.connections):
+            conn.shutdown()
+        deadline = self.bootstrap.timeouts.drain
+        log.info("draining", connections=len(self.state.connections), deadline_s=deadline)
+        if self.state.connections:
+            try:
+                async with asyncio.timeout(deadline):
+                    await self.state.drained.wait()
+            except TimeoutError:
+                log.warning("drain_deadline", left=len(self.state.connections))
+        for conn in list(self.state.connections):
+            conn.abort()
+        self.clusters.close()
+        if self.admin is not None:
+            self.admin.close()
+        if self.access_log is not None:
+            self.access_log.close()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        await self.start()
+        self.loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.stopping.wait()
+        await self.drain()
+
+    # === admin ==============================================================================
+    def _admin_routes(self) -> dict[str, Any]:
+        def healthz() -> AdminResponse:
+            return json_response(200, {"status": "ok"})
+
+        def readyz() -> AdminResponse:
+            ready = not self.state.draining
+            return json_response(200 if ready else 503, {
+                "ready": ready, "draining": self.state.draining, "service": self.bootstrap.service,
+                "version": self.snapshot.version, "ports": self.ports()})
+
+        def metrics() -> AdminResponse:
+            return 200, b"text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
+
+        def config() -> AdminResponse:
+            return json_response(200, {"bootstrap": _plain(self.bootstrap),
+                                       "mesh": _plain(self.snapshot.mesh),
+                                       "version": self.snapshot.version})
+
+        def clusters() -> AdminResponse:
+            return json_response(200, {"clusters": [c.snapshot() for c in self.clusters.clusters.values()]})
+
+        return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics, "/config": config,
+                "/clusters": clusters}
+
+
+def _plain(obj: Any) -> Any:
+    """Config dataclasses as JSON-able data."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, frozenset, set)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)

@@ -1,0 +1,58 @@
+"""A timer that is cheap to move later: the hot path sets a deadline with one assignment.
+
+Keep-alive idle timers and route timeouts are set and cleared on every request; creating and
+cancelling a loop timer each time costs about 1 µs on uvloop, three times per exchange. A
+``Deadline`` keeps one armed handle: moving the deadline later only records it; when the
+handle fires early it re-arms itself for the rest. Only an earlier deadline re-arms at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+__all__ = ["Deadline"]
+
+
+class Deadline:
+    __slots__ = ("_loop", "_callback", "when", "_handle", "_armed_for")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self.when: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0
+
+    def set_in(self, seconds: float) -> None:
+        self.set_at(self._loop.time() + seconds)
+
+    def set_at(self, when: float) -> None:
+        self.when = when
+        if self._handle is None or when < self._armed_for:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._armed_for = when
+            self._handle = self._loop.call_at(when, self._fire)
+
+    def clear(self) -> None:
+        """No deadline; an armed handle stays and does nothing when it fires."""
+        self.when = None
+
+    def cancel(self) -> None:
+        self.when = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        when = self.when
+        if when is None:
+            return
+        if self._loop.time() < when:
+            self._armed_for = when
+            self._handle = self._loop.call_at(when, self._fire)
+            return
+        self.when = None
+        self._callback()

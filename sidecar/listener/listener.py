@@ -1,0 +1,53 @@
+"""A listener: a bound address whose accepted connections run one ``ListenerContext``.
+
+Port 0 picks a free port; ``port`` tells which after ``start``. Past ``max_connections``
+a new connection is closed at once (and counted): refusing early is kinder than
+accepting work we cannot finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from ..config.model import ListenerConfig
+from .connection import DownstreamConnection, ListenerContext
+
+__all__ = ["Listener"]
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+
+
+class Listener:
+    def __init__(self, config: ListenerConfig, ctx: ListenerContext, loop: asyncio.AbstractEventLoop,
+                 *, ssl_context: ssl.SSLContext | None = None,
+                 on_refused: object = None) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.loop = loop
+        self.ssl_context = ssl_context
+        self.server: asyncio.Server | None = None
+        self.port = config.address[1]
+        self.refused = 0
+        self._on_refused = on_refused
+
+    def _protocol(self) -> asyncio.Protocol:
+        if self.ctx.connections >= self.ctx.limits.max_connections:
+            self.refused += 1
+            if callable(self._on_refused):
+                self._on_refused()
+            return _Refuse()
+        return DownstreamConnection(self.ctx, self.loop)
+
+    async def start(self) -> None:
+        host, port = self.config.address
+        self.server = await self.loop.create_server(
+            self._protocol, host, port, backlog=1024, reuse_address=True, ssl=self.ssl_context)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()

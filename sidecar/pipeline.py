@@ -1,0 +1,92 @@
+"""The request path every listener shares: route match, filter chain, router, and the one
+place where errors become local replies and every exchange is logged and counted.
+
+Order: find the service and route -> run the listener's filter chain (authn, authz, rate
+limit, validation) -> router. (Headers only the mesh may set were already dropped by the
+parser.) A stage that refuses returns a ``LocalReply`` or raises a ``ProxyError``;
+``finish`` sends it, and the access log and metrics carry its flag. All synchronous: the
+router continues by callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from .errors import LocalReply, NoRoute, ProxyError, rescue
+from .filters.base import run_filters
+from .listener.stream import Stream
+from .observability.access_log import AccessLog
+from .observability.metrics import Metrics
+from .routing.route_table import RouteTable
+from .routing.router import Router
+from .snapshot import Snapshot
+from .upstream.cluster_manager import ClusterManager
+
+__all__ = ["Pipeline"]
+
+log = structlog.get_logger("pake.pipeline")
+
+
+class Pipeline:
+    def __init__(self, *, service: str, clusters: ClusterManager, metrics: Metrics,
+                 access_log: AccessLog | None, loop: object, scheme: bytes = b"http") -> None:
+        self.service = service
+        self.metrics = metrics
+        self.access_log = access_log
+        self.router = Router(clusters, loop, self.finish, scheme=scheme)  # type: ignore[arg-type]
+
+    def start(self, stream: Stream) -> None:
+        ex = stream.exchange
+        snap: Snapshot = stream.snapshot  # type: ignore[assignment]
+        try:
+            self._route(stream, snap)
+            reply = run_filters(snap.chain(ex.listener), ex)
+            if reply is None:
+                if ex.route is not None:
+                    self.router.start(stream)
+                    return
+                head = stream.head
+                reply = NoRoute(f"no route for {head.method} {head.authority}{head.path}").reply()
+        except ProxyError as exc:
+            reply = exc.reply()
+        except Exception as exc:  # noqa: BLE001 - the edge: any bug becomes a 500, logged
+            log.exception("exchange_failed", request_id=ex.request_id)
+            reply = rescue(exc)
+        self.finish(stream, reply)
+
+    def abort(self, stream: Stream) -> None:
+        """The downstream connection is gone."""
+        if stream.exchange.flags == "-":
+            stream.exchange.flags = "DC"
+        if stream.driver is not None:
+            self.router.abort(stream)
+        else:
+            self.finish(stream, None)
+
+    def _route(self, stream: Stream, snap: Snapshot) -> None:
+        ex = stream.exchange
+        if ex.listener == "inbound":
+            service = snap.local_service
+        else:
+            service = snap.routes.service_for_host(stream.head.host)
+        if service is None:
+            return
+        ex.service = service.name
+        ex.route = RouteTable.route(service, stream.head)
+
+    def finish(self, stream: Stream, reply: LocalReply | None) -> None:
+        if stream.finished:
+            return
+        stream.finished = True
+        conn = stream.conn
+        if reply is not None and not conn.closed:
+            stream.send_local_reply(reply, self.service)
+        ex = stream.exchange
+        duration = time.monotonic() - ex.start
+        route = ex.route.name if ex.route is not None else "-"
+        self.metrics.exchange_done(ex.listener, route, ex.cluster, ex.status, ex.flags, duration)
+        if self.access_log is not None:
+            self.access_log.log(ex, duration)
+        conn.stream_done(stream)

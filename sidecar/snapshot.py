@@ -1,0 +1,41 @@
+"""The sidecar's config at one moment, compiled for the request path.
+
+A snapshot is built whole from a validated ``MeshConfig`` and swapped in with one
+assignment; an exchange keeps the snapshot it started with. Building it is where route
+tables and filter chains are compiled, so the per-request work is look-ups only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config.model import Bootstrap, MeshConfig, ServiceConfig
+from .filters.base import FilterChain
+from .routing.route_table import RouteTable
+
+__all__ = ["Snapshot", "build_snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: str
+    mesh: MeshConfig
+    routes: RouteTable
+    local_service: ServiceConfig | None
+    filters: dict[str, FilterChain] = field(default_factory=dict)  # by listener name
+    extras: dict[str, Any] = field(default_factory=dict)  # per-feature compiled state
+
+    def chain(self, listener: str) -> FilterChain:
+        return self.filters.get(listener, ())
+
+
+def build_snapshot(bootstrap: Bootstrap, mesh: MeshConfig,
+                   filters: dict[str, FilterChain] | None = None) -> Snapshot:
+    return Snapshot(
+        version=mesh.version,
+        mesh=mesh,
+        routes=RouteTable.build(mesh),
+        local_service=mesh.services.get(bootstrap.service),
+        filters=filters or {},
+    )
