@@ -115,8 +115,8 @@ class JwtAuthnFilter:
         exchange.tags["authn_provider"] = provider.name
         for claim, header in provider.claims_to_headers:
             value = claim_header_value(verified.claims.get(claim))
-            if value is not None:
-                request.set_header(header.encode("latin-1"), value)
+            if value is not None:  # stripped above: append, no second scan
+                request.headers.append((header.encode("latin-1"), value))
         set_identity_headers(request, verified.principal, verified.roles)
         if not provider.forward:
             _remove_token(exchange, found)

@@ -11,6 +11,7 @@ list of strings without control characters (no header injection), at most 4 KiB.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,6 +34,7 @@ PEER_IDENTITY_HEADER = b"x-pake-peer-identity"  # set by the mTLS side, stripped
 PRINCIPAL_HEADER = b"x-pake-principal"
 ROLES_HEADER = b"x-pake-roles"
 MAX_VALUE = 4096
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB: CR/LF would inject
 
 
 def claim_header_value(value: Any) -> bytes | None:
@@ -47,21 +49,21 @@ def claim_header_value(value: Any) -> bytes | None:
         text = ",".join(value)
     else:
         return None
-    if len(text) > MAX_VALUE or any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F
-                                    for c in text):
+    if len(text) > MAX_VALUE or _CONTROL.search(text):
         return None
     return text.encode("utf-8")
 
 
 def set_identity_headers(request: RequestHead, principal: str | None,
                          roles: Iterable[str]) -> None:
-    """``x-pake-principal`` and ``x-pake-roles`` (sorted, comma-separated) for the app."""
+    """``x-pake-principal`` and ``x-pake-roles`` (sorted, comma-separated) for the app.
+    The caller has already removed both (so this appends, without another scan)."""
     value = claim_header_value(principal) if principal else None
     if value is not None:
-        request.set_header(PRINCIPAL_HEADER, value)
+        request.headers.append((PRINCIPAL_HEADER, value))
     listed = claim_header_value(sorted(roles))
     if listed:
-        request.set_header(ROLES_HEADER, listed)
+        request.headers.append((ROLES_HEADER, listed))
 
 
 class HeaderSanitizer:

@@ -16,12 +16,14 @@ import random
 from collections.abc import Callable
 
 from ..config.model import RouteConfig, WeightedTarget
-from ..errors import LocalReply, NoRoute, ProxyError, UpstreamReset, UpstreamTimeout
+from ..errors import (LocalReply, NoRoute, ProxyError, UpstreamIdentityError, UpstreamReset,
+                      UpstreamTimeout)
 from ..http.writer import request_head
 from ..listener.stream import Stream
 from ..upstream.cluster import Cluster
 from ..upstream.cluster_manager import LOCAL_APP, ClusterManager
 from ..upstream.pool import Pool
+from ..upstream.upstream_connection import UpstreamConnection
 
 __all__ = ["Router"]
 
@@ -107,10 +109,16 @@ class Router:
             return
         self._send(stream, pool, conn, reused)
 
-    def _send(self, stream: Stream, pool: Pool, conn: object, reused: bool) -> None:
-        from ..upstream.upstream_connection import UpstreamConnection
-        assert isinstance(conn, UpstreamConnection)
+    def _send(self, stream: Stream, pool: Pool, conn: UpstreamConnection, reused: bool) -> None:
         ex = stream.exchange
+        expected = stream.cluster.expected_identity  # type: ignore[attr-defined]
+        if expected is not None and conn.peer_identity != expected:
+            conn.reusable = False
+            pool.release(conn)
+            self._end(stream, UpstreamIdentityError(
+                f"{pool.address_text} presented {conn.peer_identity or 'no identity'}, expected"
+                f" {expected}").reply())
+            return
         ex.attempts += 1
         stream.reused = reused
         pool.active_requests += 1

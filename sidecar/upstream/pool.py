@@ -25,6 +25,7 @@ class Pool:
     def __init__(self, address: Address, config: PoolConfig, loop: asyncio.AbstractEventLoop,
                  *, ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None,
                  server_hostname: str | None = None,
+                 identify: Callable[[object], str | None] | None = None,
                  on_connect_failure: Callable[[], None] = lambda: None) -> None:
         self.address = address
         self.address_text = f"{address[0]}:{address[1]}"
@@ -32,6 +33,7 @@ class Pool:
         self._loop = loop
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
+        self.identify = identify  # transport -> the peer's SPIFFE ID (mTLS), once per connection
         self._on_connect_failure = on_connect_failure
         self.idle: deque[UpstreamConnection] = deque()
         self.connections = 0  # open or opening

@@ -52,6 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests = 0
         self._idle = Deadline(loop, self.close)  # pool idle timeout
         self.ssl_object: object | None = None
+        self.peer_identity: str | None = None  # what the upstream proved in the TLS handshake
         self.head: ResponseHead | None = None
 
     def __repr__(self) -> str:
@@ -113,6 +114,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=64 * 1024)  # type: ignore[attr-defined]
         self.ssl_object = transport.get_extra_info("ssl_object")
+        if self.pool.identify is not None:
+            self.peer_identity = self.pool.identify(transport)
 
     def data_received(self, data: bytes) -> None:
         listener = self.listener

@@ -1,0 +1,34 @@
+# PAKE Mesh. `make demo` and `make test` work on a fresh machine: they create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench certs clean help
+
+help:
+	@echo "make demo   - run the demo mesh on loopback (Ctrl-C stops it)"
+	@echo "make test   - run the test suite"
+	@echo "make bench  - benchmark the sidecar against a direct path and HAProxy"
+	@echo "make certs  - create the demo CA and workload certificates (examples/mtls/certs)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m examples.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+certs: $(STAMP)
+	$(PY) -m examples.certs
+
+clean:
+	rm -rf $(VENV) .pytest_cache bench/results.json examples/mtls/certs
