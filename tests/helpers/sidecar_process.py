@@ -1,0 +1,143 @@
+"""A real ``pake-sidecar`` process for tests: config written from dicts, every port 0.
+
+``async with SidecarProcess(tmp_path, bootstrap={...}, mesh={...}) as sc:`` starts the
+process, waits for its ``ready`` log line (never a sleep) and exposes the ports it bound;
+leaving the block sends SIGTERM and waits for exit. Every stdout/stderr line is kept in
+``sc.lines`` (JSON-decoded where possible) for log assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["SidecarProcess", "SidecarFailed"]
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+class SidecarFailed(Exception):
+    pass
+
+
+class SidecarProcess:
+    def __init__(self, workdir: Path, *, bootstrap: dict[str, Any], mesh: dict[str, Any] | None,
+                 name: str = "sidecar", ready_timeout: float = 15.0) -> None:
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.bootstrap = {"mesh": "mesh.yaml", **bootstrap}
+        self.bootstrap.setdefault("listeners", {"outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"})
+        self.mesh = mesh
+        self.ready_timeout = ready_timeout
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lines: list[dict[str, Any] | str] = []
+        self.stderr: list[str] = []
+        self.ports: dict[str, int] = {}
+        self._ready = asyncio.Event()
+        self._readers: list[asyncio.Task[None]] = []
+        self._new_line = asyncio.Event()
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "sidecar.yaml"
+
+    def write_config(self, *, bootstrap: dict[str, Any] | None = None, mesh: dict[str, Any] | str | None = None) -> None:
+        if bootstrap is not None:
+            self.bootstrap = bootstrap
+        self.config_path.write_text(yaml.safe_dump(self.bootstrap))
+        value = self.mesh if mesh is None else mesh
+        if value is not None:
+            (self.dir / "mesh.yaml").write_text(value if isinstance(value, str) else yaml.safe_dump(value))
+
+    async def start(self) -> SidecarProcess:
+        self.write_config()
+        env = {**os.environ, "PYTHONPATH": str(_ROOT)}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(self.dir), env=env,
+            limit=1 << 20)
+        self._readers = [asyncio.create_task(self._read(self.proc.stdout, self.lines)),
+                         asyncio.create_task(self._read(self.proc.stderr, self.stderr))]
+        waiter = asyncio.create_task(self._ready.wait())
+        exited = asyncio.create_task(self.proc.wait())
+        done, _ = await asyncio.wait({waiter, exited}, timeout=self.ready_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        exited.cancel()
+        if not self._ready.is_set():
+            await self.stop()
+            raise SidecarFailed(f"sidecar not ready: stderr={self.stderr[-5:]} stdout={self.lines[-5:]}")
+        return self
+
+    async def _read(self, stream: asyncio.StreamReader | None, sink: list[Any]) -> None:
+        assert stream is not None
+        while line := await stream.readline():
+            text = line.decode(errors="replace").rstrip("\n")
+            try:
+                item: Any = json.loads(text)
+            except ValueError:
+                item = text
+            sink.append(item)
+            if isinstance(item, dict) and item.get("event") == "ready":
+                self.ports = dict(item["ports"])
+                self._ready.set()
+            self._new_line.set()
+
+    def url(self, listener: str = "outbound") -> str:
+        return f"http://127.0.0.1:{self.ports[listener]}"
+
+    @property
+    def admin(self) -> str:
+        return self.url("admin")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if isinstance(line, dict) and line.get("event") == name]
+
+    async def wait_for_event(self, name: str, timeout: float = 10.0, count: int = 1) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` log lines with ``event == name`` were printed."""
+        async with asyncio.timeout(timeout):
+            while len(self.events(name)) < count:
+                self._new_line.clear()
+                await self._new_line.wait()
+        return self.events(name)
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+        for reader in self._readers:
+            try:
+                async with asyncio.timeout(2):
+                    await reader
+            except TimeoutError:
+                reader.cancel()
+        return code
+
+    async def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return await self.wait(timeout)
+            except TimeoutError:
+                self.proc.kill()
+                return await self.wait(5)
+        return await self.wait(5)
+
+    async def __aenter__(self) -> SidecarProcess:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
