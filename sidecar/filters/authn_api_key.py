@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from ..audit import AuditRecorder
 from ..config.policy import ApiKey, ServiceAuthn
-from ..errors import LocalReply
+from ..errors import LocalReply, Unauthenticated
 from ..exchange import Exchange
 from .claims_headers import PRINCIPAL_HEADER, ROLES_HEADER, set_identity_headers
 
@@ -54,7 +54,7 @@ class ApiKeyAuthnFilter:
         exchange.tags["authn_result"] = reason
         if self.audit is not None:
             self.audit.record(exchange, "authn", "deny", self.name, description)
-        return LocalReply(401, "unauthenticated", description, "UAEX", headers=self._challenges)
+        return Unauthenticated(description, headers=self._challenges).reply()
 
     def on_request(self, exchange: Exchange) -> LocalReply | None:
         request = exchange.request

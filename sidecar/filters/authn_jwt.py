@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping
 
 from ..audit import AuditRecorder
 from ..config.policy import JwtProvider, ServiceAuthn, TokenHeader
-from ..errors import LocalReply
+from ..errors import LocalReply, Unauthenticated
 from ..exchange import Exchange
 from ..jwt.authenticator import Authenticator
-from ..jwt.extractor import ExtractError, Found, extract_token, remove_param
+from ..jwt.extractor import ExtractError, Found, extract_token, header_specs, remove_param
 from ..jwt.jwks import JwksCache
 from ..jwt.verifier import JwtError, Verifier
 from .claims_headers import PRINCIPAL_HEADER, ROLES_HEADER, claim_header_value, set_identity_headers
@@ -59,15 +59,14 @@ class JwtAuthnFilter:
         self.decides_anonymous = decides_anonymous
         self.audit = audit
         self.realm = realm
-        locations: dict[tuple[str, str], TokenHeader] = {}
+        locations: list[TokenHeader] = []
         params: dict[str, None] = {}
         strip = {PRINCIPAL_HEADER, ROLES_HEADER}
         for p in providers:
-            for h in p.from_headers:
-                locations.setdefault((h.name, h.value_prefix.lower()), h)
+            locations.extend(p.from_headers)
             params.update(dict.fromkeys(p.from_params))
             strip.update(header.encode("latin-1") for _, header in p.claims_to_headers)
-        self._headers = tuple(locations.values())
+        self._headers = header_specs(locations)
         self._params = tuple(params)
         self._strip = tuple(strip)
         # Counters, read by metrics.
@@ -82,8 +81,7 @@ class JwtAuthnFilter:
         if self.audit is not None:
             self.audit.record(exchange, "authn", "deny", self.name, description)
         challenge = bearer_challenge(self.realm, error, description if error else None)
-        return LocalReply(401, "unauthenticated", description, "UAEX",
-                          headers=((b"www-authenticate", challenge),))
+        return Unauthenticated(description, headers=((b"www-authenticate", challenge),)).reply()
 
     def on_request(self, exchange: Exchange) -> LocalReply | None:
         request = exchange.request

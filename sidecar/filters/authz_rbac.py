@@ -23,7 +23,7 @@ import structlog
 
 from ..audit import AuditRecorder
 from ..config.policy import ClaimMatch, RbacMatch, RbacPolicy
-from ..errors import LocalReply
+from ..errors import Forbidden, LocalReply
 from ..exchange import Exchange
 
 __all__ = ["RbacDecision", "RbacFilter", "RbacFilterConfig", "build_rbac"]
@@ -191,7 +191,7 @@ class RbacFilter:
             return None
         self.denied += 1
         self._record(exchange, "deny", decision)
-        return LocalReply(403, "forbidden", decision.reason, "RBAC")
+        return Forbidden(decision.reason).reply()
 
     def _record(self, exchange: Exchange, verdict: Literal["allow", "deny", "would_deny"],
                 decision: RbacDecision) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..clock import Clock
 from ..config.policy import RateLimitConfig
-from ..errors import LocalReply
+from ..errors import LocalReply, RateLimited
 from ..exchange import Exchange
 
 __all__ = ["RateLimitFilter", "RateLimiter", "Verdict", "build_rate_limit", "rate_limit_headers"]
@@ -49,8 +49,9 @@ class _Bucket:
 class RateLimiter:
     """One route's buckets. ``take(key, now)`` is the whole algorithm."""
 
-    def __init__(self, config: RateLimitConfig) -> None:
+    def __init__(self, config: RateLimitConfig, route: str = "") -> None:
         self.config = config
+        self.route = route
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self.evicted = 0
 
@@ -125,9 +126,8 @@ class RateLimitFilter:
             return None
         self.limited += 1
         exchange.tags["rate_limit"] = config.key
-        return LocalReply(429, "rate_limited",
-                          f"more than {config.spec or config.rate} on route {route.name}",  # type: ignore[union-attr]
-                          "RL", headers=rate_limit_headers(config, verdict))
+        detail = f"more than {config.spec or config.rate} on route {limiter.route}"
+        return RateLimited(detail, headers=rate_limit_headers(config, verdict)).reply()
 
 
 def build_rate_limit(routes: Mapping[str, RateLimitConfig], *, clock: Clock,
@@ -139,5 +139,6 @@ def build_rate_limit(routes: Mapping[str, RateLimitConfig], *, clock: Clock,
     limiters = {}
     for name, config in routes.items():
         kept = old.get(name)
-        limiters[name] = kept if kept is not None and kept.config == config else RateLimiter(config)
+        same = kept is not None and kept.config == config
+        limiters[name] = kept if same and kept is not None else RateLimiter(config, name)
     return RateLimitFilter(limiters, clock=clock)

@@ -16,7 +16,10 @@ from urllib.parse import unquote
 from ..config.policy import TokenHeader
 from ..http.message import RequestHead
 
-__all__ = ["ExtractError", "Found", "TokenLocation", "extract_token", "remove_param"]
+__all__ = ["ExtractError", "Found", "HeaderSpec", "TokenLocation", "extract_token",
+           "header_specs", "remove_param"]
+
+HeaderSpec = tuple[bytes, bytes]  # (lower-case header name, lower-case value prefix)
 
 
 class ExtractError(Exception):
@@ -61,18 +64,23 @@ def remove_param(target: bytes, name: str) -> bytes:
     return path + (b"?" + b"&".join(kept) if kept else b"")
 
 
-def extract_token(request: RequestHead, headers: Iterable[TokenHeader],
+def header_specs(headers: Iterable[TokenHeader]) -> tuple[HeaderSpec, ...]:
+    """Config locations in the form ``extract_token`` reads (built once, not per request)."""
+    specs = {(h.name.encode("latin-1"), h.value_prefix.lower().encode("latin-1")): None
+             for h in headers}
+    return tuple(specs)
+
+
+def extract_token(request: RequestHead, headers: Iterable[HeaderSpec],
                   params: Iterable[str] = ()) -> Found | None:
     """The one token in ``request``, None if there is none, ``ExtractError`` if ambiguous."""
     found: list[Found] = []
     if len(request.header_values(b"authorization")) > 1:
         raise ExtractError("more than one Authorization header")
-    for spec in headers:
-        name = spec.name.encode("latin-1")
-        prefix = spec.value_prefix.lower().encode("latin-1")
+    for name, prefix in headers:
         values = request.header_values(name)
         if len(values) > 1:
-            raise ExtractError(f"more than one {spec.name} header")
+            raise ExtractError(f"more than one {name.decode('latin-1')} header")
         for value in values:
             if value[:len(prefix)].lower() != prefix:
                 continue  # another scheme (e.g. "ApiKey"): not ours

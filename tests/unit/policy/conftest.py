@@ -4,7 +4,6 @@ a JWKS builder, a token minter, exchanges built directly, a fake clock and a fak
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,8 +147,3 @@ def audit() -> FakeAudit:
 @pytest.fixture
 def wall() -> Callable[[], float]:
     return lambda: NOW
-
-
-@pytest.fixture
-def real_time() -> float:
-    return time.time()
