@@ -338,6 +338,11 @@ def _jwks_uri(node: Fields) -> str | None:
         return None
     parts = urlsplit(uri)
     host = parts.hostname or ""
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        node.error("jwks_uri", f"has an invalid port: {uri!r}")
+        return None
     if parts.scheme == "https" and host:
         pass
     elif parts.scheme == "http" and host and is_loopback_host(host):

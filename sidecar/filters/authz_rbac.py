@@ -10,7 +10,7 @@ its ``unless`` matches. A path that is not in normal form (``//``,
 ``/./``, ``/../``, encoded ``/``, ``.`` or ``\\``) is denied outright: the app could read it
 as a different path than the one the rules saw. Every decision goes to ``exchange.tags``
 (``rbac``, ``rbac_rule``) and the audit log; in dry-run a deny is recorded as
-``would_deny``, logged and counted, and the request passes.
+``would_deny``, counted, logged (at most once per 10 s, with the count) and passes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Literal
 import structlog
 
 from ..audit import AuditRecorder
+from ..clock import Clock, MonotonicClock
 from ..config.policy import ClaimMatch, RbacMatch, RbacPolicy
 from ..errors import Forbidden, LocalReply
 from ..exchange import Exchange
@@ -167,10 +168,17 @@ def _who(ex: Exchange) -> str:
 class RbacFilter:
     name = "authz_rbac"
 
-    def __init__(self, config: RbacFilterConfig, *, audit: AuditRecorder | None = None) -> None:
+    def __init__(self, config: RbacFilterConfig, *, audit: AuditRecorder | None = None,
+                 clock: Clock | None = None, log_interval: float = 10.0) -> None:
         self.config = config
         self.audit = audit
         self.dry_run = config.policy.dry_run
+        # Dry-run denies are logged at most once per interval (each one is in the audit log
+        # anyway): a policy that would deny everything must not flood the process log.
+        self.clock = clock or MonotonicClock()
+        self.log_interval = log_interval
+        self._last_log = float("-inf")
+        self._unlogged = 0
         # Counters, read by metrics.
         self.allowed = 0
         self.denied = 0
@@ -186,8 +194,15 @@ class RbacFilter:
         if self.dry_run:
             self.would_deny += 1
             self._record(exchange, "would_deny", decision)
-            log.info("rbac_dry_run_deny", service=self.config.service, rule=decision.rule,
-                     reason=decision.reason, request_id=exchange.request_id)
+            now = self.clock.monotonic()
+            if now - self._last_log >= self.log_interval:
+                log.warning("rbac_dry_run_deny", service=self.config.service,
+                            rule=decision.rule, reason=decision.reason,
+                            request_id=exchange.request_id, not_logged=self._unlogged,
+                            would_deny_total=self.would_deny)
+                self._last_log, self._unlogged = now, 0
+            else:
+                self._unlogged += 1
             return None
         self.denied += 1
         self._record(exchange, "deny", decision)
@@ -201,8 +216,8 @@ class RbacFilter:
 
 
 def build_rbac(policy: RbacPolicy, *, service: str, trust_domain: str,
-               audit: AuditRecorder | None = None) -> RbacFilter:
+               audit: AuditRecorder | None = None, clock: Clock | None = None) -> RbacFilter:
     """The filter enforcing ``services.<service>.policy`` on that service's inbound (or, for
     the gateway's own policy, on the gateway listener)."""
     return RbacFilter(RbacFilterConfig(policy, service=service, trust_domain=trust_domain),
-                      audit=audit)
+                      audit=audit, clock=clock)

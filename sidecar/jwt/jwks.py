@@ -278,11 +278,15 @@ class JwksCache:
             self.fetches += 1
             try:
                 keyset = parse_jwks(await self.source.fetch(), self.provider.algorithms)
-            except (FetchError, JwksError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - background: keep the task and last set
+                # FetchError/JwksError/OSError carry safe messages; anything else is a bug,
+                # reported by type so the refresh task survives it.
+                known = isinstance(exc, (FetchError, JwksError, OSError))
                 self.failures += 1
                 self._consecutive_failures += 1
                 log.warning("jwks_refresh_failed", provider=self.provider.name,
-                            source=self.source.description, error=str(exc),
+                            source=self.source.description,
+                            error=str(exc) if known else type(exc).__name__,
                             keeping=len(self.keyset))
                 return False
             finally:

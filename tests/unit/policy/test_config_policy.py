@@ -121,6 +121,7 @@ def test_policy_module_docstring_example_parses() -> None:
     ({"issuer": "i", "audiences": ["a"], "jwks_uri": "http://issuer.example/jwks"},
      "jwt_providers.p.jwks_uri: must be an https:// URL (http only on loopback)"),
     ({"issuer": "i", "audiences": ["a"], "jwks_uri": "https://u:p@x/j"}, "user info"),
+    ({"issuer": "i", "audiences": ["a"], "jwks_uri": "https://x:99999/j"}, "invalid port"),
     ({"issuer": "i", "audiences": ["a"], "jwks_file": "j", "algorithms": ["HS256"]},
      "jwt_providers.p.algorithms[0]: symmetric algorithm 'HS256' is not accepted"),
     ({"issuer": "i", "audiences": ["a"], "jwks_file": "j", "algorithms": ["none"]},

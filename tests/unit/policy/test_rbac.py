@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from sidecar.config.policy import RbacPolicy, parse_rbac_policy
 from sidecar.config.reader import Fields, Problems
 from sidecar.filters.authz_rbac import build_rbac
 
-from .conftest import FakeAudit, exchange, request
+from .conftest import FakeAudit, FakeClock, exchange, request
 
 POLICY = """
 default: deny
@@ -115,16 +116,25 @@ def test_default_deny_detail_and_tags(audit: FakeAudit) -> None:
 
 
 def test_dry_run_lets_through_and_records_would_deny(audit: FakeAudit) -> None:
+    clock = FakeClock()
     f = build_rbac(policy(POLICY.replace("default: deny", "default: deny\ndry_run: true")),
-                   service="orders", trust_domain="pake.local", audit=audit)
+                   service="orders", trust_domain="pake.local", audit=audit, clock=clock)
     denied = exchange(request("POST", "/orders/1"), peer=FRONTEND)
-    assert f.on_request(denied) is None
+    with capture_logs() as logs:
+        assert f.on_request(denied) is None
+        for _ in range(3):
+            f.on_request(exchange(request("POST", "/orders/1"), request_id="flood"))
+        clock.advance(10)
+        f.on_request(exchange(request("POST", "/orders/1"), request_id="flood"))
+    assert [(e["event"], e["not_logged"]) for e in logs] == [("rbac_dry_run_deny", 0),
+                                                            ("rbac_dry_run_deny", 3)]
+    audit.records = [r for r in audit.records if r[0] != "flood"]
     assert denied.tags["rbac"] == "would_deny"
     allowed = exchange(request("GET", "/orders/1"), peer=FRONTEND, request_id="req-2")
     assert f.on_request(allowed) is None and allowed.tags["rbac"] == "allow"
     assert [r[:4] for r in audit.records] == [("req-1", "authz", "would_deny", "default"),
                                                ("req-2", "authz", "allow", "frontend-reads")]
-    assert (f.would_deny, f.denied, f.allowed) == (1, 0, 1)
+    assert (f.would_deny, f.denied, f.allowed) == (5, 0, 1)
 
 
 def test_default_allow_is_a_blocklist() -> None:
