@@ -85,7 +85,7 @@ async def run(profile: str, requests: int, do_profile: bool) -> float:
                           on_protocol_error=lambda c, e: None)
     first, rest = response_for(profile)
     response = first + b"x-request-id: 7f3c9a2e\r\n" + rest if first else rest
-    pool = clusters.get("local-app").pools[0]  # type: ignore[union-attr]
+    pool = next(iter(clusters.get("local-app").pools.values()))  # type: ignore[union-attr]
     upstream = UpstreamConnection(pool, loop)
     upstream.connection_made(_Transport(lambda data: upstream.data_received(response)))  # type: ignore[arg-type]
     pool.connections = 1

@@ -123,7 +123,7 @@ class Sidecar:
                 log.warning("drain_deadline", left=len(self.state.connections))
         for conn in list(self.state.connections):
             conn.abort()
-        self.clusters.close()
+        await self.clusters.close()
         if self.admin is not None:
             self.admin.close()
         if self.access_log is not None:

@@ -10,6 +10,7 @@ router continues by callbacks.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -31,11 +32,12 @@ log = structlog.get_logger("pake.pipeline")
 
 class Pipeline:
     def __init__(self, *, service: str, clusters: ClusterManager, metrics: Metrics,
-                 access_log: AccessLog | None, loop: object, scheme: bytes = b"http") -> None:
+                 access_log: AccessLog | None, loop: asyncio.AbstractEventLoop,
+                 scheme: bytes = b"http") -> None:
         self.service = service
         self.metrics = metrics
         self.access_log = access_log
-        self.router = Router(clusters, loop, self.finish, scheme=scheme)  # type: ignore[arg-type]
+        self.router = Router(clusters, loop, self.finish, scheme=scheme)
 
     def start(self, stream: Stream) -> None:
         ex = stream.exchange
@@ -84,6 +86,8 @@ class Pipeline:
         if reply is not None and not conn.closed:
             stream.send_local_reply(reply, self.service)
         ex = stream.exchange
+        if stream.retries_exhausted:
+            ex.flags = "URX" if ex.flags == "-" else ex.flags + ",URX"
         duration = time.monotonic() - ex.start
         route = ex.route.name if ex.route is not None else "-"
         self.metrics.exchange_done(ex.listener, route, ex.cluster, ex.status, ex.flags, duration)

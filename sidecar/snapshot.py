@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config.model import Bootstrap, MeshConfig, ServiceConfig
+from .config.model import Bootstrap, MeshConfig, RouteConfig, ServiceConfig, WeightedTarget
 from .filters.base import FilterChain
 from .routing.route_table import RouteTable
+from .routing.split import WeightedChooser
 
 __all__ = ["Snapshot", "build_snapshot"]
 
@@ -24,16 +25,24 @@ class Snapshot:
     routes: RouteTable
     local_service: ServiceConfig | None
     filters: dict[str, FilterChain] = field(default_factory=dict)  # by listener name
+    choosers: dict[int, WeightedChooser[WeightedTarget]] = field(default_factory=dict)  # id(route)
     extras: dict[str, Any] = field(default_factory=dict)  # per-feature compiled state
 
     def chain(self, listener: str) -> FilterChain:
         return self.filters.get(listener, ())
 
+    def chooser(self, route: RouteConfig) -> WeightedChooser[WeightedTarget]:
+        """The weighted split of a route with several targets, compiled once per snapshot."""
+        return self.choosers[id(route)]
+
 
 def build_snapshot(bootstrap: Bootstrap, mesh: MeshConfig,
                    filters: dict[str, FilterChain] | None = None) -> Snapshot:
+    choosers = {id(route): WeightedChooser.of_targets(route.to)
+                for service in mesh.services.values() for route in service.routes if len(route.to) > 1}
     return Snapshot(
         version=mesh.version,
+        choosers=choosers,
         mesh=mesh,
         routes=RouteTable.build(mesh),
         local_service=mesh.services.get(bootstrap.service),

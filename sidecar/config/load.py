@@ -32,6 +32,7 @@ from .model import (
     WeightedTarget,
 )
 from .reader import ConfigError, Fields, Problems, convert, parse_address
+from .resilience import parse_fault, parse_retries, parse_service_resilience
 
 __all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml"]
 
@@ -216,18 +217,21 @@ def _service(name: str, node: Fields, trust_domain: str) -> ServiceConfig:
             node.problems.add(path, f"must be a lower-case host name without port, got {item!r}")
         else:
             hosts.append(item)
+    endpoints_t = tuple(endpoints)
+    resilience = parse_service_resilience(node, endpoints_t)
     routes = tuple(_route(path, item, name, node) for path, item in node.list("routes"))
     if not routes:
         routes = (RouteConfig(name=f"{name}/default", match=RouteMatch(),
                               to=(WeightedTarget(service=name),)),)
     service = ServiceConfig(
         name=name,
-        endpoints=tuple(endpoints),
+        endpoints=endpoints_t,
         hosts=tuple(hosts),
         routes=routes,
         timeouts=_service_timeouts(node.sub("timeouts")),
         pool=_pool(node.sub("pool")),
         max_request_body=node.size("max_request_body", None),
+        resilience=resilience,
     )
     node.done()
     return service
@@ -247,8 +251,11 @@ def _route(path: str, data: Any, service: str, parent: Fields) -> RouteConfig:
     if targets and sum(t.weight for t in targets) == 0:
         node.error("to", "weights must not all be 0")
     timeout = node.duration("timeout", None, min=0.001)
+    retries = parse_retries(node.sub("retries")) if node.has("retries") else None
+    fault = parse_fault(node.sub("fault"))
     node.done()
-    return RouteConfig(name=name, match=match, to=tuple(targets), timeout=timeout)
+    return RouteConfig(name=name, match=match, to=tuple(targets), timeout=timeout,
+                       retries=retries, fault=fault)
 
 
 def _match(node: Fields) -> RouteMatch:

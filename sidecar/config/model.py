@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .resilience import FaultConfig, RetryConfig, ServiceResilience
+
 __all__ = [
     "AccessLogConfig",
     "Address",
@@ -138,6 +140,8 @@ class RouteConfig:
     match: RouteMatch
     to: tuple[WeightedTarget, ...]
     timeout: float | None = None  # overrides the target service's route timeout
+    retries: RetryConfig | None = None  # overrides the target service's retry policy
+    fault: FaultConfig | None = None  # fault injection, off unless configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +153,7 @@ class ServiceConfig:
     timeouts: ServiceTimeouts = ServiceTimeouts()
     pool: PoolConfig = PoolConfig()
     max_request_body: int | None = None  # tighter than the listener's bound, for this service
+    resilience: ServiceResilience = ServiceResilience()  # retries, breaker, health, outlier, lb
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,7 +69,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .model import Address
+Address = tuple[str, int]  # as in model.py, which imports this module
 from .reader import Fields, Problems, parse_address
 
 __all__ = [

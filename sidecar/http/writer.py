@@ -17,16 +17,18 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
-def request_head(head: RequestHead, extra: list[tuple[bytes, bytes]]) -> bytes:
+def request_head(head: RequestHead, extra: list[tuple[bytes, bytes]], *, end: bool = True) -> bytes:
     """The request line and headers for upstream: HTTP/1.1, Host from the authority,
-    end-to-end headers, then ``extra`` (framing and mesh headers)."""
+    end-to-end headers, then ``extra`` (framing and mesh headers). ``end=False`` leaves off
+    the blank line so a caller can add per-try headers."""
     lines = [head.method.encode(), b" ", head.target, b" HTTP/1.1\r\nhost: ",
              head.authority.encode(), b"\r\n"]
     for name, value in head.headers:
         lines += (name, b": ", value, b"\r\n")
     for name, value in extra:
         lines += (name, b": ", value, b"\r\n")
-    lines.append(b"\r\n")
+    if end:
+        lines.append(b"\r\n")
     return b"".join(lines)
 
 

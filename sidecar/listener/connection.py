@@ -81,6 +81,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._head_timer_armed = False  # the deadline is the 408 one, not the idle one
         self._deadline = Deadline(loop, self._on_deadline)
         self.route_deadline = Deadline(loop, self._on_route_deadline)
+        self.try_deadline = Deadline(loop, self._on_try_deadline)
         self._corked = 0
         self._out: list[bytes] = []
 
@@ -141,6 +142,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.closed = True
         self._deadline.cancel()
         self.route_deadline.cancel()
+        self.try_deadline.cancel()
         ctx = self.ctx
         ctx.state.connections.discard(self)
         ctx.connections -= 1
@@ -292,6 +294,12 @@ class DownstreamConnection(asyncio.Protocol):
             stream = self.streams[0]
             if stream.driver is not None and not stream.finished:
                 stream.driver.on_timeout(stream)
+
+    def _on_try_deadline(self) -> None:
+        if self.streams:
+            stream = self.streams[0]
+            if stream.driver is not None and not stream.finished:
+                stream.driver.on_try_timeout(stream)
 
     def _protocol_error(self, exc: DownstreamProtocolError) -> None:
         """Answer a malformed request (if nothing else is being answered) and close."""

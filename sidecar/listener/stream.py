@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import LocalReply
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from ..upstream.upstream_connection import UpstreamConnection
     from .connection import DownstreamConnection
 
-__all__ = ["Stream", "HIGH_WATER"]
+__all__ = ["Driver", "Finish", "Stream", "HIGH_WATER"]
 
 HIGH_WATER = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -37,9 +38,13 @@ _MODE_NONE, _MODE_LENGTH, _MODE_CHUNKED, _MODE_CLOSE = 0, 1, 2, 3
 class Driver(Protocol):
     """What moves an exchange on when the upstream side reports (the router)."""
 
+    def on_response_head(self, stream: Stream, head: ResponseHead) -> bool: ...
     def on_response_end(self, stream: Stream) -> None: ...
     def on_upstream_error(self, stream: Stream, exc: ProxyError) -> None: ...
     def on_tunnel_closed(self, stream: Stream) -> None: ...
+
+
+Finish = Callable[["Stream", "LocalReply | None"], None]
 
 
 class Stream:
@@ -48,7 +53,8 @@ class Stream:
         "body_done", "replay", "replay_bytes", "replay_limit", "upstream", "up_chunked",
         "response_started", "response_done", "mode", "keep_alive", "sent_continue",
         "tunnel", "early_data", "driver", "pool", "timeout", "cluster", "head_bytes",
-        "reused", "resent", "tried", "finished",
+        "reused", "resent", "tried", "finished", "policy", "tries", "admission", "endpoint",
+        "outcome", "last_reply", "retries_exhausted",
     )
 
     def __init__(self, conn: DownstreamConnection, head: RequestHead, exchange: Exchange,
@@ -81,8 +87,15 @@ class Stream:
         self.head_bytes = b""
         self.reused = False
         self.resent = False
-        self.tried: list[object] | None = None
+        self.tried: list[object] = []  # endpoint addresses tried: a retry prefers another
         self.finished = False
+        self.policy: object = None  # the RetryPolicy of this exchange's route
+        self.tries = 0  # retries charged to the policy (a keep-alive race re-send is free)
+        self.admission: object = None  # the breaker's admission of the try in flight
+        self.endpoint: object = None  # the EndpointState of the try in flight
+        self.outcome: object = None  # how the try in flight ended, once its head arrived
+        self.last_reply: LocalReply | None = None  # the last failed try's reply, if retries stop
+        self.retries_exhausted = False
 
     # === request body =====================================================================
     def feed_body(self, data: bytes) -> None:
@@ -142,6 +155,9 @@ class Stream:
         self.conn.uncork()
 
     def on_response_head(self, head: ResponseHead) -> None:
+        driver = self.driver
+        if driver is not None and not driver.on_response_head(self, head):
+            return  # a retriable failure: dropped, nothing of it goes downstream
         self.response_started = True
         self.exchange.status = head.status
         status = head.status

@@ -1,33 +1,40 @@
 """The router: the last stage. Sends the exchange to a cluster and sees it through.
 
-It picks the route's target (weighted), the cluster's endpoint, a pooled connection, writes
-the re-serialised request and hands the response to the stream, all inside the route
-timeout (504 ``UT``). Everything is a callback: an idle pooled connection is used at once,
-and only opening a new connection (or waiting for one) runs as a task. A request that fails
-on a *reused* connection before any response byte is re-sent once on another connection:
-the upstream closed an idle keep-alive connection just as we sent on it, which is routine
-and not the request's fault.
+Per exchange: fault injection (if the route has it), the weighted target, then tries. Per
+try: the cluster's circuit breaker admits it (or 503 ``UO`` at once), the load balancer
+picks an endpoint (preferring one not tried yet), a pooled connection carries the
+re-serialised request, and the try ends with an ``Outcome`` that the breaker and the
+outlier detector record. A failed try (connect failure, reset, per-try timeout, or a
+retriable status, caught before any byte of it goes downstream) is retried when the retry
+policy, its budget and the route deadline allow, after a jittered backoff.
+
+Everything is a callback: an idle pooled connection is used at once, and only opening a
+new connection (or waiting for one) runs as a task. A request that fails on a *reused*
+connection before any response byte is re-sent once without charging a retry: the
+upstream closed an idle keep-alive connection just as we sent on it, which is routine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+import time
 
-from ..config.model import RouteConfig, WeightedTarget
-from ..errors import (LocalReply, NoRoute, ProxyError, UpstreamIdentityError, UpstreamReset,
-                      UpstreamTimeout)
+from ..config.model import RouteConfig
+from ..errors import (LocalReply, NoHealthyUpstream, NoRoute, ProxyError, UpstreamConnectError,
+                      UpstreamIdentityError, UpstreamReset, UpstreamTimeout)
+from ..filters.fault import FAULT_HEADERS, abort_reply, decide
+from ..http.message import ResponseHead
 from ..http.writer import request_head
-from ..listener.stream import Stream
+from ..listener.stream import Finish, Stream
 from ..upstream.cluster import Cluster
 from ..upstream.cluster_manager import LOCAL_APP, ClusterManager
+from ..upstream.endpoint import Outcome, outcome_of_status
 from ..upstream.pool import Pool
+from ..upstream.retry import parse_retry_after
 from ..upstream.upstream_connection import UpstreamConnection
 
 __all__ = ["Router"]
-
-Finish = Callable[[Stream, "LocalReply | None"], None]
 
 
 class Router:
@@ -39,20 +46,20 @@ class Router:
         self.scheme = scheme
         self._rng = rng or random.Random()
 
-    def target(self, route: RouteConfig, listener: str) -> str:
-        if listener == "inbound":
+    def target(self, stream: Stream, route: RouteConfig) -> str:
+        if stream.exchange.listener == "inbound":
             return LOCAL_APP
         targets = route.to
         if len(targets) == 1:
             return targets[0].service
-        return _weighted(targets, self._rng.random())
+        return stream.snapshot.chooser(route).pick(self._rng.random()).service  # type: ignore[attr-defined]
 
     # === start ==============================================================================
     def start(self, stream: Stream) -> None:
         ex = stream.exchange
         route = ex.route
         assert route is not None
-        name = self.target(route, ex.listener)
+        name = self.target(stream, route)
         cluster = self.clusters.get(name)
         if cluster is None:
             self.finish(stream, NoRoute(f"no cluster {name!r}").reply())
@@ -60,12 +67,36 @@ class Router:
         ex.cluster = name
         stream.cluster = cluster
         stream.driver = self
+        policy = stream.policy = cluster.retry_policy(route)
+        stream.replay_limit = policy.config.max_replay_body
         stream.timeout = timeout = route.timeout or cluster.timeouts.route
         stream.conn.route_deadline.set_in(timeout)
+        policy.record_request(self.loop.time())
+        if route.fault is not None:
+            action = decide(route.fault, stream.head.headers, self._rng.random)
+            stream.head.remove_headers(*FAULT_HEADERS)
+            if action.abort_status is not None and not action.delay:
+                self._end(stream, abort_reply(action, route.name))
+                return
+            if action.delay:
+                stream.head_bytes = self._head(stream)
+                stream.task = self.loop.call_later(action.delay, self._after_fault_delay, stream,
+                                                   action.abort_status, route.name)
+                return
         stream.head_bytes = self._head(stream)
         self._attempt(stream)
 
+    def _after_fault_delay(self, stream: Stream, abort_status: int | None, route: str) -> None:
+        stream.task = None
+        if abort_status is not None:
+            from ..filters.fault import FaultAction
+            self._end(stream, abort_reply(FaultAction(0.0, abort_status), route))
+        else:
+            self._attempt(stream)
+
     def _head(self, stream: Stream) -> bytes:
+        """The request head for upstream, without its blank line: each try appends its
+        ``x-pake-attempts``."""
         head = stream.head
         ex = stream.exchange
         client = ex.downstream_address.encode()
@@ -82,14 +113,40 @@ class Router:
         if head.upgrade is not None:
             extra.append((b"connection", b"upgrade"))
             extra.append((b"upgrade", head.upgrade))
-        return request_head(head, extra)
+        return request_head(head, extra, end=False)
 
-    # === attempts ===========================================================================
+    # === tries ==============================================================================
     def _attempt(self, stream: Stream) -> None:
+        stream.task = None
+        if stream.finished:
+            return
         cluster: Cluster = stream.cluster  # type: ignore[assignment]
-        pool = cluster.pick()
+        ex = stream.exchange
+        now = self.loop.time()
+        admission = cluster.breaker.try_acquire(now, retry=stream.tries > 0)
+        if not admission.admitted:
+            last = stream.last_reply
+            if last is not None:  # a retry the breaker will not allow: answer with the failure
+                stream.retries_exhausted = True
+                self._end(stream, last)
+            else:
+                self._end(stream, admission.error(cluster.name).reply())  # type: ignore[union-attr]
+            return
+        endpoint = cluster.load_balancer.pick(cluster.endpoints, now, stream.tried)
+        if endpoint is None:
+            cluster.breaker.record(now, Outcome.CANCELLED, admission)  # type: ignore[arg-type]
+            self._end(stream, NoHealthyUpstream(f"cluster {cluster.name} has no available endpoint").reply())
+            return
+        stream.admission = admission
+        stream.endpoint = endpoint
+        endpoint.active_requests += 1
+        stream.tried.append(endpoint.address)
+        pool = cluster.pools[endpoint.address]
         stream.pool = pool
-        stream.exchange.upstream = pool.address_text
+        ex.upstream = pool.address_text
+        per_try = stream.policy.config.per_try_timeout  # type: ignore[attr-defined]
+        if per_try is not None:
+            stream.conn.try_deadline.set_in(per_try)
         conn = pool.take_idle()
         if conn is not None:
             self._send(stream, pool, conn, True)
@@ -101,7 +158,8 @@ class Router:
             conn, reused = await pool.acquire(cluster.timeouts.connect)
         except ProxyError as exc:
             stream.task = None
-            self._end(stream, exc.reply())
+            outcome = Outcome.CONNECT_FAILURE if isinstance(exc, UpstreamConnectError) else Outcome.CANCELLED
+            self._try_failed(stream, outcome, exc.reply())
             return
         stream.task = None
         if stream.finished:
@@ -115,43 +173,122 @@ class Router:
         if expected is not None and conn.peer_identity != expected:
             conn.reusable = False
             pool.release(conn)
-            self._end(stream, UpstreamIdentityError(
+            self._try_failed(stream, Outcome.CONNECT_FAILURE, UpstreamIdentityError(
                 f"{pool.address_text} presented {conn.peer_identity or 'no identity'}, expected"
-                f" {expected}").reply())
+                f" {expected}").reply(), retry=False)
             return
         ex.attempts += 1
         stream.reused = reused
         pool.active_requests += 1
         conn.start(stream, stream.head.method == "HEAD")
-        stream.attach(conn, stream.head_bytes, again=ex.attempts > 1)
+        stream.attach(conn, stream.head_bytes + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
+                      again=ex.attempts > 1)
 
-    def _release(self, stream: Stream) -> None:
+    def _release(self, stream: Stream, *, abort: bool = False) -> None:
         conn = stream.upstream
         pool = stream.pool
         if conn is not None and pool is not None:
+            if abort:
+                conn.abort()
             pool.active_requests -= 1
             stream.detach()
             pool.release(conn)
 
+    def _try_done(self, stream: Stream, outcome: Outcome) -> None:
+        """Exactly once per try: give the breaker its slot back and tell it (and the outlier
+        detector) how the try went."""
+        admission = stream.admission
+        endpoint = stream.endpoint
+        stream.conn.try_deadline.clear()
+        if admission is None or endpoint is None:
+            return
+        stream.admission = None
+        stream.endpoint = None
+        endpoint.active_requests -= 1
+        cluster: Cluster = stream.cluster  # type: ignore[assignment]
+        now = self.loop.time()
+        cluster.breaker.record(now, outcome, admission)  # type: ignore[arg-type]
+        if outcome is not Outcome.CANCELLED:
+            cluster.outlier.record(now, endpoint, outcome, cluster.endpoints)
+
+    def _try_failed(self, stream: Stream, outcome: Outcome, reply: LocalReply, *,
+                    status: int | None = None, retry_after: float | None = None,
+                    retry: bool = True) -> None:
+        """A try ended without a response to forward: retry it, or answer with ``reply``."""
+        self._try_done(stream, outcome)
+        if stream.finished:
+            return
+        stream.last_reply = reply
+        if retry and not stream.response_started:
+            decision = stream.policy.should_retry(  # type: ignore[attr-defined]
+                stream.tries + 1, outcome, status, stream.head.method,
+                body_replayable=stream.replayable(), response_started=False,
+                now=self.loop.time(), retry_after=retry_after,
+                deadline=stream.conn.route_deadline.when)
+            if decision.retry:
+                stream.tries += 1
+                stream.task = self.loop.call_later(decision.backoff, self._attempt, stream)
+                return
+            if decision.reason in ("attempts_exhausted", "budget_exhausted", "deadline") and stream.tries:
+                stream.retries_exhausted = True
+        self._end(stream, reply)
+
     # === upstream events (Driver) ============================================================
+    def on_response_head(self, stream: Stream, head: ResponseHead) -> bool:
+        """Forward this response (True), or drop it and retry (False)?"""
+        status = head.status
+        outcome = stream.outcome = outcome_of_status(status)
+        if outcome is Outcome.SUCCESS:
+            return True
+        retry_after = None
+        if status in (429, 503):
+            for name, value in head.headers:
+                if len(name) == 11 and name.lower() == b"retry-after":
+                    retry_after = parse_retry_after(value, time.time())
+        decision = stream.policy.should_retry(  # type: ignore[attr-defined]
+            stream.tries + 1, outcome, status, stream.head.method,
+            body_replayable=stream.replayable(), response_started=False, now=self.loop.time(),
+            retry_after=retry_after, deadline=stream.conn.route_deadline.when)
+        if not decision.retry:
+            if stream.tries and decision.reason in ("attempts_exhausted", "budget_exhausted", "deadline"):
+                stream.retries_exhausted = True
+            return True
+        self._release(stream, abort=True)  # the rest of this response is not wanted
+        self._try_done(stream, outcome)
+        stream.tries += 1
+        stream.task = self.loop.call_later(decision.backoff, self._attempt, stream)
+        return False
+
     def on_response_end(self, stream: Stream) -> None:
         self._release(stream)
+        self._try_done(stream, stream.outcome)
         self._end(stream, None)
 
     def on_upstream_error(self, stream: Stream, exc: ProxyError) -> None:
         conn = stream.upstream
-        retry = (isinstance(exc, UpstreamReset) and stream.reused and not stream.resent
-                 and conn is not None and not conn.response_started() and stream.replayable())
-        self._release(stream)
-        if retry and not stream.finished:
+        started = conn is not None and conn.response_started()
+        raced = (isinstance(exc, UpstreamReset) and stream.reused and not stream.resent
+                 and not started and stream.replayable())
+        self._release(stream, abort=True)
+        if raced and not stream.finished:
             stream.resent = True
+            self._try_done(stream, Outcome.CANCELLED)  # the upstream did nothing wrong
             self._attempt(stream)
             return
-        self._end(stream, exc.reply())
+        self._try_failed(stream, Outcome.RESET, exc.reply())
+
+    def on_try_timeout(self, stream: Stream) -> None:
+        per_try = stream.policy.config.per_try_timeout  # type: ignore[attr-defined]
+        if stream.response_started:
+            return  # the response is streaming: only the route timeout may cut it now
+        self._release(stream, abort=True)
+        self._try_failed(stream, Outcome.TIMEOUT, UpstreamTimeout(
+            f"no response from {stream.exchange.upstream} within the per-try timeout {per_try}s").reply())
 
     def on_tunnel_open(self, stream: Stream) -> None:
         """101: from now on both connections carry raw bytes until either side closes."""
         stream.conn.route_deadline.clear()
+        self._try_done(stream, Outcome.SUCCESS)
         upstream = stream.upstream
         assert upstream is not None
         if stream.early_data:
@@ -165,33 +302,26 @@ class Router:
         self._end(stream, None)
 
     def on_timeout(self, stream: Stream) -> None:
+        self._try_done(stream, Outcome.TIMEOUT)
         self._end(stream, UpstreamTimeout(
             f"no complete response from {stream.exchange.cluster} within {stream.timeout}s").reply())
 
     # === ending =============================================================================
     def abort(self, stream: Stream) -> None:
         """The downstream went away: stop everything this exchange holds."""
+        self._try_done(stream, Outcome.CANCELLED)
         self._end(stream, None)
 
     def _end(self, stream: Stream, reply: LocalReply | None) -> None:
         if stream.finished:
             return
-        stream.conn.route_deadline.clear()
+        conn = stream.conn
+        conn.route_deadline.clear()
+        conn.try_deadline.clear()
         if stream.task is not None:
             stream.task.cancel()
             stream.task = None
-        conn = stream.upstream
-        if conn is not None:  # not released: the exchange did not complete on it
-            conn.abort()
-            self._release(stream)
+        if stream.upstream is not None:  # not released: the exchange did not complete on it
+            self._try_done(stream, Outcome.CANCELLED)
+            self._release(stream, abort=True)
         self.finish(stream, reply)
-
-
-def _weighted(targets: tuple[WeightedTarget, ...], r: float) -> str:
-    total = sum(t.weight for t in targets)
-    point = r * total
-    for t in targets:
-        point -= t.weight
-        if point < 0:
-            return t.service
-    return targets[-1].service

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from ..config.model import Address, PoolConfig
 from ..errors import CircuitOpen, UpstreamConnectError, UpstreamTimeout
+from .circuit_breaker import CircuitBreaker, Limit
 from .upstream_connection import UpstreamConnection
 
 __all__ = ["Pool"]
@@ -40,6 +41,7 @@ class Pool:
         self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self.active_requests = 0
         self.closed = False
+        self.breaker: CircuitBreaker | None = None  # the cluster's limits (set by ClusterManager)
 
     def __repr__(self) -> str:
         return (f"<Pool {self.address_text} connections={self.connections} idle={len(self.idle)}"
@@ -65,11 +67,17 @@ class Pool:
         if len(self.waiters) >= self.config.max_pending:
             raise CircuitOpen(f"{self.address_text}: {len(self.waiters)} requests already wait"
                               f" for a connection (max_pending)")
+        pending = self.breaker.pending if self.breaker is not None else None
+        if pending is not None and not pending.try_acquire():
+            raise CircuitOpen(f"cluster {self.breaker.name}: too many requests wait for a"  # type: ignore[union-attr]
+                              f" connection (max_pending {pending.max})")
         waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
         self.waiters.append(waiter)
         try:
             conn = await waiter
         finally:
+            if pending is not None:
+                pending.release()
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
         if conn is None:  # a slot freed up: open our own
@@ -77,6 +85,10 @@ class Pool:
         return conn, True
 
     async def _connect(self, timeout: float) -> UpstreamConnection:
+        limit = self.breaker.connections if self.breaker is not None else None
+        if limit is not None and not limit.try_acquire():
+            raise CircuitOpen(f"cluster {self.breaker.name}: connection limit reached"  # type: ignore[union-attr]
+                              f" (max_connections {limit.max})")
         self.connections += 1
         host, port = self.address
         try:
@@ -86,17 +98,18 @@ class Pool:
                     lambda: UpstreamConnection(self, self._loop), host, port, ssl=context,
                     server_hostname=self._server_hostname if context else None)
         except TimeoutError:
-            self._lost_slot()
+            self._lost_slot(limit)
             self._on_connect_failure()
             raise UpstreamConnectError(f"connect to {self.address_text} timed out after {timeout}s") from None
         except OSError as exc:
-            self._lost_slot()
+            self._lost_slot(limit)
             self._on_connect_failure()
             reason = exc.strerror or type(exc).__name__
             raise UpstreamConnectError(f"connect to {self.address_text} failed: {reason}") from None
         except BaseException:
-            self._lost_slot()
+            self._lost_slot(limit)
             raise
+        conn.limit = limit
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -124,10 +137,12 @@ class Pool:
             self.idle.remove(conn)
         except ValueError:
             pass
-        self._lost_slot()
+        self._lost_slot(conn.limit)
 
-    def _lost_slot(self) -> None:
+    def _lost_slot(self, limit: Limit | None) -> None:
         self.connections -= 1
+        if limit is not None:
+            limit.release()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():

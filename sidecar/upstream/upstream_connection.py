@@ -53,6 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._idle = Deadline(loop, self.close)  # pool idle timeout
         self.ssl_object: object | None = None
         self.peer_identity: str | None = None  # what the upstream proved in the TLS handshake
+        self.limit: object = None  # the cluster connection-limit slot this connection holds
         self.head: ResponseHead | None = None
 
     def __repr__(self) -> str:
@@ -172,19 +173,22 @@ class UpstreamConnection(asyncio.Protocol):
             self.listener.resume_request_body()
 
     # --- ResponseSink (called by the parser) ----------------------------------------------
+    # The listener may let go of this connection inside one of these callbacks (a retriable
+    # response is dropped at its head): llhttp then goes on calling with no one to tell.
     def on_response_head(self, head: ResponseHead) -> None:
         self.head = head
-        assert self.listener is not None
-        self.listener.on_response_head(head)
+        if self.listener is not None:
+            self.listener.on_response_head(head)
 
     def on_response_body(self, chunk: bytes) -> None:
-        assert self.listener is not None
-        self.listener.on_response_body(chunk)
+        if self.listener is not None:
+            self.listener.on_response_body(chunk)
 
     def on_response_end(self) -> None:
         head = self.head
         parser = self.parser
-        assert self.listener is not None and head is not None and parser is not None
+        if self.listener is None or head is None or parser is None:
+            return
         self.reusable = head.keep_alive and head.status != 101 and not parser.head_only
         if head.status != 101:
             self.listener.on_response_end()
