@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import structlog
 
@@ -34,15 +35,26 @@ log = structlog.get_logger("pake.cluster")
 PoolKey = tuple[str, Address, PoolConfig, bool]
 
 
+class UpstreamTls(Protocol):
+    """Per-endpoint mTLS for mesh clusters (``sidecar.tls.SidecarTls``): a context getter that
+    may offer the endpoint's last TLS session (an SSLContext or a look-alike wrapping one), and
+    ``identify(transport)`` returning the SPIFFE ID the endpoint proved."""
+
+    def context_for(self, address: Address) -> Callable[[], Any]: ...
+    def identify_for(self, address: Address) -> Callable[[object], str | None]: ...
+
+
 class ClusterManager:
     def __init__(self, loop: asyncio.AbstractEventLoop, *,
                  on_connect_failure: Callable[[str], None] = lambda cluster: None,
                  client_tls: Callable[[], ssl.SSLContext | None] = lambda: None,
-                 identify: Callable[[object], str | None] | None = None) -> None:
+                 identify: Callable[[object], str | None] | None = None,
+                 tls: UpstreamTls | None = None) -> None:
         self._loop = loop
         self._on_connect_failure = on_connect_failure
         self._client_tls = client_tls
         self._identify = identify
+        self._tls = tls  # when set, per endpoint instead of client_tls/identify (resumption)
         self.clusters: dict[str, Cluster] = {}
         self._pools: dict[PoolKey, Pool] = {}
         self.local_service: str | None = None
@@ -90,9 +102,9 @@ class ClusterManager:
             key = (name, address, pool_config, tls)
             pool = pools.get(key) or self._pools.get(key)
             if pool is None:
-                pool = Pool(address, pool_config, self._loop,
-                            ssl_context=self._client_tls if tls else (lambda: None),
-                            server_hostname=hostname, identify=self._identify if tls else None,
+                context, identify = self._endpoint_tls(address) if tls else ((lambda: None), None)
+                pool = Pool(address, pool_config, self._loop, ssl_context=context,
+                            server_hostname=hostname, identify=identify,
                             on_connect_failure=lambda n=name: self._on_connect_failure(n))
             pool.breaker = breaker
             pools[key] = pool
@@ -112,6 +124,11 @@ class ClusterManager:
             retry=RetryPolicy(res.retries, budget=budget), health=health,
             expected_identity=f"spiffe://{trust_domain}/service/{name}" if tls else None,
         )
+
+    def _endpoint_tls(self, address: Address) -> tuple[Callable[[], Any], Callable[[object], str | None] | None]:
+        if self._tls is not None:
+            return self._tls.context_for(address), self._tls.identify_for(address)
+        return self._client_tls, self._identify
 
     # === events, logged where an operator looks ==============================================
     @staticmethod
