@@ -1,0 +1,666 @@
+"""``python -m bench.run``: the mesh benchmark (issue 2; the mTLS paths of issue 3 plug in).
+
+For each traffic profile (``../shared/bench/README.md``: tiny, realistic) it starts one fast
+upstream, then measures every path in ``PATHS`` — direct, one sidecar hop, the two-sidecar
+path, and HAProxy's one and two hops when ``haproxy`` is installed — with fresh proxy processes
+per path:
+
+- closed loop at fixed concurrency (``wrk -t1 -c32 -d10s --latency``, or a Python generator when
+  wrk is missing): req/s, p50, p99, and each proxy's CPU µs per request from /proc/<pid>/stat;
+- open loop at a fixed rate (500 req/s for 5 s, latency from the scheduled send time): the
+  latency each hop adds over going direct;
+- each proxy's peak RSS (VmHWM) and RSS after the load.
+
+It prints a table and the issue's targets (PASS/MISS) and writes ``bench/results.json``. Every
+process it starts is stopped at the end, also on Ctrl-C or error. Traffic stays on 127.0.0.1.
+
+A path is data (``PathSpec``): a name, a function that starts its processes and returns the
+port to load, and what it needs. The mTLS paths (``--mtls``) are two more entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from . import haproxy, sidecars
+from .loadgen import lua_headers, open_loop, python_closed_loop, run_wrk, wrk_version
+from .procs import CLK_TCK, Proc, Processes, StartError, cpu_ticks, memory_kb
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SCRIPT = REPO.parent / "shared" / "bench" / "realistic-request.lua"
+DEFAULT_OUTPUT = REPO / "bench" / "results.json"
+PROFILES = ("tiny", "realistic")
+
+# the issue's targets
+TARGET_RATIO = 0.6  # one sidecar hop req/s ÷ HAProxy one hop req/s
+TARGET_ADDED_P99_MS = 0.3  # per hop, open loop at 500 req/s
+TARGET_RSS_MB = 35.0  # per sidecar
+BUSY_CORES = 0.1  # other processes' CPU during a measurement above which the output says so
+
+
+# === paths as data ======================================================================
+
+
+@dataclass
+class Proxy:
+    role: str  # "sidecar A (outbound)", "haproxy 1", ...
+    kind: Literal["sidecar", "haproxy"]
+    proc: Proc
+    admin_port: int | None = None
+
+
+@dataclass
+class Started:
+    port: int  # where the load generator connects (Host: 127.0.0.1:<port>)
+    proxies: list[Proxy] = field(default_factory=list)  # client side first
+
+
+@dataclass
+class Ctx:
+    """What a path's start function gets: where to put files, the upstream, shared material."""
+
+    procs: Processes
+    workdir: Path
+    upstream_port: int
+    shared: dict[str, Any]  # lazily made things shared by paths (the mTLS certificates)
+
+    def mtls(self) -> sidecars.MtlsMaterial:
+        if "mtls" not in self.shared:
+            d = Path(self.shared["root"]) / "pki"
+            d.mkdir(exist_ok=True)
+            self.shared["mtls"] = sidecars.make_mtls_material(d)
+        return self.shared["mtls"]
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    key: str
+    label: str
+    kind: Literal["direct", "sidecar", "haproxy"]
+    hops: int
+    start: Callable[[Ctx], Started]
+    needs: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
+    open_loop: bool = True
+    variant: Literal["plain", "mtls"] = "plain"
+
+
+def _start_direct(ctx: Ctx) -> Started:
+    return Started(ctx.upstream_port)
+
+
+def _sidecar(ctx: Ctx, files: sidecars.SidecarFiles, role: str) -> tuple[Proxy, dict[str, int]]:
+    proc, ports = sidecars.start(ctx.procs, files, ctx.workdir)
+    return Proxy(role, "sidecar", proc, ports.get("admin")), ports
+
+
+def _start_one_sidecar(ctx: Ctx) -> Started:
+    b, ports = _sidecar(ctx, sidecars.plain_files(inbound_app_port=ctx.upstream_port, name="sidecar-b"),
+                        "sidecar (inbound)")
+    return Started(ports["inbound"], [b])
+
+
+def _start_two_sidecars(ctx: Ctx, mtls: bool = False) -> Started:
+    material = ctx.mtls() if mtls else None
+
+    def files(**kw: Any) -> sidecars.SidecarFiles:
+        return sidecars.mtls_files(material, **kw) if material else sidecars.plain_files(**kw)
+
+    b, b_ports = _sidecar(ctx, files(inbound_app_port=ctx.upstream_port, name="sidecar-b"), "sidecar B (inbound)")
+    a, a_ports = _sidecar(ctx, files(outbound_to_port=b_ports["inbound"], name="sidecar-a"), "sidecar A (outbound)")
+    return Started(a_ports["outbound"], [a, b])
+
+
+def _start_haproxy(ctx: Ctx, hops: int, mtls: bool = False) -> Started:
+    proxies: list[Proxy] = []
+    port = ctx.upstream_port
+    bind_tls = server_tls = None
+    if mtls:
+        m = ctx.mtls()
+        bind_tls = haproxy.HaproxyTls(m.haproxy_crt("up", ctx.workdir / "up.crt.pem"), m.bundle)
+        server_tls = haproxy.HaproxyTls(m.haproxy_crt("front", ctx.workdir / "front.crt.pem"), m.bundle)
+    for i in range(hops, 0, -1):  # the hop nearest the upstream first
+        last = i == hops
+        first = i == 1
+        proc, port = haproxy.start(
+            ctx.procs, f"haproxy-{i}", ctx.workdir, port,
+            bind_tls=bind_tls if (mtls and last) else None,
+            server_tls=server_tls if (mtls and first) else None)
+        proxies.insert(0, Proxy(f"haproxy {i}", "haproxy", proc))
+    return Started(port, proxies)
+
+
+def _needs_haproxy() -> str | None:
+    return None if haproxy.available() else "haproxy is not installed"
+
+
+PATHS: list[PathSpec] = [
+    PathSpec("direct", "direct", "direct", 0, _start_direct),
+    PathSpec("sidecar-1", "one sidecar hop", "sidecar", 1, _start_one_sidecar),
+    PathSpec("sidecar-2", "two-sidecar path", "sidecar", 2, _start_two_sidecars),
+    PathSpec("haproxy-1", "HAProxy one hop", "haproxy", 1, lambda c: _start_haproxy(c, 1), _needs_haproxy),
+    PathSpec("haproxy-2", "HAProxy two hops", "haproxy", 2, lambda c: _start_haproxy(c, 2), _needs_haproxy),
+]
+
+# issue 3: sidecar A --mTLS--> sidecar B, and HAProxy's mTLS pair; with --mtls
+MTLS_PATHS: list[PathSpec] = [
+    PathSpec("sidecar-2-mtls", "two-sidecar path, mTLS", "sidecar", 2,
+             lambda c: _start_two_sidecars(c, mtls=True), variant="mtls"),
+    PathSpec("haproxy-2-mtls", "HAProxy mTLS pair", "haproxy", 2,
+             lambda c: _start_haproxy(c, 2, mtls=True), _needs_haproxy, variant="mtls"),
+]
+
+
+# === measuring ==========================================================================
+
+
+def _machine_ticks() -> tuple[int, int, int]:
+    """Whole-machine clock ticks since boot from /proc/stat: (user+nice+system, irq+softirq, steal).
+
+    Loopback networking runs largely in softirq, which the kernel does not charge to the process
+    (so the per-process CPU figures leave it out, for HAProxy and the sidecar alike); it is kept
+    apart so that it does not count as other processes' load."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (parts + [0] * 8)[:8]
+    return user + nice + system, irq + softirq, steal
+
+
+def _own_ticks() -> float:
+    """CPU ticks of this process and its waited-for children (wrk)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime) * CLK_TCK
+
+
+@dataclass
+class Settings:
+    profiles: list[str]
+    duration: float
+    warmup: float
+    connections: int
+    open_loop: bool
+    rate: float
+    open_loop_duration: float
+    open_loop_connections: int
+    repeat: int
+    loadgen: Literal["wrk", "python"]
+    script: Path
+    output: Path
+
+
+def _closed_loop(settings: Settings, port: int, profile: str, duration: float, headers: list[tuple[str, str]]):
+    if settings.loadgen == "wrk":
+        return run_wrk(port, connections=settings.connections, duration=duration,
+                       script=settings.script if profile == "realistic" else None)
+    return python_closed_loop(port, connections=settings.connections, duration=duration, headers=headers)
+
+
+class _Meter:
+    """CPU spent by the watched processes between start() and stop(), and by everything else."""
+
+    def __init__(self, watched: list[tuple[str, int]]) -> None:
+        self.watched = watched
+
+    def start(self) -> None:
+        self.before = {pid: cpu_ticks(pid) for _, pid in self.watched}
+        self.m0, self.own0, self.t0 = _machine_ticks(), _own_ticks(), time.monotonic()
+
+    def stop(self) -> dict[str, Any]:
+        m1, own1, t1 = _machine_ticks(), _own_ticks(), time.monotonic()
+        spent = {role: cpu_ticks(pid) - self.before[pid] for role, pid in self.watched}
+        elapsed = t1 - self.t0
+        busy, irq, steal = (b - a for a, b in zip(self.m0, m1))
+        others = busy - sum(spent.values()) - (own1 - self.own0)
+        return {
+            "ticks": spent,
+            "other_load_cores": round(max(0.0, others) / CLK_TCK / elapsed, 3),
+            "irq_softirq_cores": round(irq / CLK_TCK / elapsed, 3),
+            "steal_cores": round(steal / CLK_TCK / elapsed, 3),
+        }
+
+
+def measure_path(spec: PathSpec, ctx: Ctx, settings: Settings, profile: str, upstream: Proc,
+                 headers: list[tuple[str, str]]) -> dict[str, Any]:
+    started = spec.start(ctx)
+    try:
+        if settings.warmup > 0:
+            _closed_loop(settings, started.port, profile, settings.warmup, headers)
+        meter = _Meter([(p.role, p.proc.pid) for p in started.proxies] + [("upstream", upstream.pid)])
+        meter.start()
+        result = _closed_loop(settings, started.port, profile, settings.duration, headers)
+        cpu = meter.stop()
+        spent = cpu.pop("ticks")
+        run: dict[str, Any] = {
+            "profile": profile, "path": spec.key, "label": spec.label, "kind": spec.kind,
+            "hops": spec.hops, "variant": spec.variant,
+            "closed_loop": result.to_json(),
+            "upstream_cpu_us_per_req": _per_req(spent["upstream"], result.requests),
+            **cpu,
+            "proxies": [],
+        }
+        if settings.open_loop and spec.open_loop:
+            meter.start()
+            ol = open_loop(started.port, rate=settings.rate, duration=settings.open_loop_duration,
+                           connections=settings.open_loop_connections, headers=headers).to_json()
+            ol_cpu = meter.stop()
+            ol_spent = ol_cpu.pop("ticks")
+            ol["proxy_cpu_us_per_req"] = [_per_req(ol_spent[p.role], ol["completed"]) for p in started.proxies]
+            ol.update(ol_cpu)
+            run["open_loop"] = ol
+        for p in started.proxies:
+            mem = memory_kb(p.proc.pid)
+            entry: dict[str, Any] = {
+                "role": p.role, "kind": p.kind, "pid": p.proc.pid,
+                "cpu_s": spent[p.role] / CLK_TCK,
+                "cpu_us_per_req": _per_req(spent[p.role], result.requests),
+                "peak_rss_mb": round(mem.get("VmHWM", 0) / 1024, 1),
+                "rss_after_load_mb": round(mem.get("VmRSS", 0) / 1024, 1),
+            }
+            if p.admin_port is not None:
+                entry["metrics_requests_total"] = sidecars.metrics_requests(p.admin_port)
+            run["proxies"].append(entry)
+        return run
+    finally:
+        for p in started.proxies:  # client side first, so nothing waits on a stopped peer
+            ctx.procs.stop(p.proc)
+
+
+def _per_req(ticks: int, requests: int) -> float | None:
+    return round(ticks / CLK_TCK * 1e6 / requests, 1) if requests else None
+
+
+def start_upstream(procs: Processes, profile: str) -> tuple[Proc, int]:
+    proc = procs.start(f"upstream-{profile}", [sys.executable, "-m", "bench.upstream", "--port", "0",
+                                               "--profile", profile], cwd=REPO)
+
+    def port_line(line: str) -> int | None:
+        return int(line.split()[1]) if line.startswith("PORT ") else None
+
+    port = proc.wait_for_stdout(port_line, 15)
+    assert isinstance(port, int)
+    return proc, port
+
+
+def run_all(settings: Settings, paths: list[PathSpec], log: Callable[[str], None]) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "machine": machine_info(), "settings": _settings_json(settings),
+        "paths": [{"key": p.key, "label": p.label, "kind": p.kind, "hops": p.hops, "variant": p.variant}
+                  for p in paths],
+        "skipped": [], "errors": [], "runs": [],
+    }
+    runnable = []
+    for spec in paths:
+        reason = spec.needs()
+        if reason:
+            results["skipped"].append({"path": spec.key, "reason": reason})
+            log(f"skipping {spec.label}: {reason}")
+        else:
+            runnable.append(spec)
+    total = len(settings.profiles) * settings.repeat * len(runnable)
+    step = 0
+    with tempfile.TemporaryDirectory(prefix="pake-bench-") as tmp:
+        root = Path(tmp)
+        procs = Processes(root)
+        shared: dict[str, Any] = {"root": root}
+        try:
+            for profile in settings.profiles:
+                headers = lua_headers(settings.script) if profile == "realistic" else []
+                upstream, up_port = start_upstream(procs, profile)
+                for rep in range(1, settings.repeat + 1):
+                    for spec in runnable:
+                        step += 1
+                        tag = f" (run {rep}/{settings.repeat})" if settings.repeat > 1 else ""
+                        log(f"[{step}/{total}] {profile}: {spec.label}{tag} …")
+                        workdir = root / f"{profile}-{spec.key}-{rep}"
+                        workdir.mkdir()
+                        ctx = Ctx(procs, workdir, up_port, shared)
+                        try:
+                            run = measure_path(spec, ctx, settings, profile, upstream, headers)
+                        except (StartError, RuntimeError, OSError, ValueError) as exc:
+                            msg = f"{type(exc).__name__}: {exc}"
+                            results["errors"].append({"profile": profile, "path": spec.key, "run": rep,
+                                                      "error": msg})
+                            log(f"    failed: {msg.splitlines()[0]}")
+                            continue
+                        run["run"] = rep
+                        results["runs"].append(run)
+                        log("    " + _one_line(run))
+                procs.stop(upstream)
+        finally:
+            procs.stop_all()
+    results["best"] = best_runs(results["runs"])
+    results["targets"] = evaluate_targets(results["best"], paths)
+    return results
+
+
+def _one_line(run: dict[str, Any]) -> str:
+    cl = run["closed_loop"]
+    text = f"{cl['rps']:,.0f} req/s, p50 {_f(cl['p50_ms'])} ms, p99 {_f(cl['p99_ms'])} ms"
+    cpu = [p["cpu_us_per_req"] for p in run["proxies"]]
+    if cpu:
+        text += f", proxy CPU {' + '.join(_f(c, 1) for c in cpu)} µs/req"
+    if cl["errors"]:
+        text += f", {cl['errors']} ERRORS"
+    ol = run.get("open_loop")
+    if ol:
+        text += f"; open loop p50 {_f(ol['p50_ms'], 3)} p99 {_f(ol['p99_ms'], 3)} ms"
+        if ol["errors"]:
+            text += f" ({ol['errors']} errors)"
+    busy = max(run["other_load_cores"], (ol or {}).get("other_load_cores", 0.0))
+    if busy > BUSY_CORES:
+        text += f"  [other processes on this machine used up to {busy:.2f} cores meanwhile]"
+    return text
+
+
+# === summarising ========================================================================
+
+
+def best_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per profile and path: the run with the highest req/s (its own CPU, RSS, latencies), the
+    open-loop result with the lowest p99, and every run's req/s for the record."""
+    out: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        key = f"{run['profile']}/{run['path']}"
+        entry = out.setdefault(key, {"profile": run["profile"], "path": run["path"], "label": run["label"],
+                                     "kind": run["kind"], "hops": run["hops"], "variant": run["variant"],
+                                     "runs": 0, "rps_all": [], "closed": None, "open_loop": None})
+        entry["runs"] += 1
+        entry["rps_all"].append(run["closed_loop"]["rps"])
+        if entry["closed"] is None or run["closed_loop"]["rps"] > entry["closed"]["closed_loop"]["rps"]:
+            entry["closed"] = run
+        ol = run.get("open_loop")
+        if ol and ol["p99_ms"] is not None and (entry["open_loop"] is None or ol["p99_ms"] < entry["open_loop"]["p99_ms"]):
+            entry["open_loop"] = ol
+    for entry in out.values():
+        closed = entry.pop("closed")
+        entry["rps"] = closed["closed_loop"]["rps"]
+        entry["p50_ms"] = closed["closed_loop"]["p50_ms"]
+        entry["p99_ms"] = closed["closed_loop"]["p99_ms"]
+        entry["errors"] = closed["closed_loop"]["errors"]
+        entry["proxies"] = closed["proxies"]
+        entry["cpu_us_per_req"] = (round(sum(p["cpu_us_per_req"] or 0 for p in closed["proxies"]), 1)
+                                   if closed["proxies"] else None)
+        # peak over every run of this path, not only the best one
+        peaks = [p["peak_rss_mb"] for r in runs if r["profile"] == entry["profile"] and r["path"] == entry["path"]
+                 for p in r["proxies"]]
+        entry["peak_rss_mb"] = max(peaks) if peaks else None
+    for entry in out.values():
+        direct = out.get(f"{entry['profile']}/direct")
+        ol, dol = entry["open_loop"], direct and direct["open_loop"]
+        if ol and dol and entry["hops"]:
+            entry["added_p50_ms_per_hop"] = round((ol["p50_ms"] - dol["p50_ms"]) / entry["hops"], 3)
+            entry["added_p99_ms_per_hop"] = round((ol["p99_ms"] - dol["p99_ms"]) / entry["hops"], 3)
+    return out
+
+
+def evaluate_targets(best: dict[str, dict[str, Any]], paths: list[PathSpec]) -> list[dict[str, Any]]:
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, op: str, limit: float, unit: str = "") -> None:
+        status = "n/a" if value is None else ("PASS" if (value >= limit if op == ">=" else value <= limit) else "MISS")
+        targets.append({"target": name, "value": value, "op": op, "limit": limit, "unit": unit, "status": status})
+
+    profiles = sorted({e["profile"] for e in best.values()}, key=lambda p: PROFILES.index(p) if p in PROFILES else 9)
+    for profile in profiles:
+        def get(path: str) -> dict[str, Any] | None:
+            return best.get(f"{profile}/{path}")
+
+        s1, h1 = get("sidecar-1"), get("haproxy-1")
+        if s1 and h1 and h1["rps"]:
+            add(f"{profile}: one sidecar hop ÷ HAProxy one hop, req/s", round(s1["rps"] / h1["rps"], 3),
+                ">=", TARGET_RATIO, "×")
+        for key, what in (("sidecar-1", "one sidecar hop"), ("sidecar-2", "two-sidecar path, per hop")):
+            e = get(key)
+            if e and "added_p99_ms_per_hop" in e:
+                add(f"{profile}: added p99 at {_rate_label(e)} req/s, {what}", e["added_p99_ms_per_hop"],
+                    "<=", TARGET_ADDED_P99_MS, "ms")
+        sm, hm = get("sidecar-2-mtls"), get("haproxy-2-mtls")
+        if sm and hm and hm["rps"]:
+            add(f"{profile}: two-sidecar mTLS ÷ HAProxy mTLS pair, req/s", round(sm["rps"] / hm["rps"], 3),
+                ">=", TARGET_RATIO, "×")
+    rss = [e["peak_rss_mb"] for e in best.values() if e["kind"] == "sidecar" and e["peak_rss_mb"] is not None]
+    if rss:
+        add("sidecar peak RSS (VmHWM, any sidecar, any run)", max(rss), "<=", TARGET_RSS_MB, "MB")
+    return targets
+
+
+def _rate_label(entry: dict[str, Any]) -> str:
+    ol = entry.get("open_loop") or {}
+    return f"{ol.get('rate', 0):g}"
+
+
+def _f(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def render(results: dict[str, Any]) -> str:
+    best = results["best"]
+    gen = results["settings"]["loadgen"]
+    s = results["settings"]
+    lines = []
+    title = (f"closed loop: {gen} -t1 -c{s['connections']} -d{s['duration']:g}s" if gen == "wrk" else
+             f"closed loop: Python generator (wrk not found), {s['connections']} connections, {s['duration']:g}s")
+    if s["repeat"] > 1:
+        title += f"; best of {s['repeat']} runs (all runs' req/s in the last column)"
+    lines.append(title)
+    header = ["profile", "path", "req/s", "p50 ms", "p99 ms", "proxy CPU µs/req", "peak RSS MB"]
+    if s["repeat"] > 1:
+        header.append("req/s, every run")
+    rows = [header]
+    for e in best.values():
+        cpu = "-"
+        if e["proxies"]:
+            parts = [_f(p["cpu_us_per_req"], 1) for p in e["proxies"]]
+            cpu = parts[0] if len(parts) == 1 else f"{_f(e['cpu_us_per_req'], 1)} ({'+'.join(parts)})"
+        rss = ", ".join(_f(p["peak_rss_mb"], 1) for p in e["proxies"]) or "-"
+        row = [e["profile"], e["label"], f"{e['rps']:,.0f}" + (" !" if e["errors"] else ""),
+               _f(e["p50_ms"]), _f(e["p99_ms"]), cpu, rss]
+        if s["repeat"] > 1:
+            row.append(", ".join(f"{r:,.0f}" for r in e["rps_all"]))
+        rows.append(row)
+    lines += _table(rows)
+    if any(e["errors"] for e in best.values()):
+        lines.append("! = the load generator saw errors (see results.json)")
+
+    ol_rows = [["profile", "path", "p50 ms", "p99 ms", "max ms", "added p50/hop", "added p99/hop", "errors"]]
+    for e in best.values():
+        ol = e.get("open_loop")
+        if not ol:
+            continue
+        ol_rows.append([e["profile"], e["label"], _f(ol["p50_ms"], 3), _f(ol["p99_ms"], 3), _f(ol["max_ms"], 2),
+                        _f(e.get("added_p50_ms_per_hop"), 3), _f(e.get("added_p99_ms_per_hop"), 3),
+                        str(ol["errors"])])
+    if len(ol_rows) > 1:
+        lines.append("")
+        lines.append(f"open loop: {s['rate']:g} req/s for {s['open_loop_duration']:g}s over "
+                     f"{s['open_loop_connections']} connections, latency from the scheduled send time"
+                     + (f"; lowest p99 of {s['repeat']} runs" if s["repeat"] > 1 else ""))
+        lines += _table(ol_rows)
+
+    if results["targets"]:
+        lines.append("")
+        lines.append("targets:")
+        for t in results["targets"]:
+            unit = t["unit"] if t["unit"] in ("", "×") else " " + t["unit"]
+            value = "-" if t["value"] is None else f"{t['value']:g}{unit}"
+            lines.append(f"  {t['status']:4}  {t['target']}: {value} (target {t['op']} {t['limit']:g}{unit})")
+    def load(r: dict[str, Any]) -> float:
+        return max(r["other_load_cores"], (r.get("open_loop") or {}).get("other_load_cores", 0.0))
+
+    busy = [r for r in results["runs"] if load(r) > BUSY_CORES]
+    if busy:
+        worst = max(load(r) for r in busy)
+        lines.append("")
+        lines.append(f"note: other processes on this machine used CPU during {len(busy)} of "
+                     f"{len(results['runs'])} measurements (up to {worst:.2f} cores); req/s and latency are "
+                     f"noisy, CPU µs/req much less so.")
+    for skip in results["skipped"]:
+        lines.append(f"skipped {skip['path']}: {skip['reason']}")
+    for err in results["errors"]:
+        lines.append(f"FAILED {err['profile']}/{err['path']} run {err['run']}: {err['error'].splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, row in enumerate(rows):
+        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+# === context ============================================================================
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "loadavg_at_start": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "wrk": wrk_version(),
+        "haproxy": haproxy.version(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def _settings_json(s: Settings) -> dict[str, Any]:
+    return {"profiles": s.profiles, "duration": s.duration, "warmup": s.warmup, "connections": s.connections,
+            "threads": 1, "open_loop": s.open_loop, "rate": s.rate, "open_loop_duration": s.open_loop_duration,
+            "open_loop_connections": s.open_loop_connections, "repeat": s.repeat, "loadgen": s.loadgen,
+            "realistic_script": str(s.script)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated: tiny,realistic")
+    p.add_argument("--paths", default=None,
+                   help="comma-separated path keys (default: all): " + ",".join(s.key for s in PATHS + MTLS_PATHS))
+    p.add_argument("--quick", action="store_true", help="3 s closed-loop runs, 2 s open loop, short warm-up")
+    p.add_argument("--duration", type=float, default=None, help="closed-loop seconds per path (default 10, --quick 3)")
+    p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds of load first (default 1, --quick 0.5)")
+    p.add_argument("--connections", type=int, default=32, help="closed-loop concurrency (wrk -c)")
+    p.add_argument("--no-open-loop", action="store_true", help="skip the fixed-rate added-latency runs")
+    p.add_argument("--rate", type=float, default=500.0, help="open-loop requests per second")
+    p.add_argument("--open-loop-duration", type=float, default=None, help="seconds (default 5, --quick 2)")
+    p.add_argument("--open-loop-connections", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=1, help="measure every path this many times (interleaved)")
+    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                   help="closed-loop generator; auto: wrk when installed, else Python")
+    p.add_argument("--realistic-script", type=Path, default=DEFAULT_SCRIPT, help="wrk script of the realistic profile")
+    p.add_argument("--mtls", action="store_true", help="also the mTLS paths (two-sidecar mTLS, HAProxy mTLS pair)")
+    p.add_argument("--no-haproxy", action="store_true", help="skip the HAProxy paths")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="results JSON")
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.connections < 1 or args.open_loop_connections < 1 or args.rate <= 0:
+        p.error("--repeat, --connections, --open-loop-connections and --rate must be positive")
+    return args
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    bad = [p for p in profiles if p not in PROFILES]
+    if bad or not profiles:
+        print(f"bench: unknown profile {bad or profiles}; choose from {', '.join(PROFILES)}", file=sys.stderr)
+        return 2
+    script = args.realistic_script.resolve()
+    if "realistic" in profiles and not script.is_file():
+        print(f"bench: {script}: the realistic profile's wrk script is missing (--realistic-script)", file=sys.stderr)
+        return 2
+    loadgen = args.loadgen
+    if loadgen == "auto":
+        loadgen = "wrk" if wrk_version() else "python"
+    elif loadgen == "wrk" and not wrk_version():
+        print("bench: wrk is not installed (--loadgen python uses the Python generator)", file=sys.stderr)
+        return 2
+    paths = list(PATHS) + (list(MTLS_PATHS) if args.mtls else [])
+    if args.paths:
+        wanted = [k.strip() for k in args.paths.split(",") if k.strip()]
+        known = {s.key: s for s in PATHS + MTLS_PATHS}
+        unknown = [k for k in wanted if k not in known]
+        if unknown:
+            print(f"bench: unknown path {', '.join(unknown)}; choose from {', '.join(known)}", file=sys.stderr)
+            return 2
+        paths = [known[k] for k in wanted]
+        if "direct" not in wanted:
+            print("bench: note: without 'direct' there is no baseline for added latency", file=sys.stderr)
+    if args.no_haproxy:
+        paths = [p for p in paths if p.kind != "haproxy"]
+    settings = Settings(
+        profiles=profiles,
+        duration=args.duration if args.duration is not None else (3.0 if args.quick else 10.0),
+        warmup=args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0),
+        connections=args.connections, open_loop=not args.no_open_loop, rate=args.rate,
+        open_loop_duration=args.open_loop_duration if args.open_loop_duration is not None else (2.0 if args.quick else 5.0),
+        open_loop_connections=args.open_loop_connections, repeat=args.repeat, loadgen=loadgen,
+        script=script, output=args.output,
+    )
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    if loadgen == "python":
+        log("wrk not found: closed-loop numbers come from the Python generator (asyncio + uvloop, "
+            "one thread), which is slower than wrk and caps req/s lower" if args.loadgen == "auto" else
+            "closed loop: Python generator (--loadgen python)")
+    # Ctrl-C and SIGTERM/SIGHUP all unwind through run_all's finally, which stops every process
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        results = run_all(settings, paths, log)
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; every process it started has been stopped", file=sys.stderr)
+        return 130
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    print()
+    print(render(results))
+    settings.output.parent.mkdir(parents=True, exist_ok=True)
+    settings.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nwrote {settings.output}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Sidecar processes for the benchmark: config files in a temp dir, start, learn the ports.
+
+``plain_files`` makes the plain-HTTP configs; ``mtls_files`` is where the mTLS configs are made
+(certificates from ``pakectl``), so the mTLS variants of the paths in ``run.py`` are a matter of
+calling it instead.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .procs import Proc, Processes, json_event
+
+__all__ = ["MtlsMaterial", "SidecarFiles", "make_mtls_material", "metrics_requests", "mtls_files",
+           "plain_files", "start"]
+
+TRUST_DOMAIN = "pake.local"
+
+
+@dataclass(frozen=True)
+class SidecarFiles:
+    """The two documents one sidecar reads: its bootstrap and its (static) mesh."""
+
+    name: str  # process / directory name
+    bootstrap: dict[str, Any]
+    mesh: dict[str, Any]
+
+
+def _bootstrap(service: str, *, app: str | None, inbound_tls: bool, with_inbound: bool,
+               with_outbound: bool, tls: dict[str, str] | None) -> dict[str, Any]:
+    listeners: dict[str, Any] = {"admin": "127.0.0.1:0"}
+    if with_outbound:
+        listeners["outbound"] = "127.0.0.1:0"
+    if with_inbound:
+        listeners["inbound"] = {"address": "127.0.0.1:0", "tls": inbound_tls}
+    doc: dict[str, Any] = {
+        "service": service,
+        "listeners": listeners,
+        "mesh": "mesh.yaml",
+        "access_log": {"enabled": False},  # the issue's targets: metrics on, access log off
+        "timeouts": {"drain": "2s"},  # SIGTERM at the end of a path should not wait 20 s
+    }
+    if app is not None:
+        doc["app"] = app
+    if tls is not None:
+        doc["tls"] = tls
+    return doc
+
+
+def _mesh(service: str, endpoint: str) -> dict[str, Any]:
+    return {"trust_domain": TRUST_DOMAIN,
+            "services": {service: {"endpoints": [endpoint], "hosts": ["127.0.0.1", service]}}}
+
+
+def plain_files(*, inbound_app_port: int | None = None, outbound_to_port: int | None = None,
+                name: str = "sidecar") -> SidecarFiles:
+    """A plain-HTTP sidecar: an inbound listener forwarding to the app at inbound_app_port,
+    and/or an outbound listener routing Host 127.0.0.1 (service ``up``) to outbound_to_port."""
+    endpoint = outbound_to_port if outbound_to_port is not None else inbound_app_port
+    assert endpoint is not None
+    service = "up" if inbound_app_port is not None else "front"
+    boot = _bootstrap(service, app=f"127.0.0.1:{inbound_app_port}" if inbound_app_port is not None else None,
+                      inbound_tls=False, with_inbound=inbound_app_port is not None,
+                      with_outbound=outbound_to_port is not None, tls=None)
+    return SidecarFiles(name, boot, _mesh("up", f"127.0.0.1:{endpoint}"))
+
+
+# === mTLS (issue 3) ======================================================================
+
+
+@dataclass(frozen=True)
+class MtlsMaterial:
+    """A CA and workload certificates for ``front`` (the client side) and ``up`` (the server side)."""
+
+    ca_dir: Path
+    bundle: Path
+    certs: dict[str, tuple[Path, Path]]  # service -> (cert, key)
+
+    def haproxy_crt(self, service: str, out: Path) -> Path:
+        """HAProxy wants certificate and key in one file."""
+        cert, key = self.certs[service]
+        out.write_bytes(cert.read_bytes() + key.read_bytes())
+        out.chmod(0o600)
+        return out
+
+
+def _pakectl() -> list[str]:
+    script = Path(sys.executable).parent / "pakectl"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "control"]
+
+
+def make_mtls_material(workdir: Path, services: tuple[str, ...] = ("front", "up")) -> MtlsMaterial:
+    """``pakectl ca init`` + ``pakectl certs issue`` for each service, into workdir."""
+    ca_dir = workdir / "ca"
+
+    def run(*args: str) -> None:
+        out = subprocess.run([*_pakectl(), *args], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"pakectl {' '.join(args)}: {out.stderr.strip() or out.stdout.strip()}")
+
+    run("ca", "init", "--state-dir", str(ca_dir))
+    certs = {}
+    for service in services:
+        out = workdir / f"certs-{service}"
+        run("certs", "issue", "--service", service, "--out", str(out), "--state-dir", str(ca_dir))
+        certs[service] = (out / f"{service}.pem", out / f"{service}-key.pem")
+    return MtlsMaterial(ca_dir=ca_dir, bundle=ca_dir / "bundle.pem", certs=certs)
+
+
+def mtls_files(material: MtlsMaterial, *, inbound_app_port: int | None = None,
+               outbound_to_port: int | None = None, name: str = "sidecar") -> SidecarFiles:
+    """The mTLS counterpart of plain_files: sidecar-to-sidecar traffic is mTLS.
+
+    The server side (``up``) terminates mTLS on its inbound listener; the client side (``front``)
+    presents its certificate and originates mTLS to the ``up`` endpoint, expecting the identity
+    spiffe://pake.local/service/up. The sidecar decides to originate TLS from its bootstrap
+    ``tls`` block; if the mesh schema grows a per-service switch for it, set it here.
+    """
+    files = plain_files(inbound_app_port=inbound_app_port, outbound_to_port=outbound_to_port, name=name)
+    service = files.bootstrap["service"]
+    cert, key = material.certs[service]
+    boot = dict(files.bootstrap)
+    boot["tls"] = {"cert": str(cert), "key": str(key), "bundle": str(material.bundle)}
+    if "inbound" in boot["listeners"]:
+        boot["listeners"] = {**boot["listeners"], "inbound": {"address": "127.0.0.1:0", "tls": True}}
+    return SidecarFiles(name, boot, files.mesh)
+
+
+# === processes ==========================================================================
+
+
+def argv(bootstrap: Path) -> list[str]:
+    script = Path(sys.executable).parent / "pake-sidecar"
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "sidecar"]
+    return [*base, "run", "-c", str(bootstrap)]
+
+
+def start(procs: Processes, files: SidecarFiles, workdir: Path, timeout: float = 15.0) -> tuple[Proc, dict[str, int]]:
+    """Write the configs into workdir/<name>/, start the sidecar, wait for its ready line."""
+    d = workdir / files.name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "sidecar.yaml").write_text(yaml.safe_dump(files.bootstrap, sort_keys=False))
+    (d / "mesh.yaml").write_text(yaml.safe_dump(files.mesh, sort_keys=False))
+    proc = procs.start(files.name, argv(d / "sidecar.yaml"), cwd=d)
+    ready = proc.wait_for_stdout(json_event("ready"), timeout)
+    assert isinstance(ready, dict)
+    ports = {k: int(v) for k, v in dict(ready.get("ports", {})).items()}
+    return proc, ports
+
+
+def metrics_requests(admin_port: int) -> int | None:
+    """Requests the sidecar counted (sum of pake_requests_total), a cross-check that traffic passed
+    through it with metrics on; None if /metrics could not be read."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore HTTP_PROXY
+    try:
+        with opener.open(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("pake_requests_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
