@@ -38,6 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"pake-sidecar: {exc.source}: {problem}", file=sys.stderr)
         return 2
+    tls_source = None
+    if bootstrap.tls is not None:
+        # Before the loop and the logger: a bad PEM file is one line naming it, like a bad config.
+        from certs.pem import PemError
+
+        from .tls import load_source  # pulls in cryptography: only when TLS is configured
+        try:
+            tls_source = load_source(bootstrap, mesh)
+        except PemError as exc:
+            print(f"pake-sidecar: {exc}", file=sys.stderr)  # "<file>: <problem>"
+            return 2
     if args.command == "check":
         print(f"ok: {args.config} (mesh {bootstrap.mesh_path}, version {mesh.version},"
               f" {len(mesh.services)} services)")
@@ -46,11 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     from .app import Sidecar  # after logging is configured
 
     async def run() -> None:
-        sidecar = Sidecar(bootstrap, mesh)
+        sidecar = Sidecar(bootstrap, mesh, tls_source=tls_source)
         await sidecar.run()
 
     try:
         uvloop.run(run())
+    except ConfigError as exc:  # found while compiling the first snapshot (key files, schemas)
+        for problem in exc.problems:
+            print(f"pake-sidecar: {exc.source or bootstrap.mesh_path}: {problem}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"pake-sidecar: cannot start: {exc}", file=sys.stderr)
         return 1

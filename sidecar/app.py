@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -27,8 +27,17 @@ from .listener.listener import Listener
 from .observability.access_log import AccessLog
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
+from .audit import build_audit_log
+from .clock import MonotonicClock
+from .filters.chain import build_chains
+from .jwt.jwks import JwksCache, build_jwks_caches
 from .snapshot import Snapshot, build_snapshot
 from .upstream.cluster_manager import ClusterManager
+
+if TYPE_CHECKING:
+    from certs.ssl_context import TlsContextSource
+
+    from .tls import SidecarTls
 
 __all__ = ["Sidecar"]
 
@@ -36,13 +45,20 @@ log = structlog.get_logger("pake.sidecar")
 
 
 class Sidecar:
-    def __init__(self, bootstrap: Bootstrap, mesh: MeshConfig) -> None:
+    def __init__(self, bootstrap: Bootstrap, mesh: MeshConfig, *,
+                 tls_source: TlsContextSource | None = None) -> None:
         self.bootstrap = bootstrap
         self.loop = asyncio.get_running_loop()
         self.state = ServerState()
         self.metrics = Metrics()
+        self.tls = self._tls(mesh, tls_source) if bootstrap.tls is not None else None
         self.clusters = ClusterManager(
-            self.loop, on_connect_failure=lambda c: self.metrics.connect_failures.labels(c).inc())
+            self.loop, on_connect_failure=lambda c: self.metrics.connect_failures.labels(c).inc(),
+            client_tls=self.tls.client_context if self.tls else (lambda: None), tls=self.tls)
+        self.clock = MonotonicClock()
+        # Policy state that outlives snapshots: the audit sink and the JWT key caches.
+        self.audit = build_audit_log(bootstrap.audit, clock=self.clock, base_dir=bootstrap.source.parent)
+        self.jwks: dict[str, JwksCache] = {}
         self.snapshot: Snapshot = self._build(mesh)
         self.listeners: dict[str, Listener] = {}
         self.admin: AdminServer | None = None
@@ -50,13 +66,40 @@ class Sidecar:
         self.stopping = asyncio.Event()
 
     def _build(self, mesh: MeshConfig) -> Snapshot:
-        snapshot = build_snapshot(self.bootstrap, mesh)
-        self.clusters.update(mesh, self.bootstrap.service, self.bootstrap.app)
+        """Compile a snapshot; raises ConfigError before anything is swapped."""
+        previous = getattr(self, "snapshot", None)
+        caches = build_jwks_caches(mesh.policy.jwt_providers, clock=self.clock,
+                                   base_dir=self.bootstrap.mesh_path.parent, previous=self.jwks)
+        filters = build_chains(self.bootstrap, mesh, caches=caches, audit=self.audit, clock=self.clock,
+                               previous=previous.filters if previous is not None else None)
+        snapshot = build_snapshot(self.bootstrap, mesh, filters)
+        if self.tls is not None:
+            self.tls.use_trust_domain(mesh.trust_domain)
+        self.clusters.update(mesh, self.bootstrap.service, self.bootstrap.app,
+                             mesh_tls=self.tls is not None)
+        self._swap_caches(caches)
         return snapshot
+
+    def _swap_caches(self, caches: dict[str, JwksCache]) -> None:
+        """Start the key caches that are new, stop the ones the new snapshot dropped."""
+        old, self.jwks = self.jwks, caches
+        for name, cache in caches.items():
+            if old.get(name) is not cache:
+                self.loop.create_task(cache.start())
+        for name, cache in old.items():
+            if caches.get(name) is not cache:
+                self.loop.create_task(cache.stop())
+
+    def _tls(self, mesh: MeshConfig, source: TlsContextSource | None) -> SidecarTls:
+        from .tls import SidecarTls, load_source  # pulls in cryptography: only when configured
+
+        return SidecarTls(source or load_source(self.bootstrap, mesh), mesh.trust_domain,
+                          self.bootstrap.service, self.metrics.registry)
 
     # === start ==============================================================================
     async def start(self) -> None:
         b = self.bootstrap
+        await self.audit.start()
         for lc in b.listeners:
             if lc.name == "admin":
                 continue
@@ -67,8 +110,10 @@ class Sidecar:
                 name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
                 state=self.state, start=pipeline.start, abort=pipeline.abort,
                 current_snapshot=lambda: self.snapshot,
-                on_protocol_error=self._protocol_error, scheme=scheme)
+                on_protocol_error=self._protocol_error, scheme=scheme,
+                peer_identity=self.tls.peer_identity if lc.tls and self.tls else None)
             listener = Listener(lc, ctx, self.loop,
+                                ssl_context=self.tls.server_context() if lc.tls and self.tls else None,
                                 on_refused=self.metrics.connections_refused.labels(lc.name).inc)
             await listener.start()
             self.listeners[lc.name] = listener
@@ -77,6 +122,8 @@ class Sidecar:
         if admin is not None:
             self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes())
             await self.admin.start()
+        if self.tls is not None:
+            self.tls.start()
         log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports())
 
     def ports(self) -> dict[str, int]:
@@ -96,13 +143,15 @@ class Sidecar:
         try:
             bootstrap = load_bootstrap(self.bootstrap.source)
             mesh = load_mesh(bootstrap.mesh_path)
+            if bootstrap.listeners != self.bootstrap.listeners:
+                log.warning("reload_listeners_unchanged",
+                            detail="listener addresses change on restart only")
+            snapshot = self._build(mesh)
         except ConfigError as exc:
             log.error("reload_rejected", problems=exc.problems, source=exc.source,
                       keeping=self.snapshot.version)
             return False
-        if bootstrap.listeners != self.bootstrap.listeners:
-            log.warning("reload_listeners_unchanged", detail="listener addresses change on restart only")
-        self.snapshot = self._build(mesh)
+        self.snapshot = snapshot
         log.info("reloaded", version=self.snapshot.version)
         return True
 
@@ -124,10 +173,15 @@ class Sidecar:
         for conn in list(self.state.connections):
             conn.abort()
         await self.clusters.close()
+        for cache in self.jwks.values():
+            await cache.stop()
+        await self.audit.stop()
         if self.admin is not None:
             self.admin.close()
         if self.access_log is not None:
             self.access_log.close()
+        if self.tls is not None:
+            await self.tls.stop()
         log.info("stopped")
 
     async def run(self) -> None:
@@ -155,7 +209,8 @@ class Sidecar:
         def config() -> AdminResponse:
             return json_response(200, {"bootstrap": _plain(self.bootstrap),
                                        "mesh": _plain(self.snapshot.mesh),
-                                       "version": self.snapshot.version})
+                                       "version": self.snapshot.version,
+                                       "tls": self.tls.info() if self.tls else None})
 
         def clusters() -> AdminResponse:
             return json_response(200, {"clusters": [c.snapshot() for c in self.clusters.clusters.values()]})

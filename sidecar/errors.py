@@ -19,6 +19,7 @@ __all__ = [
     "LocalReply",
     "NoHealthyUpstream",
     "NoRoute",
+    "PayloadTooLarge",
     "ProxyError",
     "RateLimited",
     "Unauthenticated",
@@ -73,6 +74,10 @@ class DownstreamProtocolError(ProxyError):
         super().__init__(detail)
         self.status = status
         self.error = error
+
+
+class PayloadTooLarge(ProxyError):
+    status, error, flag = 413, "payload_too_large", "IV"
 
 
 class NoRoute(ProxyError):

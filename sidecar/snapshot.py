@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config.model import Bootstrap, MeshConfig, RouteConfig, ServiceConfig, WeightedTarget
-from .filters.base import FilterChain
+from .filters.base import BodyFilter, FilterChain
 from .routing.route_table import RouteTable
 from .routing.split import WeightedChooser
 
@@ -26,10 +26,15 @@ class Snapshot:
     local_service: ServiceConfig | None
     filters: dict[str, FilterChain] = field(default_factory=dict)  # by listener name
     choosers: dict[int, WeightedChooser[WeightedTarget]] = field(default_factory=dict)  # id(route)
+    body_filters: dict[str, BodyFilter] = field(default_factory=dict)  # by listener name
     extras: dict[str, Any] = field(default_factory=dict)  # per-feature compiled state
 
     def chain(self, listener: str) -> FilterChain:
         return self.filters.get(listener, ())
+
+    def body_filter(self, listener: str) -> BodyFilter | None:
+        """The filter of this listener that may need a request's whole body, if any."""
+        return self.body_filters.get(listener)
 
     def chooser(self, route: RouteConfig) -> WeightedChooser[WeightedTarget]:
         """The weighted split of a route with several targets, compiled once per snapshot."""
@@ -40,11 +45,15 @@ def build_snapshot(bootstrap: Bootstrap, mesh: MeshConfig,
                    filters: dict[str, FilterChain] | None = None) -> Snapshot:
     choosers = {id(route): WeightedChooser.of_targets(route.to)
                 for service in mesh.services.values() for route in service.routes if len(route.to) > 1}
+    filters = filters or {}
+    body_filters = {listener: f for listener, chain in filters.items() for f in chain
+                    if isinstance(f, BodyFilter)}
     return Snapshot(
         version=mesh.version,
         choosers=choosers,
+        body_filters=body_filters,
         mesh=mesh,
         routes=RouteTable.build(mesh),
         local_service=mesh.services.get(bootstrap.service),
-        filters=filters or {},
+        filters=filters,
     )

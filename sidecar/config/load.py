@@ -27,11 +27,14 @@ from .model import (
     RouteConfig,
     RouteMatch,
     ServiceConfig,
+    ServerTlsFiles,
     ServiceTimeouts,
     TlsFiles,
     WeightedTarget,
 )
 from .reader import ConfigError, Fields, Problems, convert, parse_address
+from .policy import (MeshPolicy, parse_audit, parse_authn, parse_mesh_policy, parse_optional,
+                     parse_rate_limit, parse_rbac_policy, parse_validation)
 from .resilience import parse_fault, parse_retries, parse_service_resilience
 
 __all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml"]
@@ -70,7 +73,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     service = top.str("service", pattern=SERVICE_NAME)
     mode = top.str("mode", "sidecar", choices=("sidecar", "gateway"))
     app = top.address("app", None)
-    listeners = _listeners(top.sub("listeners"), mode)
+    listeners = _listeners(top.sub("listeners"), mode, path.parent)
     mesh = top.str("mesh")
     mesh_path = (path.parent / mesh) if isinstance(mesh, str) else path.parent
     limits = _limits(top.sub("limits"))
@@ -78,6 +81,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     access_log = _access_log(top.sub("access_log"))
     tls = _tls(top, path.parent)
     log_level = top.str("log_level", "info", choices=("debug", "info", "warning", "error"))
+    audit = parse_audit(top.sub("audit"))
     top.done()
     if mode == "sidecar" and app is None and any(l.name == "inbound" for l in listeners):
         problems.add("app", "is required when an inbound listener is configured")
@@ -87,36 +91,54 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     return Bootstrap(
         source=path, service=service, mode=mode, app=app, listeners=tuple(listeners),
         mesh_path=mesh_path, limits=limits, timeouts=timeouts, access_log=access_log,
-        tls=tls, log_level=log_level,
+        tls=tls, log_level=log_level, audit=audit,
     )
 
 
-def _listeners(node: Fields, mode: str) -> list[ListenerConfig]:
+def _listeners(node: Fields, mode: str, base: Path) -> list[ListenerConfig]:
     out: list[ListenerConfig] = []
     names = ("outbound", "inbound", "admin", "gateway")
     for name in names:
         if not node.has(name):
             continue
         value = node.data[name]
+        server_tls = None
+        tls = False
         if isinstance(value, dict):
             sub = node.sub(name)
             address = sub.address("address")
-            tls = sub.bool("tls", name == "inbound")
+            if name == "gateway":
+                server_tls = _server_tls(sub, base)
+            else:
+                tls = sub.bool("tls", name == "inbound")
             sub.done()
         else:
             address = node.address(name)
-            tls = False
         if address is None:
             continue
         if name == "admin" and not _is_loopback(address[0]):
             node.error(name, f"must be a loopback address (admin is never public), got {address[0]!r}")
-        out.append(ListenerConfig(name=name, address=address, tls=tls))  # type: ignore[arg-type]
+        out.append(ListenerConfig(name=name, address=address, tls=tls,  # type: ignore[arg-type]
+                                  server_tls=server_tls))
     node.done()
     if mode == "gateway" and not any(l.name == "gateway" for l in out):
         node.error("gateway", "is required in gateway mode")
     if not any(l.name in ("outbound", "inbound", "gateway") for l in out):
         node.problems.add(node.path, "at least one of outbound, inbound, gateway is required")
     return out
+
+
+def _server_tls(node: Fields, base: Path) -> ServerTlsFiles | None:
+    """The gateway's ``tls: {cert, key}``: a server certificate for outside clients."""
+    if not node.has("tls"):
+        node.raw("tls", None)
+        return None
+    sub = node.sub("tls")
+    cert, key = sub.str("cert"), sub.str("key")
+    sub.done()
+    if not isinstance(cert, str) or not isinstance(key, str):
+        return None
+    return ServerTlsFiles(cert=base / cert, key=base / key)
 
 
 def _is_loopback(host: str) -> bool:
@@ -188,12 +210,13 @@ def parse_mesh(data: Any, *, source: str | None = None, version: str | None = No
     problems = Problems()
     top = Fields(data, "", problems)
     trust_domain = top.str("trust_domain", "pake.local", pattern=TRUST_DOMAIN)
+    policy = parse_mesh_policy(top)
     services: dict[str, ServiceConfig] = {}
     for name, node in top.items("services"):
         if not SERVICE_NAME.match(name):
             problems.add(node.path, f"service name must match {SERVICE_NAME.pattern}, got {name!r}")
             continue
-        services[name] = _service(name, node, trust_domain)
+        services[name] = _service(name, node, trust_domain, policy)
     top.done()
     _check_references(services, problems)
     _check_hosts(services, problems)
@@ -201,10 +224,10 @@ def parse_mesh(data: Any, *, source: str | None = None, version: str | None = No
     if version is None:
         canonical = json.dumps(data, sort_keys=True, default=str).encode()
         version = hashlib.sha256(canonical).hexdigest()[:12]
-    return MeshConfig(trust_domain=trust_domain, services=services, version=version)
+    return MeshConfig(trust_domain=trust_domain, services=services, policy=policy, version=version)
 
 
-def _service(name: str, node: Fields, trust_domain: str) -> ServiceConfig:
+def _service(name: str, node: Fields, trust_domain: str, policy: MeshPolicy) -> ServiceConfig:
     endpoints = []
     for path, item in node.list("endpoints"):
         address = convert(node.problems, path, item, parse_address)
@@ -232,6 +255,8 @@ def _service(name: str, node: Fields, trust_domain: str) -> ServiceConfig:
         pool=_pool(node.sub("pool")),
         max_request_body=node.size("max_request_body", None),
         resilience=resilience,
+        authn=parse_optional(node, "authn", lambda n: parse_authn(n, policy)),
+        policy=parse_optional(node, "policy", parse_rbac_policy),
     )
     node.done()
     return service
@@ -253,9 +278,11 @@ def _route(path: str, data: Any, service: str, parent: Fields) -> RouteConfig:
     timeout = node.duration("timeout", None, min=0.001)
     retries = parse_retries(node.sub("retries")) if node.has("retries") else None
     fault = parse_fault(node.sub("fault"))
+    rate_limit = parse_optional(node, "rate_limit", parse_rate_limit)
+    validation = parse_optional(node, "validation", parse_validation)
     node.done()
     return RouteConfig(name=name, match=match, to=tuple(targets), timeout=timeout,
-                       retries=retries, fault=fault)
+                       retries=retries, fault=fault, rate_limit=rate_limit, validation=validation)
 
 
 def _match(node: Fields) -> RouteMatch:

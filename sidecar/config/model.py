@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .policy import (AuditConfig, MeshPolicy, RateLimitConfig, RbacPolicy, ServiceAuthn,
+                     ValidationConfig)
 from .resilience import FaultConfig, RetryConfig, ServiceResilience
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "PoolConfig",
     "RouteConfig",
     "RouteMatch",
+    "ServerTlsFiles",
     "ServiceConfig",
     "ServiceTimeouts",
     "TlsFiles",
@@ -61,10 +64,19 @@ class DownstreamTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerTlsFiles:
+    """A plain TLS server certificate for outside clients (the gateway): no client cert."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: Literal["outbound", "inbound", "admin", "gateway"]
     address: Address
-    tls: bool = False
+    tls: bool = False  # mesh mTLS with the workload certificate (inbound)
+    server_tls: ServerTlsFiles | None = None  # server-only TLS for outside clients (gateway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +105,7 @@ class Bootstrap:
     access_log: AccessLogConfig = AccessLogConfig()
     tls: TlsFiles | None = None
     log_level: str = "info"
+    audit: AuditConfig = AuditConfig()
 
     def listener(self, name: str) -> ListenerConfig | None:
         for listener in self.listeners:
@@ -142,6 +155,8 @@ class RouteConfig:
     timeout: float | None = None  # overrides the target service's route timeout
     retries: RetryConfig | None = None  # overrides the target service's retry policy
     fault: FaultConfig | None = None  # fault injection, off unless configured
+    rate_limit: RateLimitConfig | None = None
+    validation: ValidationConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +169,13 @@ class ServiceConfig:
     pool: PoolConfig = PoolConfig()
     max_request_body: int | None = None  # tighter than the listener's bound, for this service
     resilience: ServiceResilience = ServiceResilience()  # retries, breaker, health, outlier, lb
+    authn: ServiceAuthn | None = None  # which credentials this service's sidecar accepts
+    policy: RbacPolicy | None = None  # who may call it (enforced on its inbound / gateway)
 
 
 @dataclass(frozen=True, slots=True)
 class MeshConfig:
     trust_domain: str
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+    policy: MeshPolicy = MeshPolicy()  # JWT providers and API keys, shared by services
     version: str = ""  # content hash, or the control plane's version

@@ -31,6 +31,7 @@ class Filter(Protocol):
 class BodyFilter(Filter, Protocol):
     max_body: int  # the body is buffered up to this; a larger one is refused with 413
 
+    def wants_body(self, exchange: Exchange) -> bool: ...
     def on_body(self, exchange: Exchange, body: bytes) -> LocalReply | None: ...
 
 

@@ -12,7 +12,8 @@ HOP_BY_HOP = frozenset({
 
 # Headers only the mesh may set. Stripped from anything arriving from outside the sidecar,
 # so an app can trust them.
-MESH_INTERNAL = frozenset({b"x-pake-peer-identity", b"x-pake-attempts"})
+MESH_INTERNAL = frozenset({b"x-pake-peer-identity", b"x-pake-attempts", b"x-pake-principal",
+                           b"x-pake-roles"})
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:

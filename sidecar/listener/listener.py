@@ -15,6 +15,10 @@ from .connection import DownstreamConnection, ListenerContext
 
 __all__ = ["Listener"]
 
+# A TLS client that stops mid-handshake holds a socket and an SSL object until this passes
+# (uvloop's default is 60 s); DownstreamTimeouts.tls_handshake overrides it once it exists.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
 
 class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -44,8 +48,13 @@ class Listener:
 
     async def start(self) -> None:
         host, port = self.config.address
+        # TLS: the loop runs the handshake; connection_made (and the peer identity check)
+        # follows a completed one. A fixed context: see certs' server_dispatcher for rotation.
+        handshake_timeout = (getattr(self.ctx.timeouts, "tls_handshake", TLS_HANDSHAKE_TIMEOUT)
+                             if self.ssl_context is not None else None)
         self.server = await self.loop.create_server(
-            self._protocol, host, port, backlog=1024, reuse_address=True, ssl=self.ssl_context)
+            self._protocol, host, port, backlog=1024, reuse_address=True, ssl=self.ssl_context,
+            ssl_handshake_timeout=handshake_timeout)
         self.port = self.server.sockets[0].getsockname()[1]
 
     def stop_accepting(self) -> None:

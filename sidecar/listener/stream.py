@@ -54,7 +54,7 @@ class Stream:
         "response_started", "response_done", "mode", "keep_alive", "sent_continue",
         "tunnel", "early_data", "driver", "pool", "timeout", "cluster", "head_bytes",
         "reused", "resent", "tried", "finished", "policy", "tries", "admission", "endpoint",
-        "outcome", "last_reply", "retries_exhausted",
+        "outcome", "last_reply", "retries_exhausted", "collect_limit", "on_collected",
     )
 
     def __init__(self, conn: DownstreamConnection, head: RequestHead, exchange: Exchange,
@@ -96,6 +96,9 @@ class Stream:
         self.outcome: object = None  # how the try in flight ended, once its head arrived
         self.last_reply: LocalReply | None = None  # the last failed try's reply, if retries stop
         self.retries_exhausted = False
+        # a filter that needs the whole body (validation) has it collected, bounded
+        self.collect_limit = 0
+        self.on_collected: Callable[[bool], None] | None = None
 
     # === request body =====================================================================
     def feed_body(self, data: bytes) -> None:
@@ -113,13 +116,35 @@ class Stream:
             return
         self.pending.append(data)
         self.pending_bytes += len(data)
-        if self.pending_bytes > HIGH_WATER:
+        if self.collect_limit:
+            if self.pending_bytes > self.collect_limit:
+                self._collected(False)
+        elif self.pending_bytes > HIGH_WATER:
             self.conn.block_reading(self.conn.BLOCK_BODY)
 
     def end_body(self) -> None:
         self.body_done = True
         if self.upstream is not None and self.up_chunked:
             self.upstream.write(LAST_CHUNK)
+        if self.on_collected is not None:
+            self._collected(True)
+
+    def collect(self, limit: int, on_collected: Callable[[bool], None]) -> None:
+        """Hold the whole body (at most ``limit`` bytes), then call ``on_collected(True)``;
+        ``on_collected(False)`` as soon as it grows past the limit."""
+        self.collect_limit = limit
+        self.on_collected = on_collected
+        if self.pending_bytes > limit:
+            self._collected(False)
+        elif self.body_done:
+            self._collected(True)
+
+    def _collected(self, ok: bool) -> None:
+        callback = self.on_collected
+        self.on_collected = None
+        self.collect_limit = 0
+        if callback is not None and not self.finished:
+            callback(ok)
 
     def replayable(self) -> bool:
         """Can the request be sent again in full? (its whole body is in the replay copy)"""

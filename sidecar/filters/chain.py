@@ -1,0 +1,74 @@
+"""Which filters run on which listener, built once per snapshot.
+
+- ``gateway``: the edge for outside callers: sanitize -> JWT -> API key -> RBAC (the
+  gateway service's own policy) -> rate limit -> validation -> router.
+- ``inbound``: calls from other sidecars (the mTLS peer is already known): sanitize ->
+  JWT / API key when the local service has ``authn`` -> RBAC (its ``policy``) -> rate limit
+  -> validation -> router to the local app.
+- ``outbound``: the local app's own calls: no filters; the callee's sidecar decides.
+
+Order matters: authentication sets the principal that RBAC reads, and exactly one authn
+filter decides an exchange (the JWT filter leaves a missing token to the API-key filter
+when both are accepted). Filters of a previous snapshot whose config did not change keep
+their state (rate-limit buckets, verified-token caches) through ``previous``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..audit import AuditLog
+from ..clock import Clock
+from ..config.model import Bootstrap, MeshConfig, ServiceConfig
+from ..jwt.jwks import JwksCache
+from .authn_api_key import build_api_key_authn
+from .authn_jwt import build_jwt_authn
+from .authz_rbac import build_rbac
+from .base import Filter, FilterChain
+from .claims_headers import build_header_sanitizer
+from .rate_limit import RateLimitFilter, build_rate_limit
+from .validation import build_validation
+
+__all__ = ["build_chains"]
+
+
+def build_chains(bootstrap: Bootstrap, mesh: MeshConfig, *, caches: Mapping[str, JwksCache],
+                 audit: AuditLog | None, clock: Clock,
+                 previous: Mapping[str, FilterChain] | None = None) -> dict[str, FilterChain]:
+    local = mesh.services.get(bootstrap.service)
+    chains: dict[str, FilterChain] = {}
+    for listener in bootstrap.listeners:
+        if listener.name in ("inbound", "gateway") and local is not None:
+            old = (previous or {}).get(listener.name, ())
+            chains[listener.name] = _service_chain(local, mesh, caches=caches, audit=audit,
+                                                   clock=clock, base_dir=bootstrap.mesh_path.parent,
+                                                   previous=old)
+    return chains
+
+
+def _service_chain(service: ServiceConfig, mesh: MeshConfig, *, caches: Mapping[str, JwksCache],
+                   audit: AuditLog | None, clock: Clock, base_dir: Path,
+                   previous: FilterChain) -> FilterChain:
+    chain: list[Filter] = []
+    providers = mesh.policy.jwt_providers.values()
+    if any(p.claims_to_headers for p in providers):
+        # claim headers any provider may set are stripped everywhere, so an app can trust them
+        # (the reserved x-pake-* ones the request parser already drops in its single pass)
+        chain.append(build_header_sanitizer(providers))
+    authn = service.authn
+    if authn is not None and authn.jwt:
+        chain.append(build_jwt_authn(authn, mesh.policy.jwt_providers, caches, audit=audit))
+    if authn is not None and authn.api_keys:
+        chain.append(build_api_key_authn(authn, mesh.policy.api_keys, audit=audit))
+    if service.policy is not None:
+        chain.append(build_rbac(service.policy, service=service.name,
+                                trust_domain=mesh.trust_domain, audit=audit, clock=clock))
+    limits = {r.name: r.rate_limit for r in service.routes if r.rate_limit is not None}
+    if limits:
+        old = next((f for f in previous if isinstance(f, RateLimitFilter)), None)
+        chain.append(build_rate_limit(limits, clock=clock, previous=old))
+    validations = {r.name: r.validation for r in service.routes if r.validation is not None}
+    if validations:
+        chain.append(build_validation(validations, base_dir=base_dir))
+    return tuple(chain)
