@@ -68,7 +68,8 @@ class Proc:
             # keep a partial last line for the next poll
             seen = max(seen, len(lines) - 1)
             if not self.alive():
-                raise StartError(f"{self.name} exited with status {self.popen.returncode}:\n{self.log_tail()}")
+                raise StartError(f"{self.name} exited with status {self.popen.returncode}:\n"
+                                 f"{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise StartError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
             time.sleep(0.02)

@@ -7,6 +7,8 @@ calling it instead.
 
 from __future__ import annotations
 
+import socket
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -18,8 +20,8 @@ import yaml
 
 from .procs import Proc, Processes, json_event
 
-__all__ = ["MtlsMaterial", "SidecarFiles", "make_mtls_material", "metrics_requests", "mtls_files",
-           "plain_files", "start"]
+__all__ = ["MtlsMaterial", "SidecarFiles", "check_mtls", "make_mtls_material", "metrics_requests",
+           "mtls_files", "plain_files", "start"]
 
 TRUST_DOMAIN = "pake.local"
 
@@ -133,6 +135,19 @@ def mtls_files(material: MtlsMaterial, *, inbound_app_port: int | None = None,
     return SidecarFiles(name, boot, files.mesh)
 
 
+def check_mtls(material: MtlsMaterial, port: int, client: str = "front") -> str:
+    """Handshake with the mTLS listener on port as ``client``, to show that the benchmarked hop
+    really is mTLS; returns the TLS version and cipher. Raises if it is not TLS."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # mesh peers are checked by SPIFFE ID, not host name
+    ctx.load_verify_locations(material.bundle)
+    ctx.load_cert_chain(*material.certs[client])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw) as tls:
+            cipher = tls.cipher()
+            return f"{tls.version()} {cipher[0] if cipher else ''}".strip()
+
+
 # === processes ==========================================================================
 
 
@@ -142,7 +157,8 @@ def argv(bootstrap: Path) -> list[str]:
     return [*base, "run", "-c", str(bootstrap)]
 
 
-def start(procs: Processes, files: SidecarFiles, workdir: Path, timeout: float = 15.0) -> tuple[Proc, dict[str, int]]:
+def start(procs: Processes, files: SidecarFiles, workdir: Path,
+          timeout: float = 15.0) -> tuple[Proc, dict[str, int]]:
     """Write the configs into workdir/<name>/, start the sidecar, wait for its ready line."""
     d = workdir / files.name
     d.mkdir(parents=True, exist_ok=True)
