@@ -11,7 +11,6 @@ with its path-qualified error and the old snapshot keeps serving.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ import structlog
 from .admin.server import AdminResponse, AdminServer, json_response
 from .config.load import load_bootstrap, load_mesh
 from .config.model import Bootstrap, MeshConfig
+from .config.policy import redact
 from .config.reader import ConfigError
 from .errors import DownstreamProtocolError
 from .listener.connection import DownstreamConnection, ListenerContext, ServerState
@@ -31,6 +31,7 @@ from .audit import build_audit_log
 from .clock import MonotonicClock
 from .filters.chain import build_chains
 from .jwt.jwks import JwksCache, build_jwks_caches
+from .observability.state_metrics import StateCollector
 from .snapshot import Snapshot, build_snapshot
 from .upstream.cluster_manager import ClusterManager
 
@@ -60,6 +61,10 @@ class Sidecar:
         self.audit = build_audit_log(bootstrap.audit, clock=self.clock, base_dir=bootstrap.source.parent)
         self.jwks: dict[str, JwksCache] = {}
         self.snapshot: Snapshot = self._build(mesh)
+        self.metrics.registry.register(StateCollector(
+            clusters=lambda: self.clusters.clusters.values(),
+            filters=lambda: {id(f): f for chain in self.snapshot.filters.values() for f in chain}.values(),
+            audit=self.audit, jwks=lambda: self.jwks, clock=self.loop.time))
         self.listeners: dict[str, Listener] = {}
         self.admin: AdminServer | None = None
         self.access_log = AccessLog(path=bootstrap.access_log.path) if bootstrap.access_log.enabled else None
@@ -198,10 +203,13 @@ class Sidecar:
             return json_response(200, {"status": "ok"})
 
         def readyz() -> AdminResponse:
-            ready = not self.state.draining
+            # not ready while draining, or while the local app fails its health check
+            app_healthy = self.clusters.app_healthy()
+            ready = not self.state.draining and app_healthy is not False
             return json_response(200 if ready else 503, {
-                "ready": ready, "draining": self.state.draining, "service": self.bootstrap.service,
-                "version": self.snapshot.version, "ports": self.ports()})
+                "ready": ready, "draining": self.state.draining, "app_healthy": app_healthy,
+                "service": self.bootstrap.service, "version": self.snapshot.version,
+                "ports": self.ports()})
 
         def metrics() -> AdminResponse:
             return 200, b"text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
@@ -213,20 +221,9 @@ class Sidecar:
                                        "tls": self.tls.info() if self.tls else None})
 
         def clusters() -> AdminResponse:
-            return json_response(200, {"clusters": [c.snapshot() for c in self.clusters.clusters.values()]})
+            now = self.loop.time()
+            return json_response(200, {"clusters": [c.snapshot(now) for c in self.clusters.clusters.values()]})
 
         return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics, "/config": config,
                 "/clusters": clusters}
 
-
-def _plain(obj: Any) -> Any:
-    """Config dataclasses as JSON-able data."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, frozenset, set)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)

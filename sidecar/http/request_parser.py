@@ -49,6 +49,7 @@ class RequestParser:
     __slots__ = (
         "_sink", "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
         "_chunked", "_chunks", "_overhead", "_body_bytes", "_max_body", "_max_head", "upgraded",
+        "_body_total", "_head_rest", "_head_done_here", "_fed_now", "_account",
     )
 
     def __init__(self, sink: RequestSink, limits: Limits) -> None:
@@ -66,6 +67,11 @@ class RequestParser:
         self._chunks = 0
         self._overhead = 0
         self._body_bytes = 0
+        self._body_total = 0  # body bytes of all messages: never reset, for per-read deltas
+        self._head_rest = 0  # estimated head bytes in the read where the head completed
+        self._head_done_here = False
+        self._fed_now = 0  # length of the read being parsed
+        self._account = False  # a chunked body was being read during this read
 
     @property
     def mid_head(self) -> bool:
@@ -76,8 +82,10 @@ class RequestParser:
         """Parse ``data``. Returns bytes that follow an upgrade request (to tunnel), else b""."""
         if self._in_head:
             self._head_bytes += len(data)
-        elif self._chunked:
-            self._overhead += len(data)
+        body_before = self._body_total
+        self._head_done_here = False
+        self._fed_now = len(data)
+        self._account = self._chunked
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -95,9 +103,20 @@ class RequestParser:
             if not self._headers:
                 raise DownstreamProtocolError("request line too long", 414, "uri_too_long")
             raise DownstreamProtocolError("request headers too large", 431, "headers_too_large")
-        if self._chunked and self._overhead - self._body_bytes > (self._chunks + 1) * _MAX_CHUNK_OVERHEAD:
-            raise DownstreamProtocolError("chunk extensions too long")
+        if self._account:
+            self._account_chunk_overhead(len(data), self._body_total - body_before)
         return b""
+
+    def _account_chunk_overhead(self, fed: int, body: int) -> None:
+        """Bytes of a chunked body that are not data: size lines, extensions, CRLFs. llhttp
+        consumes extensions without telling us, so they are counted here: what a read brought
+        minus the body it delivered (minus the head, when the head ended in the same read).
+        The head is estimated from its parsed fields, which can only make the overhead look
+        larger, never let a long extension through."""
+        used = fed - body - (self._head_rest if self._head_done_here else 0)
+        self._overhead += max(used, 0)
+        if self._overhead > _MAX_CHUNK_OVERHEAD + 32 * self._chunks:
+            raise DownstreamProtocolError("chunk extensions too long")
 
     # --- httptools callbacks ------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -121,6 +140,12 @@ class RequestParser:
         if head.chunked:
             self._chunks = 0
             self._overhead = 0
+            self._head_done_here = True
+            self._account = True
+            estimate = len(head.method) + len(self._url) + 12 + sum(
+                len(n) + len(v) + 4 for n, v in self._headers) + 2
+            earlier = self._head_bytes - self._fed_now  # of this head, in earlier reads
+            self._head_rest = max(estimate - max(earlier, 0), 0)
         limit = self._max_body
         if limit is not None and head.content_length is not None and head.content_length > limit:
             raise DownstreamProtocolError(
@@ -133,6 +158,7 @@ class RequestParser:
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
+        self._body_total += len(body)
         limit = self._max_body
         if limit is not None and self._body_bytes > limit:
             raise DownstreamProtocolError(
@@ -140,9 +166,9 @@ class RequestParser:
         self._sink.on_body(body)
 
     def on_message_complete(self) -> None:
+        self._chunked = False  # (a chunked body that ended in this read is still accounted)
         self._in_head = True
         self._head_bytes = 0
-        self._chunked = False
         self._sink.on_request_end()
 
     # --- validation -----------------------------------------------------------------------
@@ -227,15 +253,17 @@ class RequestParser:
             upgrade = None
 
         target, authority = self._target(method)
+        if hosts > 1:  # RFC 9112 §3.2: a 400 whatever the target's form
+            raise DownstreamProtocolError("more than one Host header")
         if authority is None:
-            if hosts > 1:
-                raise DownstreamProtocolError("more than one Host header")
             if host is None:
                 if version == "1.1":
                     raise DownstreamProtocolError("HTTP/1.1 request without Host")
                 authority = ""
             else:
                 authority = _check_host(host)
+        elif host is not None:
+            _check_host(host)  # an invalid Host is refused even where the target's authority wins
         query = target.find(b"?")
         path = (target if query < 0 else target[:query]).decode("latin-1")
         return RequestHead(

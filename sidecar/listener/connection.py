@@ -74,6 +74,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.peer_identity: str | None = None
         self.streams: deque[Stream] = deque()  # answered in this order
         self.receiving: Stream | None = None  # the request whose body is arriving
+        self._to_start: Stream | None = None  # parsed in this read, started once it is all parsed
         self.closed = False
         self._blocked = 0
         self._write_paused = False
@@ -127,6 +128,12 @@ class DownstreamConnection(asyncio.Protocol):
         except DownstreamProtocolError as exc:
             self._protocol_error(exc)
             return
+        to_start = self._to_start
+        if to_start is not None:
+            # Only now: a framing error later in this same read refuses the request before
+            # a single byte of it went upstream.
+            self._to_start = None
+            self.ctx.start(to_start)
         if self.parser.upgraded and streams:
             streams[-1].early_data = rest
         if self.parser.mid_head and not self._head_timer_armed:
@@ -185,7 +192,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.receiving = stream
         self.streams.append(stream)
         if len(self.streams) == 1:
-            self.ctx.start(stream)
+            self._to_start = stream
         elif len(self.streams) > self.ctx.limits.max_pipelined:
             self.block_reading(self.BLOCK_PIPELINE)
 
@@ -304,6 +311,10 @@ class DownstreamConnection(asyncio.Protocol):
     def _protocol_error(self, exc: DownstreamProtocolError) -> None:
         """Answer a malformed request (if nothing else is being answered) and close."""
         self.ctx.on_protocol_error(self, exc)
+        unstarted = self._to_start
+        if unstarted is not None:
+            self._to_start = None
+            self.streams.remove(unstarted)  # refused before it was forwarded anywhere
         if self.streams:
             self.abort()  # mid-exchange: the exchange cannot be answered cleanly any more
             return
