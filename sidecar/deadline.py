@@ -25,15 +25,20 @@ class Deadline:
         self._armed_for = 0.0
 
     def set_in(self, seconds: float) -> None:
-        self.set_at(self._loop.time() + seconds)
+        when = self.when = self._loop.time() + seconds
+        if self._handle is None or when < self._armed_for:
+            self._arm(when)
 
     def set_at(self, when: float) -> None:
         self.when = when
         if self._handle is None or when < self._armed_for:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._armed_for = when
-            self._handle = self._loop.call_at(when, self._fire)
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed_for = when
+        self._handle = self._loop.call_at(when, self._fire)
 
     def clear(self) -> None:
         """No deadline; an armed handle stays and does nothing when it fires."""

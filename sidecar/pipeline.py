@@ -44,7 +44,8 @@ class Pipeline:
         snap: Snapshot = stream.snapshot  # type: ignore[assignment]
         try:
             self._route(stream, snap)
-            reply = run_filters(snap.chain(ex.listener), ex)
+            chain = snap.filters.get(ex.listener)
+            reply = run_filters(chain, ex) if chain else None
             if reply is None:
                 if ex.route is None:
                     head = stream.head

@@ -184,7 +184,9 @@ class DownstreamConnection(asyncio.Protocol):
             request_id = rid.decode("ascii")
         else:
             request_id = "%032x" % random.getrandbits(128)
-            head.set_header(b"x-request-id", request_id.encode())
+            if rid is not None:
+                head.remove_headers(b"x-request-id")  # unusable: replaced, not duplicated
+            head.headers.append((b"x-request-id", request_id.encode()))
         exchange = Exchange(request=head, listener=self.ctx.name, downstream_address=self.client,
                             request_id=request_id, start=time.monotonic(),
                             peer_identity=self.peer_identity)
