@@ -8,7 +8,6 @@ client) decides what a failure means: exit at start-up, keep the last good snaps
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import re
 from pathlib import Path
@@ -33,7 +32,7 @@ from .model import (
     WeightedTarget,
 )
 from .reader import ConfigError, Fields, Problems, convert, parse_address
-from .policy import (MeshPolicy, parse_audit, parse_authn, parse_mesh_policy, parse_optional,
+from .policy import (MeshPolicy, is_loopback_host, parse_audit, parse_authn, parse_mesh_policy, parse_optional,
                      parse_rate_limit, parse_rbac_policy, parse_validation)
 from .resilience import parse_fault, parse_retries, parse_service_resilience
 
@@ -116,7 +115,7 @@ def _listeners(node: Fields, mode: str, base: Path) -> list[ListenerConfig]:
             address = node.address(name)
         if address is None:
             continue
-        if name == "admin" and not _is_loopback(address[0]):
+        if name == "admin" and not is_loopback_host(address[0]):
             node.error(name, f"must be a loopback address (admin is never public), got {address[0]!r}")
         out.append(ListenerConfig(name=name, address=address, tls=tls,  # type: ignore[arg-type]
                                   server_tls=server_tls))
@@ -139,15 +138,6 @@ def _server_tls(node: Fields, base: Path) -> ServerTlsFiles | None:
     if not isinstance(cert, str) or not isinstance(key, str):
         return None
     return ServerTlsFiles(cert=base / cert, key=base / key)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _limits(node: Fields) -> Limits:

@@ -16,21 +16,13 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from sidecar.config.policy import JwtProvider
 from sidecar.exchange import Exchange
 from sidecar.http.message import RequestHead
+from tests.helpers.fake_clock import FakeClock
+
+__all__ = ["FakeClock"]  # re-exported: the policy tests import it from here
 
 ISSUER = "https://issuer.pake.local"
 AUDIENCE = "pake"
 NOW = 1_800_000_000.0  # a fixed wall clock for token times
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
