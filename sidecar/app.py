@@ -215,8 +215,8 @@ class Sidecar:
             return 200, b"text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
 
         def config() -> AdminResponse:
-            return json_response(200, {"bootstrap": _plain(self.bootstrap),
-                                       "mesh": _plain(self.snapshot.mesh),
+            return json_response(200, {"bootstrap": redact(self.bootstrap),
+                                       "mesh": redact(self.snapshot.mesh),
                                        "version": self.snapshot.version,
                                        "tls": self.tls.info() if self.tls else None})
 
