@@ -78,8 +78,15 @@ class Child:
             waiter.cancel()
             exited.cancel()
         if not self._ready_event.is_set():
+            if self.proc.returncode is not None:  # its last words are still in the pipe
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2):
+                        await self._pump
+                why = f"exited with status {self.proc.returncode}"
+            else:
+                why = f"did not become ready within {READY_TIMEOUT}s"
             last = "\n  ".join(self.tail[-8:]) or "(no output)"
-            raise DemoError(f"{self.name} did not become ready within {READY_TIMEOUT}s:\n  {last}")
+            raise DemoError(f"{self.name} {why} (a port in use? try --ports-offset N):\n  {last}")
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
