@@ -62,8 +62,6 @@ class ResponseParser:
         self.started = True
         if self._in_head:
             self._head_bytes += len(data)
-            if self._head_bytes > _MAX_HEAD:
-                raise UpstreamProtocolError("upstream response head too large")
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -76,6 +74,8 @@ class ResponseParser:
             raise
         except httptools.HttpParserError as exc:
             raise UpstreamProtocolError(f"malformed upstream response: {exc}") from None
+        if self._in_head and self._head_bytes > _MAX_HEAD:  # after parsing: body bytes don't count
+            raise UpstreamProtocolError("upstream response head too large")
         return b""
 
     # --- httptools callbacks ------------------------------------------------------------
