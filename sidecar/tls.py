@@ -13,6 +13,12 @@ configured is not imported: this pulls in ``cryptography``).
   the only place OpenSSL's reason for a refused handshake is visible, since uvloop drops the
   ``SSLError`` of a failed server-side handshake without a log line or a protocol callback.
 - Never logs or shows key material: ``info()`` is the certificate's public facts.
+
+Limits: a handshake that stops half-way (peer gone, ``ssl_handshake_timeout``) is not counted,
+uvloop ends it outside ``do_handshake``. Server-side session tickets are sealed with the
+dispatcher's keys, which live as long as the listener, so a client holding a ticket can
+resume without showing its certificate again until the ticket expires (OpenSSL: 2 h), even
+after a CA rotation; our own sidecars offer a session only from their current context.
 """
 
 from __future__ import annotations
@@ -156,7 +162,7 @@ class SidecarTls:
         return ctx
 
     def client_context(self) -> ssl.SSLContext:
-        """The current client context (counted handshakes; no resumption: health checks)."""
+        """The current client context, for connections that never resume (health checks)."""
         ctx = self.source.client()
         if ctx.sslobject_class is not self._client_class:  # a new context after a reload
             ctx.sslobject_class = self._client_class
