@@ -55,6 +55,7 @@ class Stream:
         "tunnel", "early_data", "driver", "pool", "timeout", "cluster", "head_bytes",
         "reused", "resent", "tried", "finished", "policy", "tries", "admission", "endpoint",
         "outcome", "last_reply", "retries_exhausted", "collect_limit", "on_collected",
+        "head_sent",
     )
 
     def __init__(self, conn: DownstreamConnection, head: RequestHead, exchange: Exchange,
@@ -96,6 +97,7 @@ class Stream:
         self.outcome: object = None  # how the try in flight ended, once its head arrived
         self.last_reply: LocalReply | None = None  # the last failed try's reply, if retries stop
         self.retries_exhausted = False
+        self.head_sent = False  # the request went out once (a re-send replays the body copy)
         # a filter that needs the whole body (validation) has it collected, bounded
         self.collect_limit = 0
         self.on_collected: Callable[[bool], None] | None = None
@@ -264,9 +266,10 @@ class Stream:
     # === local replies ======================================================================
     def send_local_reply(self, reply: LocalReply, service: str) -> None:
         ex = self.exchange
-        ex.status = reply.status
         ex.flags = reply.flag
         ex.reason = reply.detail
+        if not self.response_started:
+            ex.status = reply.status  # else the log keeps the status the client already got
         if self.response_started:
             # half a response is out: the only honest signal left is to cut the connection
             self.keep_alive = False

@@ -141,6 +141,7 @@ class Router:
         stream.endpoint = endpoint
         endpoint.active_requests += 1
         stream.tried.append(endpoint.address)
+        ex.attempts += 1  # a try counts whether or not it got a connection (as in Envoy)
         pool = cluster.pools[endpoint.address]
         stream.pool = pool
         ex.upstream = pool.address_text
@@ -177,12 +178,12 @@ class Router:
                 f"{pool.address_text} presented {conn.peer_identity or 'no identity'}, expected"
                 f" {expected}").reply(), retry=False)
             return
-        ex.attempts += 1
         stream.reused = reused
         pool.active_requests += 1
         conn.start(stream, stream.head.method == "HEAD")
         stream.attach(conn, stream.head_bytes + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
-                      again=ex.attempts > 1)
+                      again=stream.head_sent)
+        stream.head_sent = True
 
     def _release(self, stream: Stream, *, abort: bool = False) -> None:
         conn = stream.upstream
@@ -273,6 +274,7 @@ class Router:
         if raced and not stream.finished:
             stream.resent = True
             self._try_done(stream, Outcome.CANCELLED)  # the upstream did nothing wrong
+            stream.exchange.attempts -= 1  # nor did the request: this re-send is free
             self._attempt(stream)
             return
         self._try_failed(stream, Outcome.RESET, exc.reply())

@@ -120,7 +120,7 @@ class ClusterManager:
         return Cluster(
             name=name, endpoints=states, pools=members, timeouts=timeouts, pool_config=pool_config,
             resilience=res, load_balancer=load_balancer_for(res.load_balancer), breaker=breaker,
-            outlier=OutlierDetector(res.outlier, on_change=self._outlier_log(name)),
+            outlier=OutlierDetector(res.outlier, on_change=self._outlier_event(name)),
             retry=RetryPolicy(res.retries, budget=budget), health=health,
             expected_identity=f"spiffe://{trust_domain}/service/{name}" if tls else None,
         )
@@ -144,12 +144,19 @@ class ClusterManager:
                         healthy=healthy)
         return change
 
-    @staticmethod
-    def _outlier_log(name: str) -> Callable[[EndpointState, bool, str], None]:
+    def _outlier_event(self, name: str) -> Callable[[EndpointState, bool, str], None]:
         def change(endpoint: EndpointState, ejected: bool, reason: str) -> None:
             log.warning("endpoint_ejected" if ejected else "endpoint_returned", cluster=name,
                         endpoint=endpoint.address_text, reason=reason, ejections=endpoint.ejections)
+            if ejected:
+                # the load balancer skips it by time alone; the sweep then reports its return
+                self._loop.call_at(endpoint.ejected_until, self._sweep, name)
         return change
+
+    def _sweep(self, name: str) -> None:
+        cluster = self.clusters.get(name)
+        if cluster is not None:
+            cluster.outlier.sweep(self._loop.time(), cluster.endpoints)
 
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)

@@ -36,14 +36,16 @@ _RETRIABLE_4XX = 409  # Envoy's retriable-4xx: a conflict may resolve on its own
 
 def retry_outcomes(names: frozenset[str]) -> frozenset[Outcome]:
     """``retries.on`` names -> the outcomes they retry (status codes are matched separately).
-    ``5xx`` follows Envoy: any 5xx, and no response at all (connect failure, reset, timeout)."""
+    As in Envoy, a per-try timeout counts as no response at all: ``reset`` (no response:
+    disconnect, reset, read timeout), ``gateway-error`` and ``5xx`` retry it too; ``5xx`` also
+    covers connect failures and any 5xx status."""
     table = {
         "connect-failure": (Outcome.CONNECT_FAILURE,),
-        "reset": (Outcome.RESET,),
+        "reset": (Outcome.RESET, Outcome.TIMEOUT),
         "timeout": (Outcome.TIMEOUT,),
         "5xx": (Outcome.CONNECT_FAILURE, Outcome.RESET, Outcome.TIMEOUT,
                 Outcome.STATUS_5XX, Outcome.GATEWAY_ERROR),
-        "gateway-error": (Outcome.GATEWAY_ERROR,),
+        "gateway-error": (Outcome.GATEWAY_ERROR, Outcome.TIMEOUT),
         "retriable-4xx": (),
     }
     return frozenset(o for name in names for o in table[name])

@@ -42,7 +42,7 @@ def test_default_conditions_connect_failure_reset_and_503() -> None:
     assert decide(p, Outcome.GATEWAY_ERROR, 503)[2] == "503"
     assert decide(p, Outcome.GATEWAY_ERROR, 502) == (False, 0.0, "not_retriable")
     assert decide(p, Outcome.STATUS_5XX, 500)[2] == "not_retriable"
-    assert decide(p, Outcome.TIMEOUT)[2] == "not_retriable"
+    assert decide(p, Outcome.TIMEOUT)[0]  # a per-try timeout is "no response": reset covers it
     assert decide(p, Outcome.SUCCESS, 200)[2] == "not_retriable"
     assert decide(p, Outcome.CANCELLED)[2] == "not_retriable"
 
