@@ -162,6 +162,7 @@ def _downstream_timeouts(node: Fields) -> DownstreamTimeouts:
         request_headers=node.duration("request_headers", d.request_headers, min=0.001),
         idle=node.duration("idle", d.idle, min=0.001),
         drain=node.duration("drain", d.drain),
+        tls_handshake=node.duration("tls_handshake", d.tls_handshake, min=0.001),
     )
     node.done()
     return timeouts
@@ -247,6 +248,7 @@ def _service(name: str, node: Fields, trust_domain: str, policy: MeshPolicy) -> 
         resilience=resilience,
         authn=parse_optional(node, "authn", lambda n: parse_authn(n, policy)),
         policy=parse_optional(node, "policy", parse_rbac_policy),
+        tls=node.bool("tls", True),
     )
     node.done()
     return service

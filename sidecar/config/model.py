@@ -61,6 +61,7 @@ class DownstreamTimeouts:
     request_headers: float = 10.0  # from the first byte of a request to its last header -> 408
     idle: float = 60.0  # keep-alive: no request in flight and nothing received
     drain: float = 20.0  # SIGTERM: how long in-flight requests may take to finish
+    tls_handshake: float = 10.0  # a TLS client must finish its handshake within this
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +172,8 @@ class ServiceConfig:
     resilience: ServiceResilience = ServiceResilience()  # retries, breaker, health, outlier, lb
     authn: ServiceAuthn | None = None  # which credentials this service's sidecar accepts
     policy: RbacPolicy | None = None  # who may call it (enforced on its inbound / gateway)
+    tls: bool = True  # reached over mesh mTLS when the sidecar has a certificate; false for
+    #                   endpoints that are not sidecars (a database, an outside API)
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,7 @@ class DownstreamConnection(asyncio.Protocol):
         self.try_deadline = Deadline(loop, self._on_try_deadline)
         self._corked = 0
         self._out: list[bytes] = []
+        self._plain = True
 
     @property
     def draining(self) -> bool:
@@ -96,6 +97,7 @@ class DownstreamConnection(asyncio.Protocol):
         ctx = self.ctx
         ctx.state.connections.add(self)
         ctx.connections += 1
+        self._plain = transport.get_extra_info("sslcontext") is None
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else "-"
         transport.set_write_buffer_limits(high=64 * 1024)
@@ -140,10 +142,11 @@ class DownstreamConnection(asyncio.Protocol):
             self._arm_head_timer()
 
     def eof_received(self) -> bool | None:
-        # A half-closed client gets its in-flight responses; then we close.
+        # A half-closed client gets its in-flight responses; then we close. (TLS transports
+        # cannot stay half-open: uvloop warns when asked to.)
         if not self.streams:
             self.close()
-        return True
+        return self._plain
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -15,11 +15,6 @@ from .connection import DownstreamConnection, ListenerContext
 
 __all__ = ["Listener"]
 
-# A TLS client that stops mid-handshake holds a socket and an SSL object until this passes
-# (uvloop's default is 60 s); DownstreamTimeouts.tls_handshake overrides it once it exists.
-TLS_HANDSHAKE_TIMEOUT = 10.0
-
-
 class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.abort()
@@ -50,8 +45,8 @@ class Listener:
         host, port = self.config.address
         # TLS: the loop runs the handshake; connection_made (and the peer identity check)
         # follows a completed one. A fixed context: see certs' server_dispatcher for rotation.
-        handshake_timeout = (getattr(self.ctx.timeouts, "tls_handshake", TLS_HANDSHAKE_TIMEOUT)
-                             if self.ssl_context is not None else None)
+        # a client that stops mid-handshake holds a socket and an SSL object until this passes
+        handshake_timeout = self.ctx.timeouts.tls_handshake if self.ssl_context is not None else None
         self.server = await self.loop.create_server(
             self._protocol, host, port, backlog=1024, reuse_address=True, ssl=self.ssl_context,
             ssl_handshake_timeout=handshake_timeout)

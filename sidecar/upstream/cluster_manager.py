@@ -66,7 +66,8 @@ class ClusterManager:
         pools: dict[PoolKey, Pool] = {}
         for service in mesh.services.values():
             clusters[service.name] = self._cluster(service.name, service.endpoints, service, pools,
-                                                   tls=mesh_tls, trust_domain=mesh.trust_domain)
+                                                   tls=mesh_tls and service.tls,
+                                                   trust_domain=mesh.trust_domain)
         if app is not None:
             local = mesh.services.get(local_service or "")
             clusters[LOCAL_APP] = self._cluster(LOCAL_APP, (app,), local, pools, tls=False,
@@ -116,7 +117,7 @@ class ClusterManager:
                 health.update_endpoints(states)
             else:
                 health = HealthChecker(name, res.health_check, states, on_change=self._health_log(name),
-                                       ssl=self._client_tls() if tls else None, server_hostname=hostname)
+                                       ssl=self._client_tls if tls else None, server_hostname=hostname)
         return Cluster(
             name=name, endpoints=states, pools=members, timeouts=timeouts, pool_config=pool_config,
             resilience=res, load_balancer=load_balancer_for(res.load_balancer), breaker=breaker,

@@ -135,7 +135,8 @@ class HealthChecker:
     Sets ``EndpointState.healthy`` and calls ``on_change(endpoint, healthy)`` on each flip."""
 
     def __init__(self, cluster: str, config: HealthCheckConfig, endpoints: Iterable[EndpointState],
-                 *, on_change: HealthCallback | None = None, ssl: _ssl.SSLContext | None = None,
+                 *, on_change: HealthCallback | None = None,
+                 ssl: _ssl.SSLContext | Callable[[], _ssl.SSLContext | None] | None = None,
                  server_hostname: str | None = None,
                  rand: Callable[[], float] | None = None) -> None:
         self.cluster = cluster
@@ -190,7 +191,8 @@ class HealthChecker:
 
     async def _check(self, endpoint: EndpointState) -> None:
         cfg = self.config
-        result = await probe(endpoint.address, cfg.path, cfg.timeout, ssl=self._ssl,
+        context = self._ssl() if callable(self._ssl) else self._ssl
+        result = await probe(endpoint.address, cfg.path, cfg.timeout, ssl=context,
                              host=cfg.host or self.cluster, server_hostname=self._server_hostname)
         if endpoint not in self._endpoints:
             return  # left the cluster while we were probing it
