@@ -131,7 +131,7 @@ class RequestParser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:  # after the head: trailers, which are not forwarded
-            self._headers.append((name, value))
+            self._headers.append((name, value.rstrip(b" \t")))  # llhttp keeps trailing OWS (RFC 9110 §5.5)
 
     def on_headers_complete(self) -> None:
         head = self._build_head()
