@@ -273,6 +273,7 @@ def closes_kept_alive_connections(seen: Seen) -> tuple[bytes, bool]:
     return b"", True
 
 
+CODED_RESPONSE = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\n\x1f\x8b\x08\x00\x00\r\n0\r\n\r\n"
 HOP_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Resp-Hop\r\nX-Resp-Hop: secret\r\n"
                 b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTrailer: X-T\r\n"
                 b"X-End-To-End: kept\r\n\r\nok")
@@ -287,6 +288,7 @@ class Env:
     echo: TestServer
     rec: RecordingUpstream
     hoppy: RecordingUpstream
+    coded: RecordingUpstream
     silent: ScriptedUpstream
     legacy: ScriptedUpstream
     flaky: ScriptedUpstream
@@ -314,12 +316,14 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
     dead.bind(("127.0.0.1", 0))
     async with TestServer(make_app(), host="127.0.0.1", port=0) as echo, \
             RecordingUpstream() as rec, RecordingUpstream(HOP_RESPONSE) as hoppy, \
+            RecordingUpstream(CODED_RESPONSE) as coded, \
             ScriptedUpstream(never_answer) as silent, ScriptedUpstream(close_delimited) as legacy, \
             ScriptedUpstream(closes_kept_alive_connections) as flaky:
         services = {
             "echo": {"endpoints": [f"127.0.0.1:{echo.port}"]},
             "rec": {"endpoints": [rec.address]},
             "hoppy": {"endpoints": [hoppy.address]},
+            "coded": {"endpoints": [coded.address], "retries": {"attempts": 0}},
             "silent": {"endpoints": [silent.address], "timeouts": {"route": "300ms"}},
             # retries off: what is tested is the data plane's own rule, not the retry policy
             "dead": {"endpoints": [f"127.0.0.1:{dead.getsockname()[1]}"], "timeouts": {"connect": "500ms"},
@@ -333,7 +337,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
         try:
             async with SidecarProcess(tmp_path_factory.mktemp("proxying"), bootstrap=boot,
                                       mesh={"services": services}) as sc, aiohttp.ClientSession() as http:
-                yield Env(sc, echo, rec, hoppy, silent, legacy, flaky, dead.getsockname()[1], http)
+                yield Env(sc, echo, rec, hoppy, coded, silent, legacy, flaky, dead.getsockname()[1], http)
         finally:
             dead.close()
 
@@ -377,6 +381,16 @@ async def test_pipelined_requests_are_answered_in_order(env: Env) -> None:
     assert [p["path"] for p in paths] == [f"/p/{i}" for i in range(4)] + ["/p/with-body"] + \
         [f"/p/{i}" for i in range(4, 18)]
     assert paths[4]["body"] == "pipelined body"
+
+
+async def test_a_large_pipelined_head_after_a_chunked_request_is_answered(env: Env) -> None:
+    """The next request's bytes in the same read are not chunk extensions of the one before."""
+    data = (b"POST /p/chunked HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            + request("GET", "/p/cookie", headers=[("Cookie", "c" * 6000)]))
+    async with await Client.open(env.port) as client:
+        await client.send(data)
+        assert (await client.response()).json()["body"] == "hello"
+        assert (await client.response()).json()["path"] == "/p/cookie"
 
 
 # === bodies and framing ==========================================================================
@@ -481,6 +495,14 @@ async def test_upstream_close_delimited_response_is_reframed(env: Env) -> None:
             assert response.status == 200 and response.framing == "chunked"
             assert response.body == LEGACY_BODY and response.header("connection") is None
     assert env.legacy.connections >= 2
+
+
+async def test_an_upstream_transfer_coding_the_sidecar_cannot_pass_on_is_a_502(env: Env) -> None:
+    """Bodies are re-framed, so a gzip transfer coding would reach the client undeclared."""
+    async with await Client.open(env.port) as client:
+        response = await client.exchange(request("GET", "/coded", host="coded"))
+    assert response.status == 502 and response.json()["error"] == "upstream_protocol_error"
+    assert b"\x1f\x8b" not in response.body
 
 
 # === headers ======================================================================================
@@ -662,7 +684,8 @@ async def test_admin_config_and_clusters(env: Env) -> None:
     assert config["version"] == ready["version"]
     assert config["bootstrap"]["service"] == "echo"
     echo_endpoint = f"127.0.0.1:{env.echo.port}"
-    assert set(config["mesh"]["services"]) == {"echo", "rec", "hoppy", "silent", "dead", "legacy", "flaky"}
+    assert set(config["mesh"]["services"]) == {"echo", "rec", "hoppy", "coded", "silent", "dead", "legacy",
+                                               "flaky"}
     assert json.dumps(config["mesh"]["services"]["echo"]["endpoints"]).count(str(env.echo.port)) == 1
 
     async with env.http.get(env.sc.admin + "/clusters") as resp:
