@@ -2,10 +2,10 @@
 
 One sidecar serves most of the module: its outbound listener routes by Host to the echo app
 (``echo``) and to raw upstreams that each play one part: ``rec`` records bytes and counts
-connections, ``hoppy`` answers with hop-by-hop headers, ``silent`` never answers (route
-timeout 300 ms), ``dead`` is a bound port nobody listens on (connect timeout 500 ms),
-``legacy`` answers close-delimited, ``flaky`` closes a kept-alive connection when the next
-request arrives. Its inbound listener forwards to the echo app. Limits and downstream
+connections, ``hoppy`` answers with hop-by-hop headers, ``coded`` with a gzip transfer
+coding, ``silent`` never answers (route timeout 300 ms), ``dead`` is a bound port nobody
+listens on (connect timeout 500 ms), ``legacy`` answers close-delimited, ``flaky`` closes a
+kept-alive connection when the next request arrives. Its inbound listener forwards to the echo app. Limits and downstream
 timeouts get sidecars of their own.
 """
 
