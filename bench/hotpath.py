@@ -81,7 +81,7 @@ async def run(profile: str, requests: int, do_profile: bool) -> float:
     pipeline = Pipeline(service="up", clusters=clusters, metrics=Metrics(), access_log=None, loop=loop)
     ctx = ListenerContext(name="inbound", service="up", limits=bootstrap.limits,
                           timeouts=bootstrap.timeouts, state=ServerState(), start=pipeline.start,
-                          abort=pipeline.abort, current_snapshot=lambda: snapshot,
+                          abort=pipeline.abort, refuse=pipeline.refuse, current_snapshot=lambda: snapshot,
                           on_protocol_error=lambda c, e: None)
     first, rest = response_for(profile)
     response = first + b"x-request-id: 7f3c9a2e\r\n" + rest if first else rest

@@ -113,7 +113,7 @@ class Sidecar:
                                 access_log=self.access_log, loop=self.loop, scheme=scheme)
             ctx = ListenerContext(
                 name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
-                state=self.state, start=pipeline.start, abort=pipeline.abort,
+                state=self.state, start=pipeline.start, abort=pipeline.abort, refuse=pipeline.refuse,
                 current_snapshot=lambda: self.snapshot,
                 on_protocol_error=self._protocol_error, scheme=scheme,
                 peer_identity=self.tls.peer_identity if lc.tls and self.tls else None)

@@ -83,6 +83,13 @@ class Pipeline:
         else:
             self.router.start(stream)
 
+    def refuse(self, stream: Stream, reply: LocalReply) -> None:
+        """End an exchange in flight with ``reply`` (its request broke the rules mid-body)."""
+        if stream.driver is not None:
+            self.router.end(stream, reply)
+        else:
+            self.finish(stream, reply)
+
     def abort(self, stream: Stream) -> None:
         """The downstream connection is gone."""
         if stream.exchange.flags == "-":

@@ -35,7 +35,8 @@ _SPECIAL: dict[bytes, int] = {
     b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION, b"upgrade": _UPGRADE,
     b"expect": _EXPECT,
 }
-_MAX_CHUNK_OVERHEAD = 4096  # bytes of chunk-size line + extensions allowed per chunk
+_MAX_CHUNK_OVERHEAD = 4096
+_HEAD, _BODY, _END = range(3)  # bytes of chunk-size line + extensions allowed per chunk
 _HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")
 
 
@@ -49,7 +50,7 @@ class RequestParser:
     __slots__ = (
         "_sink", "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
         "_chunked", "_chunks", "_overhead", "_body_bytes", "_max_body", "_max_head", "upgraded",
-        "_body_total", "_head_rest", "_head_done_here", "_fed_now", "_account",
+        "_body_total", "_head_rest", "_head_done_here", "_fed_now", "_account", "_held",
     )
 
     def __init__(self, sink: RequestSink, limits: Limits) -> None:
@@ -72,13 +73,17 @@ class RequestParser:
         self._head_done_here = False
         self._fed_now = 0  # length of the read being parsed
         self._account = False  # a chunked body was being read during this read
+        # What a read of a chunked body parsed is held until the whole read passed its checks
+        # (an over-long chunk extension is only seen at the end of the read), then handed on
+        # in order: nothing of a read that breaks the rules is forwarded.
+        self._held: list[tuple[int, object]] | None = None
 
     @property
     def mid_head(self) -> bool:
         """Part of a request head has arrived, not all of it (the 408 timer runs)."""
         return self._in_head and self._head_bytes > 0
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | memoryview) -> bytes:
         """Parse ``data``. Returns bytes that follow an upgrade request (to tunnel), else b""."""
         if self._in_head:
             self._head_bytes += len(data)
@@ -90,13 +95,16 @@ class RequestParser:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.upgraded = True
-            return data[exc.args[0]:]
+            self._release_held()
+            return bytes(data[exc.args[0]:])
         except httptools.HttpParserCallbackError as exc:
+            self._held = None
             cause = exc.__context__
             if isinstance(cause, DownstreamProtocolError):
                 raise cause from None
             raise
         except httptools.HttpParserError as exc:
+            self._held = None
             raise DownstreamProtocolError(f"malformed request: {exc}") from None
         if self._in_head and self._head_bytes > self._max_head:
             # httptools holds a partial header in memory until it is complete: cap it here
@@ -104,8 +112,26 @@ class RequestParser:
                 raise DownstreamProtocolError("request line too long", 414, "uri_too_long")
             raise DownstreamProtocolError("request headers too large", 431, "headers_too_large")
         if self._account:
-            self._account_chunk_overhead(len(data), self._body_total - body_before)
+            try:
+                self._account_chunk_overhead(len(data), self._body_total - body_before)
+            except DownstreamProtocolError:
+                self._held = None
+                raise
+        if self._held is not None:
+            self._release_held()
         return b""
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            sink = self._sink
+            for kind, item in held:
+                if kind == _HEAD:
+                    sink.on_request(item)  # type: ignore[arg-type]
+                elif kind == _BODY:
+                    sink.on_body(item)  # type: ignore[arg-type]
+                else:
+                    sink.on_request_end()
 
     def _account_chunk_overhead(self, fed: int, body: int) -> None:
         """Bytes of a chunked body that are not data: size lines, extensions, CRLFs. llhttp
@@ -120,6 +146,11 @@ class RequestParser:
 
     # --- httptools callbacks ------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._account and not self._chunked:
+            # a chunked request ended earlier in this read and another begins: how much of
+            # the read is whose is unknown, so this read is not accounted (it is bounded by
+            # the read size, and llhttp streams extensions through without holding them)
+            self._account = False
         self._url = b""
         self._headers = []
         self._body_bytes = 0
@@ -151,7 +182,10 @@ class RequestParser:
             raise DownstreamProtocolError(
                 f"request body of {head.content_length} bytes exceeds the limit of {limit}",
                 413, "payload_too_large")
-        self._sink.on_request(head)
+        if self._held is not None:
+            self._held.append((_HEAD, head))  # behind a held chunked request of this read
+        else:
+            self._sink.on_request(head)
 
     def on_chunk_header(self) -> None:
         self._chunks += 1
@@ -163,13 +197,21 @@ class RequestParser:
         if limit is not None and self._body_bytes > limit:
             raise DownstreamProtocolError(
                 f"request body exceeds the limit of {limit} bytes", 413, "payload_too_large")
-        self._sink.on_body(body)
+        if self._chunked:
+            if self._held is None:
+                self._held = []
+            self._held.append((_BODY, body))
+        else:
+            self._sink.on_body(body)
 
     def on_message_complete(self) -> None:
         self._chunked = False  # (a chunked body that ended in this read is still accounted)
         self._in_head = True
         self._head_bytes = 0
-        self._sink.on_request_end()
+        if self._held is not None:
+            self._held.append((_END, None))
+        else:
+            self._sink.on_request_end()
 
     # --- validation -----------------------------------------------------------------------
     def _build_head(self) -> RequestHead:

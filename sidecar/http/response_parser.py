@@ -57,7 +57,7 @@ class ResponseParser:
         self._in_head = True
         self.reason = b""
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | memoryview) -> bytes:
         """Returns the bytes after a 101 response (the tunnel's first bytes), else b""."""
         self.started = True
         if self._in_head:
@@ -66,7 +66,7 @@ class ResponseParser:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self.upgraded = True
-            return data[exc.args[0]:]
+            return bytes(data[exc.args[0]:])
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, UpstreamProtocolError):

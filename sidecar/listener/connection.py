@@ -51,14 +51,19 @@ class ListenerContext:
     state: ServerState
     start: Callable[[Stream], None]  # the pipeline: takes the exchange from here
     abort: Callable[[Stream], None]  # the downstream went away mid-exchange
+    refuse: Callable[[Stream, LocalReply], None]  # end an exchange in flight with this reply
     current_snapshot: Callable[[], object]
     on_protocol_error: Callable[[DownstreamConnection, DownstreamProtocolError], None]
     scheme: bytes = b"http"
     peer_identity: Callable[[asyncio.Transport], str | None] | None = None
     connections: int = 0
+    # Every connection of the listener reads into this one buffer: the loop runs one
+    # callback at a time and the parser consumes a read before returning, so nothing is
+    # allocated per read (uvloop's TLS layer would otherwise allocate 256 KiB per read).
+    read_buffer: bytearray = field(default_factory=lambda: bytearray(256 * 1024))
 
 
-class DownstreamConnection(asyncio.Protocol):
+class DownstreamConnection(asyncio.BufferedProtocol):
     BLOCK_PIPELINE = 1
     BLOCK_BODY = 2
     BLOCK_UPSTREAM = 4
@@ -108,13 +113,21 @@ class DownstreamConnection(asyncio.Protocol):
                 return
         self._arm_idle()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.ctx.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(memoryview(self.ctx.read_buffer)[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """``data`` may be a view of the shared read buffer: whatever outlives this call
+        is copied (the parser hands out copies already)."""
         streams = self.streams
         if streams and streams[0].tunnel and self.parser.upgraded:
             upstream = streams[0].upstream
             if upstream is not None:
                 streams[0].exchange.bytes_in += len(data)
-                upstream.write(data)
+                upstream.write(bytes(data))
             return
         if self.parser.upgraded:
             # bytes after an upgrade request, before the upstream said 101: keep (bounded)
@@ -321,7 +334,15 @@ class DownstreamConnection(asyncio.Protocol):
             self._to_start = None
             self.streams.remove(unstarted)  # refused before it was forwarded anywhere
         if self.streams:
-            self.abort()  # mid-exchange: the exchange cannot be answered cleanly any more
+            stream = self.streams[0]
+            if stream is self.receiving and not stream.response_started and not stream.finished:
+                # its body broke after the head went upstream: cut the upstream off (it never
+                # gets a complete request) and tell the client why
+                stream.keep_alive = False
+                self.ctx.refuse(stream, exc.reply())
+                self.close()
+                return
+            self.abort()  # a response is under way: cutting the connection is all that is left
             return
         reply: LocalReply = exc.reply()
         body = reply.body(self.ctx.service)

@@ -311,8 +311,12 @@ class Router:
     # === ending =============================================================================
     def abort(self, stream: Stream) -> None:
         """The downstream went away: stop everything this exchange holds."""
+        self.end(stream, None)
+
+    def end(self, stream: Stream, reply: LocalReply | None) -> None:
+        """Finish the exchange now: release what it holds and answer with ``reply``."""
         self._try_done(stream, Outcome.CANCELLED)
-        self._end(stream, None)
+        self._end(stream, reply)
 
     def _end(self, stream: Stream, reply: LocalReply | None) -> None:
         if stream.finished:

@@ -57,6 +57,7 @@ class ClusterManager:
         self._tls = tls  # when set, per endpoint instead of client_tls/identify (resumption)
         self.clusters: dict[str, Cluster] = {}
         self._pools: dict[PoolKey, Pool] = {}
+        self._read_buffer = bytearray(256 * 1024)  # shared by every upstream connection
         self.local_service: str | None = None
 
     def update(self, mesh: MeshConfig, local_service: str | None, app: Address | None,
@@ -106,7 +107,8 @@ class ClusterManager:
                 context, identify = self._endpoint_tls(address) if tls else ((lambda: None), None)
                 pool = Pool(address, pool_config, self._loop, ssl_context=context,
                             server_hostname=hostname, identify=identify,
-                            on_connect_failure=lambda n=name: self._on_connect_failure(n))
+                            on_connect_failure=lambda n=name: self._on_connect_failure(n),
+                            read_buffer=self._read_buffer)
             pool.breaker = breaker
             pools[key] = pool
             members[address] = pool

@@ -27,7 +27,8 @@ class Pool:
                  *, ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None,
                  server_hostname: str | None = None,
                  identify: Callable[[object], str | None] | None = None,
-                 on_connect_failure: Callable[[], None] = lambda: None) -> None:
+                 on_connect_failure: Callable[[], None] = lambda: None,
+                 read_buffer: bytearray | None = None) -> None:
         self.address = address
         self.address_text = f"{address[0]}:{address[1]}"
         self.config = config
@@ -35,6 +36,8 @@ class Pool:
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
         self.identify = identify  # transport -> the peer's SPIFFE ID (mTLS), once per connection
+        # upstream connections read into one buffer (one callback at a time on the loop)
+        self.read_buffer = read_buffer if read_buffer is not None else bytearray(256 * 1024)
         self._on_connect_failure = on_connect_failure
         self.idle: deque[UpstreamConnection] = deque()
         self.connections = 0  # open or opening

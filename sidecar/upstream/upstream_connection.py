@@ -39,7 +39,7 @@ class UpstreamListener(Protocol):
     def resume_request_body(self) -> None: ...
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(asyncio.BufferedProtocol):
     def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self._loop = loop
@@ -118,13 +118,20 @@ class UpstreamConnection(asyncio.Protocol):
         if self.pool.identify is not None:
             self.peer_identity = self.pool.identify(transport)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.pool.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(memoryview(self.pool.read_buffer)[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """``data`` may be a view of the shared read buffer (see ``Pool.read_buffer``)."""
         listener = self.listener
         if listener is None:
             self.close()  # bytes on an idle connection: it is out of sync, never reuse it
             return
         if self.tunnel:
-            listener.on_tunnel_data(data)
+            listener.on_tunnel_data(bytes(data))
             return
         parser = self.parser
         assert parser is not None

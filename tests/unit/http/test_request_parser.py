@@ -247,7 +247,15 @@ def test_body_bound() -> None:
     sink = Sink()
     with pytest.raises(DownstreamProtocolError) as caught:
         RequestParser(sink, limits).feed(CHUNKED + b"6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n")
-    assert caught.value.status == 413 and sink.bodies == [b"hello "], "no byte past the bound is passed on"
+    # a chunked body is handed on read by read, once the read passed its checks: nothing of
+    # the read that crossed the bound is passed on (not even the bytes before it)
+    assert caught.value.status == 413 and sink.bodies == [b""], "no byte of a refused read is passed on"
+    sink = Sink()
+    parser = RequestParser(sink, limits)
+    parser.feed(CHUNKED + b"6\r\nhello \r\n")
+    with pytest.raises(DownstreamProtocolError):
+        parser.feed(b"5\r\nworld\r\n0\r\n\r\n")
+    assert sink.bodies == [b"hello "], "earlier reads went on; the refused one did not"
     assert one(b"POST / HTTP/1.1\r\nHost: echo\r\nContent-Length: 10\r\n\r\n0123456789", limits)[1] == b"0123456789"
 
 
