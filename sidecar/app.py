@@ -30,12 +30,12 @@ from .pipeline import Pipeline
 from .audit import build_audit_log
 from .clock import MonotonicClock
 from .filters.chain import build_chains
-from .jwt.jwks import JwksCache, build_jwks_caches
 from .observability.state_metrics import StateCollector
 from .snapshot import Snapshot, build_snapshot
 from .upstream.cluster_manager import ClusterManager
 
 if TYPE_CHECKING:
+    from .jwt.jwks import JwksCache
     from certs.ssl_context import TlsContextSource
 
     from .tls import SidecarTls
@@ -73,8 +73,11 @@ class Sidecar:
     def _build(self, mesh: MeshConfig) -> Snapshot:
         """Compile a snapshot; raises ConfigError before anything is swapped."""
         previous = getattr(self, "snapshot", None)
-        caches = build_jwks_caches(mesh.policy.jwt_providers, clock=self.clock,
-                                   base_dir=self.bootstrap.mesh_path.parent, previous=self.jwks)
+        caches: dict[str, JwksCache] = {}
+        if mesh.policy.jwt_providers:
+            from .jwt.jwks import build_jwks_caches  # PyJWT: only when JWT is configured
+            caches = build_jwks_caches(mesh.policy.jwt_providers, clock=self.clock,
+                                       base_dir=self.bootstrap.mesh_path.parent, previous=self.jwks)
         filters = build_chains(self.bootstrap, mesh, caches=caches, audit=self.audit, clock=self.clock,
                                previous=previous.filters if previous is not None else None)
         snapshot = build_snapshot(self.bootstrap, mesh, filters)
@@ -139,6 +142,7 @@ class Sidecar:
 
     def _protocol_error(self, conn: DownstreamConnection, exc: DownstreamProtocolError) -> None:
         self.metrics.protocol_errors.labels(conn.ctx.name, str(exc.status)).inc()
+        self.metrics.local_reply(conn.ctx.name, exc.flag)
         if self.access_log is not None:
             log.info("refused", listener=conn.ctx.name, client=conn.client, status=exc.status,
                      flags=exc.flag, reason=exc.detail)

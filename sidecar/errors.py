@@ -78,6 +78,7 @@ class DownstreamProtocolError(ProxyError):
 
 class PayloadTooLarge(ProxyError):
     status, error, flag = 413, "payload_too_large", "IV"
+    close = True  # the body is not read: the connection cannot carry another request
 
 
 class NoRoute(ProxyError):

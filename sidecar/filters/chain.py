@@ -18,17 +18,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ..audit import AuditLog
 from ..clock import Clock
 from ..config.model import Bootstrap, MeshConfig, ServiceConfig
-from ..jwt.jwks import JwksCache
-from .authn_api_key import build_api_key_authn
-from .authn_jwt import build_jwt_authn
-from .authz_rbac import build_rbac
 from .base import Filter, FilterChain
-from .claims_headers import build_header_sanitizer
-from .rate_limit import RateLimitFilter, build_rate_limit
-from .validation import build_validation
+
+if TYPE_CHECKING:
+    from ..jwt.jwks import JwksCache
+
+# Each filter module is imported only when a service configures it: PyJWT and cryptography
+# alone add about 9 MB to a sidecar's memory, and there is one sidecar per service.
 
 __all__ = ["build_chains"]
 
@@ -55,20 +56,26 @@ def _service_chain(service: ServiceConfig, mesh: MeshConfig, *, caches: Mapping[
     if any(p.claims_to_headers for p in providers):
         # claim headers any provider may set are stripped everywhere, so an app can trust them
         # (the reserved x-pake-* ones the request parser already drops in its single pass)
+        from .claims_headers import build_header_sanitizer
         chain.append(build_header_sanitizer(providers))
     authn = service.authn
     if authn is not None and authn.jwt:
+        from .authn_jwt import build_jwt_authn
         chain.append(build_jwt_authn(authn, mesh.policy.jwt_providers, caches, audit=audit))
     if authn is not None and authn.api_keys:
+        from .authn_api_key import build_api_key_authn
         chain.append(build_api_key_authn(authn, mesh.policy.api_keys, audit=audit))
     if service.policy is not None:
+        from .authz_rbac import build_rbac
         chain.append(build_rbac(service.policy, service=service.name,
                                 trust_domain=mesh.trust_domain, audit=audit, clock=clock))
     limits = {r.name: r.rate_limit for r in service.routes if r.rate_limit is not None}
     if limits:
+        from .rate_limit import RateLimitFilter, build_rate_limit
         old = next((f for f in previous if isinstance(f, RateLimitFilter)), None)
         chain.append(build_rate_limit(limits, clock=clock, previous=old))
     validations = {r.name: r.validation for r in service.routes if r.validation is not None}
     if validations:
+        from .validation import build_validation
         chain.append(build_validation(validations, base_dir=base_dir))
     return tuple(chain)

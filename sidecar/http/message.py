@@ -63,3 +63,4 @@ class ResponseHead:
     chunked: bool = False
     keep_alive: bool = True
     upgrade: bytes | None = None  # the Upgrade header of a 101
+    has_request_id: bool = False  # the upstream set x-request-id itself

@@ -272,6 +272,8 @@ class RequestParser:
                 if value.strip().lower() != b"chunked":
                     raise DownstreamProtocolError(
                         "Transfer-Encoding other than a single chunked is refused")
+                if version == "1.0":  # HTTP/1.0 has no chunked coding (RFC 9112 §6.1)
+                    raise DownstreamProtocolError("Transfer-Encoding in an HTTP/1.0 request")
                 chunked = True
             elif code == _CONNECTION:
                 if connection is None:

@@ -101,9 +101,12 @@ class ResponseParser:
         connection: list[bytes] = []
         upgrade: bytes | None = None
         kept: list[tuple[bytes, bytes]] = []
+        has_request_id = False
         for raw_name, value in self._headers:
             # names are forwarded as received; only possible hop-by-hop ones are lower-cased
             if len(raw_name) not in _HOP_LENGTHS:
+                if len(raw_name) == 12 and raw_name.lower() == b"x-request-id":
+                    has_request_id = True
                 kept.append((raw_name, value))
                 continue
             name = raw_name.lower()
@@ -127,7 +130,7 @@ class ResponseParser:
             status=status, reason=self.reason or b"-", headers=kept,
             content_length=content_length, chunked=chunked,
             keep_alive=self._parser.should_keep_alive(),
-            upgrade=upgrade if status == 101 else None,
+            upgrade=upgrade if status == 101 else None, has_request_id=has_request_id,
         )
         self.sink.on_response_head(head)
         if self.head_only or status == 101:

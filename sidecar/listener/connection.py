@@ -243,6 +243,12 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         elif not (self.parser.mid_head):
             self._arm_idle()
 
+    def body_over_limit(self, stream: Stream, limit: int) -> None:
+        """A chunked body grew past its service's limit: refuse it as the parser would."""
+        self._protocol_error(DownstreamProtocolError(
+            f"request body exceeds {stream.exchange.service}'s limit of {limit} bytes", 413,
+            "payload_too_large"))
+
     # === flow control =====================================================================
     def block_reading(self, reason: int) -> None:
         if not self._blocked and self.transport is not None and not self.closed:

@@ -47,9 +47,13 @@ class Listener:
         # follows a completed one. A fixed context: see certs' server_dispatcher for rotation.
         # a client that stops mid-handshake holds a socket and an SSL object until this passes
         handshake_timeout = self.ctx.timeouts.tls_handshake if self.ssl_context is not None else None
-        self.server = await self.loop.create_server(
-            self._protocol, host, port, backlog=1024, reuse_address=True, ssl=self.ssl_context,
-            ssl_handshake_timeout=handshake_timeout)
+        try:
+            self.server = await self.loop.create_server(
+                self._protocol, host, port, backlog=1024, reuse_address=True, ssl=self.ssl_context,
+                ssl_handshake_timeout=handshake_timeout)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{self.config.name} listener {host}:{port}: "
+                                     f"{exc.strerror or exc}") from None
         self.port = self.server.sockets[0].getsockname()[1]
 
     def stop_accepting(self) -> None:

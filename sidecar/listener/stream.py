@@ -55,7 +55,7 @@ class Stream:
         "tunnel", "early_data", "driver", "pool", "timeout", "cluster", "head_bytes",
         "reused", "resent", "tried", "finished", "policy", "tries", "admission", "endpoint",
         "outcome", "last_reply", "retries_exhausted", "collect_limit", "on_collected",
-        "head_sent",
+        "head_sent", "body_limit",
     )
 
     def __init__(self, conn: DownstreamConnection, head: RequestHead, exchange: Exchange,
@@ -98,13 +98,18 @@ class Stream:
         self.last_reply: LocalReply | None = None  # the last failed try's reply, if retries stop
         self.retries_exhausted = False
         self.head_sent = False  # the request went out once (a re-send replays the body copy)
+        self.body_limit = 0  # the service's max_request_body for a chunked body (0: none)
         # a filter that needs the whole body (validation) has it collected, bounded
         self.collect_limit = 0
         self.on_collected: Callable[[bool], None] | None = None
 
     # === request body =====================================================================
     def feed_body(self, data: bytes) -> None:
-        self.exchange.bytes_in += len(data)
+        ex = self.exchange
+        ex.bytes_in += len(data)
+        if self.body_limit and ex.bytes_in > self.body_limit:
+            self.conn.body_over_limit(self, self.body_limit)
+            return
         replay = self.replay
         if replay is not None:
             self.replay_bytes += len(data)
@@ -217,7 +222,8 @@ class Stream:
             self.keep_alive = False  # the upgrade was declined; the parser cannot go on
         if status != 101:
             self._connection_header(extra)
-        extra.append((b"x-request-id", self.exchange.request_id.encode()))
+        if not head.has_request_id:
+            extra.append((b"x-request-id", self.exchange.request_id.encode()))
         self.conn.write(response_head(status, head.reason, head.headers, extra))
         if status == 101 and self.driver is not None:
             self.driver.on_tunnel_open(self)

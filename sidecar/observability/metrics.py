@@ -90,5 +90,11 @@ class Metrics:
             fkey = (listener, flag)
             c.local[fkey] = c.local.get(fkey, 0) + 1
 
+    def local_reply(self, listener: str, flag: str) -> None:
+        """A reply made outside an exchange (a malformed request refused by the parser)."""
+        local = self._exchanges.local
+        key = (listener, flag)
+        local[key] = local.get(key, 0) + 1
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

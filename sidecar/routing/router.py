@@ -21,8 +21,8 @@ import random
 import time
 
 from ..config.model import RouteConfig
-from ..errors import (LocalReply, NoHealthyUpstream, NoRoute, ProxyError, UpstreamConnectError,
-                      UpstreamIdentityError, UpstreamReset, UpstreamTimeout)
+from ..errors import (LocalReply, NoHealthyUpstream, NoRoute, PayloadTooLarge, ProxyError,
+                      UpstreamConnectError, UpstreamIdentityError, UpstreamReset, UpstreamTimeout)
 from ..filters.fault import FAULT_HEADERS, abort_reply, decide
 from ..http.message import ResponseHead
 from ..http.writer import request_head
@@ -69,6 +69,16 @@ class Router:
         stream.driver = self
         policy = stream.policy = cluster.retry_policy(route)
         stream.replay_limit = policy.config.max_replay_body
+        limit = self._body_limit(stream, name)
+        if limit is not None:
+            size = max(stream.head.content_length or 0, ex.bytes_in)  # (chunked: what came so far)
+            if size > limit:
+                self.finish(stream, PayloadTooLarge(
+                    f"request body of {size}{'+' if stream.head.chunked else ''} bytes exceeds"
+                    f" {ex.service or name}'s limit of {limit}").reply())
+                return
+            if stream.head.chunked:
+                stream.body_limit = limit  # checked as the rest of the body arrives
         stream.timeout = timeout = route.timeout or cluster.timeouts.route
         stream.conn.route_deadline.set_in(timeout)
         policy.record_request(self.loop.time())
@@ -85,6 +95,13 @@ class Router:
                 return
         stream.head_bytes = self._head(stream)
         self._attempt(stream)
+
+    def _body_limit(self, stream: Stream, cluster: str) -> int | None:
+        """``services.<name>.max_request_body`` of the service this request is for."""
+        snapshot = stream.snapshot
+        name = stream.exchange.service if cluster == LOCAL_APP else cluster
+        service = snapshot.mesh.services.get(name)  # type: ignore[attr-defined]
+        return service.max_request_body if service is not None else None
 
     def _after_fault_delay(self, stream: Stream, abort_status: int | None, route: str) -> None:
         stream.task = None

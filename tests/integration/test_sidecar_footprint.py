@@ -1,0 +1,23 @@
+"""One sidecar runs next to every service, so what it loads is paid for many times over:
+it never imports aiohttp, and a feature that is not configured is not imported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.helpers.sidecar_process import SidecarProcess
+from tests.helpers.upstreams import RecordingUpstream
+
+async def test_a_plain_sidecar_loads_neither_aiohttp_nor_tls_nor_jwt_code(tmp_path: Path) -> None:
+    async with RecordingUpstream() as app:
+        boot = {"service": "orders", "app": app.address,
+                "listeners": {"inbound": {"address": "127.0.0.1:0", "tls": False}, "admin": "127.0.0.1:0"}}
+        mesh = {"services": {"orders": {"endpoints": []}}}
+        async with SidecarProcess(tmp_path, bootstrap=boot, mesh=mesh) as sc:
+            assert sc.proc is not None
+            maps = Path(f"/proc/{sc.proc.pid}/maps").read_text()
+            status = Path(f"/proc/{sc.proc.pid}/status").read_text()
+    assert "aiohttp" not in maps  # aiohttp's C extensions would be mapped if it were imported
+    assert "cryptography" not in maps  # the rust bindings of cryptography (TLS identities, JWT)
+    rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    assert rss_kb < 35 * 1024, f"an idle plain sidecar uses {rss_kb} kB"
