@@ -60,6 +60,7 @@ class Sidecar:
         # Policy state that outlives snapshots: the audit sink and the JWT key caches.
         self.audit = build_audit_log(bootstrap.audit, clock=self.clock, base_dir=bootstrap.source.parent)
         self.jwks: dict[str, JwksCache] = {}
+        self._started = False
         self.snapshot: Snapshot = self._build(mesh)
         self.metrics.registry.register(StateCollector(
             clusters=lambda: self.clusters.clusters.values(),
@@ -74,9 +75,12 @@ class Sidecar:
         """Compile a snapshot; raises ConfigError before anything is swapped."""
         previous = getattr(self, "snapshot", None)
         caches: dict[str, JwksCache] = {}
-        if mesh.policy.jwt_providers:
-            from .jwt.jwks import build_jwks_caches  # PyJWT: only when JWT is configured
-            caches = build_jwks_caches(mesh.policy.jwt_providers, clock=self.clock,
+        local = mesh.services.get(self.bootstrap.service)
+        wanted = local.authn.jwt if local is not None and local.authn is not None else ()
+        if wanted:  # only the providers this sidecar verifies: no keys, no fetches, no PyJWT else
+            from .jwt.jwks import build_jwks_caches
+            providers = {name: mesh.policy.jwt_providers[name] for name in wanted}
+            caches = build_jwks_caches(providers, clock=self.clock,
                                        base_dir=self.bootstrap.mesh_path.parent, previous=self.jwks)
         filters = build_chains(self.bootstrap, mesh, caches=caches, audit=self.audit, clock=self.clock,
                                previous=previous.filters if previous is not None else None)
@@ -89,10 +93,11 @@ class Sidecar:
         return snapshot
 
     def _swap_caches(self, caches: dict[str, JwksCache]) -> None:
-        """Start the key caches that are new, stop the ones the new snapshot dropped."""
+        """Start the key caches that are new, stop the ones the new snapshot dropped. (The
+        first ones are started by ``start``, which waits for their keys.)"""
         old, self.jwks = self.jwks, caches
         for name, cache in caches.items():
-            if old.get(name) is not cache:
+            if old.get(name) is not cache and self._started:
                 self.loop.create_task(cache.start())
         for name, cache in old.items():
             if caches.get(name) is not cache:
@@ -108,6 +113,9 @@ class Sidecar:
     async def start(self) -> None:
         b = self.bootstrap
         await self.audit.start()
+        # keys first: a sidecar that says ready must be able to verify a token
+        await asyncio.gather(*(cache.start() for cache in self.jwks.values()))
+        self._started = True
         for lc in b.listeners:
             if lc.name == "admin":
                 continue

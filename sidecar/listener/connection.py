@@ -30,6 +30,9 @@ from .stream import Stream
 
 __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
 
+LINGER_SECONDS = 2.0  # how long a closing connection keeps reading what the client still sends
+LINGER_BYTES = 64 * 1024 * 1024  # ... and how much of it, at most (time is the real bound)
+
 
 @dataclass(slots=True)
 class ServerState:
@@ -91,6 +94,8 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self._corked = 0
         self._out: list[bytes] = []
         self._plain = True
+        self._lingering = False  # replied and half-closed: reading (and dropping) what is left
+        self._linger_left = 0
 
     @property
     def draining(self) -> bool:
@@ -122,6 +127,11 @@ class DownstreamConnection(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         """``data`` may be a view of the shared read buffer: whatever outlives this call
         is copied (the parser hands out copies already)."""
+        if self._lingering:
+            self._linger_left -= len(data)
+            if self._linger_left < 0 and self.transport is not None:
+                self.transport.close()
+            return
         streams = self.streams
         if streams and streams[0].tunnel and self.parser.upgraded:
             upstream = streams[0].upstream
@@ -157,6 +167,8 @@ class DownstreamConnection(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         # A half-closed client gets its in-flight responses; then we close. (TLS transports
         # cannot stay half-open: uvloop warns when asked to.)
+        if self._lingering:
+            return False  # the client has stopped sending: the transport closes now
         if not self.streams:
             self.close()
         return self._plain
@@ -235,7 +247,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         if self.closed:
             return
         if not stream.keep_alive or not stream.response_done or self.draining:
-            self.close()
+            self.close(linger=not stream.body_done)
             return
         self.unblock_reading(self.BLOCK_PIPELINE | self.BLOCK_BODY | self.BLOCK_UPSTREAM)
         if self.streams:
@@ -285,12 +297,28 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         out.clear()
 
     # === closing ==========================================================================
-    def close(self) -> None:
+    def close(self, *, linger: bool = False) -> None:
+        """Close after what is written. ``linger``: the client may still be sending (a reply
+        went out before its request ended): half-close, then read and drop what comes for a
+        while (RFC 9112 §9.6), or the kernel answers the unread bytes with a reset and the
+        client never reads the reply."""
         if self._out:
             self._flush()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
         self.closed = True
+        if transport is None or transport.is_closing():
+            return
+        if linger and self._plain and not self._lingering and transport.can_write_eof():
+            self._lingering = True
+            self._linger_left = LINGER_BYTES
+            transport.write_eof()
+            self._head_timer_armed = False
+            self._deadline.set_in(LINGER_SECONDS)
+            if self._blocked:
+                self._blocked = 0
+                transport.resume_reading()
+            return
+        transport.close()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -312,6 +340,10 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self._deadline.set_in(self.ctx.timeouts.request_headers)
 
     def _on_deadline(self) -> None:
+        if self._lingering:
+            if self.transport is not None:
+                self.transport.close()
+            return
         if self._head_timer_armed:
             self._head_timer_armed = False
             self._protocol_error(DownstreamProtocolError(
@@ -346,7 +378,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
                 # gets a complete request) and tell the client why
                 stream.keep_alive = False
                 self.ctx.refuse(stream, exc.reply())
-                self.close()
+                self.close(linger=True)
                 return
             self.abort()  # a response is under way: cutting the connection is all that is left
             return
@@ -355,4 +387,4 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self.write(response_head(reply.status, reason_phrase(reply.status), [], [
             (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
             (b"connection", b"close")]) + body)
-        self.close()
+        self.close(linger=True)

@@ -453,11 +453,6 @@ async def test_validation_refuses_method_size_type_and_schema(tmp_path: Path,
     assert access[good.request_id]["flags"] == "-"
 
 
-@pytest.mark.xfail(strict=True, raises=(ConnectionError, AssertionError),
-                   reason="sidecar bug: a local reply sent before the request body was read "
-                          "closes at once (DownstreamConnection.close -> transport.close), the "
-                          "unread body makes the kernel send RST, and the client loses the 413; "
-                          "needs a lingering close (RFC 9112 9.6)")
 async def test_an_oversize_upload_gets_its_413_not_a_reset(tmp_path: Path,
                                                           keys: tuple[Key, Key]) -> None:
     key = keys[0]
@@ -548,10 +543,6 @@ async def test_jwks_uri_rotation_keeps_old_tokens_until_their_key_leaves(
     assert upstream.requests == 4
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="sidecar bug: the first jwks_uri fetch runs as a background task "
-                          "(Sidecar._swap_caches), so the sidecar logs `ready` and /readyz says "
-                          "ready before it holds any key, and valid tokens get 401")
 async def test_valid_tokens_pass_as_soon_as_the_sidecar_is_ready(tmp_path: Path,
                                                                 keys: tuple[Key, Key]) -> None:
     key = keys[0]
