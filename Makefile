@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) -m bench.run --mtls $(BENCH_ARGS)
 
 certs: $(STAMP)
 	$(PY) -m examples.certs

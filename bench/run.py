@@ -113,7 +113,7 @@ def _start_one_sidecar(ctx: Ctx) -> Started:
     return Started(ports["inbound"], [b])
 
 
-def _start_two_sidecars(ctx: Ctx, mtls: bool = False) -> Started:
+def _start_two_sidecars(ctx: Ctx, mtls: bool = False, new_connections: bool = False) -> Started:
     material = ctx.mtls() if mtls else None
 
     def files(**kw: Any) -> sidecars.SidecarFiles:
@@ -121,8 +121,11 @@ def _start_two_sidecars(ctx: Ctx, mtls: bool = False) -> Started:
 
     b, b_ports = _sidecar(ctx, files(inbound_app_port=ctx.upstream_port, name="sidecar-b"),
                           "sidecar B (inbound)")
-    a, a_ports = _sidecar(ctx, files(outbound_to_port=b_ports["inbound"], name="sidecar-a"),
-                          "sidecar A (outbound)")
+    a_files = files(outbound_to_port=b_ports["inbound"], name="sidecar-a")
+    if new_connections:  # no idle connection is kept: every request opens (and handshakes) anew
+        for service in a_files.mesh["services"].values():
+            service["pool"] = {"max_idle": 0}
+    a, a_ports = _sidecar(ctx, a_files, "sidecar A (outbound)")
     checks = {"inbound_tls": sidecars.check_mtls(material, b_ports["inbound"])} if material else {}
     return Started(a_ports["outbound"], [a, b], checks)
 
@@ -165,6 +168,8 @@ PATHS: list[PathSpec] = [
 MTLS_PATHS: list[PathSpec] = [
     PathSpec("sidecar-2-mtls", "two-sidecar path, mTLS", "sidecar", 2,
              lambda c: _start_two_sidecars(c, mtls=True), variant="mtls"),
+    PathSpec("sidecar-2-mtls-new", "two-sidecar path, mTLS, new connection per request", "sidecar", 2,
+             lambda c: _start_two_sidecars(c, mtls=True, new_connections=True), variant="mtls"),
     PathSpec("haproxy-2-mtls", "HAProxy mTLS pair", "haproxy", 2,
              lambda c: _start_haproxy(c, 2, mtls=True), _needs_haproxy, variant="mtls"),
 ]
@@ -600,6 +605,7 @@ def _settings_json(s: Settings) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     add = p.add_argument
+    add("--no-micro", action="store_true", help="skip the micro-benchmarks (hot path, breaker, policy)")
     add("--profiles", default=",".join(PROFILES), help="comma-separated (default: tiny,realistic)")
     add("--paths", default=None, help="comma-separated path keys (default: all of the first five): "
         + ", ".join(s.key for s in PATHS + MTLS_PATHS))
@@ -629,6 +635,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+MICRO = {
+    # the Python cost of one exchange through the sidecar, no sockets (bench/hotpath.py)
+    "hot path, µs of Python per exchange": ["-m", "bench.hotpath", "--requests", "30000"],
+    # issue 5: the circuit breaker's decision must cost <= 5 µs
+    "circuit breaker decision": ["-m", "bench.breaker_bench", "--number", "100000", "--repeat", "3"],
+    # issue 4: the JWT + RBAC + rate-limit chain per request
+    "policy filters (JWT + RBAC + rate limit)": ["-m", "bench.policy_bench"],
+}
+
+
+def run_micro(log: Callable[[str], None]) -> dict[str, str]:
+    """The micro-benchmarks, each in its own process (no event loop or load of ours around)."""
+    out: dict[str, str] = {}
+    for i, (name, argv) in enumerate(MICRO.items(), 1):
+        log(f"[micro {i}/{len(MICRO)}] {name}")
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parent.parent)
+        out[name] = done.stdout if done.returncode == 0 else f"failed ({done.returncode}): {done.stderr[-500:]}"
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,8 +721,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+    if not args.no_micro:
+        results["micro"] = run_micro(log)
     print()
     print(render(results))
+    for name, text in results.get("micro", {}).items():
+        print(f"\n{name}:\n{text.rstrip()}")
     settings.output.parent.mkdir(parents=True, exist_ok=True)
     settings.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nwrote {settings.output}")
