@@ -38,14 +38,19 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"pake-sidecar: {exc.source}: {problem}", file=sys.stderr)
         return 2
-    tls_source = None
-    if bootstrap.tls is not None:
+    tls_source = server_tls = None
+    gateway = bootstrap.listener("gateway")
+    served = gateway.server_tls if gateway is not None else None  # the gateway's own certificate
+    if bootstrap.tls is not None or served is not None:
         # Before the loop and the logger: a bad PEM file is one line naming it, like a bad config.
         from certs.pem import PemError
 
-        from .tls import load_source  # pulls in cryptography: only when TLS is configured
+        from .tls import ServerTls, load_source  # pulls in cryptography: only when TLS is configured
         try:
-            tls_source = load_source(bootstrap, mesh)
+            if bootstrap.tls is not None:
+                tls_source = load_source(bootstrap, mesh)
+            if served is not None:
+                server_tls = ServerTls(served)
         except PemError as exc:
             print(f"pake-sidecar: {exc}", file=sys.stderr)  # "<file>: <problem>"
             return 2
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import Sidecar  # after logging is configured
 
     async def run() -> None:
-        sidecar = Sidecar(bootstrap, mesh, tls_source=tls_source)
+        sidecar = Sidecar(bootstrap, mesh, tls_source=tls_source, server_tls=server_tls)
         await sidecar.run()
 
     try:

@@ -18,7 +18,7 @@ import structlog
 
 from .admin.server import AdminResponse, AdminServer, json_response
 from .config.load import load_bootstrap, load_mesh
-from .config.model import Bootstrap, MeshConfig
+from .config.model import Bootstrap, ListenerConfig, MeshConfig
 from .config.policy import redact
 from .config.reader import ConfigError
 from .errors import DownstreamProtocolError
@@ -35,10 +35,12 @@ from .snapshot import Snapshot, build_snapshot
 from .upstream.cluster_manager import ClusterManager
 
 if TYPE_CHECKING:
+    import ssl
+
     from .jwt.jwks import JwksCache
     from certs.ssl_context import TlsContextSource
 
-    from .tls import SidecarTls
+    from .tls import ServerTls, SidecarTls
 
 __all__ = ["Sidecar"]
 
@@ -47,12 +49,20 @@ log = structlog.get_logger("pake.sidecar")
 
 class Sidecar:
     def __init__(self, bootstrap: Bootstrap, mesh: MeshConfig, *,
-                 tls_source: TlsContextSource | None = None) -> None:
+                 tls_source: TlsContextSource | None = None,
+                 server_tls: ServerTls | None = None) -> None:
         self.bootstrap = bootstrap
         self.loop = asyncio.get_running_loop()
         self.state = ServerState()
         self.metrics = Metrics()
         self.tls = self._tls(mesh, tls_source) if bootstrap.tls is not None else None
+        # The gateway listener's certificate for outside clients (server-only TLS).
+        gateway = bootstrap.listener("gateway")
+        if server_tls is None and gateway is not None and gateway.server_tls is not None:
+            from .tls import ServerTls  # pulls in cryptography: only when configured
+
+            server_tls = ServerTls(gateway.server_tls)  # PemError names the bad file
+        self.server_tls = server_tls
         self.clusters = ClusterManager(
             self.loop, on_connect_failure=lambda c: self.metrics.connect_failures.labels(c).inc(),
             client_tls=self.tls.client_context if self.tls else (lambda: None), tls=self.tls)
@@ -119,7 +129,7 @@ class Sidecar:
         for lc in b.listeners:
             if lc.name == "admin":
                 continue
-            scheme = b"https" if lc.tls else b"http"
+            scheme = b"https" if lc.tls or lc.server_tls is not None else b"http"
             pipeline = Pipeline(service=b.service, clusters=self.clusters, metrics=self.metrics,
                                 access_log=self.access_log, loop=self.loop, scheme=scheme)
             ctx = ListenerContext(
@@ -128,8 +138,7 @@ class Sidecar:
                 current_snapshot=lambda: self.snapshot,
                 on_protocol_error=self._protocol_error, scheme=scheme,
                 peer_identity=self.tls.peer_identity if lc.tls and self.tls else None)
-            listener = Listener(lc, ctx, self.loop,
-                                ssl_context=self.tls.server_context() if lc.tls and self.tls else None,
+            listener = Listener(lc, ctx, self.loop, ssl_context=self._server_context(lc),
                                 on_refused=self.metrics.connections_refused.labels(lc.name).inc)
             await listener.start()
             self.listeners[lc.name] = listener
@@ -140,7 +149,17 @@ class Sidecar:
             await self.admin.start()
         if self.tls is not None:
             self.tls.start()
+        if self.server_tls is not None:
+            self.server_tls.start()
         log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports())
+
+    def _server_context(self, lc: ListenerConfig) -> ssl.SSLContext | None:
+        """The listener's TLS: the gateway's server certificate, mesh mTLS, or none."""
+        if lc.server_tls is not None:
+            if self.server_tls is None:  # a listener declared TLS: never serve it plain
+                raise RuntimeError(f"{lc.name} listener: tls is configured but not loaded")
+            return self.server_tls.server_context()
+        return self.tls.server_context() if lc.tls and self.tls else None
 
     def ports(self) -> dict[str, int]:
         ports = {name: listener.port for name, listener in self.listeners.items()}
@@ -199,6 +218,8 @@ class Sidecar:
             self.access_log.close()
         if self.tls is not None:
             await self.tls.stop()
+        if self.server_tls is not None:
+            await self.server_tls.stop()
         log.info("stopped")
 
     async def run(self) -> None:
@@ -230,7 +251,8 @@ class Sidecar:
             return json_response(200, {"bootstrap": redact(self.bootstrap),
                                        "mesh": redact(self.snapshot.mesh),
                                        "version": self.snapshot.version,
-                                       "tls": self.tls.info() if self.tls else None})
+                                       "tls": self.tls.info() if self.tls else None,
+                                       "server_tls": self.server_tls.info() if self.server_tls else None})
 
         def clusters() -> AdminResponse:
             now = self.loop.time()

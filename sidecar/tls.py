@@ -1,6 +1,7 @@
 """The sidecar's mTLS glue: contexts from the bootstrap's files, who each peer is, rotation,
-and the TLS metrics. Imported only when the bootstrap has ``tls`` (a feature that is not
-configured is not imported: this pulls in ``cryptography``).
+and the TLS metrics; and the gateway listener's server-only TLS for outside clients. Imported
+only when the bootstrap has ``tls`` or a listener has a server certificate (a feature that is
+not configured is not imported: this pulls in ``cryptography``).
 
 - Inbound: one *dispatcher* context for ``create_server(ssl=...)`` (uvloop's server-side
   ``start_tls`` hangs, uvloop#707); its SNI callback moves each handshake onto the current
@@ -12,6 +13,8 @@ configured is not imported: this pulls in ``cryptography``).
 - Handshakes are counted by an ``ssl.SSLObject`` subclass (``SSLContext.sslobject_class``):
   the only place OpenSSL's reason for a refused handshake is visible, since uvloop drops the
   ``SSLError`` of a failed server-side handshake without a log line or a protocol callback.
+- Gateway (``ServerTls``): a server certificate for outside clients, no client certificate
+  asked; the same dispatcher and file-watching scheme as the mesh certificate.
 - Never logs or shows key material: ``info()`` is the certificate's public facts.
 
 Limits: a handshake that stops half-way (peer gone, ``ssl_handshake_timeout``) is not counted,
@@ -23,28 +26,35 @@ after a CA rotation; our own sidecars offer a session only from their current co
 
 from __future__ import annotations
 
+import hashlib
 import re
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from certs import pem
+from certs.describe import describe_certificate
 from certs.identity import IdentityCache, IdentityError, SpiffeId
 from certs.pem import PemError
 from certs.rotation import FileWatcher
 from certs.session_cache import ResumingContext, SessionCache
-from certs.ssl_context import TlsContextSource
+from certs.ssl_context import ALPN_PROTOCOLS, TlsContextSource
 
 if TYPE_CHECKING:
     import asyncio
 
-    from .config.model import Address, Bootstrap, MeshConfig
+    from cryptography import x509
 
-__all__ = ["SidecarTls", "handshake_failure_reason", "load_source"]
+    from .config.model import Address, Bootstrap, MeshConfig, ServerTlsFiles
+
+__all__ = ["ServerTls", "SidecarTls", "handshake_failure_reason", "load_source"]
 
 log = structlog.get_logger("pake.sidecar.tls")
 
@@ -266,3 +276,104 @@ class SidecarTls:
 def _peer(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if peer else "-"
+
+
+# === the gateway's server certificate ====================================================
+
+
+@dataclass(frozen=True, slots=True)
+class _ServerPaths:
+    """The files ``FileWatcher`` stamps. It watches a (cert, key, bundle) triple; a
+    server-only certificate has no bundle, so the certificate stands in for it."""
+
+    cert: Path
+    key: Path
+
+    @property
+    def bundle(self) -> Path:
+        return self.cert
+
+
+@dataclass(frozen=True)
+class _ServerGeneration:
+    context: ssl.SSLContext
+    leaf: x509.Certificate
+    digest: bytes  # of both files' bytes: a reload of the same content is a no-op
+
+
+def _server_generation(files: _ServerPaths, now: datetime) -> _ServerGeneration:
+    """Validate the pair with certs.pem (PemError names the bad file), then build a
+    server-only context: TLS >= 1.2, no client certificate, ALPN http/1.1, tickets on."""
+    cert_bytes, key_bytes = pem.read_file(files.cert), pem.read_file(files.key)
+    chain = pem.parse_certificates(cert_bytes, files.cert)
+    key = pem.parse_private_key(key_bytes, files.key)
+    pem.check_key_matches(chain[0], key, files.cert, files.key)
+    pem.check_validity(chain[0], files.cert, now)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_NONE  # outside callers authenticate with a JWT or an API key
+    ctx.options &= ~ssl.OP_NO_TICKET  # resumption saves a reconnecting client a full handshake
+    ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    try:
+        ctx.load_cert_chain(files.cert, files.key)
+    except ssl.SSLError as exc:  # only if a file changed between validation and this load
+        raise PemError(files.cert, f"OpenSSL refused the certificate/key pair: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise PemError(files.cert, f"cannot read for TLS: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(hashlib.sha256(cert_bytes).digest() + hashlib.sha256(key_bytes).digest())
+    return _ServerGeneration(ctx, chain[0], digest.digest())
+
+
+class ServerTls:
+    """Server-only TLS of the gateway listener, for outside clients.
+
+    Like the mesh certificate: one dispatcher context for ``create_server(ssl=...)`` whose SNI
+    callback moves each handshake onto the current context, and a ``FileWatcher`` that
+    reloads it when the files change (a failed reload is logged and the current certificate
+    keeps serving). Construction loads the files and raises PemError if they are unusable.
+    """
+
+    def __init__(self, files: ServerTlsFiles, *, watch_interval: float = WATCH_INTERVAL) -> None:
+        self.files = _ServerPaths(files.cert, files.key)
+        self._current = _server_generation(self.files, datetime.now(UTC))
+        # Its own settings are those of every generation; only its SNI callback differs.
+        self._dispatcher = _server_generation(self.files, datetime.now(UTC)).context
+        self._dispatcher.sni_callback = self._select
+        # FileWatcher asks its source for .files, .reload() and .info(): this class has them.
+        self.watcher = FileWatcher(cast(TlsContextSource, self), self._reloaded,
+                                   interval=watch_interval, on_error=self._reload_failed)
+
+    def server_context(self) -> ssl.SSLContext:
+        """The one context of the listener; it still rotates (see the class docstring)."""
+        return self._dispatcher
+
+    def _select(self, ssl_object: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                _: object) -> None:
+        ssl_object.context = self._current.context
+
+    def reload(self) -> bool:
+        """Re-read the files; True when a new context was swapped in (PemError: kept the old)."""
+        generation = _server_generation(self.files, datetime.now(UTC))
+        if generation.digest == self._current.digest:
+            return False
+        self._current = generation  # one assignment: the next handshake uses it
+        return True
+
+    def start(self) -> None:
+        self.watcher.start()
+
+    async def stop(self) -> None:
+        await self.watcher.stop()
+
+    def _reloaded(self, info: dict[str, Any]) -> None:
+        log.info("gateway_tls_reloaded", subject=info["subject"], serial=info["serial"],
+                 not_after=info["not_after"])
+
+    def _reload_failed(self, exc: Exception) -> None:
+        log.error("gateway_tls_reload_failed", error=str(exc), keeping=self.info()["serial"])
+
+    def info(self) -> dict[str, Any]:
+        """The current certificate's public facts and its files; never the key."""
+        info = describe_certificate(self._current.leaf, datetime.now(UTC))
+        info["files"] = {"cert": str(self.files.cert), "key": str(self.files.key)}
+        return info

@@ -69,7 +69,7 @@ class Router:
         stream.driver = self
         policy = stream.policy = cluster.retry_policy(route)
         stream.replay_limit = policy.config.max_replay_body
-        limit = self._body_limit(stream, name)
+        limit = cluster.max_request_body
         if limit is not None:
             size = max(stream.head.content_length or 0, ex.bytes_in)  # (chunked: what came so far)
             if size > limit:
@@ -95,13 +95,6 @@ class Router:
                 return
         stream.head_bytes = self._head(stream)
         self._attempt(stream)
-
-    def _body_limit(self, stream: Stream, cluster: str) -> int | None:
-        """``services.<name>.max_request_body`` of the service this request is for."""
-        snapshot = stream.snapshot
-        name = stream.exchange.service if cluster == LOCAL_APP else cluster
-        service = snapshot.mesh.services.get(name)  # type: ignore[attr-defined]
-        return service.max_request_body if service is not None else None
 
     def _after_fault_delay(self, stream: Stream, abort_status: int | None, route: str) -> None:
         stream.task = None

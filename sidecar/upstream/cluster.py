@@ -39,6 +39,7 @@ class Cluster:
     retry: RetryPolicy
     health: HealthChecker | None = None
     expected_identity: str | None = None  # the SPIFFE ID the upstream must present (mTLS)
+    max_request_body: int | None = None  # the service's own body bound (local app: the local service's)
 
     def retry_policy(self, route: RouteConfig | None) -> RetryPolicy:
         """The route's own retry rules when it has them, sharing this cluster's budget."""

@@ -126,6 +126,7 @@ class ClusterManager:
             outlier=OutlierDetector(res.outlier, on_change=self._outlier_event(name)),
             retry=RetryPolicy(res.retries, budget=budget), health=health,
             expected_identity=f"spiffe://{trust_domain}/service/{name}" if tls else None,
+            max_request_body=service.max_request_body if service else None,
         )
 
     def _endpoint_tls(self, address: Address) -> tuple[Callable[[], Any], Callable[[object], str | None] | None]:
