@@ -43,8 +43,9 @@ class Listener:
 
     async def start(self) -> None:
         host, port = self.config.address
-        # TLS: the loop runs the handshake; connection_made (and the peer identity check)
-        # follows a completed one. A fixed context: see certs' server_dispatcher for rotation.
+        # TLS (inbound mTLS, or the gateway's server-only TLS): the loop runs the handshake;
+        # connection_made (and the peer identity check, mTLS only) follows a completed one.
+        # A fixed context: see certs' server_dispatcher and sidecar.tls.ServerTls for rotation.
         # a client that stops mid-handshake holds a socket and an SSL object until this passes
         handshake_timeout = self.ctx.timeouts.tls_handshake if self.ssl_context is not None else None
         try:
