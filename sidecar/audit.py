@@ -6,7 +6,8 @@ bounded queue, and when the queue is full the record is dropped and counted (``d
 read by metrics) and a warning is logged at most once per ``warn_interval``. A writer
 thread (so a slow disk never stalls the event loop) turns records into JSON lines and
 writes them to the sink: stdout, or a file rotated by size keeping ``keep`` old files.
-Records carry no credentials: no tokens, no keys, no claims beyond the principal.
+Each record has ``"event": "audit"``, so on stdout it can be told from the process's other
+JSON log lines (``"event": "access"``, ``"ready"``...). Records carry no credentials: no tokens, no keys, no claims beyond the principal.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class AuditLog:
 
     # --- writer thread ---------------------------------------------------------------
     def _line(self, item: tuple[object, ...]) -> str:
-        record = dict(zip(_FIELDS, item, strict=True))
+        record: dict[str, object] = {"event": "audit", **dict(zip(_FIELDS, item, strict=True))}
         stamp = datetime.fromtimestamp(float(item[0]), timezone.utc)  # type: ignore[arg-type]
         record["time"] = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
         return json.dumps(record, separators=(",", ":"), ensure_ascii=True) + "\n"

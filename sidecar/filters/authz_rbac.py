@@ -159,7 +159,9 @@ class RbacFilterConfig:
 
 
 def _who(ex: Exchange) -> str:
-    who = ex.peer_identity or f"unauthenticated peer {ex.downstream_address}"
+    """``spiffe://…`` for an mTLS peer, else ``client <address>``; `` as <principal>`` when
+    a JWT or an API key named someone else."""
+    who = ex.peer_identity or f"client {ex.downstream_address}"
     if ex.principal and ex.principal != ex.peer_identity:
         who += f" as {ex.principal}"
     return who

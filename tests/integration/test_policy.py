@@ -332,7 +332,7 @@ async def test_rbac_denies_with_a_reason_and_dry_run_only_records(tmp_path: Path
             assert denied.json() == {
                 "error": "forbidden", "service": "gateway",
                 "detail": "rule 'admin-only' denies GET /api/admin/users "
-                          "from unauthenticated peer 127.0.0.1 as bob"}
+                          "from client 127.0.0.1 as bob"}
             assert upstream.requests == forwarded  # the denied request reached nobody
             # what no rule allows is denied (the policy's default)
             outside = await call(http, enforcing, "/other", headers=admin)
