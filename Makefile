@@ -10,7 +10,7 @@ help:
 	@echo "make demo   - run the demo mesh on loopback (Ctrl-C stops it)"
 	@echo "make test   - run the test suite"
 	@echo "make bench  - benchmark the sidecar against a direct path and HAProxy"
-	@echo "make certs  - create the demo CA and workload certificates (examples/mtls/certs)"
+	@echo "make certs  - create the demo CA, workload certificates and the gateway's demo server certificate (examples/mtls/certs)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+from cryptography import x509
 
 from certs.pem import load_certificate
 
@@ -33,11 +34,20 @@ async def _run(*argv: str) -> str:
 async def test_make_certs_is_idempotent_and_keys_are_private(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     out = await _run("-m", "examples.certs", "--out", str(certs))
-    assert "$ pakectl ca init" in out and out.count("$ pakectl certs issue") == 2
+    assert "$ pakectl ca init" in out and out.count("$ pakectl certs issue") == 3
+    assert "$ pakectl certs issue --service gateway" in out  # the gateway's mTLS identity
     assert (certs / "ca").stat().st_mode & 0o777 == 0o700
-    for key in ("ca/ca-key.pem", "frontend-key.pem", "echo-key.pem"):
+    for key in ("ca/ca-key.pem", "frontend-key.pem", "echo-key.pem", "gateway-key.pem",
+                "demo-gateway-server-key.pem"):
         assert (certs / key).stat().st_mode & 0o777 == 0o600, key
-    serials = {s: load_certificate(certs / f"{s}.pem").serial_number for s in ("frontend", "echo")}
+    serials = {s: load_certificate(certs / f"{s}.pem").serial_number
+               for s in ("frontend", "echo", "gateway", "demo-gateway-server")}
+    # the outside listener's certificate: self-signed, for localhost and 127.0.0.1, named a demo
+    server = load_certificate(certs / "demo-gateway-server.pem")
+    assert server.issuer == server.subject and "DEMO" in server.subject.rfc4514_string()
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
     out = await _run("-m", "examples.certs", "--out", str(certs))
     assert "nothing to do" in out and "pakectl" not in out
@@ -47,6 +57,12 @@ async def test_make_certs_is_idempotent_and_keys_are_private(tmp_path: Path) -> 
     assert out.count("$ pakectl certs issue --service echo") == 1 and "frontend" not in out
     assert load_certificate(certs / "frontend.pem").serial_number == serials["frontend"]
     assert load_certificate(certs / "echo.pem").serial_number != serials["echo"]
+    # the demo server certificate too: a mismatched key is repaired, the workloads untouched
+    (certs / "demo-gateway-server-key.pem").write_bytes((certs / "echo-key.pem").read_bytes())
+    out = await _run("-m", "examples.certs", "--out", str(certs))
+    assert "re-making the demo gateway server certificate" in out and "pakectl" not in out
+    assert load_certificate(certs / "demo-gateway-server.pem").serial_number != serials["demo-gateway-server"]
+    assert load_certificate(certs / "gateway.pem").serial_number == serials["gateway"]
 
 
 async def test_demo_serves_over_mtls_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
