@@ -1,16 +1,23 @@
-"""``python -m examples.demo`` (``make demo``): the mTLS quickstart mesh on loopback.
+"""``python -m examples.demo`` (``make demo``): the mTLS quickstart mesh on loopback, with the
+gateway in front of it.
 
 Makes the certificates if missing (``examples.certs``), then starts, in this order and each
 only once the one before said it is ready (no fixed sleeps): the echo app, the ``echo``
-sidecar (mTLS inbound in front of the app) and the ``frontend`` sidecar (plain outbound for
-its app; Host ``echo`` goes over mTLS to the echo sidecar). It sends one request through the
-path to show that it works, prints how to try it, and on Ctrl-C or SIGTERM stops the
-processes in reverse order (a sidecar drains; nothing is left running).
+sidecar (mTLS inbound in front of the app; it enforces echo's policy), the ``gateway``
+(outside clients with a JWT or the demo API key; ``/echo/`` goes over mTLS to the echo
+sidecar) and the ``frontend`` sidecar (plain outbound for its app; Host ``echo`` goes over
+mTLS to the echo sidecar). It sends requests through both paths to show that they work,
+prints how to try them, and on Ctrl-C or SIGTERM stops the processes in reverse order (a
+sidecar drains; nothing is left running).
 
-The configs are ``examples/mtls/*.yaml``. ``--ports-offset N`` moves every port by N when the
-default ones are taken; ``--any-ports`` lets every process pick a free port (tests use this)
-and wires the next one to what the previous one bound. The configs the processes run are
-written to a temporary directory, with the ports and certificate paths filled in.
+The configs are ``examples/mtls/*.yaml`` and ``examples/gateway/sidecar.yaml`` with its
+``mesh.yaml``. The gateway serves what its example file says: plain HTTP on 18000 as
+committed (so the curl lines work without a certificate), or TLS with the demo server
+certificate from ``make certs`` if the commented form there is used instead.
+``--ports-offset N`` moves every port by N when the default ones are taken; ``--any-ports``
+lets every process pick a free port (tests use this) and wires the next one to what the
+previous one bound. The configs the processes run are written to a temporary directory,
+with the ports, certificate and key-set paths filled in.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 from collections.abc import Callable
@@ -32,11 +40,13 @@ from typing import Any
 
 import yaml
 
-from examples.certs import DEFAULT_DIR, ensure_certs
+from examples.certs import DEFAULT_DIR, DEMO_SERVER_CERT, DEMO_SERVER_KEY, ensure_certs
+from examples.mint_token import mint
 
 __all__ = ["main"]
 
 HERE = Path(__file__).resolve().parent / "mtls"
+GATEWAY = HERE.parent / "gateway"
 ROOT = HERE.parents[1]
 READY_TIMEOUT = 20.0  # per process: a cold Python start and imports, on a slow machine
 STOP_TIMEOUT = 25.0  # a sidecar's drain deadline (20 s by default) and a margin
@@ -148,13 +158,17 @@ def _address(host_port: str, shift: int | None) -> str:
 
 
 def _write_sidecar(run: Path, name: str, certs: Path, shift: int | None, *,
-                   app: str | None = None, echo_endpoint: str | None = None) -> Path:
-    """The example's ``<name>.yaml`` and mesh.yaml with ports and certificate paths filled in."""
-    boot: dict[str, Any] = yaml.safe_load((HERE / f"{name}.yaml").read_text())
-    mesh: dict[str, Any] = yaml.safe_load((HERE / "mesh.yaml").read_text())
+                   app: str | None = None, echo_endpoint: str | None = None,
+                   example: Path = HERE, bootstrap: str | None = None) -> Path:
+    """The example's ``<name>.yaml`` (or ``bootstrap``) and mesh.yaml with ports, certificate
+    and key-set paths filled in."""
+    boot: dict[str, Any] = yaml.safe_load((example / (bootstrap or f"{name}.yaml")).read_text())
+    mesh: dict[str, Any] = yaml.safe_load((example / boot["mesh"]).read_text())
     for key, value in boot["listeners"].items():
         if isinstance(value, dict):
             value["address"] = _address(value["address"], shift)
+            if isinstance(value.get("tls"), dict):  # the gateway's server certificate: make certs'
+                value["tls"] = {"cert": str(certs / DEMO_SERVER_CERT), "key": str(certs / DEMO_SERVER_KEY)}
         else:
             boot["listeners"][key] = _address(value, shift)
     if app is not None:
@@ -162,6 +176,9 @@ def _write_sidecar(run: Path, name: str, certs: Path, shift: int | None, *,
     boot["mesh"] = f"mesh-{name}.yaml"
     boot["tls"] = {"cert": str(certs / f"{name}.pem"), "key": str(certs / f"{name}-key.pem"),
                    "bundle": str(certs / "bundle.pem")}
+    for provider in mesh.get("jwt_providers", {}).values():  # relative to the example's mesh
+        if "jwks_file" in provider:
+            provider["jwks_file"] = str((example / provider["jwks_file"]).resolve())
     echo = mesh["services"]["echo"]
     echo["endpoints"] = [echo_endpoint or _address(e, shift or 0) for e in echo["endpoints"]]
     (run / f"mesh-{name}.yaml").write_text(yaml.safe_dump(mesh, sort_keys=False))
@@ -170,11 +187,14 @@ def _write_sidecar(run: Path, name: str, certs: Path, shift: int | None, *,
     return path
 
 
-async def _check(outbound: int) -> str:
-    """One request through frontend -> echo, as curl would send it (absolute-form target)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", outbound)
+async def _exchange(port: int, request: bytes,
+                    tls: ssl.SSLContext | None = None) -> tuple[str, dict[str, str] | None]:
+    """One request, as curl would send it: the status, and the headers the echo app saw (None
+    when the answer is not the echo app's)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls, server_hostname="localhost" if tls is not None else None)
     try:
-        writer.write(b"GET http://echo/hello HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+        writer.write(request)
         async with asyncio.timeout(10):
             raw = await reader.read()
     finally:
@@ -182,11 +202,60 @@ async def _check(outbound: int) -> str:
     head, _, body = raw.partition(b"\r\n\r\n")
     status = head.split(b" ", 2)[1].decode() if head else "no response"
     try:
-        headers = {k.lower(): v for k, v in json.loads(body)["headers"].items()}
-        peer = headers.get("x-pake-peer-identity", "none")
-    except (ValueError, KeyError):
-        peer = "?"
+        return status, {k.lower(): v for k, v in json.loads(body)["headers"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return status, None
+
+
+async def _check(outbound: int) -> str:
+    """One request through frontend -> echo (absolute-form target, as curl -x sends it)."""
+    status, seen = await _exchange(
+        outbound, b"GET http://echo/hello HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+    peer = "?" if seen is None else seen.get("x-pake-peer-identity", "none")
     return f"GET http://echo/hello -> {status}; the echo app saw x-pake-peer-identity: {peer}"
+
+
+async def _check_gateway(port: int, tls: ssl.SSLContext | None) -> list[str]:
+    """Through the gateway with demo tokens: an admin may use /echo/admin/, a reader not."""
+    lines = []
+    for path, sub, role in (("/echo/hello", "alice", "admin"), ("/echo/admin/stats", "bob", "reader")):
+        token = mint(sub, [role], ttl=300)
+        status, seen = await _exchange(port, (
+            f"GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nAuthorization: Bearer {token}\r\n"
+            "Connection: close\r\n\r\n").encode(), tls)
+        line = f"gateway: GET {path} as {sub} (role {role}) -> {status}"
+        if seen is not None:
+            line += (f"; the echo app saw x-user: {seen.get('x-user', 'none')}, "
+                     f"x-pake-peer-identity: {seen.get('x-pake-peer-identity', 'none')}")
+        lines.append(line)
+    return lines
+
+
+def _gateway_tls(config: Path, certs: Path) -> ssl.SSLContext | None:
+    """A client context trusting the demo server certificate, if the gateway serves TLS."""
+    listener = yaml.safe_load(config.read_text())["listeners"]["gateway"]
+    if not (isinstance(listener, dict) and listener.get("tls")):
+        return None
+    return ssl.create_default_context(cafile=str(certs / DEMO_SERVER_CERT))
+
+
+def _gateway_help(port: int, tls: ssl.SSLContext | None, certs: Path) -> str:
+    if tls is None:
+        curl, base = "curl", f"http://127.0.0.1:{port}"
+        note = ("  (plain HTTP, as in examples/gateway/sidecar.yaml; its commented listener form serves"
+                f" TLS with {certs / DEMO_SERVER_CERT}, a DEMO certificate)")
+    else:
+        curl, base = f"curl --cacert {certs / DEMO_SERVER_CERT}", f"https://localhost:{port}"
+        note = f"  (TLS with the DEMO server certificate {certs / DEMO_SERVER_CERT})"
+    return f"""[demo] the gateway: outside callers bring a JWT or the demo API key; /echo/ goes over mTLS to echo
+{note}
+  TOKEN=$(.venv/bin/python -m examples.mint_token --sub alice --role admin)
+  {curl} -H "Authorization: Bearer $TOKEN" {base}/echo/hello                # 200
+  {curl} -H "Authorization: Bearer $TOKEN" {base}/echo/admin/stats          # 200: role admin
+  READER=$(.venv/bin/python -m examples.mint_token --sub bob --role reader)
+  {curl} -H "Authorization: Bearer $READER" {base}/echo/admin/stats         # 403: only role admin
+  {curl} -H "x-api-key: pake-demo-api-key-never-use-elsewhere" {base}/echo/hello   # 200
+  {curl} {base}/echo/hello                                                   # 401: no credentials"""
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -211,6 +280,12 @@ async def run(args: argparse.Namespace) -> int:
                      _sidecar_ready)
         children.append(echo)
         await _until(echo.start(run_dir), stop)
+        gw_cfg = _write_sidecar(run_dir, "gateway", certs, shift, example=GATEWAY, bootstrap="sidecar.yaml",
+                                echo_endpoint=f"127.0.0.1:{echo.ports['inbound']}")
+        gateway = Child("gateway", [sys.executable, "-m", "sidecar", "run", "-c", str(gw_cfg)],
+                        _sidecar_ready)
+        children.append(gateway)
+        await _until(gateway.start(run_dir), stop)
         front_cfg = _write_sidecar(run_dir, "frontend", certs, shift,
                                    echo_endpoint=f"127.0.0.1:{echo.ports['inbound']}")
         front = Child("frontend-sidecar", [sys.executable, "-m", "sidecar", "run", "-c", str(front_cfg)],
@@ -219,6 +294,9 @@ async def run(args: argparse.Namespace) -> int:
         await _until(front.start(run_dir), stop)
         outbound = front.ports["outbound"]
         print(f"[demo] {await _check(outbound)}", flush=True)
+        gw_tls, gw_port = _gateway_tls(gw_cfg, certs), gateway.ports["gateway"]
+        for line in await _check_gateway(gw_port, gw_tls):
+            print(f"[demo] {line}", flush=True)
         print(f"""
 [demo] the mTLS mesh is up (configs in {run_dir}):
   curl -x http://127.0.0.1:{outbound} http://echo/hello
@@ -226,8 +304,9 @@ async def run(args: argparse.Namespace) -> int:
   curl http://127.0.0.1:{front.ports['admin']}/config     # frontend's certificate: subject, SAN, serial, expiry
   curl http://127.0.0.1:{echo.ports['admin']}/metrics    # pake_tls_handshakes_total, ..._failures_total
   curl -k https://127.0.0.1:{echo.ports['inbound']}/      # no client certificate: refused in the handshake
+{_gateway_help(gw_port, gw_tls, certs)}
 [demo] Ctrl-C stops everything.
-[demo] demo ready outbound={outbound}""", flush=True)
+[demo] demo ready outbound={outbound} gateway={gw_port}""", flush=True)
         await stop.wait()
         print("[demo] stopping", flush=True)
     except _Stopped:
@@ -279,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.split("\n")[0])
     ports = parser.add_mutually_exclusive_group()
     ports.add_argument("--ports-offset", type=int, default=0, metavar="N",
-                       help="add N to every port (8080, 15000, 15001, 15006, 15100)")
+                       help="add N to every port (8080, 15000, 15001, 15006, 15100, 18000, 18100)")
     ports.add_argument("--any-ports", action="store_true", help="let every process pick a free port")
     parser.add_argument("--certs", type=Path, default=DEFAULT_DIR, help=f"certificates (default {DEFAULT_DIR})")
     parser.add_argument("--serve-echo", type=int, metavar="PORT", help=argparse.SUPPRESS)

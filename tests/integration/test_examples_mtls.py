@@ -1,5 +1,5 @@
-"""The mTLS quickstart as a user runs it: ``make certs`` (``python -m examples.certs``) and
-``make demo`` (``python -m examples.demo``), as real processes. The demo runs with
+"""The mTLS quickstart, with the gateway in front of it, as a user runs it: ``make certs``
+(``python -m examples.certs``) and ``make demo`` (``python -m examples.demo``), as real processes. The demo runs with
 ``--any-ports`` (every process on port 0, wired from their ready lines) and its own
 certificate folder, so it neither needs free fixed ports nor touches examples/mtls/certs."""
 
@@ -20,6 +20,7 @@ from certs.pem import load_certificate
 
 _ROOT = Path(__file__).resolve().parents[2]
 FRONTEND_ID = "spiffe://pake.local/service/frontend"
+GATEWAY_ID = "spiffe://pake.local/service/gateway"
 
 
 async def _run(*argv: str) -> str:
@@ -81,8 +82,10 @@ async def test_demo_serves_over_mtls_and_ctrl_c_stops_every_process(tmp_path: Pa
                 lines.append(line)
                 if m := re.search(r"started \S+ \(pid (\d+)\)", line):
                     pids.append(int(m.group(1)))
-        outbound = int(re.search(r"demo ready outbound=(\d+)", lines[-1]).group(1))  # type: ignore[union-attr]
-        assert len(pids) == 3
+        ready = re.search(r"demo ready outbound=(\d+) gateway=(\d+)", lines[-1])
+        assert ready, lines[-1]
+        outbound, gateway = int(ready.group(1)), int(ready.group(2))
+        assert len(pids) == 4  # the echo app, echo's sidecar, the gateway, frontend's sidecar
         # The demo's own check went through, and so does ours: the echo app sees the caller's
         # SPIFFE ID, which only the echo sidecar's verified mTLS handshake can put there.
         assert any(f"-> 200; the echo app saw x-pake-peer-identity: {FRONTEND_ID}" in line for line in lines)
@@ -93,12 +96,38 @@ async def test_demo_serves_over_mtls_and_ctrl_c_stops_every_process(tmp_path: Pa
         headers = {k.lower(): v for k, v in body["headers"].items()}
         assert headers["x-pake-peer-identity"] == FRONTEND_ID
 
+        # The gateway, as the demo tells a user to call it: tokens from mint_token.
+        assert any("the gateway:" in line for line in lines)
+        assert any(f"http://127.0.0.1:{gateway}/echo/hello" in line for line in lines)
+        admin = {"Authorization": "Bearer " + (await _run(
+            "-m", "examples.mint_token", "--sub", "alice", "--role", "admin")).strip()}
+        reader = {"Authorization": "Bearer " + (await _run(
+            "-m", "examples.mint_token", "--sub", "bob", "--role", "reader")).strip()}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{gateway}/echo/hello", headers=admin) as resp:
+                assert resp.status == 200
+                seen = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
+            # it reached the echo app through echo's sidecar, over mTLS with the gateway's identity
+            assert seen["x-pake-peer-identity"] == GATEWAY_ID and seen["x-user"] == "alice"
+            async with http.get(f"http://127.0.0.1:{gateway}/echo/admin/stats", headers=admin) as resp:
+                assert resp.status == 200
+            async with http.get(f"http://127.0.0.1:{gateway}/echo/admin/stats", headers=reader) as resp:
+                assert resp.status == 403
+                assert (await resp.json())["error"] == "forbidden"
+            async with http.get(f"http://127.0.0.1:{gateway}/echo/hello", headers=reader) as resp:
+                assert resp.status == 200
+            # echo's own sidecar enforces echo's policy (examples/mtls/mesh.yaml): frontend
+            # calls echo without a token, so /echo/admin/ is refused there, not at an edge
+            async with http.get("http://echo/echo/admin/stats", proxy=f"http://127.0.0.1:{outbound}") as resp:
+                assert resp.status == 403
+                assert (await resp.json())["service"] == "echo"
+
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(40):
             rest = (await proc.stdout.read()).decode().splitlines()
             assert await proc.wait() == 0, rest[-10:]
         assert rest[-1] == "[demo] stopped"
-        assert sum("exited" in line for line in rest) == 3
+        assert sum("exited" in line for line in rest) == 4
         for pid in pids:  # reaped by the demo, not orphaned
             assert not _alive(pid), pid
     finally:
