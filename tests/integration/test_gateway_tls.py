@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
+import shutil
 import socket
 import ssl
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from aiohttp.test_utils import TestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -32,6 +35,7 @@ from examples.echo import make_app
 from tests.helpers.sidecar_process import SidecarProcess
 
 _ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = _ROOT / "examples" / "gateway"
 
 
 # === helpers ==============================================================================
@@ -186,6 +190,35 @@ def test_the_server_context_asks_no_client_certificate_and_refuses_old_tls(tmp_p
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert ctx.verify_mode == ssl.CERT_NONE
     assert not ctx.options & ssl.OP_NO_TICKET
+
+
+async def test_the_example_tls_form_serves_the_demo_certificate_of_make_certs(tmp_path: Path) -> None:
+    """examples/gateway/sidecar.yaml shows its TLS listener commented out: used as it is
+    written, with the certificates ``make certs`` makes, it serves HTTPS for localhost."""
+    shutil.copytree(EXAMPLE, tmp_path / "gateway")
+    certs = tmp_path / "mtls" / "certs"  # where the example's ../mtls/certs/ points
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "examples.certs", "--out", str(certs), cwd=_ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    text = (EXAMPLE / "sidecar.yaml").read_text()
+    form = re.search(r"(?m)^  # gateway:\n  #   address: .+\n  #   tls: .+\n", text)
+    assert form, "sidecar.yaml shows the TLS listener form"
+    plain = re.search(r"(?m)^  gateway: .+\n", text)
+    assert plain
+    text = text.replace(plain.group(0), "").replace(form.group(0), form.group(0).replace("# ", ""))
+    boot = yaml.safe_load(text)
+    assert boot["listeners"]["gateway"]["tls"] == {
+        "cert": "../mtls/certs/demo-gateway-server.pem", "key": "../mtls/certs/demo-gateway-server-key.pem"}
+    boot["listeners"]["gateway"]["address"] = "127.0.0.1:0"
+    boot["listeners"]["admin"] = "127.0.0.1:0"
+    mesh = yaml.safe_load((EXAMPLE / "mesh.yaml").read_text())
+    async with SidecarProcess(tmp_path, name="gateway", bootstrap=boot, mesh=mesh) as gw, \
+            aiohttp.ClientSession() as http:
+        demo = trusting(certs / "demo-gateway-server.pem")
+        async with http.get(f"https://localhost:{gw.ports['gateway']}/echo/hello", ssl=demo) as resp:
+            assert resp.status == 401  # TLS done; no credentials, so the gateway's authn answers
 
 
 # === start-up refusals ====================================================================
