@@ -112,7 +112,12 @@ class Router:
         client = ex.downstream_address.encode()
         xff = head.forwarded_for
         extra = [(b"x-forwarded-for", xff + b", " + client if xff is not None else client)]
-        if head.forwarded_proto is None:
+        if ex.listener == "gateway":
+            # the edge: outside callers do not get to say how they connected
+            if head.forwarded_proto is not None:
+                head.remove_headers(b"x-forwarded-proto")
+            extra.append((b"x-forwarded-proto", self.scheme))
+        elif head.forwarded_proto is None:
             extra.append((b"x-forwarded-proto", self.scheme))
         if ex.peer_identity is not None:
             extra.append((b"x-pake-peer-identity", ex.peer_identity.encode()))
