@@ -111,6 +111,11 @@ class SessionCache:
         if len(self._entries) > self.maxsize:
             self._entries.popitem(last=False)
 
+    def holds(self, address: Hashable, context: ssl.SSLContext) -> bool:
+        """A live session for address, made with ``context``, is cached (and offered)."""
+        entry = self._entries.get(address)
+        return entry is not None and entry.context is context and not self._expired(entry.session)
+
     def forget(self, address: Hashable) -> None:
         """Drop an address's session, e.g. after a failed resumption or handshake."""
         self._entries.pop(address, None)

@@ -116,8 +116,10 @@ class Sidecar:
     def _tls(self, mesh: MeshConfig, source: TlsContextSource | None) -> SidecarTls:
         from .tls import SidecarTls, load_source  # pulls in cryptography: only when configured
 
+        assert self.bootstrap.tls is not None
         return SidecarTls(source or load_source(self.bootstrap, mesh), mesh.trust_domain,
-                          self.bootstrap.service, self.metrics.registry)
+                          self.bootstrap.service, self.metrics.registry,
+                          resume_upstream_sessions=self.bootstrap.tls.resume_upstream_sessions)
 
     # === start ==============================================================================
     async def start(self) -> None:

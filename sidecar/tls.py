@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import re
 import ssl
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +108,9 @@ def load_source(bootstrap: Bootstrap, mesh: MeshConfig) -> TlsContextSource:
     return source
 
 
+SESSION_REPLACE_INTERVAL = 10.0  # seconds between replacing an endpoint's cached TLS session
+
+
 class TlsMetrics:
     """Prometheus metrics of the sidecar's TLS, in the sidecar's own registry."""
 
@@ -150,8 +154,10 @@ class SidecarTls:
     """The TLS state of one sidecar: the context source, identity rules, sessions, watcher."""
 
     def __init__(self, source: TlsContextSource, trust_domain: str, service: str,
-                 registry: CollectorRegistry, *, watch_interval: float = WATCH_INTERVAL) -> None:
+                 registry: CollectorRegistry, *, watch_interval: float = WATCH_INTERVAL,
+                 resume_upstream_sessions: bool = False) -> None:
         self.source = source
+        self.resume_upstream_sessions = resume_upstream_sessions
         self.service = service
         self.identities = IdentityCache(trust_domain)
         self.sessions = SessionCache()
@@ -161,6 +167,7 @@ class SidecarTls:
         # The last connection per upstream address: its TLS 1.3 ticket arrives after the
         # handshake, so the session is collected when the pool opens the next connection.
         self._last_upstream: OrderedDict[Address, ssl.SSLObject] = OrderedDict()
+        self._stored_at: dict[Address, float] = {}  # when each endpoint's session was last replaced
         self.watcher = FileWatcher(source, self._reloaded, interval=watch_interval,
                                    on_error=self._reload_failed)
 
@@ -181,17 +188,27 @@ class SidecarTls:
     def context_for(self, address: Address) -> Callable[[], ClientContext]:
         """The context getter of one upstream endpoint's pool: offers that endpoint's last
         session when it was made with the current context (never across a reload)."""
-        sessions, last = self.sessions, self._last_upstream
+        if not self.resume_upstream_sessions:
+            return self.client_context  # see TlsFiles.resume_upstream_sessions
+        sessions, last, stored = self.sessions, self._last_upstream, self._stored_at
 
         def context() -> ClientContext:
             ctx = self.client_context()
             previous = last.pop(address, None)
             if previous is not None and not previous.session_reused:
-                # Only a full handshake's session replaces the cached one. Offering each new
-                # session in turn grows native memory by ~6.6 KB a connection without bound
-                # (CPython ssl + OpenSSL 3, on uvloop and asyncio alike); resuming the same
-                # session until the server stops accepting it does not.
-                sessions.store(address, previous.context, previous.session)
+                # Offering a fresh session on every connection grows native memory by
+                # ~2.5-6.6 KB a connection without bound (CPython ssl + OpenSSL 3, on uvloop and
+                # asyncio alike), whether or not the server resumes it. So the cached session
+                # is kept while it resumes, and when one was offered and refused it is replaced
+                # at most every SESSION_REPLACE_INTERVAL (a server that never resumes then
+                # costs little); with none offered (first, or after a reload) it is stored.
+                now = time.monotonic()
+                refused = sessions.holds(address, previous.context)  # offered, not resumed
+                if not refused or now - stored.get(address, -SESSION_REPLACE_INTERVAL) >= SESSION_REPLACE_INTERVAL:
+                    stored[address] = now
+                    if len(stored) > _MAX_PENDING_SESSIONS:
+                        stored.pop(next(iter(stored)))
+                    sessions.store(address, previous.context, previous.session)
             return sessions.context_for(address, ctx)
 
         return context
@@ -226,10 +243,11 @@ class SidecarTls:
             ssl_object = transport.get_extra_info("ssl_object")  # type: ignore[attr-defined]
             if ssl_object is None:
                 return None
-            last[address] = ssl_object
-            last.move_to_end(address)
-            if len(last) > _MAX_PENDING_SESSIONS:
-                last.popitem(last=False)
+            if self.resume_upstream_sessions:
+                last[address] = ssl_object
+                last.move_to_end(address)
+                if len(last) > _MAX_PENDING_SESSIONS:
+                    last.popitem(last=False)
             der = ssl_object.getpeercert(binary_form=True)
             if der is None:
                 return None

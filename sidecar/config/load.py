@@ -181,11 +181,12 @@ def _tls(top: Fields, base: Path) -> TlsFiles | None:
         return None
     node = top.sub("tls")
     paths = [node.str(k) for k in ("cert", "key", "bundle")]
+    resume = node.bool("resume_upstream_sessions", False)
     node.done()
     if any(p is None or not isinstance(p, str) for p in paths):
         return None
     cert, key, bundle = (base / p for p in paths)
-    return TlsFiles(cert=cert, key=key, bundle=bundle)
+    return TlsFiles(cert=cert, key=key, bundle=bundle, resume_upstream_sessions=resume)
 
 
 # === mesh ================================================================================

@@ -195,8 +195,10 @@ async def test_inbound_refuses_bad_peers_and_passes_the_identity(tmp_path: Path)
 # === outbound: identity check ============================================================
 
 
-def outbound_sidecar(tmp_path: Path, files: TlsFiles, services: dict[str, Any]) -> SidecarProcess:
-    boot = {"service": "frontend", "tls": tls_config(files),
+def outbound_sidecar(tmp_path: Path, files: TlsFiles, services: dict[str, Any], *,
+                     resume: bool = False) -> SidecarProcess:
+    tls = {**tls_config(files), "resume_upstream_sessions": resume}
+    boot = {"service": "frontend", "tls": tls,
             "listeners": {"outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"}}
     return SidecarProcess(tmp_path, bootstrap=boot, mesh={"services": services}, name="frontend-sidecar")
 
@@ -321,7 +323,9 @@ async def two_sidecars(tmp_path: Path, pki: MeshPki, probe_port: int | None = No
             "echo": {"endpoints": [f"127.0.0.1:{echo.ports['inbound']}"], "pool": {"max_idle": 1}}}
         if probe_port is not None:  # a new connection (and handshake) per request
             services["probe"] = {"endpoints": [f"127.0.0.1:{probe_port}"], "pool": {"max_idle": 0}}
-        async with outbound_sidecar(tmp_path, pki.services["frontend"], services) as front:
+        # session resumption is opt-in (see TlsFiles.resume_upstream_sessions): on here, so
+        # rotation is shown not to resume a session across a certificate change
+        async with outbound_sidecar(tmp_path, pki.services["frontend"], services, resume=True) as front:
             yield front, echo, app
 
 
