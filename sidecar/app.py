@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -70,6 +71,7 @@ class Sidecar:
         # Policy state that outlives snapshots: the audit sink and the JWT key caches.
         self.audit = build_audit_log(bootstrap.audit, clock=self.clock, base_dir=bootstrap.source.parent)
         self.jwks: dict[str, JwksCache] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self.snapshot: Snapshot = self._build(mesh)
         self.metrics.registry.register(StateCollector(
@@ -108,10 +110,16 @@ class Sidecar:
         old, self.jwks = self.jwks, caches
         for name, cache in caches.items():
             if old.get(name) is not cache and self._started:
-                self.loop.create_task(cache.start())
+                self._background(cache.start())
         for name, cache in old.items():
             if caches.get(name) is not cache:
-                self.loop.create_task(cache.stop())
+                self._background(cache.stop())
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task held here: the loop keeps only weak references to tasks."""
+        task = self.loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _tls(self, mesh: MeshConfig, source: TlsContextSource | None) -> SidecarTls:
         from .tls import SidecarTls, load_source  # pulls in cryptography: only when configured

@@ -57,6 +57,7 @@ class ClusterManager:
         self._tls = tls  # when set, per endpoint instead of client_tls/identify (resumption)
         self.clusters: dict[str, Cluster] = {}
         self._pools: dict[PoolKey, Pool] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._read_buffer = bytearray(256 * 1024)  # shared by every upstream connection
         self.local_service: str | None = None
 
@@ -79,7 +80,9 @@ class ClusterManager:
         for name, old in self.clusters.items():
             new = clusters.get(name)
             if old.health is not None and (new is None or new.health is not old.health):
-                self._loop.create_task(old.health.stop())
+                task = self._loop.create_task(old.health.stop())
+                self._tasks.add(task)  # held: the loop keeps only weak references to tasks
+                task.add_done_callback(self._tasks.discard)
         self._pools = pools
         self.clusters = clusters
         for cluster in clusters.values():
