@@ -8,7 +8,6 @@ tables and filter chains are compiled, so the per-request work is look-ups only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from .config.model import Bootstrap, MeshConfig, RouteConfig, ServiceConfig, WeightedTarget
 from .filters.base import BodyFilter, FilterChain
@@ -27,10 +26,6 @@ class Snapshot:
     filters: dict[str, FilterChain] = field(default_factory=dict)  # by listener name
     choosers: dict[int, WeightedChooser[WeightedTarget]] = field(default_factory=dict)  # id(route)
     body_filters: dict[str, BodyFilter] = field(default_factory=dict)  # by listener name
-    extras: dict[str, Any] = field(default_factory=dict)  # per-feature compiled state
-
-    def chain(self, listener: str) -> FilterChain:
-        return self.filters.get(listener, ())
 
     def body_filter(self, listener: str) -> BodyFilter | None:
         """The filter of this listener that may need a request's whole body, if any."""

@@ -49,10 +49,6 @@ class RequestHead:
         if any(key in names for key, _ in self.headers):
             self.headers = [(k, v) for k, v in self.headers if k not in names]
 
-    def set_header(self, name: bytes, value: bytes) -> None:
-        self.remove_headers(name)
-        self.headers.append((name, value))
-
 
 @dataclass(slots=True)
 class ResponseHead:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+from ..errors import LocalReply
 from .message import RequestHead
 
-__all__ = ["chunk", "LAST_CHUNK", "reason_phrase", "request_head", "response_head"]
+__all__ = ["chunk", "LAST_CHUNK", "local_reply", "reason_phrase", "request_head", "response_head"]
 
 LAST_CHUNK = b"0\r\n\r\n"
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -41,6 +42,17 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
         lines += (name, b": ", value, b"\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def local_reply(reply: LocalReply, service: str, extra: list[tuple[bytes, bytes]], *,
+                head_only: bool = False) -> tuple[bytes, int]:
+    """A reply the sidecar makes itself, JSON body and framing, then ``extra`` (request id,
+    connection). Returns the bytes and how many of them are body."""
+    body = reply.body(service)  # its length is the Content-Length even for HEAD
+    headers = [*reply.headers, (b"content-type", b"application/json"),
+               (b"content-length", b"%d" % len(body)), *extra]
+    head = response_head(reply.status, reason_phrase(reply.status), [], headers)
+    return (head, 0) if head_only else (head + body, len(body))
 
 
 def chunk(data: bytes) -> bytes:

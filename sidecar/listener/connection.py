@@ -24,7 +24,7 @@ from ..exchange import Exchange
 from ..http.headers import is_valid_request_id
 from ..http.message import RequestHead
 from ..http.request_parser import RequestParser
-from ..http.writer import reason_phrase, response_head
+from ..http.writer import local_reply
 from ..deadline import Deadline
 from .stream import Stream
 
@@ -382,9 +382,6 @@ class DownstreamConnection(asyncio.BufferedProtocol):
                 return
             self.abort()  # a response is under way: cutting the connection is all that is left
             return
-        reply: LocalReply = exc.reply()
-        body = reply.body(self.ctx.service)
-        self.write(response_head(reply.status, reason_phrase(reply.status), [], [
-            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-            (b"connection", b"close")]) + body)
+        data, _ = local_reply(exc.reply(), self.ctx.service, [(b"connection", b"close")])
+        self.write(data)
         self.close(linger=True)

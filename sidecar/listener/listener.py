@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 
 from ..config.model import ListenerConfig
 from .connection import DownstreamConnection, ListenerContext
@@ -23,21 +24,18 @@ class _Refuse(asyncio.Protocol):
 class Listener:
     def __init__(self, config: ListenerConfig, ctx: ListenerContext, loop: asyncio.AbstractEventLoop,
                  *, ssl_context: ssl.SSLContext | None = None,
-                 on_refused: object = None) -> None:
+                 on_refused: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.ctx = ctx
         self.loop = loop
         self.ssl_context = ssl_context
         self.server: asyncio.Server | None = None
         self.port = config.address[1]
-        self.refused = 0
-        self._on_refused = on_refused
+        self._on_refused = on_refused  # counts connections closed at once (max_connections)
 
     def _protocol(self) -> asyncio.Protocol:
         if self.ctx.connections >= self.ctx.limits.max_connections:
-            self.refused += 1
-            if callable(self._on_refused):
-                self._on_refused()
+            self._on_refused()
             return _Refuse()
         return DownstreamConnection(self.ctx, self.loop)
 

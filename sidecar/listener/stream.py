@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import LocalReply
 from ..exchange import Exchange
 from ..http.message import RequestHead, ResponseHead
-from ..http.writer import LAST_CHUNK, chunk, reason_phrase, response_head
+from ..http.writer import LAST_CHUNK, chunk, local_reply, response_head
 
 if TYPE_CHECKING:
     from ..errors import ProxyError
@@ -274,22 +274,19 @@ class Stream:
         ex = self.exchange
         ex.flags = reply.flag
         ex.reason = reply.detail
-        if not self.response_started:
-            ex.status = reply.status  # else the log keeps the status the client already got
         if self.response_started:
-            # half a response is out: the only honest signal left is to cut the connection
+            # half a response is out (the log keeps the status the client already got): the
+            # only honest signal left is to cut the connection
             self.keep_alive = False
             self.conn.abort()
             return
+        ex.status = reply.status
         self.response_started = True
         self.response_done = True
-        body = reply.body(service) if self.head.method != "HEAD" else b""
         if reply.close or not self.body_done:
             self.keep_alive = False
-        extra = list(reply.headers)
-        extra += ((b"content-type", b"application/json"),
-                  (b"content-length", b"%d" % len(reply.body(service))),
-                  (b"x-request-id", ex.request_id.encode()))
+        extra = [(b"x-request-id", ex.request_id.encode())]
         self._connection_header(extra)
-        ex.bytes_out += len(body)
-        self.conn.write(response_head(reply.status, reason_phrase(reply.status), [], extra) + body)
+        data, body_bytes = local_reply(reply, service, extra, head_only=self.head.method == "HEAD")
+        ex.bytes_out += body_bytes
+        self.conn.write(data)

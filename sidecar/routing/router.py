@@ -23,7 +23,7 @@ import time
 from ..config.model import RouteConfig
 from ..errors import (LocalReply, NoHealthyUpstream, NoRoute, PayloadTooLarge, ProxyError,
                       UpstreamConnectError, UpstreamIdentityError, UpstreamReset, UpstreamTimeout)
-from ..filters.fault import FAULT_HEADERS, abort_reply, decide
+from ..filters.fault import FAULT_HEADERS, FaultAction, abort_reply, decide
 from ..http.message import ResponseHead
 from ..http.writer import request_head
 from ..listener.stream import Finish, Stream
@@ -82,25 +82,22 @@ class Router:
         stream.timeout = timeout = route.timeout or cluster.timeouts.route
         stream.conn.route_deadline.set_in(timeout)
         policy.record_request(self.loop.time())
+        action = None
         if route.fault is not None:
             action = decide(route.fault, stream.head.headers, self._rng.random)
             stream.head.remove_headers(*FAULT_HEADERS)
-            if action.abort_status is not None and not action.delay:
-                self._end(stream, abort_reply(action, route.name))
-                return
-            if action.delay:
-                stream.head_bytes = self._head(stream)
-                stream.task = self.loop.call_later(action.delay, self._after_fault_delay, stream,
-                                                   action.abort_status, route.name)
-                return
         stream.head_bytes = self._head(stream)
-        self._attempt(stream)
+        if action is not None and action.delay:
+            stream.task = self.loop.call_later(action.delay, self._after_fault, stream, action,
+                                               route.name)
+        else:
+            self._after_fault(stream, action, route.name)
 
-    def _after_fault_delay(self, stream: Stream, abort_status: int | None, route: str) -> None:
+    def _after_fault(self, stream: Stream, action: FaultAction | None, route: str) -> None:
+        """Go on after an injected delay (if any): abort as injected, or send the first try."""
         stream.task = None
-        if abort_status is not None:
-            from ..filters.fault import FaultAction
-            self._end(stream, abort_reply(FaultAction(0.0, abort_status), route))
+        if action is not None and action.abort_status is not None:
+            self._end(stream, abort_reply(action, route))
         else:
             self._attempt(stream)
 
@@ -194,7 +191,6 @@ class Router:
                 f" {expected}").reply(), retry=False)
             return
         stream.reused = reused
-        pool.active_requests += 1
         conn.start(stream, stream.head.method == "HEAD")
         stream.attach(conn, stream.head_bytes + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
                       again=stream.head_sent)
@@ -206,7 +202,6 @@ class Router:
         if conn is not None and pool is not None:
             if abort:
                 conn.abort()
-            pool.active_requests -= 1
             stream.detach()
             pool.release(conn)
 

@@ -42,7 +42,6 @@ class Pool:
         self.idle: deque[UpstreamConnection] = deque()
         self.connections = 0  # open or opening
         self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
-        self.active_requests = 0
         self.closed = False
         self.breaker: CircuitBreaker | None = None  # the cluster's limits (set by ClusterManager)
 
