@@ -136,13 +136,8 @@ class FileWatcher:
         if task is None or task.done():
             return
         task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            # Re-raise only if *we* are being cancelled, not just the watcher.
-            if current is not None and current.cancelling():
-                raise
+        # gather() absorbs the watcher's own CancelledError but re-raises ours
+        await asyncio.gather(task, return_exceptions=True)
 
     async def _call(self, callback: Callable[[Any], Any] | None, arg: Any) -> None:
         if callback is None:

@@ -169,12 +169,8 @@ class HealthChecker:
         if task is None:
             return
         task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # we are being cancelled ourselves: never swallow that
+        # gather() absorbs the task's own CancelledError but re-raises ours
+        await asyncio.gather(task, return_exceptions=True)
 
     def next_delay(self) -> float:
         """interval ± jitter: sidecars that started together drift apart instead of probing
