@@ -155,7 +155,9 @@ class Sidecar:
             self.metrics.active_connections.labels(lc.name).set_function(lambda c=ctx: c.connections)
         admin = b.listener("admin")
         if admin is not None:
-            self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes())
+            self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes(),
+                                     timeouts=b.timeouts,
+                                     on_refused=self.metrics.connections_refused.labels("admin").inc)
             await self.admin.start()
         if self.tls is not None:
             self.tls.start()
