@@ -31,9 +31,12 @@ from .model import (
     TlsFiles,
     WeightedTarget,
 )
-from .reader import ConfigError, Fields, Problems, convert, parse_address
-from .policy import (MeshPolicy, is_loopback_host, parse_audit, parse_authn, parse_mesh_policy, parse_optional,
-                     parse_rate_limit, parse_rbac_policy, parse_validation)
+from .audit import parse_audit
+from .policy import MeshPolicy, parse_authn, parse_mesh_policy
+from .rate_limit import parse_rate_limit
+from .rbac import parse_rbac_policy
+from .reader import ConfigError, Fields, Problems, convert, is_loopback_host, parse_address, parse_optional
+from .validation import parse_validation
 from .resilience import parse_fault, parse_retries, parse_service_resilience
 
 __all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml"]

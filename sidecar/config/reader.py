@@ -8,20 +8,27 @@ Pure: no I/O; ``load.py`` reads the files.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 __all__ = [
+    "ENTRY_NAME",
     "ConfigError",
     "Fields",
     "MISSING",
     "Problems",
     "convert",
+    "header_name",
+    "is_loopback_host",
+    "methods_of",
     "parse_address",
     "parse_duration",
+    "parse_optional",
     "parse_percent",
     "parse_size",
+    "strings_of",
 ]
 
 T = TypeVar("T")
@@ -258,3 +265,52 @@ class Fields:
         for key in self.data:
             if key not in self._used:
                 self.error(str(key), "unknown key")
+
+
+# === shared readers ======================================================================
+
+# The name of an entry in a top-level map (a JWT provider, an API key).
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_METHOD = re.compile(r"^[A-Z]{1,20}$")
+
+
+def parse_optional(parent: Fields, key: str, fn: Callable[[Fields], T]) -> T | None:
+    """``fn(parent.sub(key))`` when the key is present, else None (and the key counts as read)."""
+    if not parent.has(key) or parent.data[key] is None:
+        parent.raw(key, None)
+        return None
+    return fn(parent.sub(key))
+
+
+def strings_of(node: Fields, key: str, *, pattern: re.Pattern[str] | None = None,
+            what: str = "a non-empty string", default: Any = ()) -> tuple[str, ...]:
+    """A list of strings; each bad item is reported at its own path."""
+    out = []
+    for path, item in node.list(key, list(default)):
+        if not isinstance(item, str) or not item or (pattern and not pattern.match(item)):
+            node.problems.add(path, f"must be {what}, got {item!r}")
+        else:
+            out.append(item)
+    return tuple(out)
+
+
+def methods_of(node: Fields, key: str) -> frozenset[str]:
+    return frozenset(strings_of(node, key, pattern=_METHOD, what="an upper-case HTTP method"))
+
+
+def header_name(node: Fields, key: str, name: Any) -> str | None:
+    """``name`` lower-cased, or None (reported at ``key``) when it is not a header name."""
+    if not isinstance(name, str) or not _HEADER_NAME.match(name.lower()):
+        node.error(key, f"must be a header name, got {name!r}")
+        return None
+    return name.lower()
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config.policy import ValidationConfig, check_json_schema
+from ..config.validation import ValidationConfig, check_json_schema
 from ..config.reader import ConfigError
 from ..errors import LocalReply
 from ..exchange import Exchange

@@ -27,7 +27,7 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
 from ..clock import Clock
-from ..config.policy import JwtProvider
+from ..config.jwt_providers import JwtProvider
 from ..config.reader import ConfigError
 from .fetch import FetchError, https_get
 

@@ -27,7 +27,7 @@ from typing import Any
 import jwt
 from jwt.exceptions import InvalidSignatureError, PyJWTError
 
-from ..config.policy import JwtProvider
+from ..config.jwt_providers import JwtProvider
 from .jwks import JwksCache
 
 __all__ = ["JwtError", "ParsedToken", "VerifiedToken", "Verifier", "parse_token", "strict_json"]
