@@ -20,6 +20,7 @@ __all__ = [
     "MISSING",
     "Problems",
     "convert",
+    "format_duration",
     "header_name",
     "is_loopback_host",
     "methods_of",
@@ -75,8 +76,12 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# One duration grammar for the config, the CLI and the fault headers: one or more
+# <number><unit> parts, units from the largest down, each at most once (``1h30m``, ``1.5s``).
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_ORDER = list(_DURATION_UNITS)
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
                "KB": 1000, "MB": 1000**2, "GB": 1000**3}
@@ -84,13 +89,27 @@ _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 
 def parse_duration(value: Any) -> float:
-    """``500ms``, ``1.5s``, ``2m``, ``24h``, ``7d`` -> seconds. Plain numbers are refused:
-    a bare ``10`` is ambiguous (seconds? milliseconds?) and is the classic config bug."""
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f"must be a duration like 500ms, 10s, 5m, 24h, got {_show(value)}")
+    """``500ms``, ``2s``, ``1.5s``, ``10m``, ``24h``, ``7d`` or a sum like ``1h30m`` -> seconds.
+    Plain numbers are refused: a bare ``10`` is ambiguous (seconds? milliseconds?) and is
+    the classic config bug. No spaces, no upper case: one spelling everywhere."""
+    if isinstance(value, str) and _DURATION.match(value):
+        parts = _DURATION_PART.findall(value)
+        ranks = [_DURATION_ORDER.index(unit) for _, unit in parts]
+        if all(a < b for a, b in zip(ranks, ranks[1:])):
+            return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    raise ValueError(f"must be a duration like 500ms or 1h30m, got {_show(value)}")
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that holds it exactly (``86400`` -> ``1d``, ``5400`` ->
+    ``90m``, ``0.5`` -> ``500ms``); ``parse_duration`` reads it back."""
+    if seconds == 0:
+        return "0s"
+    for unit, size in _DURATION_UNITS.items():
+        count = round(seconds / size, 6)  # 0.1 / 0.001 is 100.00000000000001
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    return f"{seconds * 1000:g}ms"
 
 
 def parse_size(value: Any) -> int:
