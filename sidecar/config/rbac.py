@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .reader import Fields, header_name, methods_of, parse_optional, strings_of
+from .reader import Fields, header_name, methods_of, strings_of
 
 __all__ = ["ClaimMatch", "PathMatch", "RbacMatch", "RbacPolicy", "RbacRule", "parse_rbac_policy"]
 
@@ -142,7 +142,7 @@ def parse_rbac_policy(node: Fields) -> RbacPolicy:
             rule.done()
             continue
         match = _rbac_match(rule.sub(actions[0]))
-        unless = parse_optional(rule, "unless", _rbac_match)
+        unless = rule.optional("unless", _rbac_match)
         rule.done()
         if name in names:
             rule.error("name", f"{name!r} is used by another rule")

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from ..http.headers import HEADER_NAME
+
 __all__ = [
     "ENTRY_NAME",
     "ConfigError",
@@ -26,7 +28,6 @@ __all__ = [
     "methods_of",
     "parse_address",
     "parse_duration",
-    "parse_optional",
     "parse_percent",
     "parse_size",
     "strings_of",
@@ -262,6 +263,16 @@ class Fields:
         """A nested mapping (empty when absent)."""
         return Fields(self.raw(key, None), self.at(key), self.problems)
 
+    def optional(self, key: str, read: Callable[[Fields], T]) -> T | None:
+        """An optional section: ``read`` of it when present, None when absent or null (the
+        key counts as read either way). The one way a config asks "is this configured?".
+        An empty mapping is present and gets its defaults: ``policy: {}`` is a deny-all
+        policy, not no policy, and ``rate_limit: {}`` is an error (no rate), not silence."""
+        if self.data.get(key) is None:
+            self.raw(key, None)
+            return None
+        return read(self.sub(key))
+
     def list(self, key: str, default: Any = MISSING) -> list[tuple[str, Any]]:
         """A list as ``(path, item)`` pairs; absent -> ``default`` (or [] when given)."""
         value = self.raw(key, [] if default is MISSING else default)
@@ -290,16 +301,7 @@ class Fields:
 
 # The name of an entry in a top-level map (a JWT provider, an API key).
 ENTRY_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
-_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 _METHOD = re.compile(r"^[A-Z]{1,20}$")
-
-
-def parse_optional(parent: Fields, key: str, fn: Callable[[Fields], T]) -> T | None:
-    """``fn(parent.sub(key))`` when the key is present, else None (and the key counts as read)."""
-    if not parent.has(key) or parent.data[key] is None:
-        parent.raw(key, None)
-        return None
-    return fn(parent.sub(key))
 
 
 def strings_of(node: Fields, key: str, *, pattern: re.Pattern[str] | None = None,
@@ -320,7 +322,7 @@ def methods_of(node: Fields, key: str) -> frozenset[str]:
 
 def header_name(node: Fields, key: str, name: Any) -> str | None:
     """``name`` lower-cased, or None (reported at ``key``) when it is not a header name."""
-    if not isinstance(name, str) or not _HEADER_NAME.match(name.lower()):
+    if not isinstance(name, str) or not HEADER_NAME.match(name.lower()):
         node.error(key, f"must be a header name, got {name!r}")
         return None
     return name.lower()

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-__all__ = ["HOP_BY_HOP", "MESH_INTERNAL", "RESERVED_HEADERS", "connection_tokens", "is_valid_request_id"]
+import re
+
+__all__ = [
+    "HEADER_NAME",
+    "HOP_BY_HOP",
+    "MESH_INTERNAL",
+    "RESERVED_HEADERS",
+    "connection_tokens",
+    "is_valid_request_id",
+]
+
+# RFC 9110 §5.1: a field name is a token. Matched against the lower-cased name, the form in
+# which the mesh keeps header names (config, matchers, the parser's output).
+HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 # RFC 9110 §7.6.1: meaningful for one hop only; framing is re-done by us on each side.
 HOP_BY_HOP = frozenset({

@@ -29,6 +29,7 @@ from jwt.exceptions import PyJWTError
 from ..clock import Clock
 from ..config.jwt_providers import JwtProvider
 from ..config.reader import ConfigError
+from ..strict_json import strict_json
 from .fetch import FetchError, https_get
 
 __all__ = [
@@ -148,8 +149,8 @@ def parse_jwks(data: bytes | str | Mapping[str, Any], algorithms: frozenset[str]
     """The usable keys of a JWKS document; ``JwksError`` if none is usable."""
     if isinstance(data, (bytes, str)):
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+            doc = strict_json(data)
+        except ValueError:
             raise JwksError("not a JSON document") from None
     else:
         doc = data
