@@ -26,6 +26,8 @@ import structlog
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
+from certs.tasks import stop_task
+
 from ..clock import Clock
 from ..config.jwt_providers import JwtProvider
 from ..config.reader import ConfigError
@@ -331,11 +333,7 @@ class JwksCache:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        # gather() absorbs the task's own CancelledError but re-raises ours.
-        await asyncio.gather(task, return_exceptions=True)
+        await stop_task(task)
 
 
 def build_jwks_cache(provider: JwtProvider, *, clock: Clock, base_dir: Path | None = None,
