@@ -20,7 +20,7 @@ import structlog
 from .admin.server import AdminResponse, AdminServer, json_response
 from .config.load import load_bootstrap, load_mesh
 from .config.model import Bootstrap, ListenerConfig, MeshConfig
-from .config.policy import redact
+from .config.redact import redact
 from .config.reader import ConfigError
 from .errors import DownstreamProtocolError
 from .listener.connection import DownstreamConnection, ListenerContext, ServerState

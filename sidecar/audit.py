@@ -27,7 +27,7 @@ from typing import Literal, Protocol, TextIO
 import structlog
 
 from .clock import Clock, MonotonicClock
-from .config.policy import AuditConfig
+from .config.audit import AuditConfig
 from .exchange import Exchange
 
 __all__ = [

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .policy import (AuditConfig, MeshPolicy, RateLimitConfig, RbacPolicy, ServiceAuthn,
-                     ValidationConfig)
+from .audit import AuditConfig
+from .policy import MeshPolicy, ServiceAuthn
+from .rate_limit import RateLimitConfig
+from .rbac import RbacPolicy
+from .validation import ValidationConfig
 from .resilience import FaultConfig, RetryConfig, ServiceResilience
 
 __all__ = [

@@ -86,8 +86,8 @@ def test_retries_budget_long_form() -> None:
                                 "timeout, 5xx, gateway-error, retriable-4xx or a status code "
                                 "like \"503\", got 'oops'"),
     ({"on": ["200"]}, f"{SVC}.retries.on[0]: must be one of"),
-    ({"per_try_timeout": 5}, f"{SVC}.retries.per_try_timeout: must be a duration like 500ms, "
-                             "10s, 5m, 24h, got 5"),
+    ({"per_try_timeout": 5}, f"{SVC}.retries.per_try_timeout: must be a duration like 500ms "
+                             "or 1h30m, got 5"),
     ({"backoff": {"base": "1s", "max": "100ms"}},
      f"{SVC}.retries.backoff.max: must be ≥ base (1s), got '100ms'"),
     ({"budget": "120%"}, f"{SVC}.retries.budget: must be a percentage from 0% to 100%, got '120%'"),

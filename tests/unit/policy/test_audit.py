@@ -14,14 +14,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from sidecar.audit import AuditLog, RotatingFileSink, StreamSink, build_audit_log
-from sidecar.config.policy import (
-    ApiKey,
-    AuditConfig,
-    RbacMatch,
-    RbacPolicy,
-    RbacRule,
-    ServiceAuthn,
-)
+from sidecar.config.api_keys import ApiKey
+from sidecar.config.audit import AuditConfig
+from sidecar.config.policy import ServiceAuthn
+from sidecar.config.rbac import RbacMatch, RbacPolicy, RbacRule
 from sidecar.filters.authn_api_key import build_api_key_authn
 from sidecar.filters.authz_rbac import build_rbac
 
