@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config.resilience import BreakerConfig
+from ..config.breaker import BreakerConfig
 from ..errors import CircuitOpen
 from .endpoint import Outcome
 

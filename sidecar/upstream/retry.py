@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-from ..config.resilience import RetryBudgetConfig, RetryConfig
+from ..config.retries import RetryBudgetConfig, RetryConfig
 from .circuit_breaker import RollingCounts
 from .endpoint import Outcome
 

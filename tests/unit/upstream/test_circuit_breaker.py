@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.config.resilience import BreakerConfig, ErrorRateConfig
+from sidecar.config.breaker import BreakerConfig, ErrorRateConfig
 from sidecar.errors import CircuitOpen
 from sidecar.upstream.circuit_breaker import (
     Admission,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.config.resilience import RetryBudgetConfig, RetryConfig
+from sidecar.config.retries import RetryBudgetConfig, RetryConfig
 from sidecar.upstream.endpoint import Outcome, outcome_of_status
 from sidecar.upstream.retry import RetryBudget, RetryPolicy, parse_retry_after
 
