@@ -4,7 +4,10 @@ Every refusal is a ``ProxyError`` subclass carrying its status, a short error co
 response flag (Envoy's vocabulary: ``NR`` no route, ``UF`` upstream connect failure, ``UT``
 upstream timeout, ``UO`` overflow / breaker open, ``URX`` retries exhausted, ``UPE``
 upstream protocol or identity error, ``DPE`` downstream protocol error). ``rescue()`` maps
-an error to a ``LocalReply``; the access log and metrics carry the same flag.
+an error to a ``LocalReply``; the access log and metrics carry the same flag, and so does the
+reply itself, in its ``x-pake-flags`` header. The error code tells apart what a flag groups:
+``UO`` is ``circuit_open`` (the breaker refuses the cluster for a while) or
+``upstream_overflow`` (a concurrency limit is full right now).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "Unauthenticated",
     "UpstreamConnectError",
     "UpstreamIdentityError",
+    "UpstreamOverflow",
     "UpstreamProtocolError",
     "UpstreamReset",
     "UpstreamTimeout",
@@ -34,7 +38,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class LocalReply:
-    """A response the sidecar makes itself: JSON ``{"error","detail","service"}`` and a flag."""
+    """A response the sidecar makes itself: JSON ``{"error","detail","service"}`` and a flag
+    (or flags joined by commas, e.g. ``UF,URX``), sent as ``x-pake-flags`` and logged."""
 
     status: int
     error: str
@@ -106,6 +111,16 @@ class NoHealthyUpstream(ProxyError):
 
 
 class CircuitOpen(ProxyError):
+    """The cluster's circuit breaker is open (or half-open with its trials in flight): the
+    service failed as a whole, and is left alone until the open interval has passed."""
+
+    status, error, flag = 503, "circuit_open", "UO"
+
+
+class UpstreamOverflow(ProxyError):
+    """A concurrency limit of the cluster or the endpoint's pool is full (max_requests,
+    max_retries, max_pending, max_connections): a matter of load now, not of failure."""
+
     status, error, flag = 503, "upstream_overflow", "UO"
 
 

@@ -7,16 +7,21 @@ The YAML shape; the values shown are the defaults, except where a comment says o
     services:
       orders:
         breaker:
-          consecutive_failures: 5      # trips after this many failures in a row (0: off)
+          consecutive_failures: 5      # trips after this many failures in a row (0: off);
+                                       # a failure isolated to one endpoint (another endpoint
+                                       # in use still answers) is the outlier detector's and
+                                       # is not counted here, nor in error_rate
           error_rate: {threshold: 50%, window: 10s, min_requests: 20}   # optional; absent: off
           open_for: 5s                 # first open interval; doubles on each re-trip ...
           open_for_max: 60s            # ... up to this; back to open_for after a close
           half_open_requests: 1        # trial requests; all must succeed to close
           failure_on: [connect-failure, reset, timeout, 5xx]   # also: gateway-error (502/503/504)
-          max_connections: 1024        # concurrency limits for the whole cluster (503 UO)
+          max_connections: 1024        # concurrency limits for the whole cluster: 503 UO
+                                       # upstream_overflow (an open breaker: circuit_open)
           max_pending: 1024
           max_requests: 1024
-          max_retries: 3               # retries in flight at once
+          max_retries: 3               # retries in flight at once (a retry of a failure
+                                       # isolated to one endpoint takes no slot)
 """
 
 from __future__ import annotations

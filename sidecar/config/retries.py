@@ -16,7 +16,9 @@ The YAML shape; the values shown are the defaults, except where a comment says o
           backoff: {base: 25ms, max: 250ms}   # full jitter: uniform(0, min(max, base·2^(retry-1)))
           budget: 20%                  # or {percent: 20%, min_retries: 3, window: 10s}: retries are
                                        # at most percent of the requests seen in the window (or
-                                       # min_retries): a failing upstream never sees a retry storm
+                                       # min_retries): a failing upstream never sees a retry storm.
+                                       # A retry of a failure isolated to one endpoint, sent to
+                                       # another that answers, spends none
           retry_non_idempotent: false  # true: POST, PATCH, CONNECT are retried too
           max_replay_body: 64KiB       # a larger request body is streamed, not kept: never retried
           honour_retry_after: true     # a 429/503 Retry-After sets the backoff ...

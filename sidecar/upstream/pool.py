@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..config.model import Address, PoolConfig
-from ..errors import CircuitOpen, UpstreamConnectError, UpstreamTimeout
+from ..errors import UpstreamConnectError, UpstreamOverflow, UpstreamTimeout
 from .circuit_breaker import CircuitBreaker, Limit
 from .upstream_connection import UpstreamConnection
 
@@ -67,12 +67,12 @@ class Pool:
         if self.connections < self.config.max_connections:
             return await self._connect(connect_timeout), False
         if len(self.waiters) >= self.config.max_pending:
-            raise CircuitOpen(f"{self.address_text}: {len(self.waiters)} requests already wait"
-                              f" for a connection (max_pending)")
+            raise UpstreamOverflow(f"{self.address_text}: {len(self.waiters)} requests already wait"
+                                   f" for a connection (max_pending)")
         pending = self.breaker.pending if self.breaker is not None else None
         if pending is not None and not pending.try_acquire():
-            raise CircuitOpen(f"cluster {self.breaker.name}: too many requests wait for a"  # type: ignore[union-attr]
-                              f" connection (max_pending {pending.max})")
+            raise UpstreamOverflow(f"cluster {self.breaker.name}: too many requests wait for a"  # type: ignore[union-attr]
+                                   f" connection (max_pending {pending.max})")
         waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
         self.waiters.append(waiter)
         try:
@@ -89,8 +89,8 @@ class Pool:
     async def _connect(self, timeout: float) -> UpstreamConnection:
         limit = self.breaker.connections if self.breaker is not None else None
         if limit is not None and not limit.try_acquire():
-            raise CircuitOpen(f"cluster {self.breaker.name}: connection limit reached"  # type: ignore[union-attr]
-                              f" (max_connections {limit.max})")
+            raise UpstreamOverflow(f"cluster {self.breaker.name}: connection limit reached"  # type: ignore[union-attr]
+                                   f" (max_connections {limit.max})")
         self.connections += 1
         host, port = self.address
         try:

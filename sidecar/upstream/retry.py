@@ -4,6 +4,9 @@
 replayed and whether the response already reached the client, then at the attempts left, the
 backoff (exponential, full jitter, or the upstream's ``Retry-After`` within a maximum), the
 deadline, and last the ``RetryBudget``, so that only a retry that will happen spends budget.
+The budget guards a service failing as a whole against a retry storm: the retry of a failure
+isolated to one endpoint (``endpoint.isolated_failure``) goes to another endpoint that still
+answers, amplifies nothing, and spends none (it is still bounded by ``attempts``).
 Pure: no asyncio imports, no clock reads (``now`` comes in), randomness is injected.
 """
 
@@ -145,7 +148,7 @@ class RetryPolicy:
     def should_retry(self, attempt: int, outcome: Outcome, status: int | None, method: str, *,
                      body_replayable: bool, response_started: bool, now: float,
                      retry_after: float | None = None,
-                     deadline: float | None = None) -> RetryDecision:
+                     deadline: float | None = None, isolated: bool = False) -> RetryDecision:
         """After try number ``attempt`` (1 for the first) ended with ``outcome`` (and ``status``
         when a response head came), may the request be tried again, and after how long?
 
@@ -153,7 +156,8 @@ class RetryPolicy:
         ``max_replay_body``). ``response_started``: bytes of the response went downstream.
         ``retry_after``: the upstream's Retry-After in seconds (``parse_retry_after``).
         ``deadline``: when the route timeout fires; a retry that cannot start before it is not
-        worth the budget.
+        worth the budget. ``isolated``: the failure is its endpoint's alone (another endpoint in
+        use still answers): the retry spends no budget.
         """
         if outcome is Outcome.CANCELLED:
             return _NOT_RETRIABLE  # nobody is waiting for the answer
@@ -175,7 +179,7 @@ class RetryPolicy:
             backoff = max(backoff, retry_after)
         if deadline is not None and now + backoff >= deadline:
             return _DEADLINE
-        if not self.budget.try_spend(now):
+        if not isolated and not self.budget.try_spend(now):
             return _BUDGET
         listed = status is not None and status in self._statuses
         reason = str(status) if listed else outcome.name.lower()

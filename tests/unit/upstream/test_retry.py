@@ -197,6 +197,19 @@ def test_budget_minimum_lets_a_quiet_service_retry() -> None:
     assert budget.try_spend(NOW + 10.5)  # the window moved on
 
 
+def test_a_retry_of_a_failure_isolated_to_one_endpoint_spends_no_budget() -> None:
+    """One bad endpoint among good ones must not use up the budget that guards the service."""
+    p = policy(budget=RetryBudgetConfig(percent=0.0, min_retries=1, window=10.0))
+    p.record_request(NOW)
+    for _ in range(50):
+        assert decide(p, isolated=True)[0]
+    assert p.budget.snapshot(NOW)["retries"] == 0
+    assert decide(p)[0]  # the one retry the budget allows is still there
+    assert decide(p)[2] == "budget_exhausted"
+    # still bounded by attempts, isolated or not
+    assert decide(p, attempt=3, isolated=True)[2] == "attempts_exhausted"
+
+
 def test_exhausted_budget_refuses_and_a_refusal_spends_nothing() -> None:
     p = policy(budget=RetryBudgetConfig(percent=0.0, min_retries=1, window=10.0))
     assert decide(p)[0]
