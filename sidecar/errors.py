@@ -13,7 +13,7 @@ reply itself, in its ``x-pake-flags`` header. The error code tells apart what a 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "CircuitOpen",
@@ -47,6 +47,11 @@ class LocalReply:
     flag: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
     close: bool = False  # close the downstream connection after the reply
+
+    def flagged(self, flag: str) -> LocalReply:
+        """This reply with one more flag (``UF`` -> ``UF,URX``): the flags a reply is sent with
+        are the ones its exchange is logged with."""
+        return replace(self, flag=flag if self.flag == "-" else f"{self.flag},{flag}")
 
     def body(self, service: str) -> bytes:
         return json.dumps({"error": self.error, "detail": self.detail, "service": service},

@@ -147,8 +147,7 @@ class Router:
         if not admission.admitted:
             last = stream.last_reply
             if last is not None:  # a retry the breaker will not allow: answer with the failure
-                stream.retries_exhausted = True
-                self._end(stream, last)
+                self._end(stream, last.flagged("URX"))
             else:
                 self._end(stream, admission.error(cluster.name).reply())  # type: ignore[union-attr]
             return
@@ -258,7 +257,7 @@ class Router:
                                                    isolated)
                 return
             if decision.reason in ("attempts_exhausted", "budget_exhausted", "deadline") and stream.tries:
-                stream.retries_exhausted = True
+                reply = reply.flagged("URX")  # in the reply's x-pake-flags, as in the access log
         self._end(stream, reply)
 
     # === upstream events (Driver) ============================================================
