@@ -18,7 +18,8 @@ The YAML shape; the values shown are the defaults, except where a comment says o
                                        # at most percent of the requests seen in the window (or
                                        # min_retries): a failing upstream never sees a retry storm.
                                        # A retry of a failure isolated to one endpoint, sent to
-                                       # another that answers, spends none
+                                       # another that answers, spends none. On a route: that
+                                       # route's own budget; unset, the route shares the service's
           retry_non_idempotent: false  # true: POST, PATCH, CONNECT are retried too
           max_replay_body: 64KiB       # a larger request body is streamed, not kept: never retried
           honour_retry_after: true     # a 429/503 Retry-After sets the backoff ...
@@ -52,7 +53,9 @@ class RetryConfig:
     per_try_timeout: float | None = None
     backoff_base: float = 0.025
     backoff_max: float = 0.250
-    budget: RetryBudgetConfig = RetryBudgetConfig()
+    # None: not set. A service then has the default budget, and a route with its own retries
+    # section shares its service's; a route that sets one has budget state of its own.
+    budget: RetryBudgetConfig | None = None
     retry_non_idempotent: bool = False
     max_replay_body: int = 64 * 1024
     honour_retry_after: bool = True
@@ -100,9 +103,13 @@ def parse_retries(node: Fields) -> RetryConfig:
     return config
 
 
-def _retry_budget(node: Fields) -> RetryBudgetConfig:
+def _retry_budget(node: Fields) -> RetryBudgetConfig | None:
     d = RetryBudgetConfig()
     value = node.data.get("budget")
+    if value is None:
+        if node.has("budget"):
+            node.raw("budget")  # ``budget: null`` is "not set"
+        return None
     if value is not None and not isinstance(value, dict):  # the short form, ``budget: 20%``
         return RetryBudgetConfig(percent=node.percent("budget", d.percent))
     sub = node.sub("budget")

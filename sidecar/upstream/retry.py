@@ -82,9 +82,10 @@ class RetryBudget:
     ``(1 + percent) × requests + min_retries`` tries per window. Memory is fixed (buckets).
     """
 
-    __slots__ = ("percent", "min_retries", "exhausted", "_counts")
+    __slots__ = ("config", "percent", "min_retries", "exhausted", "_counts")
 
     def __init__(self, config: RetryBudgetConfig, buckets: int = 10) -> None:
+        self.config = config
         self.percent = config.percent
         self.min_retries = config.min_retries
         self.exhausted = 0  # retries refused, for metrics
@@ -121,7 +122,8 @@ class RetryPolicy:
     def __init__(self, config: RetryConfig, *, rand: Callable[[], float] | None = None,
                  budget: RetryBudget | None = None) -> None:
         self.config = config
-        self.budget = budget if budget is not None else RetryBudget(config.budget)
+        self.budget = budget if budget is not None else RetryBudget(
+            config.budget if config.budget is not None else RetryBudgetConfig())
         # A generator of its own: no shared global state, and tests inject a seeded one.
         self._rand = rand if rand is not None else random.Random().random
         self._outcomes = tuple(o in retry_outcomes(config.on) for o in Outcome)

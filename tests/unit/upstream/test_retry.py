@@ -183,7 +183,7 @@ def test_budget_caps_retries_near_20_percent_under_total_failure() -> None:
             attempt += 1
             tries += 1
         now += 0.01  # 100 requests a second: the 10 s window holds ~1000 requests
-    assert tries <= 1.2 * requests + p.config.budget.min_retries
+    assert tries <= 1.2 * requests + p.budget.min_retries
     assert tries >= 1.15 * requests  # and the budget is actually used, not starved
     assert p.budget.exhausted > 0
 
