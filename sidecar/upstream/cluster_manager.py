@@ -128,6 +128,7 @@ class ClusterManager:
             resilience=res, load_balancer=load_balancer_for(res.load_balancer), breaker=breaker,
             outlier=OutlierDetector(res.outlier, on_change=self._outlier_event(name)),
             retry=RetryPolicy(res.retries, budget=budget), health=health,
+            earlier_route_policies=old.route_policies if old is not None else {},
             expected_identity=f"spiffe://{trust_domain}/service/{name}" if tls else None,
             max_request_body=service.max_request_body if service else None,
         )

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..config.model import Address, PoolConfig
-from ..errors import CircuitOpen, UpstreamConnectError, UpstreamTimeout
+from ..errors import UpstreamConnectError, UpstreamOverflow, UpstreamTimeout
 from .circuit_breaker import CircuitBreaker, Limit
 from .upstream_connection import UpstreamConnection
 
@@ -93,13 +93,13 @@ class Pool:
 
     async def _wait(self) -> _Handed:
         if len(self.waiters) >= self.config.max_pending:
-            raise CircuitOpen(f"{self.address_text}: {len(self.waiters)} requests already wait"
-                              f" for a connection (max_pending)")
+            raise UpstreamOverflow(f"{self.address_text}: {len(self.waiters)} requests already wait"
+                                   f" for a connection (max_pending)")
         breaker = self.breaker
         pending = breaker.pending if breaker is not None else None
         if pending is not None and not pending.try_acquire():
-            raise CircuitOpen(f"cluster {breaker.name}: too many requests wait for a"  # type: ignore[union-attr]
-                              f" connection (max_pending {pending.max})")
+            raise UpstreamOverflow(f"cluster {breaker.name}: too many requests wait for a"  # type: ignore[union-attr]
+                                   f" connection (max_pending {pending.max})")
         waiter: asyncio.Future[_Handed] = self._loop.create_future()
         self.waiters.append(waiter)
         try:
@@ -122,8 +122,8 @@ class Pool:
         limit = breaker.connections if breaker is not None else None
         if limit is not None and not limit.try_acquire():
             self._free_slot()
-            raise CircuitOpen(f"cluster {breaker.name}: connection limit reached"  # type: ignore[union-attr]
-                              f" (max_connections {limit.max})")
+            raise UpstreamOverflow(f"cluster {breaker.name}: connection limit reached"  # type: ignore[union-attr]
+                                   f" (max_connections {limit.max})")
         conn = UpstreamConnection(self, self._loop)
         host, port = self.address
         try:

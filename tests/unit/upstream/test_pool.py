@@ -18,7 +18,7 @@ import pytest
 
 from sidecar.config.model import PoolConfig
 from sidecar.config.resilience import BreakerConfig
-from sidecar.errors import CircuitOpen, ProxyError, UpstreamConnectError, UpstreamTimeout
+from sidecar.errors import ProxyError, UpstreamConnectError, UpstreamOverflow, UpstreamTimeout
 from sidecar.http.message import ResponseHead
 from sidecar.upstream.circuit_breaker import CircuitBreaker
 from sidecar.upstream.pool import Pool
@@ -373,7 +373,7 @@ async def test_connection_limit_of_the_cluster_refuses_and_frees_the_slot() -> N
     s = Setup(max_connections=2, breaker=True)
     assert s.breaker is not None
     s.breaker.connections.max = 0  # another pool of the cluster holds them all
-    with pytest.raises(CircuitOpen, match="connection limit"):
+    with pytest.raises(UpstreamOverflow, match="connection limit"):
         await s.pool.acquire(5.0)
     assert s.pool.connections == 0 and s.net.opened == 0
 
@@ -383,7 +383,7 @@ async def test_max_pending_refuses_at_once_and_cancelled_waiters_free_their_pend
     s = Setup(max_pending=2, breaker=True)
     await s.open_one()
     waiters = await s.waiting(2)
-    with pytest.raises(CircuitOpen, match="max_pending"):
+    with pytest.raises(UpstreamOverflow, match="max_pending"):
         await s.pool.acquire(5.0)
     assert s.breaker is not None and s.breaker.pending.current == 2
     for waiter in waiters:
