@@ -26,6 +26,7 @@ from .errors import DownstreamProtocolError
 from .listener.connection import DownstreamConnection, ListenerContext, ServerState
 from .listener.listener import Listener
 from .observability.access_log import AccessLog
+from .observability.log_writer import LogOutputs
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
 from .audit import build_audit_log
@@ -51,11 +52,13 @@ log = structlog.get_logger("pake.sidecar")
 class Sidecar:
     def __init__(self, bootstrap: Bootstrap, mesh: MeshConfig, *,
                  tls_source: TlsContextSource | None = None,
-                 server_tls: ServerTls | None = None) -> None:
+                 server_tls: ServerTls | None = None, logs: LogOutputs) -> None:
         self.bootstrap = bootstrap
+        self.logs = logs  # every log's queue and writer; __main__ closes them after the loop
         self.loop = asyncio.get_running_loop()
         self.state = ServerState()
         self.metrics = Metrics()
+        self.metrics.watch_log_drops(logs.dropped)
         self.tls = self._tls(mesh, tls_source) if bootstrap.tls is not None else None
         # The gateway listener's certificate for outside clients (server-only TLS).
         gateway = bootstrap.listener("gateway")
@@ -69,7 +72,7 @@ class Sidecar:
             client_tls=self.tls.client_context if self.tls else (lambda: None), tls=self.tls)
         self.clock = MonotonicClock()
         # Policy state that outlives snapshots: the audit sink and the JWT key caches.
-        self.audit = build_audit_log(bootstrap.audit, clock=self.clock, base_dir=bootstrap.source.parent)
+        self.audit = build_audit_log(bootstrap.audit, logs, clock=self.clock, base_dir=bootstrap.source.parent)
         self.jwks: dict[str, JwksCache] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
@@ -80,7 +83,8 @@ class Sidecar:
             audit=self.audit, jwks=lambda: self.jwks, clock=self.loop.time))
         self.listeners: dict[str, Listener] = {}
         self.admin: AdminServer | None = None
-        self.access_log = AccessLog(path=bootstrap.access_log.path) if bootstrap.access_log.enabled else None
+        self.access_log = (AccessLog(logs.channel("access", bootstrap.access_log.path))
+                           if bootstrap.access_log.enabled else None)
         self.stopping = asyncio.Event()
 
     def _build(self, mesh: MeshConfig) -> Snapshot:
@@ -132,7 +136,6 @@ class Sidecar:
     # === start ==============================================================================
     async def start(self) -> None:
         b = self.bootstrap
-        await self.audit.start()
         # keys first: a sidecar that says ready must be able to verify a token
         await asyncio.gather(*(cache.start() for cache in self.jwks.values()))
         self._started = True
@@ -223,11 +226,8 @@ class Sidecar:
         await self.clusters.close()
         for cache in self.jwks.values():
             await cache.stop()
-        await self.audit.stop()
         if self.admin is not None:
             self.admin.close()
-        if self.access_log is not None:
-            self.access_log.close()
         if self.tls is not None:
             await self.tls.stop()
         if self.server_tls is not None:
