@@ -162,6 +162,7 @@ def _downstream_timeouts(node: Fields) -> DownstreamTimeouts:
         idle=node.duration("idle", d.idle, min=0.001),
         drain=node.duration("drain", d.drain),
         tls_handshake=node.duration("tls_handshake", d.tls_handshake, min=0.001),
+        tunnel_idle=node.duration("tunnel_idle", d.tunnel_idle, min=0.001),
     )
     node.done()
     return timeouts

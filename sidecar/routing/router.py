@@ -319,7 +319,8 @@ class Router:
 
     def on_tunnel_open(self, stream: Stream) -> None:
         """101: from now on both connections carry raw bytes until either side closes."""
-        stream.conn.route_deadline.clear()
+        stream.conn.route_deadline.clear()  # a tunnel lives as long as it is used:
+        stream.conn.tunnel_opened()  # the tunnel idle timeout takes over
         self._try_done(stream, Outcome.SUCCESS)
         upstream = stream.upstream
         assert upstream is not None
