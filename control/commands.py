@@ -342,7 +342,7 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
     expiring = []
     for s in sidecars:
         if s["connected"] and s.get("cert_expiry"):
-            start, end = (datetime.fromisoformat(s["cert_not_before"]),
+            start, end = (datetime.fromisoformat(s["cert_issued_at"]),
                           datetime.fromisoformat(s["cert_expiry"]))
             if end - now < (end - start) / 3:
                 expiring.append(f"{s['service']}/{s['node']} ({end.isoformat()})")

@@ -20,7 +20,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["build_subset", "needed_services", "snapshot_version"]
+__all__ = ["build_subset", "needed_services", "same_content", "snapshot_version"]
 
 _CALLEE_ONLY = ("policy", "authn")
 
@@ -81,3 +81,8 @@ def snapshot_version(config_version: int, subset: Mapping[str, Any], bundle: str
     digest = hashlib.sha256(json.dumps(subset, sort_keys=True, default=str).encode())
     digest.update(bundle.encode())
     return f"{config_version}.{digest.hexdigest()[:12]}"
+
+
+def same_content(a: str, b: str) -> bool:
+    """True when two snapshot versions carry the same content (their digests agree)."""
+    return a.partition(".")[2] == b.partition(".")[2] != ""

@@ -23,9 +23,11 @@ import structlog
 from aiohttp import WSMsgType, web
 from cryptography import x509
 
+from certs.ca import CLOCK_SKEW
 from certs.identity import IdentityError
 from control.ca_service import CAService, CsrRefused, peer_service
 from control.registry import Registration, Registry
+from control.snapshots import same_content
 from sidecar.discovery.protocol import (
     MAX_MESSAGE_BYTES,
     Ack,
@@ -94,10 +96,15 @@ class SidecarSession:
     # === sending ===
 
     def offer_snapshot(self, version: str, text: str) -> None:
-        """Make ``version`` the one to send next; replaces a snapshot not yet sent."""
-        self.latest_version = version
-        if version in (self.sent_version, self.acked_version) and self._snapshot is None:
+        """Make ``version`` the one to send next; replaces a snapshot not yet sent. Nothing is
+        sent when the sidecar holds (or is being sent) the same content under an older config
+        version: a change elsewhere in the mesh is no change for this sidecar."""
+        holds = self.sent_version or self.acked_version
+        if holds is not None and same_content(holds, version):
+            self.latest_version = holds
+            self._snapshot = None
             return
+        self.latest_version = version
         self._snapshot = (version, text)
         self._wake.set()
 
@@ -142,10 +149,16 @@ class SidecarSession:
 
     # === certificates ===
 
+    @property
+    def cert_issued_at(self) -> datetime:
+        """When the certificate was issued: not_before is back-dated by the CA's CLOCK_SKEW,
+        which must not count as life (a 1-minute certificate would be "2/3 old" at birth)."""
+        return min(self.cert_not_before + CLOCK_SKEW, self.cert_not_after)
+
     def renew_delay(self, now: datetime) -> float:
         """Seconds until 2/3 of the current certificate's life."""
-        life = self.cert_not_after - self.cert_not_before
-        return (self.cert_not_before + life * 2 / 3 - now).total_seconds()
+        life = self.cert_not_after - self.cert_issued_at
+        return (self.cert_issued_at + life * 2 / 3 - now).total_seconds()
 
     def status(self) -> dict[str, Any]:
         if self.latest_version is None:
@@ -161,7 +174,7 @@ class SidecarSession:
             "connected": self.closed_reason is None,
             "held_version": self.acked_version, "latest_version": self.latest_version,
             "state": state, "last_nack": self.last_nack, "app_healthy": self.app_healthy,
-            "cert_not_before": self.cert_not_before.isoformat(),
+            "cert_issued_at": self.cert_issued_at.isoformat(),
             "cert_expiry": self.cert_not_after.isoformat(),
             "last_cert_error": self.last_cert_error,
             "connected_since": self.connected_since.isoformat(timespec="seconds"),
@@ -179,7 +192,14 @@ class StreamService:
         self._on_session = on_session
         self.sessions: dict[SessionKey, SidecarSession] = {}
         self._connecting = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._state_changed = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds; it is re-checked after every ack, nack or renewal."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self._state_changed.clear()
+                await self._state_changed.wait()
 
     def live(self) -> Mapping[SessionKey, SidecarSession]:
         return self.sessions
@@ -281,6 +301,7 @@ class StreamService:
                             registered_at=session.connected_since.isoformat(timespec="seconds"))
 
     async def _dispatch(self, session: SidecarSession, message: Message) -> None:
+        self._state_changed.set()
         if isinstance(message, Heartbeat):
             if message.app_healthy is not None and message.app_healthy != session.app_healthy:
                 session.app_healthy = message.app_healthy
@@ -342,7 +363,7 @@ class StreamService:
             delay = session.renew_delay(datetime.now(UTC))
             if delay <= 0:
                 session.offer(Renew(reason="renewal"))
-                life = (session.cert_not_after - session.cert_not_before).total_seconds()
+                life = (session.cert_not_after - session.cert_issued_at).total_seconds()
                 delay = max(1.0, life / 30)  # retry well before expiry if no CSR comes
             session.cert_changed.clear()
             with contextlib.suppress(TimeoutError):
