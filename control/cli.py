@@ -23,6 +23,8 @@ from certs.describe import describe_certificate
 from certs.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId, check_service
 from certs.issue import issue_workload
 from certs.pem import PemError, load_certificates
+from control.admin_client import AdminUnreachable
+from control.commands import MESH_COMMANDS, CommandFailed, register_certs_rotate
 from sidecar.config.reader import format_duration as format_seconds
 from sidecar.config.reader import parse_duration as parse_seconds
 
@@ -157,6 +159,8 @@ def _register_certs(sub: Subparsers) -> None:
     bundle.add_argument("roots", type=Path, nargs="+", metavar="ROOT.pem")
     bundle.set_defaults(handler=_certs_bundle)
 
+    register_certs_rotate(certs_sub)
+
 
 def _certs_issue(args: argparse.Namespace, out: TextIO) -> int:
     check_service(args.service)  # a bad name fails before the CA is even loaded
@@ -220,7 +224,7 @@ def _certs_bundle(args: argparse.Namespace, out: TextIO) -> int:
 # === entry point ===
 
 COMMANDS: Mapping[str, Callable[[Subparsers], None]] = MappingProxyType(
-    {"ca": _register_ca, "certs": _register_certs}
+    {"ca": _register_ca, "certs": _register_certs, **MESH_COMMANDS}
 )
 
 
@@ -241,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{exc}", file=sys.stderr)
         return 2
-    except (PemError, CAError, IdentityError) as exc:
+    except (PemError, CAError, IdentityError, CommandFailed, AdminUnreachable) as exc:
         print(f"pakectl: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
