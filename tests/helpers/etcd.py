@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,10 @@ def _die_with_parent() -> None:
 
 
 class EtcdServer:
-    def __init__(self, workdir: Path, *, name: str = "etcd", ready_timeout: float = 15.0) -> None:
+    def __init__(self, workdir: Path, *, name: str = "etcd", ready_timeout: float = 15.0,
+                 pick_port: Callable[[], int] = _free_loopback_port) -> None:
         self.binary = require_etcd()
+        self.pick_port = pick_port
         self.dir = workdir / name
         self.data_dir = self.dir / "data"
         self.name = name
@@ -90,12 +93,14 @@ class EtcdServer:
         reuse_port = self.port != 0
         for _ in range(_START_ATTEMPTS):
             if not reuse_port:
-                self.port = _free_loopback_port()
+                self.port = self.pick_port()
             if await self._start_once():
                 await self._check_health()
                 return self
             if not reuse_port and self._bind_race_lost():
-                continue  # someone took the port between our pick and etcd's bind
+                # someone took the port between our pick and etcd's bind: a fresh member elsewhere
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+                continue
             break
         raise EtcdFailed(f"etcd did not start on 127.0.0.1:{self.port}: {list(self.log)[-8:]}")
 

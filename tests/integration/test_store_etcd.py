@@ -269,3 +269,24 @@ async def test_calls_fail_over_to_the_next_endpoint(etcd: EtcdServer) -> None:
             await EtcdStore.connect([dead_url], lease_ttl=TTL, timeout=1)
         assert time.monotonic() - started < 2
         assert "no endpoint answered" in str(raised.value) and dead_url in str(raised.value)
+
+
+async def test_the_etcd_fixture_moves_to_another_port_when_its_pick_was_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1]])
+        server = EtcdServer(tmp_path, pick_port=lambda: next(picks, 0) or _free_port())
+        async with server:
+            assert server.port != taken.getsockname()[1]
+            client = EtcdClient(server.endpoints)
+            try:
+                assert (await client.put(b"k", b"v")).revision > 1
+            finally:
+                await client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
