@@ -2,330 +2,63 @@
 
 Rules: every call has a deadline; every failure is a ``StoreError`` that names the call and
 the endpoint (never a raw aiohttp or JSON error); several client URLs fail over in turn.
-On the wire, keys and values are base64, int64 fields are JSON strings and zero-valued
-fields are left out (the gateway's proto3 JSON): the ``parse_*`` functions below are pure
-and turn that into typed values. Paths are etcd 3.4's ``/v3/...`` (3.5+ keeps them).
+The wire format (base64, int64 strings, omitted zeros) lives in ``control.etcd_wire``.
+Paths are etcd 3.4's ``/v3/...`` (3.5+ keeps them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 
+from control.etcd_wire import (
+    Compare,
+    DeleteResult,
+    EtcdEvent,
+    Lease,
+    LineReader,
+    Op,
+    PutResult,
+    RangeResult,
+    StreamError,
+    TxnResult,
+    WatchResponse,
+    as_int,
+    as_mapping,
+    error_text,
+    header_revision,
+    parse_range,
+    parse_txn,
+    parse_watch_response,
+    prefix_end,
+    put_body,
+    range_body,
+)
 from control.store import StoreError
 
-__all__ = [
-    "Compare",
-    "DeleteOp",
-    "DeleteResult",
-    "EtcdClient",
-    "EtcdEvent",
-    "KeyValue",
-    "Lease",
-    "LineReader",
-    "PutOp",
-    "PutResult",
-    "RangeOp",
-    "RangeResult",
-    "StreamError",
-    "TxnResult",
-    "WatchResponse",
-    "parse_kv",
-    "parse_range",
-    "parse_txn",
-    "parse_watch_response",
-    "prefix_end",
-]
+__all__ = ["NOT_FOUND", "EtcdClient", "EtcdError"]
 
 # grpc status codes the gateway returns in {"code": N}
 _UNAVAILABLE = 14
-_NOT_FOUND = 5
+NOT_FOUND = 5  # etcd's only NotFound: "requested lease not found"
 _WATCH_BACKOFF_MAX = 2.0  # seconds between watch reconnects, at most
 _T = TypeVar("_T")
 
 
-# --------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True, slots=True)
-class KeyValue:
-    key: bytes
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int
-
-
-@dataclass(frozen=True, slots=True)
-class RangeResult:
-    revision: int  # the store's revision when the range was read
-    kvs: tuple[KeyValue, ...]
-    more: bool  # a limit cut the answer short
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    revision: int
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteResult:
-    revision: int
-    deleted: int
-
-
-@dataclass(frozen=True, slots=True)
-class TxnResult:
-    succeeded: bool
-    revision: int
-    responses: tuple[RangeResult | PutResult | DeleteResult, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    id: int
-    ttl: int  # seconds, as granted by the server
-
-
-@dataclass(frozen=True, slots=True)
-class EtcdEvent:
-    kind: Literal["put", "delete"]
-    kv: KeyValue  # for a delete: key and mod_revision (the delete's revision) only
-
-
-@dataclass(frozen=True, slots=True)
-class WatchResponse:
-    """One message of the watch stream, classified."""
-
-    revision: int  # header revision (0 when the gateway left it out, e.g. on a cancel)
-    watch_id: int  # -1: a stream-wide progress answer
-    created: bool
-    canceled: bool
-    compact_revision: int
-    cancel_reason: str
-    events: tuple[EtcdEvent, ...]
-
-    @property
-    def is_progress(self) -> bool:
-        """A per-watch progress notification: every event up to ``revision`` was sent.
-
-        etcd 3.4 answers a ``progress_request`` stream-wide (``watch_id`` -1) even for a
-        watcher still catching up, so only the server's own notifications count."""
-        return not (self.created or self.canceled or self.events) and self.watch_id >= 0 and self.revision > 0
-
-
-# ------------------------------------------------------------------- request parts
-
-
-@dataclass(frozen=True, slots=True)
-class Compare:
-    key: bytes
-    target: Literal["VERSION", "CREATE", "MOD", "VALUE", "LEASE"]
-    value: int | bytes
-    result: Literal["EQUAL", "GREATER", "LESS", "NOT_EQUAL"] = "EQUAL"
-
-    def to_json(self) -> dict[str, Any]:
-        field = {"VERSION": "version", "CREATE": "create_revision", "MOD": "mod_revision",
-                 "VALUE": "value", "LEASE": "lease"}[self.target]
-        value = _b64(self.value) if isinstance(self.value, bytes) else str(self.value)
-        return {"key": _b64(self.key), "target": self.target, "result": self.result, field: value}
-
-
-@dataclass(frozen=True, slots=True)
-class RangeOp:
-    key: bytes
-    range_end: bytes = b""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"request_range": _range_body(self.key, self.range_end)}
-
-
-@dataclass(frozen=True, slots=True)
-class PutOp:
-    key: bytes
-    value: bytes
-    lease: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"request_put": _put_body(self.key, self.value, self.lease)}
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteOp:
-    key: bytes
-    range_end: bytes = b""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"request_delete_range": _range_body(self.key, self.range_end)}
-
-
-Op = RangeOp | PutOp | DeleteOp
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The ``range_end`` that makes a range cover every key starting with ``prefix``."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\x00"  # etcd: from key to the end of the keyspace
-
-
-# ------------------------------------------------------------------ pure parsing
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(obj: Mapping[str, Any], field: str) -> bytes:
-    raw = obj.get(field, "")
-    if not isinstance(raw, str):
-        raise ValueError(f"{field}: expected a base64 string, got {type(raw).__name__}")
-    return base64.b64decode(raw, validate=True)
-
-
-def _int(obj: Mapping[str, Any], field: str) -> int:
-    """proto3 JSON: int64 fields are strings, and a zero is left out."""
-    raw = obj.get(field, 0)
-    if isinstance(raw, bool) or not isinstance(raw, int | str):
-        raise ValueError(f"{field}: expected an integer, got {raw!r}")
-    return int(raw)
-
-
-def _mapping(obj: Any, what: str) -> Mapping[str, Any]:
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{what}: expected an object, got {type(obj).__name__}")
-    return obj
-
-
-def _header_revision(obj: Mapping[str, Any]) -> int:
-    return _int(_mapping(obj.get("header", {}), "header"), "revision")
-
-
-def _range_body(key: bytes, range_end: bytes) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": _b64(key)}
-    if range_end:
-        body["range_end"] = _b64(range_end)
-    return body
-
-
-def _put_body(key: bytes, value: bytes, lease: int) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
-    if lease:
-        body["lease"] = str(lease)
-    return body
-
-
-def parse_kv(obj: Any) -> KeyValue:
-    kv = _mapping(obj, "kv")
-    return KeyValue(key=_unb64(kv, "key"), value=_unb64(kv, "value"),
-                    create_revision=_int(kv, "create_revision"), mod_revision=_int(kv, "mod_revision"),
-                    version=_int(kv, "version"), lease=_int(kv, "lease"))
-
-
-def parse_range(obj: Any) -> RangeResult:
-    body = _mapping(obj, "range response")
-    kvs = tuple(parse_kv(kv) for kv in body.get("kvs", ()))
-    return RangeResult(revision=_header_revision(body), kvs=kvs, more=bool(body.get("more", False)),
-                       count=_int(body, "count"))
-
-
-def parse_txn(obj: Any) -> TxnResult:
-    body = _mapping(obj, "txn response")
-    responses: list[RangeResult | PutResult | DeleteResult] = []
-    for item in body.get("responses", ()):
-        item = _mapping(item, "txn response item")
-        if "response_range" in item:
-            responses.append(parse_range(item["response_range"]))
-        elif "response_put" in item:
-            responses.append(PutResult(_header_revision(_mapping(item["response_put"], "response_put"))))
-        elif "response_delete_range" in item:
-            deleted = _mapping(item["response_delete_range"], "response_delete_range")
-            responses.append(DeleteResult(_header_revision(deleted), _int(deleted, "deleted")))
-        else:
-            raise ValueError(f"txn response item: unknown kind {sorted(item)}")
-    return TxnResult(succeeded=bool(body.get("succeeded", False)), revision=_header_revision(body),
-                     responses=tuple(responses))
-
-
-class StreamError(ValueError):
-    """A streamed endpoint answered ``{"error": {...}}`` instead of a result."""
-
-
-def parse_watch_response(obj: Any) -> WatchResponse:
-    """One line of ``/v3/watch``: ``{"result": {...}}``, or ``{"error": {...}}`` (StreamError)."""
-    line = _mapping(obj, "watch message")
-    if "error" in line:
-        raise StreamError(f"watch stream error: {_error_text(line['error'])}")
-    result = _mapping(line.get("result"), "watch result")
-    events = []
-    for event in result.get("events", ()):
-        event = _mapping(event, "watch event")
-        kind: Literal["put", "delete"] = "delete" if event.get("type", "PUT") == "DELETE" else "put"
-        events.append(EtcdEvent(kind, parse_kv(event.get("kv", {}))))
-    return WatchResponse(revision=_header_revision(result), watch_id=_int(result, "watch_id"),
-                         created=bool(result.get("created", False)),
-                         canceled=bool(result.get("canceled", False)),
-                         compact_revision=_int(result, "compact_revision"),
-                         cancel_reason=str(result.get("cancel_reason", "")), events=tuple(events))
-
-
-def _error_text(error: Any) -> str:
-    """The gateway's error body: ``{"error", "message", "code"}`` (unary) or
-    ``{"grpc_code", "http_code", "message"}`` (inside a stream)."""
-    if isinstance(error, Mapping):
-        message = error.get("message") or error.get("error") or "unknown error"
-        code = error.get("code", error.get("grpc_code"))
-        return f"{message} (grpc code {code})" if code is not None else str(message)
-    return str(error)
-
-
-class _Readable(Protocol):
-    async def readany(self) -> bytes: ...
-
-
-class LineReader:
-    """Newline-delimited messages from a streamed body, each at most ``max_line`` bytes.
-
-    aiohttp's own ``readline`` caps a line at its buffer's high-water mark, smaller than one
-    big watch batch; this one has an explicit bound and says when it is crossed."""
-
-    def __init__(self, stream: _Readable, max_line: int) -> None:
-        self._stream = stream
-        self._max_line = max_line
-        self._buffer = bytearray()
-
-    async def next(self) -> bytes | None:
-        """The next line without its newline; None at the end of the stream."""
-        while True:
-            end = self._buffer.find(b"\n")
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[:end + 1]
-                return line
-            if len(self._buffer) > self._max_line:
-                raise ValueError(f"a message longer than {self._max_line} bytes")
-            chunk = await self._stream.readany()
-            if not chunk:
-                # the gateway's last message (an error, when etcd shuts down) has no newline
-                line, self._buffer = bytes(self._buffer), bytearray()
-                return line if line.strip() else None
-            self._buffer += chunk
-
-
 # --------------------------------------------------------------------------- client
+
+
+class EtcdError(StoreError):
+    """etcd refused a request; ``code`` is the grpc status code it gave, if any."""
+
+    def __init__(self, message: str, *, code: int | None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _Unavailable(Exception):
@@ -376,7 +109,7 @@ class EtcdClient:
     async def range(self, key: bytes, *, range_end: bytes = b"", prefix: bool = False, revision: int = 0,
                     limit: int = 0) -> RangeResult:
         """One key, or ``[key, range_end)``, or every key under ``key`` when ``prefix``."""
-        body = _range_body(key, prefix_end(key) if prefix else range_end)
+        body = range_body(key, prefix_end(key) if prefix else range_end)
         if revision:
             body["revision"] = str(revision)
         if limit:
@@ -385,14 +118,14 @@ class EtcdClient:
 
     async def put(self, key: bytes, value: bytes, *, lease: int = 0) -> PutResult:
         def parse(obj: Any) -> PutResult:
-            return PutResult(_header_revision(_mapping(obj, "put response")))
-        return await self._parsed("put", "/v3/kv/put", _put_body(key, value, lease), parse, idempotent=True)
+            return PutResult(header_revision(as_mapping(obj, "put response")))
+        return await self._parsed("put", "/v3/kv/put", put_body(key, value, lease), parse, idempotent=True)
 
     async def delete(self, key: bytes, *, range_end: bytes = b"", prefix: bool = False) -> DeleteResult:
         def parse(obj: Any) -> DeleteResult:
-            body = _mapping(obj, "delete response")
-            return DeleteResult(_header_revision(body), _int(body, "deleted"))
-        body = _range_body(key, prefix_end(key) if prefix else range_end)
+            body = as_mapping(obj, "delete response")
+            return DeleteResult(header_revision(body), as_int(body, "deleted"))
+        body = range_body(key, prefix_end(key) if prefix else range_end)
         return await self._parsed("delete", "/v3/kv/deleterange", body, parse, idempotent=False)
 
     async def txn(self, compare: Sequence[Compare], success: Sequence[Op],
@@ -410,10 +143,10 @@ class EtcdClient:
 
     async def lease_grant(self, ttl: int) -> Lease:
         def parse(obj: Any) -> Lease:
-            body = _mapping(obj, "lease grant response")
+            body = as_mapping(obj, "lease grant response")
             if body.get("error"):
                 raise ValueError(str(body["error"]))
-            return Lease(_int(body, "ID"), _int(body, "TTL"))
+            return Lease(as_int(body, "ID"), as_int(body, "TTL"))
         if ttl < 1:
             raise ValueError(f"etcd lease ttl: expected at least 1 second, got {ttl}")
         return await self._parsed("lease grant", "/v3/lease/grant", {"TTL": str(ttl)}, parse, idempotent=False)
@@ -423,10 +156,10 @@ class EtcdClient:
 
         The endpoint is a stream; one request body with one message gets one answer."""
         def parse(obj: Any) -> int:
-            line = _mapping(obj, "keepalive response")
+            line = as_mapping(obj, "keepalive response")
             if "error" in line:
-                raise ValueError(_error_text(line["error"]))
-            return _int(_mapping(line.get("result", {}), "keepalive result"), "TTL")
+                raise ValueError(error_text(line["error"]))
+            return as_int(as_mapping(line.get("result", {}), "keepalive result"), "TTL")
         return await self._parsed("lease keepalive", "/v3/lease/keepalive", {"ID": str(lease_id)}, parse,
                                   idempotent=True, timeout=timeout)
 
@@ -492,7 +225,7 @@ class EtcdClient:
 
     async def _watch_stream(self, endpoint: str, key: bytes, range_end: bytes,
                             start_revision: int) -> AsyncGenerator[WatchResponse, None]:
-        create: dict[str, Any] = {**_range_body(key, range_end), "progress_notify": True}
+        create: dict[str, Any] = {**range_body(key, range_end), "progress_notify": True}
         if start_revision:
             create["start_revision"] = str(start_revision)
         session = self._get_session()
@@ -595,14 +328,14 @@ class EtcdClient:
             obj = None
         if status == 200 and obj is not None:
             return obj
-        error = _mapping(obj, "error") if isinstance(obj, Mapping) else {}
+        error = as_mapping(obj, "error") if isinstance(obj, Mapping) else {}
         code = error.get("code")
         if status == 503 or code == _UNAVAILABLE:
-            raise _Unavailable(f"{endpoint}: {_error_text(error) if error else f'HTTP {status}'}", sent=True)
-        if not_found_ok and code == _NOT_FOUND:
+            raise _Unavailable(f"{endpoint}: {error_text(error) if error else f'HTTP {status}'}", sent=True)
+        if not_found_ok and code == NOT_FOUND:
             return error
-        detail = _error_text(error) if error else f"HTTP {status}: {raw[:200].decode(errors='replace')!r}"
-        raise StoreError(f"etcd {what} at {endpoint}: {detail}")
+        detail = error_text(error) if error else f"HTTP {status}: {raw[:200].decode(errors='replace')!r}"
+        raise EtcdError(f"etcd {what} at {endpoint}: {detail}", code=code if isinstance(code, int) else None)
 
 
 def _describe(exc: BaseException, timeout: float | None = None) -> str:

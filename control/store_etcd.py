@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import structlog
 
-from control.etcd import (
+from control.etcd import NOT_FOUND, EtcdClient, EtcdError
+from control.etcd_wire import (
     Compare,
     DeleteOp,
     DeleteResult,
-    EtcdClient,
     KeyValue,
     Lease,
     PutOp,
@@ -116,8 +116,8 @@ class EtcdStore:
                     return (await client.put(self._key(key), value, lease=lease)).revision
                 result = await client.txn([self._compare(key, expect)], [PutOp(self._key(key), value, lease)],
                                           [RangeOp(self._key(key))])
-            except StoreError as exc:
-                if ephemeral and attempt == 1 and "lease not found" in str(exc):
+            except EtcdError as exc:
+                if ephemeral and attempt == 1 and exc.code == NOT_FOUND:
                     # the lease expired between our last keepalive and this put
                     self._lose_lease(lease, f"etcd no longer knows lease {lease:x}")
                     continue
@@ -210,7 +210,10 @@ class EtcdStore:
         self.lease_lost.set()
         log.warning("etcd_lease_lost", lease=f"{lease_id:x}", reason=reason)
         if self.on_lease_lost is not None:
-            self.on_lease_lost(reason)
+            try:
+                self.on_lease_lost(reason)
+            except Exception:  # the caller's bug must not kill the keepalive task silently
+                log.exception("etcd_lease_lost_callback_failed", lease=f"{lease_id:x}")
 
     async def _stop_keepalive(self) -> None:
         task, self._keepalive = self._keepalive, None

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from control.etcd import EtcdClient
-from control.store import Conflict, StoreError, WatchEvent
+from control.store import Conflict, Entry, StoreError, WatchEvent
 from control.store_etcd import EtcdStore
 from tests.helpers.etcd import EtcdServer
 
@@ -239,6 +239,38 @@ async def test_the_replica_learns_when_its_lease_is_lost_and_can_re_register(sto
     await store.put("registry/orders/node-1", b"up again", ephemeral=True)  # grants a new lease
     assert store.lease_id not in (None, old) and not store.lease_lost.is_set()
     assert (await store.get("registry/orders/node-1")) is not None
+
+
+@pytest.mark.parametrize("expect", [None, 0])
+async def test_an_ephemeral_put_on_a_lease_etcd_dropped_moves_to_a_new_lease(etcd: EtcdServer,
+                                                                             expect: int | None) -> None:
+    reasons: list[str] = []
+    # a long TTL: the keepalive (every 10 s) cannot notice first; the put itself must
+    slow = await EtcdStore.connect(etcd.endpoints, lease_ttl=30, on_lease_lost=reasons.append)
+    try:
+        old = slow.lease_id
+        assert old is not None
+        other = EtcdClient(etcd.endpoints)
+        try:
+            await other.lease_revoke(old)
+        finally:
+            await other.close()
+        await slow.put("registry/orders/node-1", b"up", ephemeral=True, expect=expect)
+        assert slow.lease_id not in (None, old)
+        assert reasons == [f"etcd no longer knows lease {old:x}"]
+        entry = await slow.get("registry/orders/node-1")
+        assert entry is not None and entry.value == b"up"
+    finally:
+        await slow.close()
+    assert await _fresh_get(etcd, "registry/orders/node-1") is None  # on the new lease, revoked at close
+
+
+async def _fresh_get(etcd: EtcdServer, key: str) -> Entry | None:
+    reader = EtcdStore(EtcdClient(etcd.endpoints), lease_ttl=TTL)
+    try:
+        return await reader.get(key)
+    finally:
+        await reader.close()
 
 
 async def test_the_replica_learns_when_etcd_is_gone_for_a_whole_ttl(store: EtcdStore, etcd: EtcdServer) -> None:

@@ -7,7 +7,7 @@ import base64
 
 import pytest
 
-from control.etcd import (
+from control.etcd_wire import (
     Compare,
     DeleteResult,
     LineReader,
