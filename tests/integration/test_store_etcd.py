@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from control.etcd import EtcdClient
+from control.etcd_wire import Compare, PutOp
 from control.store import Conflict, Entry, StoreError, WatchEvent
 from control.store_etcd import EtcdStore
 from tests.helpers.etcd import EtcdServer
@@ -322,3 +323,57 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def test_a_silent_endpoint_costs_one_timeout_and_only_safe_calls_move_on(etcd: EtcdServer) -> None:
+    with socket.socket() as silent:  # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+        alone = EtcdClient([silent_url], timeout=0.3)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"no endpoint answered .*no answer within 0.3s"):
+                await alone.range(b"k")
+            assert time.monotonic() - started < 1.5
+        finally:
+            await alone.close()
+
+        for attempt in ("put", "txn"):
+            client = EtcdClient([silent_url, etcd.url], timeout=0.3)
+            try:
+                if attempt == "put":
+                    # a plain put may be repeated safely: it moves on to the endpoint that answers
+                    assert (await client.put(b"k", b"v")).revision > 1
+                else:
+                    # a txn the silent endpoint may have applied is not repeated elsewhere
+                    with pytest.raises(StoreError, match="may or may not have been applied"):
+                        await client.txn([Compare(b"k2", "CREATE", 0)], [PutOp(b"k2", b"v")])
+            finally:
+                await client.close()
+
+
+async def test_a_watch_fails_over_and_a_quiet_one_is_not_declared_lost(etcd: EtcdServer) -> None:
+    writer = EtcdStore(EtcdClient(etcd.endpoints), lease_ttl=TTL)
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+        # reconnect every 0.2 s of silence, and give up after 0.5 s without an answer: a watch
+        # that is merely quiet for longer than that must go on
+        client = EtcdClient([dead_url, etcd.url], watch_idle=0.2, watch_reconnect_for=0.5)
+        watcher = EtcdStore(client, lease_ttl=TTL)
+        try:
+            start = await writer.put("config/seed", b"")
+            watch = watcher.watch("config/", after=start)
+            first = await writer.put("config/current", b"v1")
+            [event] = await take(watch, 1)
+            assert event.revision == first
+            await asyncio.sleep(1.2)  # quiet: several idle reconnects, across the dead endpoint too
+            second = await writer.put("config/current", b"v2")
+            [event] = await take(watch, 1)
+            assert (event.value, event.revision) == (b"v2", second)  # nothing lost, nothing repeated
+            await watch.aclose()  # type: ignore[attr-defined]
+        finally:
+            await watcher.close()
+            await writer.close()
