@@ -31,7 +31,7 @@ import pytest
 
 __all__ = ["EtcdFailed", "EtcdServer", "require_etcd"]
 
-INSTALL = "apt-get install -y etcd-server etcd-client"
+INSTALL = "apt-get install -y etcd-server"
 _START_ATTEMPTS = 5
 _READY = "serving client traffic insecurely"  # zap message once the client listener serves
 _PR_SET_PDEATHSIG = 1
