@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from certs.pem import certificates_to_pem
-from certs.testing import make_test_pki
+from tests.helpers.pki import make_test_pki
 from sidecar.discovery.protocol import (
     MAX_MESSAGE_BYTES,
     Ack,
