@@ -37,7 +37,7 @@ def _duration(text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None  # names the value and the grammar
 
 
 def _address(text: str) -> tuple[str, int]:
