@@ -180,6 +180,11 @@ class ClusterManager:
                 self._tasks.add(task)  # held: the loop keeps only weak references to tasks
                 task.add_done_callback(self._tasks.discard)
 
+    async def settled(self) -> None:
+        """Wait until the health checkers of retired sets have stopped."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def live_pools(self) -> int:
         """Pools some live set holds (the current one, or one still carrying exchanges)."""
         return sum(1 for r in self._shared if isinstance(r, Pool))
@@ -280,5 +285,4 @@ class ClusterManager:
         for resource in resources:
             if isinstance(resource, HealthChecker):
                 await resource.stop()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.settled()
