@@ -315,10 +315,12 @@ class Sidecar:
         await self.reload()
 
     async def run(self) -> None:
-        await self.start()
+        # Handlers first: a SIGHUP sent as soon as "ready" is logged must reload, not kill
+        # (the default action of SIGHUP ends the process).
         self.loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self._reload()))
+        await self.start()
         await self.stopping.wait()
         await self.drain()
 

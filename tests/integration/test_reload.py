@@ -193,3 +193,103 @@ async def test_many_swaps_keep_pools_and_health_checkers_flat(tmp_path: Path, sl
         sidecar.stopping.set()
         await sidecar.drain()
     assert not health_tasks()
+
+
+# === SIGHUP and sidecar.yaml ====================================================================
+
+
+async def config(sc: SidecarProcess) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(sc.admin + "/config") as resp:
+        assert resp.status == 200
+        return dict(await resp.json())
+
+
+async def get(port: int, host: str, extra: str = "") -> tuple[int, bytes]:
+    """One request on a new connection (a connection parses with the limits of its time)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode())
+        async with asyncio.timeout(TIMEOUT):
+            status, _, body = await read_response(reader)
+        return status, body
+    finally:
+        writer.close()
+
+
+async def test_sighup_applies_limits_timeouts_and_app_from_sidecar_yaml(tmp_path: Path) -> None:
+    async with RecordingUpstream(named("one")) as one, RecordingUpstream(named("two")) as two:
+        bootstrap: dict[str, Any] = {
+            "service": "echo", "app": one.address,
+            "listeners": {"outbound": "127.0.0.1:0", "admin": "127.0.0.1:0",
+                          "inbound": {"address": "127.0.0.1:0", "tls": False}}}
+        mesh = {"services": {"echo": {"endpoints": [one.address]}}}
+        async with SidecarProcess(tmp_path, bootstrap=bootstrap, mesh=mesh) as sc:
+            outbound, inbound = sc.ports["outbound"], sc.ports["inbound"]
+            big = f"x-big: {'a' * 3000}\r\n"
+            assert await get(outbound, "echo", big) == (200, b"one")
+            assert await get(inbound, "echo") == (200, b"one")
+            idle = await asyncio.open_connection("127.0.0.1", outbound)  # opened before the reload
+
+            sc.write_config(bootstrap={**sc.bootstrap, "app": two.address,
+                                       "limits": {"max_headers_size": "2KiB"},
+                                       "timeouts": {"request_headers": "200ms"}})
+            sc.send_signal(signal.SIGHUP)
+            await sc.wait_for_event("reloaded")
+
+            status, body = await get(outbound, "echo", big)
+            assert status == 431, body  # the new limit
+            assert await get(outbound, "echo") == (200, b"one")
+            assert await get(inbound, "echo") == (200, b"two")  # the new app address
+            # the new request-headers timeout: a head that never ends is answered 408 in time
+            reader, writer = idle
+            writer.write(b"GET / HTTP/1.1\r\nHost: echo\r\n")
+            async with asyncio.timeout(2):
+                status, _, _ = await read_response(reader)
+            assert status == 408
+            writer.close()
+            shown = await config(sc)
+            assert shown["bootstrap"]["limits"]["max_headers_size"] == 2048
+            assert shown["restart_required"] == [] and not sc.events("restart_required")
+
+
+async def test_sighup_with_a_new_listener_address_says_a_restart_is_needed(tmp_path: Path) -> None:
+    async with RecordingUpstream(named("one")) as one:
+        bootstrap: dict[str, Any] = {"service": "echo"}
+        mesh = {"services": {"echo": {"endpoints": [one.address]}}}
+        async with SidecarProcess(tmp_path, bootstrap=bootstrap, mesh=mesh) as sc:
+            outbound = sc.ports["outbound"]
+            bootstrap = {**sc.bootstrap, "listeners": {"outbound": "127.0.0.2:15099", "admin": "127.0.0.1:0"},
+                         "limits": {"max_header_count": 5}}
+            sc.write_config(bootstrap=bootstrap)
+            sc.send_signal(signal.SIGHUP)
+            await sc.wait_for_event("reloaded")
+
+            change = "listeners.outbound: 127.0.0.1:0 -> 127.0.0.2:15099"
+            assert sc.events("restart_required")[-1]["changes"] == [change]
+            shown = await config(sc)
+            assert shown["restart_required"] == [change]
+            assert shown["bootstrap"]["listeners"][0]["address"] == ["127.0.0.1", 0]  # what runs
+            assert shown["bootstrap"]["limits"]["max_header_count"] == 5  # what applied
+            assert await get(outbound, "echo") == (200, b"one")  # still served where it was
+
+            sc.write_config(bootstrap={**bootstrap, "listeners": {"outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"}})
+            sc.send_signal(signal.SIGHUP)
+            await sc.wait_for_event("reloaded", count=2)
+            assert (await config(sc))["restart_required"] == []  # reverted: nothing pending
+
+
+async def test_sighup_with_a_bad_sidecar_yaml_keeps_the_running_config(tmp_path: Path) -> None:
+    async with RecordingUpstream(named("one")) as one:
+        bootstrap: dict[str, Any] = {"service": "echo"}
+        mesh = {"services": {"echo": {"endpoints": [one.address]}}}
+        async with SidecarProcess(tmp_path, bootstrap=bootstrap, mesh=mesh) as sc:
+            outbound = sc.ports["outbound"]
+            sc.write_config(bootstrap={**sc.bootstrap, "limits": {"max_headers_size": "small"}})
+            sc.send_signal(signal.SIGHUP)
+            rejected = (await sc.wait_for_event("reload_rejected"))[-1]
+            assert rejected["source"] == str(sc.config_path)
+            assert rejected["problems"][0].startswith("limits.max_headers_size: ")
+            assert "'small'" in rejected["problems"][0]
+            assert await get(outbound, "echo", f"x-big: {'a' * 3000}\r\n") == (200, b"one")
+            assert (await config(sc))["bootstrap"]["limits"]["max_headers_size"] == 60 * 1024
+            assert not sc.events("reloaded")
