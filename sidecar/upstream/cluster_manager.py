@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -213,7 +214,7 @@ class ClusterManager:
                 context, identify = self._endpoint_tls(address) if tls else ((lambda: None), None)
                 pool = Pool(address, pool_config, self._loop, ssl_context=context,
                             server_hostname=hostname, identify=identify,
-                            on_connect_failure=lambda n=name: self._on_connect_failure(n),
+                            on_connect_failure=functools.partial(self._on_connect_failure, name),
                             read_buffer=self._read_buffer)
             pools[key] = pool  # (its breaker is set when the set is activated)
             members[address] = pool

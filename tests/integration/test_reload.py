@@ -10,6 +10,7 @@ they can; the rest shows up as ``restart_required``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 from pathlib import Path
@@ -293,3 +294,22 @@ async def test_sighup_with_a_bad_sidecar_yaml_keeps_the_running_config(tmp_path:
             assert await get(outbound, "echo", f"x-big: {'a' * 3000}\r\n") == (200, b"one")
             assert (await config(sc))["bootstrap"]["limits"]["max_headers_size"] == 60 * 1024
             assert not sc.events("reloaded")
+
+
+async def test_a_snapshot_whose_exchange_was_dropped_unfinished_is_still_retired(tmp_path: Path) -> None:
+    """An exchange the connection dropped without finishing it (a framing error in the same
+    read) never releases its hold: once nothing references the snapshot, its clusters go."""
+    (tmp_path / "sidecar.yaml").write_text(yaml.safe_dump({
+        "service": "client", "mesh": "mesh.yaml", "listeners": {"outbound": "127.0.0.1:0"}}))
+    bootstrap = load_bootstrap(tmp_path / "sidecar.yaml")
+    sidecar = Sidecar(bootstrap, parse_mesh({"services": {"a": {"endpoints": ["127.0.0.1:1"]}}}))
+    held = sidecar.hold_snapshot()  # as a parsed request does; never released
+    pool = next(iter(held.clusters.pools.values()))
+    await sidecar.apply(parse_mesh({"services": {"b": {"endpoints": ["127.0.0.1:1"]}}}))
+    assert len(sidecar.clusters.retiring) == 1 and not pool.closed
+    del held
+    gc.collect()
+    await asyncio.sleep(0)  # the finalizer hands the retirement to the loop
+    assert not sidecar.clusters.retiring and pool.closed
+    assert sidecar.clusters.live_pools() == 1
+    await sidecar.clusters.close()
