@@ -40,6 +40,7 @@ class Cluster:
     health: HealthChecker | None = None
     expected_identity: str | None = None  # the SPIFFE ID the upstream must present (mTLS)
     max_request_body: int | None = None  # the service's own body bound (local app: the local service's)
+    source: object = None  # the config it was built from: equal config, same cluster next snapshot
 
     def retry_policy(self, route: RouteConfig | None) -> RetryPolicy:
         """The route's own retry rules when it has them, sharing this cluster's budget."""

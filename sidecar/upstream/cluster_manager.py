@@ -199,6 +199,13 @@ class ClusterManager:
         timeouts = service.timeouts if service else ServiceTimeouts()
         res = service.resilience if service else ServiceResilience()
         old = self.current.get(name)
+        source = (service, endpoints, tls, trust_domain)
+        if old is not None and old.source == source:
+            # Nothing of it changed: the same object, so a swap of a mostly unchanged mesh
+            # (the control plane's usual push) costs a comparison per cluster.
+            for address, pool in old.pools.items():
+                pools[(name, address, pool_config, tls)] = pool
+            return old
         states = endpoint_states(endpoints, res.load_balancer, old.endpoints if old else ())
         hostname = f"{name}.{trust_domain}" if tls else None
         if old is not None and old.resilience.breaker == res.breaker:
@@ -206,6 +213,16 @@ class ClusterManager:
         else:
             breaker = CircuitBreaker(res.breaker, name=name, on_transition=self._breaker_log(name))
         budget = old.retry.budget if old is not None and old.resilience.retries.budget == res.retries.budget else None
+        # Unchanged rules keep their object: the outlier counters are Prometheus counters, and
+        # a retry policy is not cheap to build (outcome table, its own seeded RNG).
+        if old is not None and old.resilience.outlier == res.outlier:
+            outlier = old.outlier
+        else:
+            outlier = OutlierDetector(res.outlier, on_change=self._outlier_event(name))
+        if old is not None and old.resilience.retries == res.retries:
+            retry = old.retry
+        else:
+            retry = RetryPolicy(res.retries, budget=budget)
         members: dict[Address, Pool] = {}
         for address in endpoints:
             key = (name, address, pool_config, tls)
@@ -228,10 +245,10 @@ class ClusterManager:
         return Cluster(
             name=name, endpoints=states, pools=members, timeouts=timeouts, pool_config=pool_config,
             resilience=res, load_balancer=load_balancer_for(res.load_balancer), breaker=breaker,
-            outlier=OutlierDetector(res.outlier, on_change=self._outlier_event(name)),
-            retry=RetryPolicy(res.retries, budget=budget), health=health,
+            outlier=outlier, retry=retry, health=health,
             expected_identity=f"spiffe://{trust_domain}/service/{name}" if tls else None,
             max_request_body=service.max_request_body if service else None,
+            source=source,
         )
 
     def _endpoint_tls(self, address: Address) -> tuple[Callable[[], Any], Callable[[object], str | None] | None]:
