@@ -26,14 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: 
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm  # noqa: E402
 
 from sidecar.config.model import RouteConfig, RouteMatch, WeightedTarget  # noqa: E402
-from sidecar.config.policy import (  # noqa: E402
-    JwtProvider,
-    RateLimitConfig,
-    RbacMatch,
-    RbacPolicy,
-    RbacRule,
-    ServiceAuthn,
-)
+from sidecar.config.jwt_providers import JwtProvider  # noqa: E402
+from sidecar.config.policy import ServiceAuthn  # noqa: E402
+from sidecar.config.rate_limit import RateLimitConfig  # noqa: E402
+from sidecar.config.rbac import RbacMatch, RbacPolicy, RbacRule  # noqa: E402
 from sidecar.exchange import Exchange  # noqa: E402
 from sidecar.filters.authn_jwt import build_jwt_authn  # noqa: E402
 from sidecar.filters.authz_rbac import build_rbac  # noqa: E402

@@ -1,7 +1,7 @@
 """What the mesh's certificates look like: root, intermediate and workload leaf.
 
 One place decides the extensions of each kind, so the CA and the test
-factory (certs/testing.py) build exactly the same shapes; the test factory
+factory (tests/helpers/pki.py) build exactly the same shapes; the test factory
 only varies the parameters a bad certificate needs. Pure: builds, never signs
 files or reads clocks.
 """

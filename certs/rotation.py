@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from certs.ssl_context import TlsContextSource
+from certs.tasks import stop_task
 
 __all__ = ["FileStamp", "FileWatcher", "renew_at", "stamp"]
 
@@ -133,11 +134,7 @@ class FileWatcher:
     async def stop(self) -> None:
         """Cancel the task and wait for it to end."""
         task, self._task = self._task, None
-        if task is None or task.done():
-            return
-        task.cancel()
-        # gather() absorbs the watcher's own CancelledError but re-raises ours
-        await asyncio.gather(task, return_exceptions=True)
+        await stop_task(task)
 
     async def _call(self, callback: Callable[[Any], Any] | None, arg: Any) -> None:
         if callback is None:

@@ -39,7 +39,9 @@ __all__ = [
 ]
 
 ALPN_PROTOCOLS = ("http/1.1",)
-Clock = Callable[[], datetime]
+# Wall time as an aware datetime, for certificate validity; not sidecar.clock.Clock (the one
+# Clock protocol, monotonic), which certs cannot import.
+UtcNow = Callable[[], datetime]
 Side = Literal["server", "client"]
 
 
@@ -197,7 +199,7 @@ class TlsContextSource:
     Construction loads the files and raises PemError if they are unusable.
     """
 
-    def __init__(self, files: TlsPaths, *, clock: Clock = _utcnow) -> None:
+    def __init__(self, files: TlsPaths, *, clock: UtcNow = _utcnow) -> None:
         self.files = files
         self._clock = clock
         self._current = self._load()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -24,6 +23,10 @@ from certs.describe import describe_certificate
 from certs.identity import DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId, check_service
 from certs.issue import issue_workload
 from certs.pem import PemError, load_certificates
+from control.admin_client import AdminUnreachable
+from control.commands import MESH_COMMANDS, CommandFailed, register_certs_rotate
+from sidecar.config.reader import format_duration as format_seconds
+from sidecar.config.reader import parse_duration as parse_seconds
 
 __all__ = [
     "COMMANDS",
@@ -56,31 +59,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 # === durations ===
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION_RE = re.compile(r"(\d+)([smhd])")
+# The grammar is the mesh's own (sidecar.config.reader): what `pakectl` accepts, a config accepts.
 
 
 def parse_duration(text: str) -> timedelta:
-    """`90s`, `30m`, `24h`, `7d` or a sum like `1h30m`; must be positive."""
-    parts = _DURATION_RE.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: use a number and a unit s, m, h or d, e.g. 24h"
-        )
-    seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in parts)
+    """An argparse type: a positive duration such as `90s`, `24h`, `7d` or `1h30m`."""
+    try:
+        seconds = parse_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be positive")
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
     return timedelta(seconds=seconds)
 
 
 def format_duration(value: timedelta) -> str:
     """The inverse of parse_duration, in the largest exact unit: 86400s -> 1d."""
-    seconds = int(value.total_seconds())
-    for unit, size in sorted(_DURATION_UNITS.items(), key=lambda kv: -kv[1]):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"  # pragma: no cover - "s" always divides
+    return format_seconds(value.total_seconds())
 
 
 # === pakectl ca ===
@@ -164,6 +159,8 @@ def _register_certs(sub: Subparsers) -> None:
     bundle.add_argument("roots", type=Path, nargs="+", metavar="ROOT.pem")
     bundle.set_defaults(handler=_certs_bundle)
 
+    register_certs_rotate(certs_sub)
+
 
 def _certs_issue(args: argparse.Namespace, out: TextIO) -> int:
     check_service(args.service)  # a bad name fails before the CA is even loaded
@@ -227,7 +224,7 @@ def _certs_bundle(args: argparse.Namespace, out: TextIO) -> int:
 # === entry point ===
 
 COMMANDS: Mapping[str, Callable[[Subparsers], None]] = MappingProxyType(
-    {"ca": _register_ca, "certs": _register_certs}
+    {"ca": _register_ca, "certs": _register_certs, **MESH_COMMANDS}
 )
 
 
@@ -248,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"{exc}", file=sys.stderr)
         return 2
-    except (PemError, CAError, IdentityError) as exc:
+    except (PemError, CAError, IdentityError, CommandFailed, AdminUnreachable) as exc:
         print(f"pakectl: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

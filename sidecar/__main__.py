@@ -14,6 +14,7 @@ import uvloop
 
 from .config.load import load_bootstrap, load_mesh
 from .config.reader import ConfigError
+from .observability.log_writer import LogOutputs
 from .observability.logging import configure_logging
 
 __all__ = ["main"]
@@ -58,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {args.config} (mesh {bootstrap.mesh_path}, version {mesh.version},"
               f" {len(mesh.services)} services)")
         return 0
-    configure_logging(bootstrap.log_level)
+    logs = LogOutputs()  # log lines leave the loop through these queues and writer threads
+    configure_logging(logs.channel("events"), bootstrap.log_level)
     from .app import Sidecar  # after logging is configured
 
     async def run() -> None:
-        sidecar = Sidecar(bootstrap, mesh, tls_source=tls_source, server_tls=server_tls)
+        sidecar = Sidecar(bootstrap, mesh, tls_source=tls_source, server_tls=server_tls, logs=logs)
         await sidecar.run()
 
     try:
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"pake-sidecar: cannot start: {exc}", file=sys.stderr)
         return 1
+    finally:
+        logs.close(2.0)  # the loop has stopped: write what is queued (bounded), "stopped" included
     return 0
 
 

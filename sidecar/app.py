@@ -31,12 +31,13 @@ import structlog
 from .admin.server import AdminResponse, AdminServer, json_response
 from .config.load import load_bootstrap, load_mesh, reloaded_bootstrap
 from .config.model import Bootstrap, ListenerConfig, MeshConfig
-from .config.policy import redact
+from .config.redact import redact
 from .config.reader import ConfigError
 from .errors import DownstreamProtocolError
 from .listener.connection import DownstreamConnection, ListenerContext, ServerState
 from .listener.listener import Listener
 from .observability.access_log import AccessLog
+from .observability.log_writer import LogOutputs
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
 from .audit import build_audit_log
@@ -62,13 +63,15 @@ log = structlog.get_logger("pake.sidecar")
 class Sidecar:
     def __init__(self, bootstrap: Bootstrap, mesh: MeshConfig, *,
                  tls_source: TlsContextSource | None = None,
-                 server_tls: ServerTls | None = None) -> None:
+                 server_tls: ServerTls | None = None, logs: LogOutputs) -> None:
         self.bootstrap = bootstrap  # in force: a reload changes only what applies live
         self._boot = bootstrap  # what the process started with (listeners, identity, TLS)
         self.restart_required: tuple[str, ...] = ()  # sidecar.yaml changes waiting for a restart
+        self.logs = logs  # every log's queue and writer; __main__ closes them after the loop
         self.loop = asyncio.get_running_loop()
         self.state = ServerState()
         self.metrics = Metrics()
+        self.metrics.watch_log_drops(logs.dropped)
         self.tls = self._tls(mesh, tls_source) if bootstrap.tls is not None else None
         # The gateway listener's certificate for outside clients (server-only TLS).
         gateway = bootstrap.listener("gateway")
@@ -82,7 +85,7 @@ class Sidecar:
             client_tls=self.tls.client_context if self.tls else (lambda: None), tls=self.tls)
         self.clock = MonotonicClock()
         # Policy state that outlives snapshots: the audit sink and the JWT key caches.
-        self.audit = build_audit_log(bootstrap.audit, clock=self.clock, base_dir=bootstrap.source.parent)
+        self.audit = build_audit_log(bootstrap.audit, logs, clock=self.clock, base_dir=bootstrap.source.parent)
         self.jwks: dict[str, JwksCache] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
@@ -98,7 +101,8 @@ class Sidecar:
         self._contexts: list[ListenerContext] = []
         self._pipelines: list[Pipeline] = []
         self.admin: AdminServer | None = None
-        self.access_log = AccessLog(path=bootstrap.access_log.path) if bootstrap.access_log.enabled else None
+        self.access_log = (AccessLog(logs.channel("access", bootstrap.access_log.path))
+                           if bootstrap.access_log.enabled else None)
         self._access_log_config = bootstrap.access_log
         self.stopping = asyncio.Event()
 
@@ -192,7 +196,6 @@ class Sidecar:
     # === start ==============================================================================
     async def start(self) -> None:
         b = self.bootstrap
-        await self.audit.start()
         # keys first: a sidecar that says ready must be able to verify a token
         await asyncio.gather(*(cache.start() for cache in self.jwks.values()))
         self._started = True
@@ -217,7 +220,9 @@ class Sidecar:
             self.metrics.active_connections.labels(lc.name).set_function(lambda c=ctx: c.connections)
         admin = b.listener("admin")
         if admin is not None:
-            self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes())
+            self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes(),
+                                     timeouts=b.timeouts,
+                                     on_refused=self.metrics.connections_refused.labels("admin").inc)
             await self.admin.start()
         if self.tls is not None:
             self.tls.start()
@@ -273,12 +278,12 @@ class Sidecar:
         config = bootstrap.access_log
         if self._access_log_config == config:
             return
-        new = await asyncio.to_thread(AccessLog, path=config.path) if config.enabled else None
-        old, self.access_log, self._access_log_config = self.access_log, new, config
+        # a new file is opened by its writer's first use: off the loop
+        channel = await asyncio.to_thread(self.logs.channel, "access", config.path) if config.enabled else None
+        new = AccessLog(channel) if channel is not None else None
+        self.access_log, self._access_log_config = new, config
         for pipeline in self._pipelines:
             pipeline.access_log = new
-        if old is not None:
-            await asyncio.to_thread(old.close)
 
     # === drain ==============================================================================
     async def drain(self) -> None:
@@ -300,11 +305,8 @@ class Sidecar:
         await self.clusters.close()
         for cache in self.jwks.values():
             await cache.stop()
-        await self.audit.stop()
         if self.admin is not None:
             self.admin.close()
-        if self.access_log is not None:
-            self.access_log.close()
         if self.tls is not None:
             await self.tls.stop()
         if self.server_tls is not None:

@@ -1,16 +1,23 @@
 """Time as an input: breakers, buckets, backoff and expiry read a ``Clock`` so tests can
-move it by hand instead of sleeping."""
+move it by hand instead of sleeping.
+
+The one Clock protocol of the sidecar; ``tests/helpers/fake_clock.FakeClock`` implements it.
+The per-request hot path (listener, routing, pool) reads ``loop.time()`` directly: no
+indirection there."""
 
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 __all__ = ["Clock", "MonotonicClock"]
 
 
+@runtime_checkable
 class Clock(Protocol):
-    def monotonic(self) -> float: ...
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary start; never goes back."""
+        ...
 
 
 class MonotonicClock:

@@ -4,13 +4,16 @@ Every refusal is a ``ProxyError`` subclass carrying its status, a short error co
 response flag (Envoy's vocabulary: ``NR`` no route, ``UF`` upstream connect failure, ``UT``
 upstream timeout, ``UO`` overflow / breaker open, ``URX`` retries exhausted, ``UPE``
 upstream protocol or identity error, ``DPE`` downstream protocol error). ``rescue()`` maps
-an error to a ``LocalReply``; the access log and metrics carry the same flag.
+an error to a ``LocalReply``; the access log and metrics carry the same flag, and so does the
+reply itself, in its ``x-pake-flags`` header. The error code tells apart what a flag groups:
+``UO`` is ``circuit_open`` (the breaker refuses the cluster for a while) or
+``upstream_overflow`` (a concurrency limit is full right now).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "CircuitOpen",
@@ -25,6 +28,7 @@ __all__ = [
     "Unauthenticated",
     "UpstreamConnectError",
     "UpstreamIdentityError",
+    "UpstreamOverflow",
     "UpstreamProtocolError",
     "UpstreamReset",
     "UpstreamTimeout",
@@ -34,7 +38,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class LocalReply:
-    """A response the sidecar makes itself: JSON ``{"error","detail","service"}`` and a flag."""
+    """A response the sidecar makes itself: JSON ``{"error","detail","service"}`` and a flag
+    (or flags joined by commas, e.g. ``UF,URX``), sent as ``x-pake-flags`` and logged."""
 
     status: int
     error: str
@@ -42,6 +47,11 @@ class LocalReply:
     flag: str
     headers: tuple[tuple[bytes, bytes], ...] = ()
     close: bool = False  # close the downstream connection after the reply
+
+    def flagged(self, flag: str) -> LocalReply:
+        """This reply with one more flag (``UF`` -> ``UF,URX``): the flags a reply is sent with
+        are the ones its exchange is logged with."""
+        return replace(self, flag=flag if self.flag == "-" else f"{self.flag},{flag}")
 
     def body(self, service: str) -> bytes:
         return json.dumps({"error": self.error, "detail": self.detail, "service": service},
@@ -106,6 +116,16 @@ class NoHealthyUpstream(ProxyError):
 
 
 class CircuitOpen(ProxyError):
+    """The cluster's circuit breaker is open (or half-open with its trials in flight): the
+    service failed as a whole, and is left alone until the open interval has passed."""
+
+    status, error, flag = 503, "circuit_open", "UO"
+
+
+class UpstreamOverflow(ProxyError):
+    """A concurrency limit of the cluster or the endpoint's pool is full (max_requests,
+    max_retries, max_pending, max_connections): a matter of load now, not of failure."""
+
     status, error, flag = 503, "upstream_overflow", "UO"
 
 

@@ -15,6 +15,7 @@ import time
 
 import structlog
 
+from .config.model import ServiceConfig
 from .errors import LocalReply, NoRoute, PayloadTooLarge, ProxyError, rescue
 from .filters.base import BodyFilter, run_filters
 from .listener.stream import Stream
@@ -42,7 +43,7 @@ class Pipeline:
         ex = stream.exchange
         snap: Snapshot = stream.snapshot  # type: ignore[assignment]
         try:
-            self._route(stream, snap)
+            service = self._route(stream, snap)
             chain = snap.filters.get(ex.listener)
             reply = run_filters(chain, ex) if chain else None
             if reply is None:
@@ -52,6 +53,12 @@ class Pipeline:
                 else:
                     body_filter = snap.body_filter(ex.listener)
                     if body_filter is not None and body_filter.wants_body(ex):
+                        # waiting for a body is a phase like any other: the route timeout,
+                        # counted from the exchange's start, bounds it (408 when it fires)
+                        assert service is not None  # (a route was found in it)
+                        stream.timeout = ex.route.timeout or service.timeouts.route
+                        stream.conn.route_deadline.set_in(
+                            stream.timeout - (time.monotonic() - ex.start))
                         stream.collect(body_filter.max_body,
                                        lambda ok: self._body_collected(stream, body_filter, ok))
                         return
@@ -66,6 +73,7 @@ class Pipeline:
 
     def _body_collected(self, stream: Stream, body_filter: BodyFilter, ok: bool) -> None:
         """The body a filter asked for is here (or grew past its bound): check, then route."""
+        stream.conn.route_deadline.clear()  # (the router arms it again for the exchange)
         ex = stream.exchange
         if not ok:
             reply: LocalReply | None = PayloadTooLarge(
@@ -98,16 +106,17 @@ class Pipeline:
         else:
             self.finish(stream, None)
 
-    def _route(self, stream: Stream, snap: Snapshot) -> None:
+    def _route(self, stream: Stream, snap: Snapshot) -> ServiceConfig | None:
         ex = stream.exchange
         if ex.listener != "outbound":  # inbound and gateway serve the local service's routes
             service = snap.local_service
         else:
             service = snap.routes.service_for_host(stream.head.host)
         if service is None:
-            return
+            return None
         ex.service = service.name
         ex.route = RouteTable.route(service, stream.head)
+        return service
 
     def finish(self, stream: Stream, reply: LocalReply | None) -> None:
         if stream.finished:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..http.headers import HEADER_NAME
 from .model import (
     AccessLogConfig,
     Bootstrap,
@@ -32,16 +33,18 @@ from .model import (
     TlsFiles,
     WeightedTarget,
 )
-from .reader import ConfigError, Fields, Problems, convert, parse_address
-from .policy import (MeshPolicy, is_loopback_host, parse_audit, parse_authn, parse_mesh_policy, parse_optional,
-                     parse_rate_limit, parse_rbac_policy, parse_validation)
+from .audit import parse_audit
+from .policy import MeshPolicy, parse_authn, parse_mesh_policy
+from .rate_limit import parse_rate_limit
+from .rbac import parse_rbac_policy
+from .reader import ConfigError, Fields, Problems, convert, is_loopback_host, parse_address
+from .validation import parse_validation
 from .resilience import parse_fault, parse_retries, parse_service_resilience
 
 __all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml", "reloaded_bootstrap"]
 
 SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
-HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 
 def read_yaml(path: Path) -> Any:
@@ -79,7 +82,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     limits = _limits(top.sub("limits"))
     timeouts = _downstream_timeouts(top.sub("timeouts"))
     access_log = _access_log(top.sub("access_log"))
-    tls = _tls(top, path.parent)
+    tls = top.optional("tls", lambda n: _tls(n, path.parent))
     log_level = top.str("log_level", "info", choices=("debug", "info", "warning", "error"))
     audit = parse_audit(top.sub("audit"))
     top.done()
@@ -164,7 +167,7 @@ def _listeners(node: Fields, mode: str, base: Path) -> list[ListenerConfig]:
             sub = node.sub(name)
             address = sub.address("address")
             if name == "gateway":
-                server_tls = _server_tls(sub, base)
+                server_tls = sub.optional("tls", lambda n: _server_tls(n, base))
             else:
                 tls = sub.bool("tls", name == "inbound")
             sub.done()
@@ -186,12 +189,8 @@ def _listeners(node: Fields, mode: str, base: Path) -> list[ListenerConfig]:
 
 def _server_tls(node: Fields, base: Path) -> ServerTlsFiles | None:
     """The gateway's ``tls: {cert, key}``: a server certificate for outside clients."""
-    if not node.has("tls"):
-        node.raw("tls", None)
-        return None
-    sub = node.sub("tls")
-    cert, key = sub.str("cert"), sub.str("key")
-    sub.done()
+    cert, key = node.str("cert"), node.str("key")
+    node.done()
     if not isinstance(cert, str) or not isinstance(key, str):
         return None
     return ServerTlsFiles(cert=base / cert, key=base / key)
@@ -220,6 +219,7 @@ def _downstream_timeouts(node: Fields) -> DownstreamTimeouts:
         idle=node.duration("idle", d.idle, min=0.001),
         drain=node.duration("drain", d.drain),
         tls_handshake=node.duration("tls_handshake", d.tls_handshake, min=0.001),
+        tunnel_idle=node.duration("tunnel_idle", d.tunnel_idle, min=0.001),
     )
     node.done()
     return timeouts
@@ -232,11 +232,7 @@ def _access_log(node: Fields) -> AccessLogConfig:
     return config
 
 
-def _tls(top: Fields, base: Path) -> TlsFiles | None:
-    if not top.has("tls"):
-        top.raw("tls", None)
-        return None
-    node = top.sub("tls")
+def _tls(node: Fields, base: Path) -> TlsFiles | None:
     paths = [node.str(k) for k in ("cert", "key", "bundle")]
     resume = node.bool("resume_upstream_sessions", False)
     node.done()
@@ -304,8 +300,8 @@ def _service(name: str, node: Fields, trust_domain: str, policy: MeshPolicy) -> 
         pool=_pool(node.sub("pool")),
         max_request_body=node.size("max_request_body", None),
         resilience=resilience,
-        authn=parse_optional(node, "authn", lambda n: parse_authn(n, policy)),
-        policy=parse_optional(node, "policy", parse_rbac_policy),
+        authn=node.optional("authn", lambda n: parse_authn(n, policy)),
+        policy=node.optional("policy", parse_rbac_policy),
         tls=node.bool("tls", True),
     )
     node.done()
@@ -326,10 +322,10 @@ def _route(path: str, data: Any, service: str, parent: Fields) -> RouteConfig:
     if targets and sum(t.weight for t in targets) == 0:
         node.error("to", "weights must not all be 0")
     timeout = node.duration("timeout", None, min=0.001)
-    retries = parse_retries(node.sub("retries")) if node.has("retries") else None
+    retries = node.optional("retries", parse_retries)
     fault = parse_fault(node.sub("fault"))
-    rate_limit = parse_optional(node, "rate_limit", parse_rate_limit)
-    validation = parse_optional(node, "validation", parse_validation)
+    rate_limit = node.optional("rate_limit", parse_rate_limit)
+    validation = node.optional("validation", parse_validation)
     node.done()
     return RouteConfig(name=name, match=match, to=tuple(targets), timeout=timeout,
                        retries=retries, fault=fault, rate_limit=rate_limit, validation=validation)

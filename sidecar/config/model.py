@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .policy import (AuditConfig, MeshPolicy, RateLimitConfig, RbacPolicy, ServiceAuthn,
-                     ValidationConfig)
+from .audit import AuditConfig
+from .policy import MeshPolicy, ServiceAuthn
+from .rate_limit import RateLimitConfig
+from .rbac import RbacPolicy
+from .validation import ValidationConfig
 from .resilience import FaultConfig, RetryConfig, ServiceResilience
 
 __all__ = [
@@ -62,6 +65,7 @@ class DownstreamTimeouts:
     idle: float = 60.0  # keep-alive: no request in flight and nothing received
     drain: float = 20.0  # SIGTERM: how long in-flight requests may take to finish
     tls_handshake: float = 10.0  # a TLS client must finish its handshake within this
+    tunnel_idle: float = 3600.0  # after a 101: no byte either way for this long closes both sides
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,20 +8,29 @@ Pure: no I/O; ``load.py`` reads the files.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from ..http.headers import HEADER_NAME
+
 __all__ = [
+    "ENTRY_NAME",
     "ConfigError",
     "Fields",
     "MISSING",
     "Problems",
     "convert",
+    "format_duration",
+    "header_name",
+    "is_loopback_host",
+    "methods_of",
     "parse_address",
     "parse_duration",
     "parse_percent",
     "parse_size",
+    "strings_of",
 ]
 
 T = TypeVar("T")
@@ -68,8 +77,12 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# One duration grammar for the config, the CLI and the fault headers: one or more
+# <number><unit> parts, units from the largest down, each at most once (``1h30m``, ``1.5s``).
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_ORDER = list(_DURATION_UNITS)
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
                "KB": 1000, "MB": 1000**2, "GB": 1000**3}
@@ -77,13 +90,27 @@ _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 
 
 def parse_duration(value: Any) -> float:
-    """``500ms``, ``1.5s``, ``2m``, ``24h``, ``7d`` -> seconds. Plain numbers are refused:
-    a bare ``10`` is ambiguous (seconds? milliseconds?) and is the classic config bug."""
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f"must be a duration like 500ms, 10s, 5m, 24h, got {_show(value)}")
+    """``500ms``, ``2s``, ``1.5s``, ``10m``, ``24h``, ``7d`` or a sum like ``1h30m`` -> seconds.
+    Plain numbers are refused: a bare ``10`` is ambiguous (seconds? milliseconds?) and is
+    the classic config bug. No spaces, no upper case: one spelling everywhere."""
+    if isinstance(value, str) and _DURATION.match(value):
+        parts = _DURATION_PART.findall(value)
+        ranks = [_DURATION_ORDER.index(unit) for _, unit in parts]
+        if all(a < b for a, b in zip(ranks, ranks[1:])):
+            return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    raise ValueError(f"must be a duration like 500ms or 1h30m, got {_show(value)}")
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` in the largest unit that holds it exactly (``86400`` -> ``1d``, ``5400`` ->
+    ``90m``, ``0.5`` -> ``500ms``); ``parse_duration`` reads it back."""
+    if seconds == 0:
+        return "0s"
+    for unit, size in _DURATION_UNITS.items():
+        count = round(seconds / size, 6)  # 0.1 / 0.001 is 100.00000000000001
+        if count >= 1 and count == int(count):
+            return f"{int(count)}{unit}"
+    return f"{seconds * 1000:g}ms"
 
 
 def parse_size(value: Any) -> int:
@@ -236,6 +263,16 @@ class Fields:
         """A nested mapping (empty when absent)."""
         return Fields(self.raw(key, None), self.at(key), self.problems)
 
+    def optional(self, key: str, read: Callable[[Fields], T]) -> T | None:
+        """An optional section: ``read`` of it when present, None when absent or null (the
+        key counts as read either way). The one way a config asks "is this configured?".
+        An empty mapping is present and gets its defaults: ``policy: {}`` is a deny-all
+        policy, not no policy, and ``rate_limit: {}`` is an error (no rate), not silence."""
+        if self.data.get(key) is None:
+            self.raw(key, None)
+            return None
+        return read(self.sub(key))
+
     def list(self, key: str, default: Any = MISSING) -> list[tuple[str, Any]]:
         """A list as ``(path, item)`` pairs; absent -> ``default`` (or [] when given)."""
         value = self.raw(key, [] if default is MISSING else default)
@@ -258,3 +295,43 @@ class Fields:
         for key in self.data:
             if key not in self._used:
                 self.error(str(key), "unknown key")
+
+
+# === shared readers ======================================================================
+
+# The name of an entry in a top-level map (a JWT provider, an API key).
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+_METHOD = re.compile(r"^[A-Z]{1,20}$")
+
+
+def strings_of(node: Fields, key: str, *, pattern: re.Pattern[str] | None = None,
+            what: str = "a non-empty string", default: Any = ()) -> tuple[str, ...]:
+    """A list of strings; each bad item is reported at its own path."""
+    out = []
+    for path, item in node.list(key, list(default)):
+        if not isinstance(item, str) or not item or (pattern and not pattern.match(item)):
+            node.problems.add(path, f"must be {what}, got {item!r}")
+        else:
+            out.append(item)
+    return tuple(out)
+
+
+def methods_of(node: Fields, key: str) -> frozenset[str]:
+    return frozenset(strings_of(node, key, pattern=_METHOD, what="an upper-case HTTP method"))
+
+
+def header_name(node: Fields, key: str, name: Any) -> str | None:
+    """``name`` lower-cased, or None (reported at ``key``) when it is not a header name."""
+    if not isinstance(name, str) or not HEADER_NAME.match(name.lower()):
+        node.error(key, f"must be a header name, got {name!r}")
+        return None
+    return name.lower()
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -16,7 +16,8 @@ import hmac
 from collections.abc import Mapping
 
 from ..audit import AuditRecorder
-from ..config.policy import ApiKey, ServiceAuthn
+from ..config.api_keys import ApiKey
+from ..config.policy import ServiceAuthn
 from ..errors import LocalReply, Unauthenticated
 from ..exchange import Exchange
 from .claims_headers import PRINCIPAL_HEADER, ROLES_HEADER, set_identity_headers

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Mapping
 
 from ..audit import AuditRecorder
-from ..config.policy import JwtProvider, ServiceAuthn, TokenHeader
+from ..config.jwt_providers import JwtProvider, TokenHeader
+from ..config.policy import ServiceAuthn
 from ..errors import LocalReply, Unauthenticated
 from ..exchange import Exchange
 from ..jwt.authenticator import Authenticator

@@ -23,7 +23,7 @@ import structlog
 
 from ..audit import AuditRecorder
 from ..clock import Clock, MonotonicClock
-from ..config.policy import ClaimMatch, RbacMatch, RbacPolicy
+from ..config.rbac import ClaimMatch, RbacMatch, RbacPolicy
 from ..errors import Forbidden, LocalReply
 from ..exchange import Exchange
 

@@ -15,9 +15,10 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from ..config.policy import RESERVED_HEADERS, JwtProvider
+from ..config.jwt_providers import JwtProvider
 from ..errors import LocalReply
 from ..exchange import Exchange
+from ..http.headers import RESERVED_HEADERS
 from ..http.message import RequestHead
 
 __all__ = [

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..clock import Clock
-from ..config.policy import RateLimitConfig
+from ..config.rate_limit import RateLimitConfig
 from ..errors import LocalReply, RateLimited
 from ..exchange import Exchange
 

@@ -12,15 +12,15 @@ jsonschema is imported only when a route has a schema. Flag ``IV`` (invalid requ
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config.policy import ValidationConfig, check_json_schema
+from ..config.validation import ValidationConfig, check_json_schema
 from ..config.reader import ConfigError
 from ..errors import LocalReply
 from ..exchange import Exchange
+from ..strict_json import DuplicateMember, strict_json
 
 __all__ = ["FLAG", "SCHEMA_BODY_LIMIT", "ValidationFilter", "build_validation"]
 
@@ -28,22 +28,6 @@ FLAG = "IV"
 SCHEMA_BODY_LIMIT = 1024 * 1024  # a schema route without max_body buffers at most this
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MAX_DETAIL = 300
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate member {key[:40]!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_constants)
 
 
 class _Route:
@@ -134,10 +118,10 @@ class ValidationFilter:
         if r.validator is None:
             return None
         try:
-            document = _DECODER.decode(body.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            document = strict_json(body)
+        except ValueError as exc:
             self.refused += 1
-            why = str(exc) if "duplicate" in str(exc) else "body is not valid JSON"
+            why = str(exc) if isinstance(exc, DuplicateMember) else "body is not valid JSON"
             return _reply(400, "invalid_body", why)
         from jsonschema.exceptions import best_match  # loaded already: a schema exists
 
@@ -156,7 +140,7 @@ def _validator(config: ValidationConfig, base_dir: Path | None) -> Any:
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
         try:
-            schema = json.loads(path.read_text(encoding="utf-8"))
+            schema = strict_json(path.read_bytes())
         except FileNotFoundError:
             raise ConfigError([f"{where}: file not found: {path}"]) from None
         except (OSError, ValueError) as exc:

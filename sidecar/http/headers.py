@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-__all__ = ["HOP_BY_HOP", "MESH_INTERNAL", "connection_tokens", "is_valid_request_id"]
+import re
+
+__all__ = [
+    "HEADER_NAME",
+    "HOP_BY_HOP",
+    "MESH_INTERNAL",
+    "RESERVED_HEADERS",
+    "connection_tokens",
+    "is_valid_request_id",
+]
+
+# RFC 9110 §5.1: a field name is a token. Matched against the lower-cased name, the form in
+# which the mesh keeps header names (config, matchers, the parser's output).
+HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 # RFC 9110 §7.6.1: meaningful for one hop only; framing is re-done by us on each side.
 HOP_BY_HOP = frozenset({
@@ -14,6 +27,8 @@ HOP_BY_HOP = frozenset({
 # so an app can trust them.
 MESH_INTERNAL = frozenset({b"x-pake-peer-identity", b"x-pake-attempts", b"x-pake-principal",
                            b"x-pake-roles"})
+# Headers the sidecar sets for the app after authentication; never taken from outside.
+RESERVED_HEADERS = ("x-pake-peer-identity", "x-pake-principal", "x-pake-roles")
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:

@@ -51,6 +51,7 @@ class RequestParser:
         "_sink", "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
         "_chunked", "_chunks", "_overhead", "_body_bytes", "_max_body", "_max_head", "upgraded",
         "_body_total", "_head_rest", "_head_done_here", "_fed_now", "_account", "_held",
+        "_length",
     )
 
     def __init__(self, sink: RequestSink, limits: Limits) -> None:
@@ -68,6 +69,7 @@ class RequestParser:
         self._chunks = 0
         self._overhead = 0
         self._body_bytes = 0
+        self._length = 0  # the Content-Length of the body being read (not chunked)
         self._body_total = 0  # body bytes of all messages: never reset, for per-read deltas
         self._head_rest = 0  # estimated head bytes in the read where the head completed
         self._head_done_here = False
@@ -83,7 +85,35 @@ class RequestParser:
         """Part of a request head has arrived, not all of it (the 408 timer runs)."""
         return self._in_head and self._head_bytes > 0
 
-    def feed(self, data: bytes | memoryview) -> bytes:
+    def head_room(self, buf: bytes | bytearray, pos: int, end: int, heads: int) -> int:
+        """How far into ``buf[pos:end]`` the parser may be fed so that at most ``heads``
+        request heads complete (``heads`` >= 1): the connection bounds pipelining where the
+        bytes arrive, not one read later. Never too far: llhttp (strict) ends a head only
+        at a CRLF CRLF, so a head can complete only where ``\n\r\n`` ends, and none inside
+        what remains of a Content-Length body. ``pos == 0`` is taken to follow bytes of an
+        earlier read, so a terminator split across reads is counted too. The cost is a
+        ``find`` or two (a memchr), not a parse; a chunked body's blank lines only make the
+        step shorter."""
+        if not self._in_head and not self._chunked:
+            pos += self._length - self._body_bytes
+            if pos >= end:
+                return end
+        elif pos == 0 and end and (buf[0] == 10 or buf[0] == 13 and end > 1 and buf[1] == 10):
+            # "\n\r" or "\n" may have ended an earlier read: a head may complete right here
+            heads -= 1
+            if heads == 0:
+                return 1 if buf[0] == 10 else 2
+        at = pos - 2 if pos >= 2 else 0
+        while True:
+            at = buf.find(b"\n\r\n", at, end)
+            if at < 0:
+                return end
+            heads -= 1
+            if heads == 0:
+                return at + 3
+            at += 1
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         """Parse ``data``. Returns bytes that follow an upgrade request (to tunnel), else b""."""
         if self._in_head:
             self._head_bytes += len(data)
@@ -168,6 +198,7 @@ class RequestParser:
         head = self._build_head()
         self._in_head = False
         self._chunked = head.chunked
+        self._length = head.content_length or 0
         if head.chunked:
             self._chunks = 0
             self._overhead = 0

@@ -46,11 +46,14 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
 
 def local_reply(reply: LocalReply, service: str, extra: list[tuple[bytes, bytes]], *,
                 head_only: bool = False) -> tuple[bytes, int]:
-    """A reply the sidecar makes itself, JSON body and framing, then ``extra`` (request id,
-    connection). Returns the bytes and how many of them are body."""
+    """A reply the sidecar makes itself, JSON body and framing, its response flags in
+    ``x-pake-flags`` (the access log's ``flags``: a client tells an open breaker from a full
+    queue, or a refusal from the upstream's own 503, without parsing the body), then ``extra``
+    (request id, connection). Returns the bytes and how many of them are body."""
     body = reply.body(service)  # its length is the Content-Length even for HEAD
     headers = [*reply.headers, (b"content-type", b"application/json"),
-               (b"content-length", b"%d" % len(body)), *extra]
+               (b"content-length", b"%d" % len(body)), (b"x-pake-flags", reply.flag.encode()),
+               *extra]
     head = response_head(reply.status, reason_phrase(reply.status), [], headers)
     return (head, 0) if head_only else (head + body, len(body))
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from ..config.policy import TokenHeader
+from ..config.jwt_providers import TokenHeader
 from ..http.message import RequestHead
 
 __all__ = ["ExtractError", "Found", "HeaderSpec", "TokenLocation", "extract_token",

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from ..config.policy import is_loopback_host
+from ..config.reader import is_loopback_host
 
 __all__ = ["FetchError", "https_get"]
 

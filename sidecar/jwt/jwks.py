@@ -26,9 +26,12 @@ import structlog
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
+from certs.tasks import stop_task
+
 from ..clock import Clock
-from ..config.policy import JwtProvider
+from ..config.jwt_providers import JwtProvider
 from ..config.reader import ConfigError
+from ..strict_json import strict_json
 from .fetch import FetchError, https_get
 
 __all__ = [
@@ -148,8 +151,8 @@ def parse_jwks(data: bytes | str | Mapping[str, Any], algorithms: frozenset[str]
     """The usable keys of a JWKS document; ``JwksError`` if none is usable."""
     if isinstance(data, (bytes, str)):
         try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+            doc = strict_json(data)
+        except ValueError:
             raise JwksError("not a JSON document") from None
     else:
         doc = data
@@ -330,11 +333,7 @@ class JwksCache:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        # gather() absorbs the task's own CancelledError but re-raises ours.
-        await asyncio.gather(task, return_exceptions=True)
+        await stop_task(task)
 
 
 def build_jwks_cache(provider: JwtProvider, *, clock: Clock, base_dir: Path | None = None,

@@ -1,8 +1,9 @@
 """The checks a token must pass before its claims are believed.
 
 ``parse_token`` decodes the three segments itself, strictly: base64url without padding,
-JSON objects whose members are unique (``object_pairs_hook``; a duplicate ``alg`` or
-``sub`` could be read differently by us and by the app), no NaN/Infinity. ``Verifier``
+JSON objects whose members are unique (a duplicate ``alg`` or ``sub`` could be read
+differently by us and by the app), no NaN/Infinity, no nesting past the parser's depth
+(``sidecar/strict_json.py``). ``Verifier``
 then refuses, cheapest first: ``alg: none``, HS* (our keys are public keys: algorithm
 confusion), algorithms outside the provider's allow-list, ``jku``/``x5u``/``jwk``/``x5c``
 headers (keys named by the token are never followed), any ``crit`` (we implement no
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 import time
 from collections.abc import Callable
@@ -27,10 +27,11 @@ from typing import Any
 import jwt
 from jwt.exceptions import InvalidSignatureError, PyJWTError
 
-from ..config.policy import JwtProvider
+from ..config.jwt_providers import JwtProvider
+from ..strict_json import DuplicateMember, strict_json
 from .jwks import JwksCache
 
-__all__ = ["JwtError", "ParsedToken", "VerifiedToken", "Verifier", "parse_token", "strict_json"]
+__all__ = ["JwtError", "ParsedToken", "VerifiedToken", "Verifier", "parse_token"]
 
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _KEY_HEADERS = ("jku", "x5u", "jwk", "x5c")
@@ -71,28 +72,6 @@ class VerifiedToken:
     alg: str
 
 
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError("duplicate member")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError("not JSON")
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_constants)
-
-
-def strict_json(data: bytes | str) -> Any:
-    """JSON that refuses duplicate members and NaN/Infinity (ValueError)."""
-    text = data.decode("utf-8") if isinstance(data, bytes) else data
-    return _DECODER.decode(text)
-
-
 def _segment(seg: str, what: str) -> bytes:
     if not _B64URL.match(seg) or len(seg) % 4 == 1:
         raise JwtError(f"malformed token {what}", "malformed")
@@ -108,7 +87,7 @@ def _object(seg: str, what: str) -> dict[str, Any]:
     except JwtError:
         raise
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        reason = "duplicate" if str(exc) == "duplicate member" else "malformed"
+        reason = "duplicate" if isinstance(exc, DuplicateMember) else "malformed"
         text = f"duplicate member in token {what}" if reason == "duplicate" else \
             f"token {what} is not JSON"
         raise JwtError(text, reason) from None

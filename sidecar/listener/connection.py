@@ -1,12 +1,12 @@
 """One downstream connection: bytes in, requests out to the pipeline, responses back in order.
 
 Thin glue around the parser: it arms the timers (request headers -> 408, idle keep-alive
--> close), keeps pipelined requests in order (a later request waits until the one before
-it has answered; past ``max_pipelined`` waiting, reading pauses), applies back-pressure
-(reading pauses while a request body has nowhere to go or the upstream cannot take more;
-the upstream stops being read while this side's write buffer is full), and switches to a
-raw tunnel after a 101. A protocol error answers with its status and closes; nothing of
-that request is forwarded.
+-> close, tunnel idle -> close), keeps pipelined requests in order (a later request waits
+until the one before it has answered; past ``max_pipelined`` waiting, the rest of a read
+stays unparsed bytes and reading pauses), applies back-pressure (reading pauses while a
+request body has nowhere to go or the upstream cannot take more; the upstream stops being
+read while this side's write buffer is full), and switches to a raw tunnel after a 101. A
+protocol error answers with its status and closes; nothing of that request is forwarded.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
 
 LINGER_SECONDS = 2.0  # how long a closing connection keeps reading what the client still sends
 LINGER_BYTES = 64 * 1024 * 1024  # ... and how much of it, at most (time is the real bound)
+MIN_HEAD = len(b"GET / HTTP/1.0\r\n\r\n")  # the shortest request head llhttp accepts
 
 
 @dataclass(slots=True)
@@ -82,7 +83,11 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self.peer_identity: str | None = None
         self.streams: deque[Stream] = deque()  # answered in this order
         self.receiving: Stream | None = None  # the request whose body is arriving
-        self._to_start: Stream | None = None  # parsed in this read, started once it is all parsed
+        self._started: Stream | None = None  # the head of the queue, once handed to the pipeline
+        self._unparsed = b""  # bytes past the pipelining bound, parsed as exchanges finish
+        self._unparsed_at = 0
+        self._parsing = False
+        self._advancing = False
         self.closed = False
         self._blocked = 0
         self._write_paused = False
@@ -122,47 +127,110 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         return self.ctx.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(memoryview(self.ctx.read_buffer)[:nbytes])
+        self._received(self.ctx.read_buffer, nbytes)
 
-    def data_received(self, data: bytes | memoryview) -> None:
-        """``data`` may be a view of the shared read buffer: whatever outlives this call
-        is copied (the parser hands out copies already)."""
+    def data_received(self, data: bytes) -> None:
+        self._received(data, len(data))
+
+    def _received(self, buf: bytes | bytearray, n: int) -> None:
+        """``buf[:n]`` arrived; ``buf`` may be the shared read buffer: whatever outlives this
+        call is copied (the parser hands out copies already)."""
         if self._lingering:
-            self._linger_left -= len(data)
+            self._linger_left -= n
             if self._linger_left < 0 and self.transport is not None:
                 self.transport.close()
             return
         streams = self.streams
-        if streams and streams[0].tunnel and self.parser.upgraded:
-            upstream = streams[0].upstream
-            if upstream is not None:
-                streams[0].exchange.bytes_in += len(data)
-                upstream.write(bytes(data))
-            return
         if self.parser.upgraded:
-            # bytes after an upgrade request, before the upstream said 101: keep (bounded)
-            if streams:
-                streams[-1].early_data += data
+            if streams and streams[0].tunnel:
+                upstream = streams[0].upstream
+                if upstream is not None:
+                    streams[0].exchange.bytes_in += n
+                    self._deadline.set_in(self.ctx.timeouts.tunnel_idle)  # (moves, no re-arm)
+                    upstream.write(bytes(memoryview(buf)[:n]))
+            elif streams:
+                # bytes after an upgrade request, before the upstream said 101: keep (bounded)
+                streams[-1].early_data += buf[:n]
                 if len(streams[-1].early_data) > 64 * 1024:
                     self.block_reading(self.BLOCK_BODY)
             return
         if not self._head_timer_armed:
             self._deadline.clear()
-        try:
-            rest = self.parser.feed(data)
-        except DownstreamProtocolError as exc:
-            self._protocol_error(exc)
+        if not self._parse(buf, 0, n):
             return
-        to_start = self._to_start
-        if to_start is not None:
-            # Only now: a framing error later in this same read refuses the request before
-            # a single byte of it went upstream.
-            self._to_start = None
-            self.ctx.start(to_start)
-        if self.parser.upgraded and streams:
-            streams[-1].early_data = rest
+        # Only now: a framing error later in this same read refuses the request before a
+        # single byte of it went upstream.
+        self._advance()
         if self.parser.mid_head and not self._head_timer_armed:
             self._arm_head_timer()
+
+    def _parse(self, buf: bytes | bytearray, pos: int, end: int) -> bool:
+        """Feed ``buf[pos:end]`` to the parser, never more heads than the pipeline may
+        still hold (``max_pipelined`` waiting behind the one being answered); the rest is
+        kept unparsed, as bytes (at most one read), and reading pauses until an exchange
+        finishes. A bound on requests held, whatever one read carries. False: refused."""
+        parser = self.parser
+        streams = self.streams
+        room = self.ctx.limits.max_pipelined + 1
+        view = memoryview(buf)
+        self._parsing = True
+        try:
+            while pos < end:
+                heads = room - len(streams)
+                if heads <= 0:
+                    if isinstance(buf, bytes):
+                        self._unparsed, self._unparsed_at = buf, pos  # (held bytes, fed again)
+                    else:
+                        self._unparsed, self._unparsed_at = bytes(view[pos:end]), 0
+                    self.block_reading(self.BLOCK_PIPELINE)
+                    return True
+                # a head is at least MIN_HEAD bytes: a short read needs no look
+                stop = end if end - pos <= heads * MIN_HEAD else parser.head_room(buf, pos, end, heads)
+                rest = parser.feed(view[pos:stop] if pos or stop < len(buf) else buf)
+                if self.closed:
+                    return False
+                if parser.upgraded:
+                    if streams:
+                        streams[-1].early_data = rest + view[stop:end] if stop < end else rest
+                    return True
+                pos = stop
+        except DownstreamProtocolError as exc:
+            self._unparsed = b""
+            self._protocol_error(exc)
+            return False
+        finally:
+            self._parsing = False
+        return True
+
+    def _advance(self) -> None:
+        """Start the exchange at the head of the queue, parsing held bytes as room opens.
+        A loop, not recursion: an exchange answered locally finishes inside ``start``, and
+        thousands of them must not nest."""
+        if self._advancing:
+            return  # the loop below goes on
+        self._advancing = True
+        streams = self.streams
+        try:
+            while not self.closed:
+                if streams and streams[0] is not self._started:
+                    self._started = streams[0]
+                    self.ctx.start(streams[0])
+                    continue
+                held = self._unparsed
+                if held and len(streams) <= self.ctx.limits.max_pipelined:
+                    self._unparsed = b""
+                    if not self._parse(held, self._unparsed_at, len(held)):
+                        return
+                    continue
+                break
+        finally:
+            self._advancing = False
+        if self.closed:
+            return
+        if not self._unparsed and len(streams) <= self.ctx.limits.max_pipelined:
+            self.unblock_reading(self.BLOCK_PIPELINE)
+        if not streams and not self.parser.mid_head:
+            self._arm_idle()
 
     def eof_received(self) -> bool | None:
         # A half-closed client gets its in-flight responses; then we close. (TLS transports
@@ -182,6 +250,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         ctx.state.connections.discard(self)
         ctx.connections -= 1
         self._out.clear()
+        self._unparsed = b""
         for stream in list(self.streams):
             if not stream.finished:
                 ctx.abort(stream)
@@ -220,11 +289,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
                             peer_identity=self.peer_identity)
         stream = Stream(self, head, exchange, self.ctx.current_snapshot())
         self.receiving = stream
-        self.streams.append(stream)
-        if len(self.streams) == 1:
-            self._to_start = stream
-        elif len(self.streams) > self.ctx.limits.max_pipelined:
-            self.block_reading(self.BLOCK_PIPELINE)
+        self.streams.append(stream)  # (``_parse`` feeds no more heads than there is room for)
 
     def on_body(self, chunk: bytes) -> None:
         stream = self.receiving
@@ -244,16 +309,15 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         if not self.streams or self.streams[0] is not stream:
             return
         self.streams.popleft()
+        self._started = None
         if self.closed:
             return
         if not stream.keep_alive or not stream.response_done or self.draining:
             self.close(linger=not stream.body_done)
             return
-        self.unblock_reading(self.BLOCK_PIPELINE | self.BLOCK_BODY | self.BLOCK_UPSTREAM)
-        if self.streams:
-            self.ctx.start(self.streams[0])
-        elif not (self.parser.mid_head):
-            self._arm_idle()
+        self.unblock_reading(self.BLOCK_BODY | self.BLOCK_UPSTREAM)
+        if not self._parsing:  # (while parsing, the parse's caller starts the next one)
+            self._advance()
 
     def body_over_limit(self, stream: Stream, limit: int) -> None:
         """A chunked body grew past its service's limit: refuse it as the parser would."""
@@ -339,10 +403,32 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self._head_timer_armed = True
         self._deadline.set_in(self.ctx.timeouts.request_headers)
 
+    def tunnel_opened(self) -> None:
+        """101: the connection is a tunnel; its deadline is now the tunnel's idle timeout,
+        moved on by bytes either way."""
+        self._head_timer_armed = False
+        self._deadline.set_in(self.ctx.timeouts.tunnel_idle)
+
+    def tunnel_write(self, data: bytes) -> None:
+        """Tunnel bytes from the upstream: written, and the tunnel is not idle."""
+        self._deadline.set_in(self.ctx.timeouts.tunnel_idle)
+        self.write(data)
+
     def _on_deadline(self) -> None:
         if self._lingering:
             if self.transport is not None:
                 self.transport.close()
+            return
+        streams = self.streams
+        if streams and streams[0].tunnel:
+            # no byte either way for tunnel_idle: close both sides (the router closes the
+            # upstream and ends the exchange, which closes this connection)
+            stream = streams[0]
+            stream.exchange.reason = f"tunnel idle for {self.ctx.timeouts.tunnel_idle}s"
+            if stream.driver is not None and not stream.finished:
+                stream.driver.on_tunnel_closed(stream)
+            else:
+                self.abort()
             return
         if self._head_timer_armed:
             self._head_timer_armed = False
@@ -355,8 +441,18 @@ class DownstreamConnection(asyncio.BufferedProtocol):
     def _on_route_deadline(self) -> None:
         if self.streams:
             stream = self.streams[0]
-            if stream.driver is not None and not stream.finished:
+            if stream.finished:
+                return
+            if stream.driver is not None:
                 stream.driver.on_timeout(stream)
+            elif stream.on_collected is not None:
+                # a filter is still waiting for the body: a stalled upload (a slowloris)
+                # gets its 408 and the connection closes
+                stream.on_collected = None
+                stream.keep_alive = False
+                self.ctx.refuse(stream, DownstreamProtocolError(
+                    f"request body not received within the route timeout {stream.timeout}s",
+                    408, "request_timeout").reply())
 
     def _on_try_deadline(self) -> None:
         if self.streams:
@@ -367,10 +463,9 @@ class DownstreamConnection(asyncio.BufferedProtocol):
     def _protocol_error(self, exc: DownstreamProtocolError) -> None:
         """Answer a malformed request (if nothing else is being answered) and close."""
         self.ctx.on_protocol_error(self, exc)
-        unstarted = self._to_start
-        if unstarted is not None:
-            self._to_start = None
-            self.streams.remove(unstarted)  # refused before it was forwarded anywhere
+        self._unparsed = b""
+        if self.streams and self.streams[0] is not self._started:
+            self.streams.popleft()  # refused before it was forwarded anywhere
         if self.streams:
             stream = self.streams[0]
             if stream is self.receiving and not stream.response_started and not stream.finished:

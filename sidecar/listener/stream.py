@@ -257,7 +257,7 @@ class Stream:
 
     def on_tunnel_data(self, data: bytes) -> None:
         self.exchange.bytes_out += len(data)
-        self.conn.write(data)
+        self.conn.tunnel_write(data)
 
     def on_tunnel_closed(self) -> None:
         if self.driver is not None:

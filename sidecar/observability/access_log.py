@@ -1,58 +1,53 @@
 """One JSON line per exchange: who asked what, what happened, and why (the flag and reason).
 
-Written with a plain ``write`` of a pre-formatted JSON line rather than through structlog's
-processor chain: an access log line is on the hot path and its fields are fixed.
+On the hot path, so the line is a precomputed template filled with ``%``: strings quoted by
+the C function ``json.dumps`` itself uses, the timestamp formatted once per second (about
+5 µs a line, against about 15-25 µs for a dict through ``json.dumps`` and a write). The line
+goes on the log's channel (``log_writer``): no I/O on the loop, dropped and counted when the
+output cannot keep up.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from typing import TextIO
+from json.encoder import encode_basestring_ascii as quote
 
 from ..exchange import Exchange
+from .log_writer import LogChannel
 
 __all__ = ["AccessLog"]
 
+# Left unquoted: values that cannot hold a quote or a backslash (the listener's and the flags'
+# fixed names, a method the parser took from its fixed list, an IP address from the socket).
+_LINE = ('{"event":"access","timestamp":"%s","listener":"%s","method":"%s","authority":%s,"path":%s,'
+         '"status":%d,"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,"route":%s,"cluster":%s,'
+         '"upstream":%s,"attempts":%d,"flags":"%s","request_id":%s,"client":"%s"')
+
 
 class AccessLog:
-    def __init__(self, stream: TextIO | None = None, path: str = "stdout") -> None:
-        if stream is None:
-            stream = sys.stdout if path == "stdout" else open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        self._stream = stream
+    def __init__(self, channel: LogChannel) -> None:
+        self.channel = channel
+        self._second = -1
+        self._stamp = ""
 
     def log(self, ex: Exchange, duration: float) -> None:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         head = ex.request
-        record = {
-            "event": "access",
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
-            "listener": ex.listener,
-            "method": head.method,
-            "authority": head.authority,
-            "path": head.path,
-            "status": ex.status,
-            "bytes_in": ex.bytes_in,
-            "bytes_out": ex.bytes_out,
-            "duration_ms": round(duration * 1000, 3),
-            "route": ex.route.name if ex.route is not None else "-",
-            "cluster": ex.cluster,
-            "upstream": ex.upstream,
-            "attempts": ex.attempts,
-            "flags": ex.flags,
-            "request_id": ex.request_id,
-            "client": ex.downstream_address,
-        }
+        route = ex.route
+        line = _LINE % (
+            self._stamp, ex.listener, head.method, quote(head.authority), quote(head.path),
+            ex.status, ex.bytes_in, ex.bytes_out, duration * 1000,
+            quote(route.name) if route is not None else '"-"', quote(ex.cluster), quote(ex.upstream),
+            ex.attempts, ex.flags, quote(ex.request_id), ex.downstream_address)
         if ex.peer_identity:
-            record["peer"] = ex.peer_identity
+            line += ',"peer":' + quote(ex.peer_identity)
         if ex.principal:
-            record["principal"] = ex.principal
+            line += ',"principal":' + quote(ex.principal)
         if ex.reason:
-            record["reason"] = ex.reason
-        if ex.tags:
-            record.update(ex.tags)
-        self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
-
-    def close(self) -> None:
-        if self._stream not in (sys.stdout, sys.stderr):
-            self._stream.close()
+            line += ',"reason":' + quote(ex.reason)
+        for key, value in ex.tags.items():
+            line += f",{quote(key)}:{quote(value)}"
+        self.channel.put(line + "}\n")

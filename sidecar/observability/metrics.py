@@ -8,7 +8,7 @@ labelled metrics). Everything else (rare events) uses prometheus-client's metric
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -56,6 +56,20 @@ class _ExchangeCollector(Collector):
         yield latency
 
 
+class _LogDropCollector(Collector):
+    """Log lines dropped because their output could not keep up, read from the log channels."""
+
+    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        dropped = CounterMetricFamily("pake_log_dropped", "Log lines dropped: the output did not keep up",
+                                      labels=["log"])
+        for name, count in sorted(self._read().items()):
+            dropped.add_metric([name], count)
+        yield dropped
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -95,6 +109,10 @@ class Metrics:
         local = self._exchanges.local
         key = (listener, flag)
         local[key] = local.get(key, 0) + 1
+
+    def watch_log_drops(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """Export ``read()`` (dropped lines by log: access, audit, events) at each scrape."""
+        self.registry.register(_LogDropCollector(read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

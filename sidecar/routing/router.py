@@ -8,6 +8,11 @@ outlier detector record. A failed try (connect failure, reset, per-try timeout, 
 retriable status, caught before any byte of it goes downstream) is retried when the retry
 policy, its budget and the route deadline allow, after a jittered backoff.
 
+Failure scope: a failure that one endpoint causes while another endpoint in use still answers
+(``isolated_failure``) is that endpoint's. The outlier detector counts it and the retry goes
+to another endpoint, spending neither retry budget nor a ``max_retries`` slot; the breaker
+does not count it. Only failures of the service as a whole trip the breaker.
+
 Everything is a callback: an idle pooled connection is used at once, and only opening a
 new connection (or waiting for one) runs as a task. A request that fails on a *reused*
 connection before any response byte is re-sent once without charging a retry: the
@@ -29,7 +34,7 @@ from ..http.writer import request_head
 from ..listener.stream import Finish, Stream
 from ..upstream.cluster import Cluster
 from ..upstream.cluster_manager import LOCAL_APP
-from ..upstream.endpoint import Outcome, outcome_of_status
+from ..upstream.endpoint import Outcome, isolated_failure, outcome_of_status
 from ..upstream.pool import Pool
 from ..upstream.retry import parse_retry_after
 from ..upstream.upstream_connection import UpstreamConnection
@@ -128,19 +133,21 @@ class Router:
         return request_head(head, extra, end=False)
 
     # === tries ==============================================================================
-    def _attempt(self, stream: Stream) -> None:
+    def _attempt(self, stream: Stream, isolated: bool = False) -> None:
+        """Send a try. ``isolated``: it retries a failure that was its endpoint's alone, so it
+        goes to an endpoint that answers and takes none of the breaker's ``max_retries`` slots
+        (which, like the budget, guard a service failing as a whole against a retry storm)."""
         stream.task = None
         if stream.finished:
             return
         cluster: Cluster = stream.cluster  # type: ignore[assignment]
         ex = stream.exchange
         now = self.loop.time()
-        admission = cluster.breaker.try_acquire(now, retry=stream.tries > 0)
+        admission = cluster.breaker.try_acquire(now, retry=stream.tries > 0 and not isolated)
         if not admission.admitted:
             last = stream.last_reply
             if last is not None:  # a retry the breaker will not allow: answer with the failure
-                stream.retries_exhausted = True
-                self._end(stream, last)
+                self._end(stream, last.flagged("URX"))
             else:
                 self._end(stream, admission.error(cluster.name).reply())  # type: ignore[union-attr]
             return
@@ -205,28 +212,36 @@ class Router:
             stream.detach()
             pool.release(conn)
 
-    def _try_done(self, stream: Stream, outcome: Outcome) -> None:
+    def _try_done(self, stream: Stream, outcome: Outcome) -> bool:
         """Exactly once per try: give the breaker its slot back and tell it (and the outlier
-        detector) how the try went."""
+        detector) how the try went. True when the try failed and the failure is its endpoint's
+        alone (``isolated_failure``): the breaker does not count it, a retry spends no budget."""
         admission = stream.admission
         endpoint = stream.endpoint
         stream.conn.try_deadline.clear()
         if admission is None or endpoint is None:
-            return
+            return False
         stream.admission = None
         stream.endpoint = None
         endpoint.active_requests -= 1
         cluster: Cluster = stream.cluster  # type: ignore[assignment]
         now = self.loop.time()
-        cluster.breaker.record(now, outcome, admission)  # type: ignore[arg-type]
+        isolated = False
+        if outcome is not Outcome.CANCELLED:
+            failed = outcome is not Outcome.SUCCESS
+            # scope first, from the other endpoints' last tries; then this one's own
+            isolated = failed and isolated_failure(endpoint, cluster.endpoints, now)
+            endpoint.failing = failed
+        cluster.breaker.record(now, outcome, admission, isolated=isolated)  # type: ignore[arg-type]
         if outcome is not Outcome.CANCELLED:
             cluster.outlier.record(now, endpoint, outcome, cluster.endpoints)
+        return isolated
 
     def _try_failed(self, stream: Stream, outcome: Outcome, reply: LocalReply, *,
                     status: int | None = None, retry_after: float | None = None,
                     retry: bool = True) -> None:
         """A try ended without a response to forward: retry it, or answer with ``reply``."""
-        self._try_done(stream, outcome)
+        isolated = self._try_done(stream, outcome)
         if stream.finished:
             return
         stream.last_reply = reply
@@ -235,13 +250,14 @@ class Router:
                 stream.tries + 1, outcome, status, stream.head.method,
                 body_replayable=stream.replayable(), response_started=False,
                 now=self.loop.time(), retry_after=retry_after,
-                deadline=stream.conn.route_deadline.when)
+                deadline=stream.conn.route_deadline.when, isolated=isolated)
             if decision.retry:
                 stream.tries += 1
-                stream.task = self.loop.call_later(decision.backoff, self._attempt, stream)
+                stream.task = self.loop.call_later(decision.backoff, self._attempt, stream,
+                                                   isolated)
                 return
             if decision.reason in ("attempts_exhausted", "budget_exhausted", "deadline") and stream.tries:
-                stream.retries_exhausted = True
+                reply = reply.flagged("URX")  # in the reply's x-pake-flags, as in the access log
         self._end(stream, reply)
 
     # === upstream events (Driver) ============================================================
@@ -256,10 +272,14 @@ class Router:
             for name, value in head.headers:
                 if len(name) == 11 and name.lower() == b"retry-after":
                     retry_after = parse_retry_after(value, time.time())
+        now = self.loop.time()
+        endpoint = stream.endpoint
+        isolated = endpoint is not None and isolated_failure(
+            endpoint, stream.cluster.endpoints, now)  # type: ignore[attr-defined]
         decision = stream.policy.should_retry(  # type: ignore[attr-defined]
             stream.tries + 1, outcome, status, stream.head.method,
-            body_replayable=stream.replayable(), response_started=False, now=self.loop.time(),
-            retry_after=retry_after, deadline=stream.conn.route_deadline.when)
+            body_replayable=stream.replayable(), response_started=False, now=now,
+            retry_after=retry_after, deadline=stream.conn.route_deadline.when, isolated=isolated)
         if not decision.retry:
             if stream.tries and decision.reason in ("attempts_exhausted", "budget_exhausted", "deadline"):
                 stream.retries_exhausted = True
@@ -267,7 +287,7 @@ class Router:
         self._release(stream, abort=True)  # the rest of this response is not wanted
         self._try_done(stream, outcome)
         stream.tries += 1
-        stream.task = self.loop.call_later(decision.backoff, self._attempt, stream)
+        stream.task = self.loop.call_later(decision.backoff, self._attempt, stream, isolated)
         return False
 
     def on_response_end(self, stream: Stream) -> None:
@@ -299,7 +319,8 @@ class Router:
 
     def on_tunnel_open(self, stream: Stream) -> None:
         """101: from now on both connections carry raw bytes until either side closes."""
-        stream.conn.route_deadline.clear()
+        stream.conn.route_deadline.clear()  # a tunnel lives as long as it is used:
+        stream.conn.tunnel_opened()  # the tunnel idle timeout takes over
         self._try_done(stream, Outcome.SUCCESS)
         upstream = stream.upstream
         assert upstream is not None

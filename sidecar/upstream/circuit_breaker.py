@@ -3,7 +3,10 @@
 CLOSED -> OPEN on N consecutive failures, or on an error rate over a bucketed sliding window
 once it holds ``min_requests``; OPEN -> HALF_OPEN when the open interval has passed (on the
 next ``try_acquire``); HALF_OPEN -> CLOSED when every trial request succeeded, or -> OPEN again
-with a doubled interval (capped) when one failed. Every call takes ``now`` (monotonic seconds);
+with a doubled interval (capped) when one failed. The breaker is for a service that fails as a
+whole: a failure the caller classifies as isolated to one endpoint (``endpoint.isolated_failure``:
+another endpoint in use still answers) counts for nothing here; the outlier detector and a
+retry elsewhere deal with it. Every call takes ``now`` (monotonic seconds);
 nothing here reads a clock, sleeps or logs: transitions go to ``on_transition`` and the sidecar
 logs and meters them. Pure: no asyncio imports; ``try_acquire`` + ``record`` allocate nothing.
 """
@@ -15,8 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config.resilience import BreakerConfig
-from ..errors import CircuitOpen
+from ..config.breaker import BreakerConfig
+from ..errors import CircuitOpen, UpstreamOverflow
 from .endpoint import Outcome
 
 __all__ = [
@@ -75,7 +78,8 @@ class Admission:
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """A try may not go: answer 503 ``UO`` at once (``error(cluster)``)."""
+    """A try may not go: answer 503 ``UO`` at once (``error(cluster)``): ``circuit_open`` when
+    the breaker refuses, ``upstream_overflow`` when a concurrency limit is full."""
 
     reason: RejectReason
     admitted: ClassVar[bool] = False
@@ -84,8 +88,10 @@ class Rejection:
     def text(self) -> str:
         return _REASON_TEXT[self.reason]
 
-    def error(self, cluster: str) -> CircuitOpen:
-        return CircuitOpen(f"cluster {cluster}: {self.text}")
+    def error(self, cluster: str) -> CircuitOpen | UpstreamOverflow:
+        if self.reason in (RejectReason.OPEN, RejectReason.HALF_OPEN_BUSY):
+            return CircuitOpen(f"cluster {cluster}: {self.text}")
+        return UpstreamOverflow(f"cluster {cluster}: {self.text}")
 
 
 # One immutable instance per reason: a rejection must be as cheap as possible.
@@ -186,13 +192,14 @@ class CircuitBreaker:
     """Admit or refuse each try of one cluster, and learn from how each try ended.
 
     ``try_acquire(now, retry=...)`` before a try is sent: an ``Admission`` or a ``Rejection``
-    (check ``.admitted``). ``record(now, outcome, admission)`` exactly once when it ended;
-    ``Outcome.CANCELLED`` frees the slot and counts for nothing. ``pending`` and
+    (check ``.admitted``). ``record(now, outcome, admission, isolated=...)`` exactly once when
+    it ended; ``Outcome.CANCELLED``, and a failure isolated to one endpoint, free the slot and
+    count for nothing. ``pending`` and
     ``connections`` are plain ``Limit`` counters for the pool.
     """
 
     __slots__ = (
-        "name", "config", "pending", "connections", "trips", "_on_transition",
+        "name", "config", "pending", "connections", "trips", "isolated", "_on_transition",
         "_state", "_generation", "_admit", "_admit_retry", "_failing",
         "_consecutive_threshold", "_consecutive", "_window", "_rate_threshold", "_rate_min",
         "_open_for", "_open_until", "_trials", "_trial_successes", "_half_open_requests",
@@ -206,6 +213,7 @@ class CircuitBreaker:
         self.pending = Limit("max_pending", config.max_pending)
         self.connections = Limit("max_connections", config.max_connections)
         self.trips = 0
+        self.isolated = 0  # failures left to their endpoint (isolated), for /clusters
         self._on_transition = on_transition or _ignore
         failing = failure_outcomes(config.failure_on)
         self._failing = tuple(o in failing for o in Outcome)  # indexed by outcome: no hashing
@@ -264,6 +272,7 @@ class CircuitBreaker:
             "consecutive_failures": self._consecutive,
             "window": {"requests": window.a, "failures": window.b} if window is not None else None,
             "trips": self.trips,
+            "isolated_failures": self.isolated,
             "rejections": self.rejections(),
             "active_requests": self._active,
             "active_retries": self._active_retries,
@@ -300,8 +309,14 @@ class CircuitBreaker:
             return self._admit_retry
         return self._admit
 
-    def record(self, now: float, outcome: Outcome, admission: Admission) -> None:
-        """How an admitted try ended. Frees its slots; may trip, close or re-open."""
+    def record(self, now: float, outcome: Outcome, admission: Admission, *,
+               isolated: bool = False) -> None:
+        """How an admitted try ended. Frees its slots; may trip, close or re-open.
+
+        ``isolated``: the try failed, but the failure is its endpoint's alone (another endpoint
+        in use still answers). It neither counts as a failure nor breaks a run of failures, and
+        is left out of the error-rate window: it says nothing about the service as a whole. A
+        HALF_OPEN trial counts whatever its scope: it is the probe of the service."""
         if self._active > 0:
             self._active -= 1
         if admission.retry and self._active_retries > 0:
@@ -314,6 +329,9 @@ class CircuitBreaker:
         if outcome is Outcome.CANCELLED:
             return
         failed = self._failing[outcome]
+        if failed and isolated:
+            self.isolated += 1
+            return
         window = self._window
         if window is not None:
             window.add(now, 1, failed)

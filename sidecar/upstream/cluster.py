@@ -10,9 +10,11 @@ did not change.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from ..config.model import Address, PoolConfig, RouteConfig, ServiceTimeouts
+from ..config.retries import RetryConfig
 from ..config.resilience import ServiceResilience
 from .circuit_breaker import CircuitBreaker
 from .endpoint import EndpointState
@@ -42,11 +44,29 @@ class Cluster:
     max_request_body: int | None = None  # the service's own body bound (local app: the local service's)
     source: object = None  # the config it was built from: equal config, same cluster next snapshot
 
+    # Routes' own retry policies by route name, made on first use. The previous snapshot's are
+    # looked at once, so a route's budget state outlives a reload that did not change it.
+    route_policies: dict[str, RetryPolicy] = field(default_factory=dict)
+    earlier_route_policies: Mapping[str, RetryPolicy] = field(default_factory=dict)
+
     def retry_policy(self, route: RouteConfig | None) -> RetryPolicy:
-        """The route's own retry rules when it has them, sharing this cluster's budget."""
+        """The route's own retry rules when it has them, else the service's."""
         if route is None or route.retries is None:
             return self.retry
-        return RetryPolicy(route.retries, budget=self.retry.budget)
+        policy = self.route_policies.get(route.name)
+        if policy is None or policy.config is not route.retries:
+            policy = self.route_policies[route.name] = self._route_policy(route.name, route.retries)
+        return policy
+
+    def _route_policy(self, name: str, config: RetryConfig) -> RetryPolicy:
+        """A route that sets ``budget`` gets budget state of its own (kept while that config is
+        unchanged); one that does not shares the service's."""
+        if config.budget is None:
+            return RetryPolicy(config, budget=self.retry.budget)
+        for known in (self.route_policies.get(name), self.earlier_route_policies.get(name)):
+            if known is not None and known.budget.config == config.budget:
+                return RetryPolicy(config, budget=known.budget)
+        return RetryPolicy(config)
 
     def snapshot(self, now: float) -> dict[str, object]:
         health = {r["address"]: r for r in self.health.snapshot()} if self.health else {}
@@ -64,6 +84,9 @@ class Cluster:
             "load_balancer": self.resilience.load_balancer.policy,
             "breaker": self.breaker.snapshot(now),
             "retry_budget": self.retry.budget.snapshot(now),
+            "route_retry_budgets": {name: p.budget.snapshot(now)
+                                    for name, p in self.route_policies.items()
+                                    if p.budget is not self.retry.budget},
             "outlier": {"ejections": self.outlier.ejections, "overflows": self.outlier.overflows},
             "endpoints": endpoints,
         }

@@ -246,6 +246,7 @@ class ClusterManager:
             name=name, endpoints=states, pools=members, timeouts=timeouts, pool_config=pool_config,
             resilience=res, load_balancer=load_balancer_for(res.load_balancer), breaker=breaker,
             outlier=outlier, retry=retry, health=health,
+            earlier_route_policies=old.route_policies if old is not None else {},
             expected_identity=f"spiffe://{trust_domain}/service/{name}" if tls else None,
             max_request_body=service.max_request_body if service else None,
             source=source,

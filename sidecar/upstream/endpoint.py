@@ -1,19 +1,23 @@
 """What the resilience code knows about one endpoint, and how one try at it ended.
 
 ``EndpointState`` is the endpoint's health as the load balancer sees it: the active health
-check's verdict, the outlier detector's ejection, and the load (active requests). ``Outcome``
-is the classification of one try, the single input the circuit breaker, the outlier detector
-and the retry policy take (linkerd's "classified responses"). Pure: no I/O, no asyncio imports.
+check's verdict, the outlier detector's ejection, the load (active requests) and whether its
+last try failed. ``Outcome`` is the classification of one try, the input the circuit breaker,
+the outlier detector and the retry policy take (linkerd's "classified responses"), and
+``isolated_failure`` its scope: a failure that one endpoint causes belongs to that endpoint
+(the outlier detector counts it, a retry goes elsewhere), not to the service as a whole (the
+circuit breaker and the retry budget). Pure: no I/O, no asyncio imports.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config.model import Address
 
-__all__ = ["EndpointState", "Outcome", "outcome_of_status"]
+__all__ = ["EndpointState", "Outcome", "isolated_failure", "outcome_of_status"]
 
 
 class Outcome(enum.IntEnum):
@@ -55,6 +59,9 @@ class EndpointState:
     consecutive_gateway_errors: int = 0
     # Load, kept by the data plane: +1 when a try is sent, -1 when it ends.
     active_requests: int = 0
+    # Kept by the data plane: the last try at this endpoint that ended (not cancelled) failed.
+    # Optimistic like ``healthy``: an endpoint not tried yet is not failing.
+    failing: bool = False
     # Scratch of the smooth weighted round robin (nginx's ``current_weight``).
     current_weight: int = 0
 
@@ -76,4 +83,21 @@ class EndpointState:
             "ejected_for": round(max(0.0, self.ejected_until - now), 3),
             "ejections": self.ejections,
             "active_requests": self.active_requests,
+            "failing": self.failing,
         }
+
+
+def isolated_failure(endpoint: EndpointState, endpoints: Sequence[EndpointState],
+                     now: float) -> bool:
+    """Is a failed try at ``endpoint`` that endpoint's alone: is another endpoint of its cluster
+    in use at ``now`` (healthy, not ejected) whose last try did not fail?
+
+    Then the service still answers, and the failure is the endpoint's: the outlier detector
+    counts it and a retry goes to another endpoint, but it is no evidence that the service as a
+    whole fails, so the circuit breaker does not count it and its retry spends no budget. When
+    every endpoint in use fails (or this is the only one), the failure is the service's. Only
+    called on a failure: a scan of the cluster's endpoints, allocating nothing."""
+    for e in endpoints:
+        if e is not endpoint and not e.failing and e.healthy and e.ejected_until <= now:
+            return True
+    return False

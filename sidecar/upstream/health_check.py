@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from certs.tasks import stop_task
+
 from ..config.model import Address
 from ..config.resilience import HealthCheckConfig
 from .endpoint import EndpointState
@@ -166,11 +168,7 @@ class HealthChecker:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        # gather() absorbs the task's own CancelledError but re-raises ours
-        await asyncio.gather(task, return_exceptions=True)
+        await stop_task(task)
 
     def next_delay(self) -> float:
         """interval ± jitter: sidecars that started together drift apart instead of probing

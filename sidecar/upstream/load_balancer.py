@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
 from ..config.model import Address
-from ..config.resilience import LoadBalancerConfig
+from ..config.load_balancing import LoadBalancerConfig
 from .endpoint import EndpointState
 
 __all__ = [

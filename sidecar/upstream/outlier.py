@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from ..config.resilience import OutlierConfig
+from ..config.outlier import OutlierConfig
 from .endpoint import EndpointState, Outcome
 
 __all__ = ["EjectionCallback", "OutlierDetector"]

@@ -5,6 +5,17 @@ first), opens a new one while under ``max_connections``, and otherwise queues th
 at most ``max_pending`` deep: past that it refuses at once (503 ``UO``) rather than let a
 queue grow. ``release`` gives a connection back (kept while under ``max_idle``, closed after
 ``idle_timeout``) or passes it straight to the oldest waiter.
+
+Rules that keep the counts true whatever is cancelled when:
+- ``connections`` counts slots: open connections, connects in flight, and slots handed to a
+  waiter that has not run yet. A slot is taken before the first await and given up exactly
+  once: by the failed connect itself, or by ``connection_lost`` of a connection the pool
+  holds (``_members``). A connect that fails after its transport was made (cancelled by a
+  route deadline or a client gone) never becomes a member, so its late ``connection_lost``
+  frees nothing twice.
+- What is handed to a waiter (a connection, or a slot to open one with) belongs to it once
+  the future resolves. A waiter cancelled before it resumes passes it on: a connection to
+  the next waiter or the idle list, a slot to the next waiter or back to the pool.
 """
 
 from __future__ import annotations
@@ -15,11 +26,14 @@ from collections import deque
 from collections.abc import Callable
 
 from ..config.model import Address, PoolConfig
-from ..errors import CircuitOpen, UpstreamConnectError, UpstreamTimeout
+from ..errors import UpstreamConnectError, UpstreamOverflow, UpstreamTimeout
 from .circuit_breaker import CircuitBreaker, Limit
 from .upstream_connection import UpstreamConnection
 
 __all__ = ["Pool"]
+
+# What a waiter is handed: a connection to reuse, or None, a slot to open its own with.
+_Handed = UpstreamConnection | None
 
 
 class Pool:
@@ -40,8 +54,9 @@ class Pool:
         self.read_buffer = read_buffer if read_buffer is not None else bytearray(256 * 1024)
         self._on_connect_failure = on_connect_failure
         self.idle: deque[UpstreamConnection] = deque()
-        self.connections = 0  # open or opening
-        self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self.connections = 0  # slots: open, opening, or handed to a waiter (see the rules above)
+        self._members: set[UpstreamConnection] = set()  # open connections whose slot they hold
+        self.waiters: deque[asyncio.Future[_Handed]] = deque()
         self.closed = False
         self.breaker: CircuitBreaker | None = None  # the cluster's limits (set by ClusterManager)
 
@@ -61,63 +76,120 @@ class Pool:
 
     async def acquire(self, connect_timeout: float) -> tuple[UpstreamConnection, bool]:
         """A connection to send one request on, and whether it was reused."""
-        conn = self.take_idle()
-        if conn is not None:
-            return conn, True
-        if self.connections < self.config.max_connections:
-            return await self._connect(connect_timeout), False
+        while True:
+            conn = self.take_idle()
+            if conn is not None:
+                return conn, True
+            if self.connections < self.config.max_connections:
+                self.connections += 1  # the slot is ours before the first await
+                return await self._connect(connect_timeout), False
+            handed = await self._wait()
+            if handed is None:  # a slot, kept for us: open our own
+                return await self._connect(connect_timeout), False
+            if handed.is_available():
+                return handed, True
+            # it closed between the hand-over and now; its own connection_lost frees its slot
+            handed.close()
+
+    async def _wait(self) -> _Handed:
         if len(self.waiters) >= self.config.max_pending:
-            raise CircuitOpen(f"{self.address_text}: {len(self.waiters)} requests already wait"
-                              f" for a connection (max_pending)")
-        pending = self.breaker.pending if self.breaker is not None else None
+            raise UpstreamOverflow(f"{self.address_text}: {len(self.waiters)} requests already wait"
+                                   f" for a connection (max_pending)")
+        breaker = self.breaker
+        pending = breaker.pending if breaker is not None else None
         if pending is not None and not pending.try_acquire():
-            raise CircuitOpen(f"cluster {self.breaker.name}: too many requests wait for a"  # type: ignore[union-attr]
-                              f" connection (max_pending {pending.max})")
-        waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
+            raise UpstreamOverflow(f"cluster {breaker.name}: too many requests wait for a"  # type: ignore[union-attr]
+                                   f" connection (max_pending {pending.max})")
+        waiter: asyncio.Future[_Handed] = self._loop.create_future()
         self.waiters.append(waiter)
         try:
-            conn = await waiter
+            return await waiter
+        except BaseException:
+            # Cancelled after release() or _free_slot() resolved the future but before this
+            # task resumed: what it was handed is ours, and dropping it would lose it.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._pass_on(waiter.result())
+            raise
         finally:
             if pending is not None:
                 pending.release()
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
-        if conn is None:  # a slot freed up: open our own
-            return await self._connect(connect_timeout), False
-        return conn, True
 
     async def _connect(self, timeout: float) -> UpstreamConnection:
-        limit = self.breaker.connections if self.breaker is not None else None
+        """Open a connection on a slot already counted in ``connections``."""
+        breaker = self.breaker
+        limit = breaker.connections if breaker is not None else None
         if limit is not None and not limit.try_acquire():
-            raise CircuitOpen(f"cluster {self.breaker.name}: connection limit reached"  # type: ignore[union-attr]
-                              f" (max_connections {limit.max})")
-        self.connections += 1
+            self._free_slot()
+            raise UpstreamOverflow(f"cluster {breaker.name}: connection limit reached"  # type: ignore[union-attr]
+                                   f" (max_connections {limit.max})")
+        conn = UpstreamConnection(self, self._loop)
         host, port = self.address
         try:
             async with asyncio.timeout(timeout):
                 context = self._ssl_context()
-                _, conn = await self._loop.create_connection(
-                    lambda: UpstreamConnection(self, self._loop), host, port, ssl=context,
+                await self._loop.create_connection(
+                    lambda: conn, host, port, ssl=context,
                     server_hostname=self._server_hostname if context else None)
-        except TimeoutError:
-            self._lost_slot(limit)
-            self._on_connect_failure()
-            raise UpstreamConnectError(f"connect to {self.address_text} timed out after {timeout}s") from None
-        except OSError as exc:
-            self._lost_slot(limit)
-            self._on_connect_failure()
-            reason = exc.strerror or type(exc).__name__
-            raise UpstreamConnectError(f"connect to {self.address_text} failed: {reason}") from None
-        except BaseException:
-            self._lost_slot(limit)
+        except BaseException as exc:
+            # The transport may exist (cancelled after it was made): the loop closes it, and
+            # its connection_lost finds no member, so the slot is freed here, once.
+            conn.close()
+            self._give_up_slot(limit)
+            if isinstance(exc, TimeoutError):
+                self._on_connect_failure()
+                raise UpstreamConnectError(f"connect to {self.address_text} timed out after {timeout}s") from None
+            if isinstance(exc, OSError):
+                self._on_connect_failure()
+                reason = exc.strerror or type(exc).__name__
+                raise UpstreamConnectError(f"connect to {self.address_text} failed: {reason}") from None
             raise
+        if conn.closed:  # lost before create_connection returned: its connection_lost freed nothing
+            self._give_up_slot(limit)
+            self._on_connect_failure()
+            raise UpstreamConnectError(f"connection to {self.address_text} closed while it was opened")
         conn.limit = limit
+        self._members.add(conn)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
         """The exchange is done with ``conn``; reuse it or let it go."""
         if not conn.finish():
             return  # closed; connection_lost frees the slot
+        self._hand_over(conn)
+
+    def put_back(self, conn: UpstreamConnection) -> None:
+        """An unused connection (its exchange ended while it was being opened)."""
+        conn.reusable = True
+        self.release(conn)
+
+    def on_connection_lost(self, conn: UpstreamConnection) -> None:
+        if conn not in self._members:
+            return  # never handed out: the failed connect gave its slot up
+        self._members.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+        limit = conn.limit
+        self._give_up_slot(limit if isinstance(limit, Limit) else None)
+
+    def close(self) -> None:
+        """Stop reusing: idle connections close now, busy ones when their exchange ends;
+        waiters fail at once."""
+        self.closed = True
+        while self.idle:
+            self.idle.pop().close()
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(UpstreamTimeout("pool closed"))
+
+    # --- hand-over ------------------------------------------------------------------------
+    def _hand_over(self, conn: UpstreamConnection) -> None:
+        """A live, reusable connection: to the oldest waiter, else idle (or closed)."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -129,33 +201,27 @@ class Pool:
         conn.arm_idle_timer(self.config.idle_timeout)
         self.idle.append(conn)
 
-    def put_back(self, conn: UpstreamConnection) -> None:
-        """An unused connection (its exchange ended while it was being opened)."""
-        conn.reusable = True
-        self.release(conn)
+    def _pass_on(self, handed: _Handed) -> None:
+        """What a cancelled waiter was handed goes to the next one, or back to the pool."""
+        if handed is None:
+            self._free_slot()
+        elif handed.is_available():
+            self._hand_over(handed)
+        else:
+            handed.close()  # dead already; its connection_lost frees (or freed) its slot
 
-    def on_connection_lost(self, conn: UpstreamConnection) -> None:
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
-        self._lost_slot(conn.limit)
-
-    def _lost_slot(self, limit: Limit | None) -> None:
-        self.connections -= 1
+    def _give_up_slot(self, limit: Limit | None) -> None:
+        """A connection is gone (or never came): its cluster limit and its pool slot are free."""
         if limit is not None:
             limit.release()
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        """Hand a free slot to the oldest waiter, still counted, so that no newcomer can take
+        it meanwhile and open one connection past ``max_connections``; else uncount it."""
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # the waiter may open a connection now
+                waiter.set_result(None)
                 return
-
-    def close(self) -> None:
-        """Stop reusing: idle connections close now, busy ones when their exchange ends."""
-        self.closed = True
-        while self.idle:
-            self.idle.pop().close()
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_exception(UpstreamTimeout("pool closed"))
+        self.connections -= 1

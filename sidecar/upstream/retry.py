@@ -4,6 +4,9 @@
 replayed and whether the response already reached the client, then at the attempts left, the
 backoff (exponential, full jitter, or the upstream's ``Retry-After`` within a maximum), the
 deadline, and last the ``RetryBudget``, so that only a retry that will happen spends budget.
+The budget guards a service failing as a whole against a retry storm: the retry of a failure
+isolated to one endpoint (``endpoint.isolated_failure``) goes to another endpoint that still
+answers, amplifies nothing, and spends none (it is still bounded by ``attempts``).
 Pure: no asyncio imports, no clock reads (``now`` comes in), randomness is injected.
 """
 
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-from ..config.resilience import RetryBudgetConfig, RetryConfig
+from ..config.retries import RetryBudgetConfig, RetryConfig
 from .circuit_breaker import RollingCounts
 from .endpoint import Outcome
 
@@ -79,9 +82,10 @@ class RetryBudget:
     ``(1 + percent) × requests + min_retries`` tries per window. Memory is fixed (buckets).
     """
 
-    __slots__ = ("percent", "min_retries", "exhausted", "_counts")
+    __slots__ = ("config", "percent", "min_retries", "exhausted", "_counts")
 
     def __init__(self, config: RetryBudgetConfig, buckets: int = 10) -> None:
+        self.config = config
         self.percent = config.percent
         self.min_retries = config.min_retries
         self.exhausted = 0  # retries refused, for metrics
@@ -118,7 +122,8 @@ class RetryPolicy:
     def __init__(self, config: RetryConfig, *, rand: Callable[[], float] | None = None,
                  budget: RetryBudget | None = None) -> None:
         self.config = config
-        self.budget = budget if budget is not None else RetryBudget(config.budget)
+        self.budget = budget if budget is not None else RetryBudget(
+            config.budget if config.budget is not None else RetryBudgetConfig())
         # A generator of its own: no shared global state, and tests inject a seeded one.
         self._rand = rand if rand is not None else random.Random().random
         self._outcomes = tuple(o in retry_outcomes(config.on) for o in Outcome)
@@ -145,7 +150,7 @@ class RetryPolicy:
     def should_retry(self, attempt: int, outcome: Outcome, status: int | None, method: str, *,
                      body_replayable: bool, response_started: bool, now: float,
                      retry_after: float | None = None,
-                     deadline: float | None = None) -> RetryDecision:
+                     deadline: float | None = None, isolated: bool = False) -> RetryDecision:
         """After try number ``attempt`` (1 for the first) ended with ``outcome`` (and ``status``
         when a response head came), may the request be tried again, and after how long?
 
@@ -153,7 +158,8 @@ class RetryPolicy:
         ``max_replay_body``). ``response_started``: bytes of the response went downstream.
         ``retry_after``: the upstream's Retry-After in seconds (``parse_retry_after``).
         ``deadline``: when the route timeout fires; a retry that cannot start before it is not
-        worth the budget.
+        worth the budget. ``isolated``: the failure is its endpoint's alone (another endpoint in
+        use still answers): the retry spends no budget.
         """
         if outcome is Outcome.CANCELLED:
             return _NOT_RETRIABLE  # nobody is waiting for the answer
@@ -175,7 +181,7 @@ class RetryPolicy:
             backoff = max(backoff, retry_after)
         if deadline is not None and now + backoff >= deadline:
             return _DEADLINE
-        if not self.budget.try_spend(now):
+        if not isolated and not self.budget.try_spend(now):
             return _BUDGET
         listed = status is not None and status in self._statuses
         reason = str(status) if listed else outcome.name.lower()

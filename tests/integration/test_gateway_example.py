@@ -25,7 +25,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 
-from certs.testing import make_test_pki
+from tests.helpers.pki import make_test_pki
 from examples.echo import make_app
 from examples.mint_token import mint
 from tests.helpers.sidecar_process import SidecarProcess

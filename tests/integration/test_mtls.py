@@ -1,5 +1,5 @@
 """Sidecar mTLS end to end: real sidecar processes, real TLS on loopback, certificates from
-``certs.testing.make_test_pki``, every port 0.
+``tests.helpers.pki.make_test_pki``, every port 0.
 
 Refusals are checked from both ends: the client sees the TLS alert (refused *in* the
 handshake) or a closed connection without a byte of response (refused after it, before any
@@ -26,7 +26,7 @@ from cryptography import x509
 from certs import pem
 from certs.ca import CertificateAuthority
 from certs.ssl_context import TlsContextSource, TlsFiles, server_context
-from certs.testing import MeshPki, make_test_pki, unchecked_context
+from tests.helpers.pki import MeshPki, make_test_pki, unchecked_context
 from tests.helpers.sidecar_process import SidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
 

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from multidict import CIMultiDict
 
-from certs.testing import make_test_pki
+from tests.helpers.pki import make_test_pki
 from examples.echo import make_app
 from tests.helpers.sidecar_process import SidecarProcess
 from tests.helpers.upstreams import RecordingUpstream

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from sidecar.app import Sidecar
+from sidecar.observability.log_writer import LogOutputs
 from sidecar.config.load import load_bootstrap, parse_mesh
 from tests.helpers.sidecar_process import SidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
@@ -163,7 +164,7 @@ async def test_many_swaps_keep_pools_and_health_checkers_flat(tmp_path: Path, sl
         return parse_mesh({"services": {f"s{i}": {"hosts": ["app"], "endpoints": [upstream],
                                                   "health_check": checked}}})
 
-    sidecar = Sidecar(bootstrap, mesh(0))
+    sidecar = Sidecar(bootstrap, mesh(0), logs=LogOutputs())
     await sidecar.start()
     try:
         url = f"http://127.0.0.1:{sidecar.ports()['outbound']}"
@@ -302,7 +303,8 @@ async def test_a_snapshot_whose_exchange_was_dropped_unfinished_is_still_retired
     (tmp_path / "sidecar.yaml").write_text(yaml.safe_dump({
         "service": "client", "mesh": "mesh.yaml", "listeners": {"outbound": "127.0.0.1:0"}}))
     bootstrap = load_bootstrap(tmp_path / "sidecar.yaml")
-    sidecar = Sidecar(bootstrap, parse_mesh({"services": {"a": {"endpoints": ["127.0.0.1:1"]}}}))
+    sidecar = Sidecar(bootstrap, parse_mesh({"services": {"a": {"endpoints": ["127.0.0.1:1"]}}}),
+                      logs=LogOutputs())
     held = sidecar.hold_snapshot()  # as a parsed request does; never released
     pool = next(iter(held.clusters.pools.values()))
     await sidecar.apply(parse_mesh({"services": {"b": {"endpoints": ["127.0.0.1:1"]}}}))

@@ -114,7 +114,7 @@ async def test_failing_upstream_trips_the_breaker_which_rejects_fast_then_half_o
             rejected = [await call(http, sc, "orders") for _ in range(100)]
             for r in rejected:
                 assert r.status == 503
-                assert r.json()["error"] == "upstream_overflow"
+                assert r.json()["error"] == "circuit_open" and r.headers["x-pake-flags"] == "UO"
                 assert "orders" in r.json()["detail"] and "open" in r.json()["detail"]
             seen_while_failing = len(up.requests)
             assert seen_while_failing == (3 if failure == "500" else 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from certs.testing import make_test_pki
+from tests.helpers.pki import make_test_pki
 from tests.helpers.sidecar_process import SidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
 

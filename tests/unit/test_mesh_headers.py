@@ -4,8 +4,7 @@ pass over the headers; the policy filters rely on that for the reserved ones."""
 from __future__ import annotations
 
 from sidecar.config.model import Limits
-from sidecar.config.policy import RESERVED_HEADERS
-from sidecar.http.headers import MESH_INTERNAL
+from sidecar.http.headers import MESH_INTERNAL, RESERVED_HEADERS
 from sidecar.http.message import RequestHead
 from sidecar.http.request_parser import RequestParser
 

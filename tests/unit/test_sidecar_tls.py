@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from certs.ssl_context import TlsContextSource
-from certs.testing import make_test_pki, unchecked_context
+from tests.helpers.pki import make_test_pki, unchecked_context
 from sidecar.tls import SidecarTls
 
 

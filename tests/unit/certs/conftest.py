@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from certs.testing import MeshPki, make_test_pki
+from tests.helpers.pki import MeshPki, make_test_pki
 
 HANDSHAKE_TIMEOUT = 5.0
 

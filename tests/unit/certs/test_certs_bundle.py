@@ -9,7 +9,7 @@ import pytest
 from certs.bundle import TrustBundle
 from certs.describe import fingerprint
 from certs.pem import PemError
-from certs.testing import make_test_pki
+from tests.helpers.pki import make_test_pki
 
 
 @pytest.fixture

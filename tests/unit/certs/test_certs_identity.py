@@ -17,7 +17,7 @@ from certs.identity import (
 )
 from certs.pem import load_certificate
 from certs.ssl_context import TlsFiles
-from certs.testing import BadKind, MeshPki
+from tests.helpers.pki import BadKind, MeshPki
 
 
 def der_of(files: TlsFiles) -> bytes:

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 
 from certs import pem
 from certs.issue import new_key
-from certs.testing import MeshPki
+from tests.helpers.pki import MeshPki
 
 
 @pytest.fixture

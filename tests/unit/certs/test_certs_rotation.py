@@ -11,7 +11,7 @@ import pytest
 
 from certs.rotation import FileWatcher, renew_at, stamp
 from certs.ssl_context import TlsContextSource
-from certs.testing import MeshPki
+from tests.helpers.pki import MeshPki
 
 TICK = 0.01
 WAIT = 5.0

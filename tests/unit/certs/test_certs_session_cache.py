@@ -10,7 +10,7 @@ import pytest
 from certs.identity import workload_identity
 from certs.session_cache import ResumingContext, SessionCache
 from certs.ssl_context import TlsContextSource
-from certs.testing import MeshPki
+from tests.helpers.pki import MeshPki
 
 Handshake = Callable[..., Awaitable[Any]]
 ADDR = ("127.0.0.1", 15006)

@@ -29,7 +29,7 @@ from certs.ssl_context import (
     load_material,
     server_context,
 )
-from certs.testing import BadKind, MeshPki, make_test_pki, unchecked_context
+from tests.helpers.pki import BadKind, MeshPki, make_test_pki, unchecked_context
 
 # The `handshake` fixture (conftest.py): run_handshake(server_ctx, client_ctx) -> Outcome.
 Handshake = Callable[..., Awaitable[Any]]

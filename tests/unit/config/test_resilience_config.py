@@ -54,7 +54,8 @@ def test_retries_defaults() -> None:
     assert config.on == {"connect-failure", "reset"} and config.on_statuses == {503}
     assert config.per_try_timeout is None
     assert (config.backoff_base, config.backoff_max) == (0.025, 0.25)
-    assert config.budget == RetryBudgetConfig(percent=0.2, min_retries=3, window=10.0)
+    assert config.budget is None  # not set: the default budget, or on a route the service's
+    assert RetryBudgetConfig() == RetryBudgetConfig(percent=0.2, min_retries=3, window=10.0)
     assert not config.retry_non_idempotent and config.max_replay_body == 64 * 1024
     assert config.honour_retry_after and config.max_retry_after == 10.0
 
@@ -69,9 +70,13 @@ def test_retries_full() -> None:
     assert config.on == {"5xx", "retriable-4xx"} and config.on_statuses == {429, 502}
     assert config.per_try_timeout == 0.5
     assert (config.backoff_base, config.backoff_max) == (0.01, 1.0)
-    assert config.budget.percent == 0.25 and config.budget.min_retries == 3
+    assert config.budget == RetryBudgetConfig(percent=0.25, min_retries=3)
     assert config.retry_non_idempotent and config.max_replay_body == 1024 * 1024
     assert not config.honour_retry_after and config.max_retry_after == 3.0
+
+
+def test_retries_budget_null_is_not_set() -> None:
+    assert ok(parse_retries, {"budget": None}).budget is None
 
 
 def test_retries_budget_long_form() -> None:
@@ -86,8 +91,8 @@ def test_retries_budget_long_form() -> None:
                                 "timeout, 5xx, gateway-error, retriable-4xx or a status code "
                                 "like \"503\", got 'oops'"),
     ({"on": ["200"]}, f"{SVC}.retries.on[0]: must be one of"),
-    ({"per_try_timeout": 5}, f"{SVC}.retries.per_try_timeout: must be a duration like 500ms, "
-                             "10s, 5m, 24h, got 5"),
+    ({"per_try_timeout": 5}, f"{SVC}.retries.per_try_timeout: must be a duration like 500ms "
+                             "or 1h30m, got 5"),
     ({"backoff": {"base": "1s", "max": "100ms"}},
      f"{SVC}.retries.backoff.max: must be ≥ base (1s), got '100ms'"),
     ({"budget": "120%"}, f"{SVC}.retries.budget: must be a percentage from 0% to 100%, got '120%'"),

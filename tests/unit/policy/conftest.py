@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from sidecar.config.policy import JwtProvider
+from sidecar.config.jwt_providers import JwtProvider
 from sidecar.exchange import Exchange
 from sidecar.http.message import RequestHead
 from tests.helpers.fake_clock import FakeClock

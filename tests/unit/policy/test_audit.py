@@ -1,10 +1,10 @@
 """The audit log: one JSON record per decision, drops counted (and warned about once per
-interval) when the sink blocks, file rotation, and no credentials in records."""
+interval) when the sink blocks, file rotation, and no credentials in records. The queue and
+writer thread are ``log_writer``'s (tested in tests/unit/observability)."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import threading
 from collections.abc import Iterator
@@ -13,17 +13,14 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.audit import AuditLog, RotatingFileSink, StreamSink, build_audit_log
-from sidecar.config.policy import (
-    ApiKey,
-    AuditConfig,
-    RbacMatch,
-    RbacPolicy,
-    RbacRule,
-    ServiceAuthn,
-)
+from sidecar.audit import AuditLog, RotatingFileSink, build_audit_log
+from sidecar.config.api_keys import ApiKey
+from sidecar.config.audit import AuditConfig
+from sidecar.config.policy import ServiceAuthn
+from sidecar.config.rbac import RbacMatch, RbacPolicy, RbacRule
 from sidecar.filters.authn_api_key import build_api_key_authn
 from sidecar.filters.authz_rbac import build_rbac
+from sidecar.observability.log_writer import LogOutputs, LogWriter
 
 from .conftest import FakeClock, exchange, request
 
@@ -54,8 +51,8 @@ class BlockedSink(ListSink):
 
 async def test_one_record_per_decision_through_the_filters() -> None:
     sink = ListSink()
-    audit = AuditLog(sink, wall=lambda: 1_800_000_000.25)
-    await audit.start()
+    writer = LogWriter(sink, name="test").start()
+    audit = AuditLog(writer.channel("audit"), wall=lambda: 1_800_000_000.25)
     key = ApiKey("ci", hashlib.sha256(b"the real key").digest(), "ci-bot")
     authn = build_api_key_authn(ServiceAuthn(api_keys=("ci",)), {"ci": key}, audit=audit)
     rbac = build_rbac(RbacPolicy(rules=(RbacRule("reads", "allow",
@@ -68,7 +65,7 @@ async def test_one_record_per_decision_through_the_filters() -> None:
     assert rbac.on_request(allowed) is None
     refused = exchange(request("POST", "/orders/1"), request_id="r3")
     assert rbac.on_request(refused).status == 403
-    await audit.stop()
+    assert writer.close()
     records = [json.loads(line) for line in sink.lines]
     assert [(r["request_id"], r["stage"], r["decision"], r["rule"]) for r in records] == [
         ("r1", "authn", "deny", "authn_api_key"),
@@ -88,8 +85,8 @@ async def test_one_record_per_decision_through_the_filters() -> None:
 async def test_blocked_sink_drops_are_counted_and_warned_once_per_interval() -> None:
     sink = BlockedSink()
     clock = FakeClock()
-    audit = AuditLog(sink, queue_size=4, warn_interval=10.0, clock=clock)
-    await audit.start()
+    writer = LogWriter(sink, name="test").start()
+    audit = AuditLog(writer.channel("audit", max_lines=4), warn_interval=10.0, clock=clock)
     with capture_logs() as logs:
         audit.record(exchange(), "authn", "allow", "r", "first")
         assert sink.entered.wait(5)  # the writer holds record 1 and is stuck in write()
@@ -101,16 +98,17 @@ async def test_blocked_sink_drops_are_counted_and_warned_once_per_interval() -> 
     warnings = [e for e in logs if e["event"] == "audit_records_dropped"]
     assert [w["dropped"] for w in warnings] == [1, 17]  # at most one per interval
     sink.release.set()
-    await audit.stop()
+    assert writer.close()
     assert audit.written == 5 and len(sink.lines) == 5
 
 
-async def test_record_never_blocks_even_when_not_started() -> None:
-    audit = AuditLog(ListSink(), queue_size=2)
+def test_record_never_blocks_even_when_not_started() -> None:
+    writer = LogWriter(ListSink(), name="test")
+    audit = AuditLog(writer.channel("audit", max_lines=2))
     for _ in range(5):
         audit.record(exchange(), "authn", "allow", "r", "x")
     assert audit.dropped == 3
-    await audit.stop()  # never started: nothing to do
+    assert writer.close()  # never started: nothing to wait for
 
 
 def test_rotating_file_sink(tmp_path: Path) -> None:
@@ -136,13 +134,22 @@ def test_rotation_keep_zero_truncates(tmp_path: Path) -> None:
     assert (tmp_path / "a.log").read_text() == "abc\n"
 
 
-async def test_build_audit_log(tmp_path: Path) -> None:
-    audit = build_audit_log(AuditConfig(path="logs/audit.log"), base_dir=tmp_path)
-    await audit.start()
+def test_build_audit_log(tmp_path: Path) -> None:
+    outputs = LogOutputs()
+    audit = build_audit_log(AuditConfig(path="logs/audit.log", queue=7), outputs, base_dir=tmp_path)
     audit.record(exchange(), "authn", "allow", "r", "x")
-    await audit.stop()
+    assert outputs.close()
     assert json.loads((tmp_path / "logs/audit.log").read_text())["decision"] == "allow"
-    assert isinstance(build_audit_log(AuditConfig()).sink, StreamSink)
+    assert audit.channel.max_lines == 7
+    assert isinstance(outputs.output(tmp_path / "logs/audit.log").sink, RotatingFileSink)
+
+
+def test_audit_on_stdout_shares_the_one_stdout_writer() -> None:
+    outputs = LogOutputs()
+    events = outputs.channel("events")
+    audit = build_audit_log(AuditConfig(), outputs)
+    assert audit.channel._writer is events._writer
+    assert outputs.close()
 
 
 async def test_sink_errors_are_counted_not_fatal() -> None:
@@ -150,23 +157,28 @@ async def test_sink_errors_are_counted_not_fatal() -> None:
         def write(self, lines: list[str]) -> None:
             raise OSError(28, "No space left on device")
 
-    audit = AuditLog(Broken(), clock=FakeClock())
-    await audit.start()
+    writer = LogWriter(Broken(), name="audit.log", clock=FakeClock()).start()
+    audit = AuditLog(writer.channel("audit"))
     with capture_logs() as logs:
         audit.record(exchange(), "authn", "allow", "r", "x")
-        await audit.stop()
-    assert audit.write_errors == 1
-    assert any(e["event"] == "audit_write_failed" for e in logs)
+        assert writer.close()
+    assert (audit.write_errors, audit.written) == (1, 0)
+    assert [(e["event"], e["output"]) for e in logs] == [("log_write_failed", "audit.log")]
 
 
-def test_stream_sink_writes_lines() -> None:
-    stream = io.StringIO()
-    StreamSink(stream).write(['{"a":1}\n'])
-    assert stream.getvalue() == '{"a":1}\n'
+def test_records_with_quotes_and_unicode_are_valid_json() -> None:
+    sink = ListSink()
+    writer = LogWriter(sink, name="test").start()
+    audit = AuditLog(writer.channel("audit"), wall=lambda: 1_800_000_000.9996)
+    audit.record(exchange(request("GET", '/a"b\\c/\u00e9')), "authz", "deny", "r\n", 'say "no"')
+    assert writer.close()
+    record = json.loads(sink.lines[0])
+    assert (record["path"], record["rule"], record["reason"]) == ('/a"b\\c/\u00e9', "r\n", 'say "no"')
+    assert record["time"] == "2027-01-15T08:00:00.999Z" and sink.lines[0].isascii()
 
 
 @pytest.fixture(autouse=True)
 def _no_thread_leak() -> Iterator[None]:
     before = {t.name for t in threading.enumerate()}
     yield
-    assert "audit-writer" not in {t.name for t in threading.enumerate()} - before
+    assert not {t.name for t in threading.enumerate() if t.name.startswith("log-writer")} - before

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from sidecar.config.policy import ApiKey, ServiceAuthn, TokenHeader
+from sidecar.config.api_keys import ApiKey
+from sidecar.config.jwt_providers import TokenHeader
+from sidecar.config.policy import ServiceAuthn
 from sidecar.filters.authn_api_key import build_api_key_authn, hash_api_key
 from sidecar.filters.authn_jwt import bearer_challenge, build_jwt_authn
 from sidecar.filters.claims_headers import build_header_sanitizer, claim_header_value

@@ -9,22 +9,14 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.config.policy import (
-    REDACTED,
-    AuditConfig,
-    MeshPolicy,
-    ServiceAuthn,
-    TokenHeader,
-    parse_audit,
-    parse_authn,
-    parse_mesh_policy,
-    parse_optional,
-    parse_rate_limit,
-    parse_rbac_policy,
-    parse_validation,
-    redact,
-)
+from sidecar.config.audit import AuditConfig, parse_audit
+from sidecar.config.jwt_providers import TokenHeader
+from sidecar.config.policy import MeshPolicy, ServiceAuthn, parse_authn, parse_mesh_policy
+from sidecar.config.rate_limit import parse_rate_limit
+from sidecar.config.rbac import parse_rbac_policy
 from sidecar.config.reader import Fields, Problems
+from sidecar.config.redact import REDACTED, redact
+from sidecar.config.validation import parse_validation
 from sidecar.filters.authn_api_key import hash_api_key
 
 SECRET = "pk_live_do_not_print_me_0123456789"
@@ -81,9 +73,9 @@ def test_documented_shape_parses() -> None:
     problems2 = Problems()
     services = Fields(yaml.safe_load(MESH)["services"], "services", problems2)
     orders = services.sub("orders")
-    authn = parse_optional(orders, "authn", lambda n: parse_authn(n, mesh))
+    authn = orders.optional("authn", lambda n: parse_authn(n, mesh))
     assert authn == ServiceAuthn(jwt=("pake-issuer",), api_keys=("ci-bot",))
-    assert parse_optional(orders, "policy", parse_rbac_policy) is None
+    assert orders.optional("policy", parse_rbac_policy) is None
     orders.done()
     assert problems2.items == []
 

@@ -46,6 +46,17 @@ def test_parse_keeps_only_fit_keys(keys: dict[str, SigningKey]) -> None:
     assert "AAAA" not in reasons and "c2VjcmV0" not in reasons  # never key material
 
 
+def test_parse_refuses_a_document_with_duplicate_members(keys: dict[str, SigningKey]) -> None:
+    """The same strict JSON as tokens and bodies: a key whose ``kty`` is named twice could be
+    read as either key type, so the document is refused whole."""
+    key = json.dumps(keys["ES256"].public_jwk)
+    twice = key[:-1] + ', "kty": "RSA"}'
+    with pytest.raises(JwksError, match="not a JSON document"):
+        parse_jwks('{"keys": [' + twice + "]}", ALL)
+    with pytest.raises(JwksError, match="not a JSON document"):
+        parse_jwks('{"keys": [' + "[" * 2000 + "]" * 2000 + "]}", ALL)
+
+
 def test_parse_rsa_without_alg_serves_every_allowed_rsa_alg(keys: dict[str, SigningKey]) -> None:
     jwk = {k: v for k, v in keys["RS256"].public_jwk.items() if k != "alg"}
     keyset = parse_jwks({"keys": [jwk]}, frozenset({"RS256", "PS256", "ES256"}))

@@ -171,6 +171,22 @@ def test_duplicate_members_refused(keys: dict[str, SigningKey], where: str) -> N
     assert refused(auth, sign_raw(keys["ES256"], header, payload)).reason == "duplicate"
 
 
+@pytest.mark.parametrize("where", ["header", "payload"])
+def test_deeply_nested_segment_is_refused_not_a_crash(keys: dict[str, SigningKey],
+                                                      where: str) -> None:
+    """Within the 8 KiB token limit, ``[[[[...`` nests past the parser's recursion limit; that
+    must be a malformed token (401), not a RecursionError out of the filter."""
+    auth, _ = make(keys)
+    header = '{"alg":"ES256","kid":"ec-256"}'
+    payload = json.dumps(claims())
+    nested = '{"x":' + "[" * 2000 + "]" * 2000 + "}"
+    if where == "header":
+        header = nested
+    else:
+        payload = nested
+    assert refused(auth, sign_raw(keys["ES256"], header, payload)).reason == "malformed"
+
+
 def test_jwks_key_for_encryption_or_other_alg_is_not_used(keys: dict[str, SigningKey]) -> None:
     enc = {**keys["RS256-b"].public_jwk, "use": "enc", "kid": "enc-key"}
     other = {**keys["RS256-b"].public_jwk, "alg": "RS384", "kid": "rs384-key"}

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sidecar.config.model import RouteConfig, RouteMatch, WeightedTarget
-from sidecar.config.policy import RateLimitConfig, parse_rate_limit
+from sidecar.config.rate_limit import RateLimitConfig, parse_rate_limit
 from sidecar.config.reader import Fields, Problems
 from sidecar.filters.rate_limit import RateLimiter, build_rate_limit
 

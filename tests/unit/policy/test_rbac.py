@@ -9,7 +9,7 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
-from sidecar.config.policy import RbacPolicy, parse_rbac_policy
+from sidecar.config.rbac import RbacPolicy, parse_rbac_policy
 from sidecar.config.reader import Fields, Problems
 from sidecar.filters.authz_rbac import build_rbac
 

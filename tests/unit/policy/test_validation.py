@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sidecar.config.model import RouteConfig, RouteMatch, WeightedTarget
-from sidecar.config.policy import ValidationConfig, parse_validation
+from sidecar.config.validation import ValidationConfig, parse_validation
 from sidecar.config.reader import ConfigError, Fields, Problems
 from sidecar.filters.validation import ValidationFilter, build_validation
 
@@ -140,7 +140,7 @@ def test_jsonschema_not_imported_without_a_schema() -> None:
     import sys
 
     code = ("import sys; from sidecar.filters.validation import build_validation;"
-            "from sidecar.config.policy import ValidationConfig;"
+            "from sidecar.config.validation import ValidationConfig;"
             "build_validation({'r': ValidationConfig(methods=frozenset({'GET'}))});"
             "import sidecar.filters.authz_rbac, sidecar.filters.rate_limit;"
             "import sidecar.filters.authn_api_key, sidecar.audit;"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.config.resilience import BreakerConfig, ErrorRateConfig
-from sidecar.errors import CircuitOpen
+from sidecar.config.breaker import BreakerConfig, ErrorRateConfig
+from sidecar.errors import CircuitOpen, UpstreamOverflow
 from sidecar.upstream.circuit_breaker import (
     Admission,
     BreakerState,
@@ -158,8 +158,66 @@ def test_rejection_error_is_503_uo_naming_the_cluster() -> None:
     error = result.error("orders")
     assert isinstance(error, CircuitOpen)
     reply = error.reply()
-    assert (reply.status, reply.flag) == (503, "UO")
+    assert (reply.status, reply.flag, reply.error) == (503, "UO", "circuit_open")
     assert "orders" in reply.detail and "open" in reply.detail
+
+
+def test_an_open_breaker_and_a_full_limit_answer_with_distinct_codes() -> None:
+    """Both are 503 UO, but a client must tell "the service failed, back off" from "busy now"."""
+    breaker, clock, _ = make(max_requests=1)
+    admit(breaker, clock)
+    full = breaker.try_acquire(clock.monotonic())
+    assert isinstance(full, Rejection) and full.reason is RejectReason.MAX_REQUESTS
+    overflow = full.error("orders").reply()
+    assert (overflow.status, overflow.flag, overflow.error) == (503, "UO", "upstream_overflow")
+    assert isinstance(full.error("orders"), UpstreamOverflow)
+    breaker, clock, _ = make()
+    trip(breaker, clock)
+    opened = breaker.try_acquire(clock.monotonic())
+    assert isinstance(opened, Rejection)
+    assert opened.error("orders").reply().error == "circuit_open"
+
+
+# --- failure scope: a failure isolated to one endpoint is not the service's --------------
+
+
+def test_failures_isolated_to_one_endpoint_never_trip_the_breaker() -> None:
+    breaker, clock, _ = make()
+    for _ in range(100):
+        breaker.record(clock.monotonic(), Outcome.CONNECT_FAILURE, admit(breaker, clock),
+                       isolated=True)
+    assert breaker.state is CLOSED
+    assert breaker.active_requests == 0  # each freed its slot
+    assert breaker.snapshot(clock.monotonic())["isolated_failures"] == 100
+
+
+def test_an_isolated_failure_neither_counts_nor_breaks_a_run_of_failures() -> None:
+    breaker, clock, recorder = make()  # trips on 3 in a row
+    one(breaker, clock, Outcome.RESET)
+    one(breaker, clock, Outcome.RESET)
+    breaker.record(clock.monotonic(), Outcome.RESET, admit(breaker, clock), isolated=True)
+    assert breaker.state is CLOSED
+    one(breaker, clock, Outcome.RESET)  # the third failure of the service as a whole
+    assert recorder.transitions == [(CLOSED, OPEN, "consecutive_failures")]
+
+
+def test_isolated_failures_stay_out_of_the_error_rate_window() -> None:
+    breaker, clock, _ = make(consecutive_failures=0,
+                             error_rate=ErrorRateConfig(threshold=0.5, window=10.0, min_requests=4))
+    for _ in range(10):
+        one(breaker, clock, Outcome.SUCCESS)
+        breaker.record(clock.monotonic(), Outcome.TIMEOUT, admit(breaker, clock), isolated=True)
+    assert breaker.state is CLOSED
+    assert breaker.snapshot(clock.monotonic())["window"] == {"requests": 10, "failures": 0}
+
+
+def test_a_half_open_trial_counts_whatever_its_scope() -> None:
+    breaker, clock, recorder = make()
+    trip(breaker, clock)
+    clock.advance(10.0)
+    trial = admit(breaker, clock)
+    breaker.record(clock.monotonic(), Outcome.CONNECT_FAILURE, trial, isolated=True)
+    assert breaker.state is OPEN and recorder.transitions[-1][2] == "trial_failed"
 
 
 # --- HALF_OPEN ------------------------------------------------------------------------

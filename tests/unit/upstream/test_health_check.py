@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from certs.ssl_context import client_context, server_context
-from certs.testing import make_test_pki
-from sidecar.config.resilience import HealthCheckConfig
+from tests.helpers.pki import make_test_pki
+from sidecar.config.health import HealthCheckConfig
 from sidecar.upstream.endpoint import EndpointState
 from sidecar.upstream.health_check import HealthChecker, HealthThresholds, ProbeResult, probe
 

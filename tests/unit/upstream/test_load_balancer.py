@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from sidecar.config.resilience import LoadBalancerConfig
+from sidecar.config.load_balancing import LoadBalancerConfig
 from sidecar.upstream.endpoint import EndpointState
 from sidecar.upstream.load_balancer import (
     LeastRequest,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from sidecar.config.resilience import OutlierConfig
+from sidecar.config.outlier import OutlierConfig
 from sidecar.upstream.endpoint import EndpointState, Outcome
 from sidecar.upstream.load_balancer import RoundRobin
 from sidecar.upstream.outlier import OutlierDetector

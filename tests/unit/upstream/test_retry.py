@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.config.resilience import RetryBudgetConfig, RetryConfig
+from sidecar.config.retries import RetryBudgetConfig, RetryConfig
 from sidecar.upstream.endpoint import Outcome, outcome_of_status
 from sidecar.upstream.retry import RetryBudget, RetryPolicy, parse_retry_after
 
@@ -183,7 +183,7 @@ def test_budget_caps_retries_near_20_percent_under_total_failure() -> None:
             attempt += 1
             tries += 1
         now += 0.01  # 100 requests a second: the 10 s window holds ~1000 requests
-    assert tries <= 1.2 * requests + p.config.budget.min_retries
+    assert tries <= 1.2 * requests + p.budget.min_retries
     assert tries >= 1.15 * requests  # and the budget is actually used, not starved
     assert p.budget.exhausted > 0
 
@@ -195,6 +195,19 @@ def test_budget_minimum_lets_a_quiet_service_retry() -> None:
     assert budget.snapshot(NOW) == {"requests": 1, "retries": 3, "percent": 0.2,
                                     "min_retries": 3, "exhausted": 1}
     assert budget.try_spend(NOW + 10.5)  # the window moved on
+
+
+def test_a_retry_of_a_failure_isolated_to_one_endpoint_spends_no_budget() -> None:
+    """One bad endpoint among good ones must not use up the budget that guards the service."""
+    p = policy(budget=RetryBudgetConfig(percent=0.0, min_retries=1, window=10.0))
+    p.record_request(NOW)
+    for _ in range(50):
+        assert decide(p, isolated=True)[0]
+    assert p.budget.snapshot(NOW)["retries"] == 0
+    assert decide(p)[0]  # the one retry the budget allows is still there
+    assert decide(p)[2] == "budget_exhausted"
+    # still bounded by attempts, isolated or not
+    assert decide(p, attempt=3, isolated=True)[2] == "attempts_exhausted"
 
 
 def test_exhausted_budget_refuses_and_a_refusal_spends_nothing() -> None:

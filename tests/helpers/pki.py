@@ -1,6 +1,6 @@
 """A test PKI: a CA, good workload certificates and deliberately bad ones.
 
-For tests only (like structlog.testing): the sidecar's tests use it too.
+For tests only: it lives under tests/, so it never ships in the installed package.
 Good certificates come from the real CA code path (CSR, sign_csr); bad ones
 use the same certificate profile with exactly one defect, so a test that
 expects a refusal fails for the reason it names.

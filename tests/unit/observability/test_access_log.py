@@ -1,0 +1,88 @@
+"""The access line's fields (from a template, not a dict) and the structlog events: both go
+on a log channel as whole JSON lines, never straight to an output."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+
+from sidecar.config.model import RouteConfig, RouteMatch
+from sidecar.exchange import Exchange
+from sidecar.http.message import RequestHead
+from sidecar.observability.access_log import AccessLog
+from sidecar.observability.log_writer import LogWriter
+from sidecar.observability.logging import configure_logging
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, lines: list[str]) -> None:
+        self.lines.extend(lines)
+
+    def close(self) -> None:
+        pass
+
+
+def exchange(path: str = "/orders/1", **kw: Any) -> Exchange:
+    head = RequestHead(method="GET", target=path.encode(), path=path, authority="orders:8080",
+                       host="orders", version="1.1", headers=[])
+    return Exchange(request=head, listener="inbound", downstream_address="10.0.0.7", request_id="r-1",
+                    start=0.0, **kw)
+
+
+def test_access_line_has_every_field_and_only_the_optional_ones_set() -> None:
+    sink = ListSink()
+    writer = LogWriter(sink, name="test").start()
+    access = AccessLog(writer.channel("access"))
+    full = exchange('/o/"quoted"\\é', peer_identity="spiffe://pake.local/service/web",
+                    principal="alice", reason='rule "x"', cluster="orders", upstream="127.0.0.1:8080",
+                    attempts=2, status=403, flags="RBAC", bytes_in=12, bytes_out=345)
+    full.route = RouteConfig(name="reads", match=RouteMatch(), to=())
+    full.tags.update(rbac="deny", rbac_rule="x")
+    access.log(full, 0.0012345)
+    access.log(exchange(), 0.5)
+    assert writer.close()
+    first, second = (json.loads(line) for line in sink.lines)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first.pop("timestamp"))
+    assert first == {
+        "event": "access", "listener": "inbound", "method": "GET", "authority": "orders:8080",
+        "path": '/o/"quoted"\\é', "status": 403, "bytes_in": 12, "bytes_out": 345, "duration_ms": 1.234,
+        "route": "reads", "cluster": "orders", "upstream": "127.0.0.1:8080", "attempts": 2,
+        "flags": "RBAC", "request_id": "r-1", "client": "10.0.0.7",
+        "peer": "spiffe://pake.local/service/web", "principal": "alice", "reason": 'rule "x"',
+        "rbac": "deny", "rbac_rule": "x"}
+    assert (second["route"], second["duration_ms"]) == ("-", 500.0)
+    assert not {"peer", "principal", "reason"} & second.keys()
+    assert all(line.endswith("}\n") and line.isascii() for line in sink.lines)
+
+
+@pytest.fixture
+def _restore_structlog() -> Iterator[None]:
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.mark.usefixtures("_restore_structlog")
+def test_structlog_events_go_on_the_events_channel_and_are_dropped_when_full() -> None:
+    sink = ListSink()
+    writer = LogWriter(sink, name="stdout")  # not started: an output that takes nothing
+    events = writer.channel("events", max_lines=2)
+    configure_logging(events, "info")
+    log = structlog.get_logger("test")
+    log.debug("hidden")  # below the level: never rendered
+    log.info("ready", ports={"admin": 1})
+    log.error("reload_rejected", problems=["mesh.yaml: services: must be a mapping"])
+    log.warning("refused", status=400)  # the queue holds 2: counted, not waited for
+    assert (events.pending, events.dropped) == (2, 1)
+    writer.start()
+    assert writer.close()
+    lines = [json.loads(line) for line in sink.lines]
+    assert [(e["event"], e["level"]) for e in lines] == [("ready", "info"), ("reload_rejected", "error")]
