@@ -24,7 +24,6 @@ from .observability.metrics import Metrics
 from .routing.route_table import RouteTable
 from .routing.router import Router
 from .snapshot import Snapshot
-from .upstream.cluster_manager import ClusterManager
 
 __all__ = ["Pipeline"]
 
@@ -32,13 +31,13 @@ log = structlog.get_logger("pake.pipeline")
 
 
 class Pipeline:
-    def __init__(self, *, service: str, clusters: ClusterManager, metrics: Metrics,
+    def __init__(self, *, service: str, metrics: Metrics,
                  access_log: AccessLog | None, loop: asyncio.AbstractEventLoop,
                  scheme: bytes = b"http") -> None:
         self.service = service
         self.metrics = metrics
-        self.access_log = access_log
-        self.router = Router(clusters, loop, self.finish, scheme=scheme)
+        self.access_log = access_log  # replaced by a reload that changes the access log
+        self.router = Router(loop, self.finish, scheme=scheme)
 
     def start(self, stream: Stream) -> None:
         ex = stream.exchange
@@ -123,6 +122,8 @@ class Pipeline:
         if stream.finished:
             return
         stream.finished = True
+        snap: Snapshot = stream.snapshot  # type: ignore[assignment]
+        snap.clusters.release()  # held since the head was parsed (Sidecar.hold_snapshot)
         conn = stream.conn
         if reply is not None and not conn.closed:
             stream.send_local_reply(reply, self.service)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from .reader import ConfigError, Fields, Problems, convert, is_loopback_host, pa
 from .validation import parse_validation
 from .resilience import parse_fault, parse_retries, parse_service_resilience
 
-__all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml"]
+__all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml", "reloaded_bootstrap"]
 
 SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
@@ -95,6 +96,62 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
         mesh_path=mesh_path, limits=limits, timeouts=timeouts, access_log=access_log,
         tls=tls, log_level=log_level, audit=audit,
     )
+
+
+def reloaded_bootstrap(running: Bootstrap, new: Bootstrap) -> tuple[Bootstrap, list[str]]:
+    """What a reload of ``sidecar.yaml`` can apply to a process started with ``running``:
+    the bootstrap to run with, and one line per change that waits for a restart.
+
+    Applied live: limits and downstream timeouts (listeners read them per connection and
+    per deadline), ``app`` (the local-app cluster), ``mesh`` (the file read on reload) and
+    the access log. Bound at start-up, kept from ``running``: the identity (``service``,
+    ``mode``), the listeners (a bound socket, its TLS), the mesh TLS files, the audit sink
+    and the log level (structlog binds it into each logger on first use).
+    """
+    pending: list[str] = []
+
+    def differs(path: str, old: object, value: object) -> None:
+        if old != value:
+            pending.append(f"{path}: {_show(old)} -> {_show(value)}")
+
+    differs("service", running.service, new.service)
+    differs("mode", running.mode, new.mode)
+    old_listeners = {l.name: l for l in running.listeners}
+    new_listeners = {l.name: l for l in new.listeners}
+    for name in sorted(old_listeners.keys() | new_listeners.keys()):
+        old_l, new_l = old_listeners.get(name), new_listeners.get(name)
+        if old_l is None or new_l is None:
+            differs(f"listeners.{name}", old_l and _address(old_l.address), new_l and _address(new_l.address))
+            continue
+        differs(f"listeners.{name}", _address(old_l.address), _address(new_l.address))
+        differs(f"listeners.{name}.tls", old_l.tls, new_l.tls)
+        differs(f"listeners.{name}.tls", old_l.server_tls, new_l.server_tls)
+    if (running.tls is None) != (new.tls is None):
+        differs("tls", "configured" if running.tls else None, "configured" if new.tls else None)
+    elif running.tls is not None and new.tls is not None:
+        for key in ("cert", "key", "bundle", "resume_upstream_sessions"):
+            differs(f"tls.{key}", getattr(running.tls, key), getattr(new.tls, key))
+    if running.audit != new.audit:
+        pending.append("audit: changed")
+    differs("log_level", running.log_level, new.log_level)
+    kept = replace(new, service=running.service, mode=running.mode, listeners=running.listeners,
+                   tls=running.tls, audit=running.audit, log_level=running.log_level)
+    return kept, pending
+
+
+def _address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, ServerTlsFiles):
+        return f"{{cert: {value.cert}, key: {value.key}}}"
+    return str(value)
 
 
 def _listeners(node: Fields, mode: str, base: Path) -> list[ListenerConfig]:

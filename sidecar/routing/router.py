@@ -33,7 +33,7 @@ from ..http.message import ResponseHead
 from ..http.writer import request_head
 from ..listener.stream import Finish, Stream
 from ..upstream.cluster import Cluster
-from ..upstream.cluster_manager import LOCAL_APP, ClusterManager
+from ..upstream.cluster_manager import LOCAL_APP
 from ..upstream.endpoint import Outcome, isolated_failure, outcome_of_status
 from ..upstream.pool import Pool
 from ..upstream.retry import parse_retry_after
@@ -43,9 +43,9 @@ __all__ = ["Router"]
 
 
 class Router:
-    def __init__(self, clusters: ClusterManager, loop: asyncio.AbstractEventLoop, finish: Finish,
+    def __init__(self, loop: asyncio.AbstractEventLoop, finish: Finish,
                  *, scheme: bytes = b"http", rng: random.Random | None = None) -> None:
-        self.clusters = clusters
+        # No cluster registry here: an exchange's clusters are those of the snapshot it holds.
         self.loop = loop
         self.finish = finish
         self.scheme = scheme
@@ -65,7 +65,7 @@ class Router:
         route = ex.route
         assert route is not None
         name = self.target(stream, route)
-        cluster = self.clusters.get(name)
+        cluster = stream.snapshot.clusters.get(name)  # type: ignore[attr-defined]
         if cluster is None:
             self.finish(stream, NoRoute(f"no cluster {name!r}").reply())
             return
