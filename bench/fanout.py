@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +61,7 @@ class FanoutSettings:
     extra: int = 5  # sidecars that try to connect past the stream bound
     ack_timeout: float = 30.0  # per change
     setup_timeout: float = 300.0
+    profile_dir: Path | None = None  # py-spy collapsed stacks of the control plane during the changes
 
 
 def mesh(services: int, canary: bool) -> dict[str, Any]:
@@ -248,6 +250,11 @@ async def run_size(n: int, settings: FanoutSettings, root: Path, log: Log) -> di
             log(f"  stream bound {n}: {bound['refused']}/{bound['attempted']} extra streams refused "
                 f"({bound['status']} {bound['error']}), {bound['connected_after']} still connected")
 
+            settled = await _settle(http, admin, n, settings.setup_timeout)
+            log(f"  settled: every stream acked its latest snapshot ({settled:.1f} s)")
+            profiler = _start_profiler(procs, root, pid, settings)
+            if profiler is not None:
+                await asyncio.sleep(1.0)  # py-spy attaches
             changes = []
             for i in range(settings.changes):
                 changes.append(await _change(http, admin, workers, pid, settings, canary=i % 2 == 0,
@@ -256,6 +263,12 @@ async def run_size(n: int, settings: FanoutSettings, root: Path, log: Log) -> di
                 log(f"  change {i + 1}/{settings.changes}: {c['acked']}/{n} acked, p50 {c['p50_ms']} ms, "
                     f"p99 {c['p99_ms']} ms, max {c['max_ms']} ms; control plane CPU {c['control_plane_cpu_s']} s")
             after = memory_kb(pid)
+            if profiler is not None:
+                os.killpg(profiler.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
+                await asyncio.to_thread(profiler.popen.wait, 30)
+                procs.stop(profiler)
+                result["profile"] = str(settings.profile_dir / f"control-{root.name}.txt")
+                log(f"  profile of the control plane during the changes: {result['profile']}")
             result["changes"] = changes
             result["control_plane"] = {
                 "rss_idle_mb": _mb(idle["VmRSS"]), "rss_before_mb": _mb(before["VmRSS"]),
@@ -279,6 +292,33 @@ async def run_size(n: int, settings: FanoutSettings, root: Path, log: Log) -> di
             wp.reader.cancel()
         await asyncio.to_thread(procs.stop_all)
     return result
+
+
+async def _settle(http: aiohttp.ClientSession, admin: str, n: int, timeout: float) -> float:
+    """Wait until the set-up's endpoint pushes are over: the control plane reports every one of
+    the ``n`` streams acked at its latest version, twice in a row, 0.5 s apart (more than its
+    longest debounce), so no change is measured on top of the set-up's."""
+    started = time.monotonic()
+    calm = 0
+    async with asyncio.timeout(timeout):
+        while calm < 2:
+            await asyncio.sleep(0.5)
+            status = await _admin(http, admin, "GET", "/v1/status")
+            states = [s["state"] for s in status["sidecars"] if s.get("connected")]
+            calm = calm + 1 if len(states) == n and all(s == "acked" for s in states) else 0
+    return time.monotonic() - started
+
+
+def _start_profiler(procs: Processes, root: Path, pid: int, settings: FanoutSettings) -> Proc | None:
+    """py-spy on the control plane (``--profile DIR``), until the changes are measured."""
+    if settings.profile_dir is None:
+        return None
+    settings.profile_dir.mkdir(parents=True, exist_ok=True)
+    out = settings.profile_dir / f"control-{root.name}.txt"
+    proc = procs.start("py-spy", [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                                  str(pid), "--rate", "250", "--format", "raw", "--output", str(out),
+                                  "--nonblocking"])
+    return proc
 
 
 async def _probe_bound(http: aiohttp.ClientSession, admin: str, worker: WorkerProc, n: int,
@@ -427,10 +467,14 @@ def _interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fanout", description=__doc__.split("\n\n")[0])
     add_arguments(p)
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="record py-spy profiles (collapsed stacks, flamegraph.pl's input) of the control plane during the changes into DIR")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                    help="results JSON; its fanout key is set (default bench/results.json)")
     args = p.parse_args(argv)
     settings = settings_from(args)
+    if args.profile is not None:
+        settings = dataclasses.replace(settings, profile_dir=args.profile.resolve())
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         results = run(settings, lambda msg: print(msg, flush=True))
