@@ -263,7 +263,7 @@ async def run_size(n: int, settings: FanoutSettings, root: Path, log: Log) -> di
                 log(f"  change {i + 1}/{settings.changes}: {c['acked']}/{n} acked, p50 {c['p50_ms']} ms, "
                     f"p99 {c['p99_ms']} ms, max {c['max_ms']} ms; control plane CPU {c['control_plane_cpu_s']} s")
             after = memory_kb(pid)
-            if profiler is not None:
+            if profiler is not None and settings.profile_dir is not None:
                 os.killpg(profiler.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
                 await asyncio.to_thread(profiler.popen.wait, 30)
                 procs.stop(profiler)
@@ -398,7 +398,7 @@ def targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render(results: dict[str, Any]) -> str:
     head = (f"{'N':>6} {'change':>6} {'acked':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-            f"{'apply ms':>8} {'snap KiB':>8} {'cp CPU s':>8} {'cp RSS MB':>16}")
+            f"{'apply ms':>8} {'snap KiB':>8} {'cp CPU s':>8} {'sims CPU s':>10} {'cp RSS MB':>16}")
     lines = ["push fan-out (apply -> every sidecar's ack)", head, "-" * len(head)]
     for r in results["runs"]:
         cp = r["control_plane"]
@@ -406,6 +406,7 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"{r['sidecars']:>6} {i:>6} {c['acked']:>3}/{r['sidecars']:<3} "
                          f"{c['p50_ms']:>8} {c['p99_ms']:>8} {c['max_ms']:>8} {c['apply_ms']:>8} "
                          f"{c['snapshot_bytes'] / 1024:>8.1f} {c['control_plane_cpu_s']:>8} "
+                         f"{c['sidecar_processes_cpu_s']:>10} "
                          f"{c['rss_before_mb']:>7} -> {c['rss_after_mb']:<5}")
         s, b = r["setup"], r["stream_bound"]
         lines.append(f"{'':>6} set-up: join {s['join_s']} s, streams {s['connect_s']} s, control plane "

@@ -43,6 +43,7 @@ async def test_stream_declines_per_message_compression(plane: ControlPlane, tmp_
         snapshot = await client.wait_snapshot()
         assert client.ws is not None
         assert client.ws.protocol.extensions == []
+        assert client.ws.response is not None
         assert "permessage-deflate" not in (client.ws.response.headers.get("Sec-WebSocket-Extensions") or "")
         assert snapshot.mesh["services"]["orders"] is not None
     finally:
