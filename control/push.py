@@ -39,6 +39,8 @@ class Pusher:
         self._changed = asyncio.Event()
         self._applied: AppliedConfig | None = None
         self._cache: dict[str, tuple[str, str]] = {}
+        # The registry's endpoints as of this push: read once, not once per service.
+        self._endpoints: dict[str, list[str]] | None = None
         self.pushes = 0
 
     async def start(self) -> None:
@@ -67,11 +69,13 @@ class Pusher:
     async def push_all(self) -> None:
         self._applied = await self.config.current()
         self._cache.clear()
+        self._endpoints = self.registry.endpoints()
         sessions = list(self._sessions().values())
         for session in sessions:
             built = self.snapshot_for(session.service)
             if built is not None:
                 session.offer_snapshot(*built)
+        self._endpoints = None  # a greeting between pushes reads the registry afresh
         self.pushes += 1
         log.info("push", version=None if self._applied is None else self._applied.version,
                  sidecars=len(sessions), services=len(self._cache))
@@ -83,7 +87,8 @@ class Pusher:
         cached = self._cache.get(service)
         if cached is None:
             bundle = self.ca.bundle_pem()
-            mesh = build_subset(self._applied.mesh, service, self.registry.endpoints())
+            endpoints = self._endpoints if self._endpoints is not None else self.registry.endpoints()
+            mesh = build_subset(self._applied.mesh, service, endpoints)
             version = snapshot_version(self._applied.version, mesh, bundle)
             cached = (version, encode(Snapshot(version=version, mesh=mesh, bundle=bundle)))
             self._cache[service] = cached

@@ -219,7 +219,9 @@ class StreamService:
             return web.json_response({"error": "mtls_required", "detail": str(exc)}, status=401)
         assert der is not None
         cert = x509.load_der_x509_certificate(der)
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=None)
+        # compress=False: permessage-deflate would keep ~290 KB of zlib state per stream and
+        # compress every snapshot once per sidecar (in a thread, past 16 KiB) on each push.
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=None, compress=False)
         self._connecting += 1
         try:
             await ws.prepare(request)
