@@ -125,26 +125,56 @@ def _register_serve(sub: Subparsers) -> None:
     p.add_argument("--max-streams", type=int, default=10_000)
     p.add_argument("--send-timeout", type=_duration, default=10.0, metavar="DURATION",
                    help="a stream whose send takes longer is closed (default 10s)")
+    p.add_argument("--store", default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                   help="keep the state in etcd, shared by several replicas (default: the "
+                        "directory store under --state-dir)")
+    p.add_argument("--store-prefix", default="/pake/", metavar="PREFIX",
+                   help="the etcd key prefix of this mesh (default /pake/)")
+    p.add_argument("--lease-ttl", type=_duration, default=10.0, metavar="DURATION",
+                   help="etcd: a dead replica's registrations expire after this (default 10s)")
+    p.add_argument("--store-key-file", type=Path, metavar="FILE",
+                   help="the key that seals the CA key in the store; the same file on every "
+                        "replica (default STATE_DIR/store.key, created if missing)")
     p.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
+    from control.ca_state import CAStateError
+    from control.replica import StoreUrlError, parse_store_url
+    from control.store import StoreError
     from control.server import ServeOptions, configure_logging, serve
 
     if args.heartbeat_interval >= args.endpoint_grace:
         raise CommandFailed("--endpoint-grace must be longer than --heartbeat-interval")
+    etcd: tuple[str, ...] = ()
+    if args.store is not None:
+        try:
+            etcd = parse_store_url(args.store)
+        except StoreUrlError as exc:
+            raise CommandFailed(str(exc)) from None
+    if args.lease_ttl < 2 or args.lease_ttl != int(args.lease_ttl):
+        raise CommandFailed(f"--lease-ttl: a whole number of seconds, at least 2s, got {args.lease_ttl:g}s")
+    if not args.store_prefix.startswith("/") or not args.store_prefix.endswith("/"):
+        raise CommandFailed(f"--store-prefix: must start and end with '/', got {args.store_prefix!r}")
     configure_logging()
     options = ServeOptions(
         state_dir=args.state_dir, listen=args.listen, admin=args.admin,
         workload_ttl=timedelta(seconds=args.workload_ttl),
         heartbeat_interval=args.heartbeat_interval, endpoint_grace=args.endpoint_grace,
         max_streams=args.max_streams, send_timeout=args.send_timeout,
+        etcd=etcd, store_prefix=args.store_prefix, lease_ttl=int(args.lease_ttl),
+        store_key_file=args.store_key_file,
     )
     try:
         import uvloop
     except ImportError:  # pragma: no cover - a dependency
-        return asyncio.run(serve(options))
-    return uvloop.run(serve(options))
+        run = asyncio.run
+    else:
+        run = uvloop.run
+    try:
+        return run(serve(options))
+    except (StoreError, CAStateError) as exc:  # etcd unreachable, a CA sealed with another key
+        raise CommandFailed(str(exc)) from None
 
 
 # === tokens ===
