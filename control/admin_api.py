@@ -168,12 +168,16 @@ class AdminApi:
     async def status(self, request: web.Request) -> web.Response:
         current = await self.config.current()
         now = datetime.now(UTC)
-        sidecars = [s.status() for s in self.streams.sessions.values()]
+        here = self.streams.replica
+        sidecars = [{**s.status(), "replica": here} for s in self.streams.sessions.values()]
         connected = {(s["service"], s["node"]) for s in sidecars}
         for reg in self.registry.registrations():
             if (reg.service, reg.node) not in connected:
+                # On another replica (its stream state lives there), or gone quiet here.
+                remote = bool(reg.replica) and reg.replica != here
                 sidecars.append({"service": reg.service, "node": reg.node, "address": reg.address,
-                                 "connected": False, "state": "disconnected",
+                                 "connected": remote, "state": "remote" if remote else "disconnected",
+                                 "replica": reg.replica or None,
                                  "app_healthy": reg.app_healthy, "held_version": None,
                                  "latest_version": None, "last_nack": None, "cert_expiry": None,
                                  "connected_since": None})

@@ -6,6 +6,11 @@ by that bundle (checking the server is ``pake-control``), then open the stream o
 ``websockets``, say hello, validate each snapshot with the sidecar's own ``parse_mesh`` and
 ack or nack it, answer ``renew`` with a new key's CSR, ack certificates, send heartbeats.
 Everything it receives is kept in ``received`` for assertions; ``wait_for`` waits on it.
+
+Several control-plane addresses (a list for ``listen``) and ``failover=True``: when its stream
+ends without ``close()``, it connects to the next address in turn (as the sidecar does), with
+a short capped backoff, for at most ``reconnect_for`` seconds; ``stream_opens`` counts the
+streams it opened, ``listen`` is the address it is on.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from cryptography import x509
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from certs import pem
 from certs.identity import SpiffeId, workload_identity
@@ -56,13 +62,20 @@ class JoinError(Exception):
 
 
 class MeshClient:
-    def __init__(self, workdir: Path, listen: str, *, service: str, node: str = "node-1",
-                 address: str | None = "127.0.0.1:15006",
+    def __init__(self, workdir: Path, listen: str | Sequence[str], *, service: str,
+                 node: str = "node-1", address: str | None = "127.0.0.1:15006",
                  refuse: Callable[[Snapshot], str | None] | None = None,
-                 answer_renew: bool = True) -> None:
+                 answer_renew: bool = True, failover: bool = False,
+                 reconnect_for: float = 10.0) -> None:
         self.dir = workdir / f"client-{service}-{node}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.listen = listen
+        self.addresses = [listen] if isinstance(listen, str) else list(listen)
+        self.listen = self.addresses[0]
+        self.failover = failover
+        self.reconnect_for = reconnect_for
+        self.stream_opens = 0
+        self._closing = False
+        self._hello: tuple[str | None, bool] = (None, True)
         self.service = service
         self.node = node
         self.address = address
@@ -143,12 +156,43 @@ class MeshClient:
 
     async def connect(self, *, hello_service: str | None = None, app_healthy: bool = True) -> None:
         """Open the stream and say hello (websockets raises InvalidStatus on an HTTP refusal)."""
-        self.ws = await connect(f"wss://{self.listen}/v1/stream", ssl=self.client_context(),
-                                max_size=MAX_MESSAGE_BYTES, ping_interval=None)
+        self._hello = (hello_service, app_healthy)
+        self._closing = False
+        await self._open(self.listen)
+        self._reader = asyncio.create_task(self._run())
+
+    async def _open(self, address: str) -> None:
+        hello_service, app_healthy = self._hello
+        self.ws = await connect(f"wss://{address}/v1/stream", ssl=self.client_context(),
+                                max_size=MAX_MESSAGE_BYTES, ping_interval=None, open_timeout=5)
+        self.listen = address
+        self.stream_opens += 1
         await self.send(Hello(node=self.node, service=hello_service or self.service,
                               address=self.address, version=self.held_version,
                               app_healthy=app_healthy))
-        self._reader = asyncio.create_task(self._read())
+
+    async def _run(self) -> None:
+        while True:
+            await self._read()
+            if self._closing or not self.failover or not await self._reconnect():
+                return
+
+    async def _reconnect(self) -> bool:
+        """The next address that takes the stream, round robin from the one that failed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_for
+        start = self.addresses.index(self.listen) if self.listen in self.addresses else -1
+        backoff, attempt = 0.02, 0
+        while loop.time() < deadline and not self._closing:
+            attempt += 1
+            address = self.addresses[(start + attempt) % len(self.addresses)]
+            try:
+                await self._open(address)
+                return True
+            except (OSError, TimeoutError, InvalidStatus, InvalidHandshake):
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.5)
+        return False
 
     async def send(self, message: Message) -> None:
         assert self.ws is not None
@@ -216,6 +260,7 @@ class MeshClient:
         return [s for s in self.snapshots if where(s)][-1]
 
     async def close(self) -> None:
+        self._closing = True
         if self.ws is not None:
             await self.ws.close()
         if self._reader is not None:
