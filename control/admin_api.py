@@ -174,7 +174,7 @@ class AdminApi:
         for reg in self.registry.registrations():
             if (reg.service, reg.node) not in connected:
                 # On another replica (its stream state lives there), or gone quiet here.
-                remote = bool(reg.replica) and reg.replica != here
+                remote = self.registry.ephemeral and bool(reg.replica) and reg.replica != here
                 sidecars.append({"service": reg.service, "node": reg.node, "address": reg.address,
                                  "connected": remote, "state": "remote" if remote else "disconnected",
                                  "replica": reg.replica or None,
