@@ -388,9 +388,15 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def register_certs_rotate(certs_sub: Subparsers) -> None:
-    rotate = certs_sub.add_parser("rotate", help="renew every workload certificate now")
+    rotate = certs_sub.add_parser("rotate", help="renew every workload certificate now "
+                                                 "(--ca: rotate the CA itself)")
     rotate.add_argument("--timeout", type=_duration, default=60.0, metavar="DURATION",
-                        help="how long to wait for the sidecars' acks (default 60s)")
+                        help="how long to wait for the sidecars' acks (default 60s; "
+                             "with --ca: per phase)")
+    rotate.add_argument("--ca", action="store_true",
+                        help="rotate the CA with an overlap: new root into every bundle, new "
+                             "certificates from it, old root out; re-run to continue")
+    rotate.add_argument("--json", action="store_true", help="print the result as JSON (--ca)")
     _admin_args(rotate)
     rotate.set_defaults(handler=_certs_rotate)
 
@@ -400,7 +406,50 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
+def _certs_rotate_ca(args: argparse.Namespace, out: TextIO) -> int:
+    """One line per phase (and per change of its count); the last line is the result."""
+    client = _client(args)
+    final: dict[str, Any] = {}
+    lines = sys.stderr if args.json else out
+    for item in client.stream("/v1/certs/rotate-ca", {"timeout": args.timeout, "by": _who()},
+                              args.timeout * 3 + 30):
+        event = item["event"]
+        if event == "start":
+            how = f"continuing at phase {item['phase']}" if item["resumed"] else "starting"
+            print(f"CA rotation {how}: new root {item['new_fingerprint'][:16]}...", file=lines)
+        elif event == "phase":
+            print(f"phase {item['step']}/{item['of']} {item['phase']}: {_PHASE_TEXT[item['phase']]}: "
+                  f"{item['done']}/{item['total']} sidecars", file=lines)
+        elif event == "timeout":
+            print(f"phase {item['phase']}: still waiting for {', '.join(item['waiting'])}", file=lines)
+        elif event == "done":
+            final = item
+        lines.flush()
+    if not final:
+        raise CommandFailed("the control plane ended the CA rotation without a result; run it again")
+    if args.json:
+        json.dump({k: v for k, v in final.items() if k != "event"}, out, indent=2)
+        out.write("\n")
+    elif final.get("ok"):
+        print(f"CA rotated: every sidecar trusts only root {final['new_fingerprint'][:16]}...",
+              file=out)
+    else:
+        reason = final.get("error") or f"stopped in phase {final.get('phase')}"
+        print(f"CA rotation not finished: {reason}; run `pakectl certs rotate --ca` again to "
+              "continue", file=out)
+    return 0 if final.get("ok") else 1
+
+
+_PHASE_TEXT = {
+    "bundle": "new root in every bundle",
+    "reissue": "certificates from the new root",
+    "trim": "old root out of every bundle",
+}
+
+
 def _certs_rotate(args: argparse.Namespace, out: TextIO) -> int:
+    if args.ca:
+        return _certs_rotate_ca(args, out)
     client = _client(args)
     final: dict[str, Any] = {}
     for item in client.stream("/v1/certs/rotate", {"timeout": args.timeout}, args.timeout + 10):

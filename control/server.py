@@ -36,6 +36,7 @@ from control.push import Pusher
 from control.registry import PREFIX as REGISTRY_PREFIX
 from control.registry import Registry
 from control.replica import load_authority, open_store
+from control.rotation import CARotation
 from control.store import Entry, Store, StoreError
 from control.store_etcd import EtcdStore
 from control.stream import SidecarSession, StreamLimits, StreamService
@@ -46,6 +47,7 @@ __all__ = ["ControlPlane", "ServeOptions", "serve"]
 
 log = structlog.get_logger("control.server")
 MAX_JOIN_BODY = 64 * 1024
+RENEWAL_REASK = 2.0  # seconds before a sidecar lagging behind a new CA is asked again
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,9 @@ class ControlPlane:
         self.admin_token = self._admin_token()
         self.admin_api = AdminApi(config=self.config, tokens=self.tokens, ca=ca,
                                   streams=self.streams, registry=self.registry, pusher=self.pusher,
-                                  admin_token=self.admin_token)
+                                  admin_token=self.admin_token,
+                                  rotation=CARotation(store, ca, self.registry, store_key,
+                                                      self.renew_lagging))
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -164,8 +168,12 @@ class ControlPlane:
         CSR; returns how many were asked."""
         signer = self.ca.fingerprint
         asked = 0
+        # Several triggers fire together (the signer changed, the rotation record moved):
+        # one renewal per sidecar, asked again only when it has had time to answer.
+        recent = asyncio.get_running_loop().time() - RENEWAL_REASK
         for session in list(self.streams.sessions.values()):
-            if session.cert_root != signer and session.cert_pending is None:
+            if (session.cert_root != signer and session.cert_pending is None
+                    and session.renewal_asked_at < recent):
                 self.streams.request_renewal(session, reason)
                 asked += 1
         return asked

@@ -91,6 +91,7 @@ class SidecarSession:
         self.cert_root: str | None = None
         self._sent_roots: dict[str, tuple[str, ...]] = {}
         self.reregister = asyncio.Event()  # its registration must be written again
+        self.renewal_asked_at = float("-inf")  # loop time of the last renewal asked for
         self.cert_changed = asyncio.Event()  # set when a new certificate was acked
         self.last_cert_error: str | None = None
         self.last_csr_at = 0.0
@@ -419,6 +420,7 @@ class StreamService:
 
     def request_renewal(self, session: SidecarSession, reason: str) -> asyncio.Event:
         """Ask for a CSR now (``certs rotate``); the event is set once the new certificate is acked."""
+        session.renewal_asked_at = asyncio.get_running_loop().time()
         session.cert_changed.clear()
         session.last_csr_at = 0.0
         session.offer(Renew(reason=reason))

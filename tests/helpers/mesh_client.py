@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
@@ -88,6 +89,7 @@ class MeshClient:
         self.ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._next_keys: dict[bytes, Any] = {}
 
     @property
     def cert_path(self) -> Path:
@@ -220,15 +222,25 @@ class MeshClient:
                 reason = "; ".join(exc.problems)
             if reason is None:
                 self.held_version = message.version
+                if message.bundle is not None:  # trusted from now on, as the sidecar does
+                    self.bundle = message.bundle
+                    self.bundle_path.write_text(message.bundle)
                 await self.send(Ack(version=message.version))
             else:
                 await self.send(Nack(version=message.version, error=reason))
         elif isinstance(message, Renew) and self.answer_renew:
             key = new_key()
-            pem.write_private_key(self.dir / "next-key.pem", key)
+            # Several renewals may be in flight: the certificate says which key it is for.
+            self._next_keys[_public_der(key.public_key())] = key
             await self.send(Csr(csr=make_csr(key, self.service, self.trust_domain).decode()))
         elif isinstance(message, Certificate):
-            (self.dir / "next-key.pem").replace(self.key_path)
+            leaf = x509.load_pem_x509_certificate(message.cert.encode())
+            key = self._next_keys.pop(_public_der(leaf.public_key()), None)
+            if key is None:
+                await self.send(Nack(version=message.version, error="no key for this certificate",
+                                     kind="certificate"))
+                return
+            pem.write_private_key(self.key_path, key)
             self.cert_path.write_text(message.cert)
             self.bundle_path.write_text(message.bundle)
             await self.send(Ack(version=message.version, kind="certificate"))
@@ -270,3 +282,6 @@ class MeshClient:
 def endpoints_of(snapshot: Snapshot, service: str) -> list[str]:
     return list((snapshot.mesh.get("services") or {}).get(service, {}).get("endpoints") or [])
 
+
+def _public_der(public_key: Any) -> bytes:
+    return bytes(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
