@@ -45,7 +45,8 @@ def mesh_yaml(mesh: Any) -> str:
 class AdminApi:
     def __init__(self, *, config: ConfigService, tokens: TokenService, ca: CAService,
                  streams: StreamService, registry: Registry, pusher: Pusher,
-                 admin_token: str | None) -> None:
+                 admin_token: str | None,
+                 extra_routes: Callable[[web.Application], None] | None = None) -> None:
         self.config = config
         self.tokens = tokens
         self.ca = ca
@@ -53,6 +54,7 @@ class AdminApi:
         self.registry = registry
         self.pusher = pusher
         self._admin_token = admin_token
+        self._extra_routes = extra_routes  # the dashboard, /api/*, /metrics (observability)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY)
@@ -66,6 +68,8 @@ class AdminApi:
         app.router.add_post("/v1/tokens", self.create_token)
         app.router.add_post("/v1/tokens/{id}/revoke", self.revoke_token)
         app.router.add_post("/v1/certs/rotate", self.rotate)
+        if self._extra_routes is not None:
+            self._extra_routes(app)
         return app
 
     @web.middleware

@@ -125,6 +125,11 @@ def _register_serve(sub: Subparsers) -> None:
     p.add_argument("--max-streams", type=int, default=10_000)
     p.add_argument("--send-timeout", type=_duration, default=10.0, metavar="DURATION",
                    help="a stream whose send takes longer is closed (default 10s)")
+    p.add_argument("--otlp", type=_address, default=None, metavar="HOST:PORT",
+                   help="also accept OTLP/HTTP traces here, e.g. 127.0.0.1:4318 (default: off); "
+                        "the dashboard and /api/traces show the most recent ones")
+    p.add_argument("--stats-window", type=_duration, default=60.0, metavar="DURATION",
+                   help="the sliding window of pakectl top and the dashboard (default 60s)")
     p.set_defaults(handler=_serve)
 
 
@@ -139,6 +144,7 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
         workload_ttl=timedelta(seconds=args.workload_ttl),
         heartbeat_interval=args.heartbeat_interval, endpoint_grace=args.endpoint_grace,
         max_streams=args.max_streams, send_timeout=args.send_timeout,
+        otlp=args.otlp, stats_window=args.stats_window,
     )
     try:
         import uvloop
@@ -354,6 +360,35 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if all(ok for ok, _ in results) else 1
 
 
+# === top ===
+
+
+def _register_top(sub: Subparsers) -> None:
+    p = sub.add_parser("top", help="live traffic per service and route: req/s, success, "
+                                   "p50/p95/p99, breakers, SLOs")
+    p.add_argument("--json", action="store_true", help="print one sample as JSON and exit")
+    p.add_argument("--interval", type=_duration, default=2.0, metavar="DURATION",
+                   help="time between refreshes (default 2s)")
+    p.add_argument("--count", type=int, default=None, metavar="N",
+                   help="stop after N refreshes (default: until Ctrl-C)")
+    _admin_args(p)
+    p.set_defaults(handler=_top)
+
+
+def _top(args: argparse.Namespace, out: TextIO) -> int:
+    from control.top import run_top
+
+    client = _client(args)
+
+    def fetch() -> dict[str, Any]:
+        status, body = client.get("/api/stats")
+        if status != 200:
+            raise _fail(status, body)
+        return dict(body)
+
+    return run_top(fetch, out, as_json=args.json, interval=args.interval, count=args.count)
+
+
 # === certs rotate ===
 
 
@@ -408,4 +443,5 @@ MESH_COMMANDS: Mapping[str, Callable[[Subparsers], None]] = MappingProxyType({
     "get": _register_get,
     "status": _register_status,
     "check": _register_check,
+    "top": _register_top,
 })

@@ -27,6 +27,7 @@ from certs import pem
 from control.admin_api import AdminApi
 from control.ca_service import CAService, CsrRefused, check_csr_name
 from control.config import ConfigService
+from control.observability import Observability
 from control.push import Pusher
 from control.registry import Registry
 from control.store import Store
@@ -52,6 +53,8 @@ class ServeOptions:
     debounce: float = 0.02
     max_debounce: float = 0.2
     send_timeout: float = 10.0
+    otlp: tuple[str, int] | None = None  # accept OTLP/HTTP traces here (opt-in)
+    stats_window: float = 60.0  # the sliding window of `pakectl top` and the dashboard
 
 
 def is_loopback(host: str) -> bool:
@@ -79,9 +82,14 @@ class ControlPlane:
         self.pusher = Pusher(self.config, self.registry, ca, lambda: self.streams.sessions,
                              debounce=options.debounce, max_delay=options.max_debounce)
         self.admin_token = self._admin_token()
+        # Observability: stats from the streams, SLOs, traces, /metrics, the dashboard.
+        self.observability = Observability(config=self.config, streams=self.streams,
+                                           registry=self.registry, window=options.stats_window)
+        self.streams.on_stats = self.observability.on_stats
         self.admin_api = AdminApi(config=self.config, tokens=self.tokens, ca=ca,
                                   streams=self.streams, registry=self.registry, pusher=self.pusher,
-                                  admin_token=self.admin_token)
+                                  admin_token=self.admin_token,
+                                  extra_routes=self.observability.add_routes)
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.ports: dict[str, int] = {}
@@ -157,10 +165,11 @@ class ControlPlane:
         await self.registry.load()
         await self.pusher.start()
         listen_ctx = await asyncio.to_thread(self.ca.listen_context)
-        for name, app, (host, port), ssl_ctx in (
-            ("listen", self.listen_app(), self.options.listen, listen_ctx),
-            ("admin", self.admin_api.app(), self.options.admin, None),
-        ):
+        sites = [("listen", self.listen_app(), self.options.listen, listen_ctx),
+                 ("admin", self.admin_api.app(), self.options.admin, None)]
+        if self.options.otlp is not None:
+            sites.append(("otlp", self.observability.receiver.app(), self.options.otlp, None))
+        for name, app, (host, port), ssl_ctx in sites:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024)
@@ -169,7 +178,8 @@ class ControlPlane:
             self.ports[name] = runner.addresses[0][1]
         self._tasks = [asyncio.create_task(self.pusher.run()),
                        asyncio.create_task(self._expire_loop()),
-                       asyncio.create_task(self._server_cert_loop())]
+                       asyncio.create_task(self._server_cert_loop()),
+                       asyncio.create_task(self.observability.run())]
         if self.pusher._applied is not None:
             self.pusher.mark_dirty()
         log.info("serving", listen=f"{self.options.listen[0]}:{self.ports['listen']}",
