@@ -63,6 +63,7 @@ class Observability:
         self.metrics = CollectorRegistry(auto_describe=True)
         self.metrics.register(_ControlCollector(self))
         self.config_version: int | None = None
+        self.config_services: frozenset[str] = frozenset()  # the graph's nodes, with traffic
         self._config_read = False
         self._state: dict[str, Any] = {}
         self._tick = asyncio.Event()
@@ -86,6 +87,8 @@ class Observability:
         self.stats.set_objectives({} if current is None else objectives_of(current.mesh),
                                  self.clock())
         self.config_version = version
+        services = {} if current is None else current.mesh.get("services") or {}
+        self.config_services = frozenset(str(name) for name in services)
         self._config_read = True
 
     # === views ===
@@ -124,7 +127,7 @@ class Observability:
         sidecars = self._sidecars()
         by_name: dict[str, dict[str, Any]] = {}
         names = {s["service"] for s in sidecars} | {r["service"] for r in sample["services"]} | \
-            {e["source"] for e in sample["edges"]} | set(self.stats.objectives)
+            {e["source"] for e in sample["edges"]} | self.config_services
         traffic = {r["service"]: r for r in sample["services"]}
         slo = {s["service"]: s for s in sample["slo"]}
         for name in sorted(names):
