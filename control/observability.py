@@ -68,6 +68,7 @@ class Observability:
         self._state: dict[str, Any] = {}
         self._tick = asyncio.Event()
         self._event_streams = 0
+        self.closing = False
 
     # === inputs ===
 
@@ -143,12 +144,18 @@ class Observability:
     # === the refresh task ===
 
     async def run(self) -> None:
-        while True:
-            await self.refresh_objectives()
-            self._state = self.dashboard_state()
-            tick, self._tick = self._tick, asyncio.Event()
-            tick.set()
-            await asyncio.sleep(self.refresh_period)
+        """Until cancelled (the control plane stopping); then the event streams end too, so
+        an open dashboard does not hold the shutdown up."""
+        try:
+            while True:
+                await self.refresh_objectives()
+                self._state = self.dashboard_state()
+                tick, self._tick = self._tick, asyncio.Event()
+                tick.set()
+                await asyncio.sleep(self.refresh_period)
+        finally:
+            self.closing = True
+            self._tick.set()
 
     # === HTTP ===
 
@@ -211,12 +218,13 @@ class Observability:
         try:
             await response.prepare(request)
             state = self._state or self.dashboard_state()
-            while True:
+            while not self.closing:
                 data = json.dumps(state, separators=(",", ":"))
                 async with asyncio.timeout(EVENT_SEND_TIMEOUT):
                     await response.write(f"event: state\ndata: {data}\n\n".encode())
                 await self._tick.wait()
                 state = self._state
+            await response.write_eof()
         except (ConnectionError, TimeoutError):
             return response  # the browser went away or stopped reading
         finally:

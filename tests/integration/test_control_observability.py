@@ -251,3 +251,26 @@ async def test_otlp_json_bodies_and_refusals(make_plane: MakePlane) -> None:
     assert metric_value(text, "pake_control_otlp_requests_total", result="accepted") == 1.0
     assert metric_value(text, "pake_control_otlp_requests_total", result="bad_request") == 2.0
     assert metric_value(text, "pake_control_otlp_requests_total", result="too_large") == 1.0
+
+
+async def test_event_streams_carry_state_and_end_when_the_plane_stops(tmp_path: Path) -> None:
+    opts = ServeOptions(state_dir=tmp_path / "state", listen=("127.0.0.1", 0), admin=("127.0.0.1", 0))
+    plane = await ControlPlane.open(opts)
+    await plane.start()
+    stopped = False
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{plane.ports['admin']}/api/events") as r:
+                assert r.headers["Content-Type"] == "text/event-stream"
+                assert await r.content.readline() == b"event: state\n"
+                state = json.loads((await r.content.readline()).removeprefix(b"data: "))
+                assert {"nodes", "edges", "sidecars", "denials", "traces", "slo"} <= set(state)
+                # an open dashboard does not hold the shutdown up (aiohttp would wait 60 s)
+                async with asyncio.timeout(5):
+                    await plane.stop()
+                    stopped = True
+                    while await r.content.readline():
+                        pass
+    finally:
+        if not stopped:
+            await plane.stop()
