@@ -46,7 +46,8 @@ def mesh_yaml(mesh: Any) -> str:
 class AdminApi:
     def __init__(self, *, config: ConfigService, tokens: TokenService, ca: CAService,
                  streams: StreamService, registry: Registry, pusher: Pusher,
-                 admin_token: str | None, rotation: CARotation | None = None) -> None:
+                 admin_token: str | None, rotation: CARotation | None = None,
+                 extra_routes: Callable[[web.Application], None] | None = None) -> None:
         self.config = config
         self.tokens = tokens
         self.ca = ca
@@ -55,6 +56,7 @@ class AdminApi:
         self.pusher = pusher
         self._admin_token = admin_token
         self.rotation = rotation
+        self._extra_routes = extra_routes  # the dashboard, /api/*, /metrics (observability)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY)
@@ -69,6 +71,8 @@ class AdminApi:
         app.router.add_post("/v1/tokens/{id}/revoke", self.revoke_token)
         app.router.add_post("/v1/certs/rotate", self.rotate)
         app.router.add_post("/v1/certs/rotate-ca", self.rotate_ca)
+        if self._extra_routes is not None:
+            self._extra_routes(app)
         return app
 
     @web.middleware

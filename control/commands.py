@@ -135,6 +135,11 @@ def _register_serve(sub: Subparsers) -> None:
     p.add_argument("--store-key-file", type=Path, metavar="FILE",
                    help="the key that seals the CA key in the store; the same file on every "
                         "replica (default STATE_DIR/store.key, created if missing)")
+    p.add_argument("--otlp", type=_address, default=None, metavar="HOST:PORT",
+                   help="also accept OTLP/HTTP traces here, e.g. 127.0.0.1:4318 (default: off); "
+                        "the dashboard and /api/traces show the most recent ones")
+    p.add_argument("--stats-window", type=_duration, default=60.0, metavar="DURATION",
+                   help="the sliding window of pakectl top and the dashboard (default 60s)")
     p.set_defaults(handler=_serve)
 
 
@@ -164,6 +169,7 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
         max_streams=args.max_streams, send_timeout=args.send_timeout,
         etcd=etcd, store_prefix=args.store_prefix, lease_ttl=int(args.lease_ttl),
         store_key_file=args.store_key_file,
+        otlp=args.otlp, stats_window=args.stats_window,
     )
     try:
         import uvloop
@@ -384,6 +390,35 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if all(ok for ok, _ in results) else 1
 
 
+# === top ===
+
+
+def _register_top(sub: Subparsers) -> None:
+    p = sub.add_parser("top", help="live traffic per service and route: req/s, success, "
+                                   "p50/p95/p99, breakers, SLOs")
+    p.add_argument("--json", action="store_true", help="print one sample as JSON and exit")
+    p.add_argument("--interval", type=_duration, default=2.0, metavar="DURATION",
+                   help="time between refreshes (default 2s)")
+    p.add_argument("--count", type=int, default=None, metavar="N",
+                   help="stop after N refreshes (default: until Ctrl-C)")
+    _admin_args(p)
+    p.set_defaults(handler=_top)
+
+
+def _top(args: argparse.Namespace, out: TextIO) -> int:
+    from control.top import run_top
+
+    client = _client(args)
+
+    def fetch() -> dict[str, Any]:
+        status, body = client.get("/api/stats")
+        if status != 200:
+            raise _fail(status, body)
+        return dict(body)
+
+    return run_top(fetch, out, as_json=args.json, interval=args.interval, count=args.count)
+
+
 # === certs rotate ===
 
 
@@ -487,4 +522,5 @@ MESH_COMMANDS: Mapping[str, Callable[[Subparsers], None]] = MappingProxyType({
     "get": _register_get,
     "status": _register_status,
     "check": _register_check,
+    "top": _register_top,
 })

@@ -32,6 +32,8 @@ from control.admin_api import AdminApi
 from control.ca_service import CAService, CsrRefused, check_csr_name
 from control.ca_state import AUTHORITY_KEY, ROTATION_KEY, decode_authority, load_store_key
 from control.config import CURRENT, ConfigService, load_applied
+from control.config import ConfigService
+from control.observability import Observability
 from control.push import Pusher
 from control.registry import PREFIX as REGISTRY_PREFIX
 from control.registry import Registry
@@ -66,6 +68,8 @@ class ServeOptions:
     store_prefix: str = "/pake/"
     lease_ttl: int = 10
     store_key_file: Path | None = None  # default <state_dir>/store.key
+    otlp: tuple[str, int] | None = None  # accept OTLP/HTTP traces here (opt-in)
+    stats_window: float = 60.0  # the sliding window of `pakectl top` and the dashboard
 
 
 def is_loopback(host: str) -> bool:
@@ -97,11 +101,16 @@ class ControlPlane:
         self.pusher = Pusher(self.config, self.registry, ca, lambda: self.streams.sessions,
                              debounce=options.debounce, max_delay=options.max_debounce)
         self.admin_token = self._admin_token()
+        # Observability: stats from the streams, SLOs, traces, /metrics, the dashboard.
+        self.observability = Observability(config=self.config, streams=self.streams,
+                                           registry=self.registry, window=options.stats_window)
+        self.streams.on_stats = self.observability.on_stats
         self.admin_api = AdminApi(config=self.config, tokens=self.tokens, ca=ca,
                                   streams=self.streams, registry=self.registry, pusher=self.pusher,
                                   admin_token=self.admin_token,
                                   rotation=CARotation(store, ca, self.registry, store_key,
-                                                      self.renew_lagging))
+                                                      self.renew_lagging),
+                                  extra_routes=self.observability.add_routes)
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -255,10 +264,11 @@ class ControlPlane:
         await self.view.load()
         self.registry.adopt_all()
         listen_ctx = await asyncio.to_thread(self.ca.listen_context)
-        for name, app, (host, port), ssl_ctx in (
-            ("listen", self.listen_app(), self.options.listen, listen_ctx),
-            ("admin", self.admin_api.app(), self.options.admin, None),
-        ):
+        sites = [("listen", self.listen_app(), self.options.listen, listen_ctx),
+                 ("admin", self.admin_api.app(), self.options.admin, None)]
+        if self.options.otlp is not None:
+            sites.append(("otlp", self.observability.receiver.app(), self.options.otlp, None))
+        for name, app, (host, port), ssl_ctx in sites:
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024)
@@ -270,7 +280,8 @@ class ControlPlane:
                        asyncio.create_task(self.view.run()),
                        asyncio.create_task(self._authority_loop()),
                        asyncio.create_task(self._expire_loop()),
-                       asyncio.create_task(self._server_cert_loop())]
+                       asyncio.create_task(self._server_cert_loop()),
+                       asyncio.create_task(self.observability.run())]
         log.info("serving", listen=f"{self.options.listen[0]}:{self.ports['listen']}",
                  store="etcd" if self.options.etcd else "directory",
                  admin=f"{self.options.admin[0]}:{self.ports['admin']}", ports=self.ports,

@@ -41,6 +41,7 @@ from sidecar.discovery.protocol import (
     Nack,
     ProtocolError,
     Renew,
+    Stats,
     decode,
     encode,
 )
@@ -218,6 +219,8 @@ class StreamService:
         self.sessions: dict[SessionKey, SidecarSession] = {}
         self._connecting = 0
         self._state_changed = asyncio.Event()
+        # Where sidecars' stats messages go (control/observability.py); None: dropped.
+        self.on_stats: Callable[[SidecarSession, Stats], None] | None = None
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Wait until ``predicate()`` holds; it is re-checked after every ack, nack or renewal."""
@@ -360,6 +363,9 @@ class StreamService:
             session.last_cert_error = message.error
             log.warning("certificate_nack", service=session.service, node=session.node,
                         error=message.error)
+        elif isinstance(message, Stats):
+            if self.on_stats is not None:
+                self.on_stats(session, message)
         else:
             session.offer(ErrorMessage(code="bad_message",
                                        detail=f"a sidecar does not send {message.TYPE}"))

@@ -37,6 +37,7 @@ from .audit import parse_audit
 from .policy import MeshPolicy, parse_authn, parse_mesh_policy
 from .rate_limit import parse_rate_limit
 from .rbac import parse_rbac_policy
+from .slo import parse_slo
 from .reader import ConfigError, Fields, Problems, convert, is_loopback_host, parse_address
 from .validation import parse_validation
 from .resilience import parse_fault, parse_retries, parse_service_resilience
@@ -304,6 +305,7 @@ def _service(name: str, node: Fields, trust_domain: str, policy: MeshPolicy) -> 
         policy=node.optional("policy", parse_rbac_policy),
         tls=node.bool("tls", True),
     )
+    node.optional("slo", parse_slo)  # validated here; the control plane reads it (control/slo.py)
     node.done()
     return service
 
