@@ -16,6 +16,7 @@ import structlog
 
 from control.ca_service import CAService
 from control.config import AppliedConfig, ConfigService
+from control.mesh_tokens import MeshTokenKeys
 from control.registry import Registry
 from control.snapshots import build_subset, snapshot_version
 from control.stream import SessionKey, SidecarSession
@@ -29,13 +30,15 @@ log = structlog.get_logger("control.push")
 class Pusher:
     def __init__(self, config: ConfigService, registry: Registry, ca: CAService,
                  sessions: Callable[[], Mapping[SessionKey, SidecarSession]],
-                 *, debounce: float = 0.02, max_delay: float = 0.2) -> None:
+                 *, debounce: float = 0.02, max_delay: float = 0.2,
+                 mesh_tokens: MeshTokenKeys | None = None) -> None:
         self.config = config
         self.registry = registry
         self.ca = ca
         self._sessions = sessions
         self.debounce = debounce
         self.max_delay = max_delay
+        self.mesh_tokens = mesh_tokens
         self._changed = asyncio.Event()
         self._applied: AppliedConfig | None = None
         self._cache: dict[str, tuple[str, str]] = {}
@@ -83,7 +86,8 @@ class Pusher:
         cached = self._cache.get(service)
         if cached is None:
             bundle = self.ca.bundle_pem()
-            mesh = build_subset(self._applied.mesh, service, self.registry.endpoints())
+            mesh = build_subset(self._applied.mesh, service, self.registry.endpoints(),
+                                mesh_tokens=self.mesh_tokens)
             version = snapshot_version(self._applied.version, mesh, bundle)
             cached = (version, encode(Snapshot(version=version, mesh=mesh, bundle=bundle)))
             self._cache[service] = cached

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -27,6 +28,7 @@ from certs import pem
 from control.admin_api import AdminApi
 from control.ca_service import CAService, CsrRefused, check_csr_name
 from control.config import ConfigService
+from control.mesh_tokens import MeshTokenKeys
 from control.push import Pusher
 from control.registry import Registry
 from control.store import Store
@@ -76,8 +78,11 @@ class ControlPlane:
             StreamLimits(max_streams=options.max_streams, heartbeat_interval=options.heartbeat_interval,
                          send_timeout=options.send_timeout),
             self._session_opened)
+        self.mesh_tokens = MeshTokenKeys(store, on_change=lambda: self.pusher.mark_dirty(),
+                                         applied=self._mesh_tokens_section)
         self.pusher = Pusher(self.config, self.registry, ca, lambda: self.streams.sessions,
-                             debounce=options.debounce, max_delay=options.max_debounce)
+                             debounce=options.debounce, max_delay=options.max_debounce,
+                             mesh_tokens=self.mesh_tokens)
         self.admin_token = self._admin_token()
         self.admin_api = AdminApi(config=self.config, tokens=self.tokens, ca=ca,
                                   streams=self.streams, registry=self.registry, pusher=self.pusher,
@@ -104,6 +109,10 @@ class ControlPlane:
         if not path.exists():
             pem.write_atomic(path, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
         return path.read_text().strip()
+
+    def _mesh_tokens_section(self) -> Any:
+        applied = self.pusher._applied
+        return None if applied is None else applied.mesh.get("mesh_tokens")
 
     def _endpoints_changed(self) -> None:
         self.pusher.mark_dirty()
@@ -155,6 +164,7 @@ class ControlPlane:
 
     async def start(self) -> dict[str, int]:
         await self.registry.load()
+        await self.mesh_tokens.load()
         await self.pusher.start()
         listen_ctx = await asyncio.to_thread(self.ca.listen_context)
         for name, app, (host, port), ssl_ctx in (
@@ -169,7 +179,8 @@ class ControlPlane:
             self.ports[name] = runner.addresses[0][1]
         self._tasks = [asyncio.create_task(self.pusher.run()),
                        asyncio.create_task(self._expire_loop()),
-                       asyncio.create_task(self._server_cert_loop())]
+                       asyncio.create_task(self._server_cert_loop()),
+                       asyncio.create_task(self.mesh_tokens.run())]
         if self.pusher._applied is not None:
             self.pusher.mark_dirty()
         log.info("serving", listen=f"{self.options.listen[0]}:{self.ports['listen']}",

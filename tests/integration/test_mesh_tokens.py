@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +27,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
+from control.server import ControlPlane, ServeOptions
 from examples.echo import make_app
+from sidecar.config.load import parse_mesh
+from sidecar.filters.mesh_token import build_mesh_token_mint, build_mesh_token_verify
+from tests.helpers.mesh_client import MeshClient
 from tests.helpers.pki import make_test_pki
 from tests.helpers.sidecar_process import SidecarProcess
 
@@ -210,3 +215,54 @@ async def test_a_mesh_token_without_mtls_is_not_honoured(tmp_path: Path, keys: K
                 assert (await resp.json())["detail"].startswith("no rule allows GET /x from client")
         assert [a.get("tags", {}).get("mesh_token") for a in plain.events("access")] in (
             [None], ["ignored_no_mtls"])
+
+
+# === the control plane: keys made, rotated, and sent only where they belong ==================
+
+
+async def test_the_signing_key_reaches_only_gateway_snapshots(tmp_path: Path) -> None:
+    plane = await ControlPlane.open(ServeOptions(state_dir=tmp_path / "state",
+                                                 listen=("127.0.0.1", 0), admin=("127.0.0.1", 0)))
+    await plane.start()
+    clients: list[MeshClient] = []
+    try:
+        async def join(service: str) -> MeshClient:
+            token, _ = await plane.tokens.create(service, timedelta(hours=1), 1, "test")
+            client = MeshClient(tmp_path, f"127.0.0.1:{plane.ports['listen']}", service=service)
+            await client.join(str(token))
+            await client.connect()
+            clients.append(client)
+            return client
+
+        gw, echo = await join("gateway"), await join("echo")
+        # the operator's section names who mints; keys written there would be replaced
+        await plane.config.apply({"mesh_tokens": {"gateways": ["gateway"], "ttl": "30s"},
+                                  "services": {"gateway": {"routes": [{"to": [{"service": "echo"}]}]},
+                                               "echo": {}}}, "test")
+        plane.pusher.mark_dirty()
+        gw_snap = await gw.wait_snapshot(lambda s: "mesh_tokens" in s.mesh)
+        echo_snap = await echo.wait_snapshot(lambda s: "mesh_tokens" in s.mesh)
+        gw_tokens, echo_tokens = gw_snap.mesh["mesh_tokens"], echo_snap.mesh["mesh_tokens"]
+        assert "signing_key" not in echo_tokens and "PRIVATE KEY" not in json.dumps(echo_snap.mesh)
+        assert gw_tokens["keys"] == echo_tokens["keys"] and len(echo_tokens["keys"]) == 1
+        assert gw_tokens["signing_key"]["kid"] == echo_tokens["keys"][0]["kid"]
+        # what the gateway mints with its snapshot, echo's snapshot verifies
+        gw_config, echo_config = parse_mesh(gw_snap.mesh), parse_mesh(echo_snap.mesh)
+        assert gw_config.mesh_tokens is not None and echo_config.mesh_tokens is not None
+        minted = build_mesh_token_mint(gw_config.mesh_tokens).token_for("alice", frozenset({"reader"}))
+        verified = build_mesh_token_verify(echo_config.mesh_tokens).authenticator.authenticate(minted)
+        assert verified.principal == "alice"
+
+        # rotation: the new key is published to everyone before the gateway signs with it
+        old_kid = gw_tokens["signing_key"]["kid"]
+        await plane.mesh_tokens.rotate()
+        rotated = await echo.wait_snapshot(lambda s: len(s.mesh["mesh_tokens"]["keys"]) == 2)
+        assert "signing_key" not in rotated.mesh["mesh_tokens"]
+        gw_rotated = await gw.wait_snapshot(lambda s: len(s.mesh["mesh_tokens"]["keys"]) == 2)
+        assert gw_rotated.mesh["mesh_tokens"]["signing_key"]["kid"] == old_kid
+        # the ring survives a restart of the control plane (it lives in the store)
+        assert (await plane.mesh_tokens.load()).keys[-1].kid == rotated.mesh["mesh_tokens"]["keys"][1]["kid"]
+    finally:
+        for client in clients:
+            await client.close()
+        await plane.stop()

@@ -274,3 +274,34 @@ services:
 """))
     assert caught.value.problems == [
         "services.orders.policy.rules[0].allow.roles[0]: must be a non-empty string, got 1"]
+
+
+# === the control plane's key ring ==========================================================
+
+
+def test_rotation_publishes_before_signing_and_drops_the_old_key_after_its_tokens() -> None:
+    from control.mesh_tokens import KeyRing, new_key
+
+    first = new_key(signs_from=NOW)
+    ring = KeyRing((first,))
+    section = {"gateways": ["gateway"], "ttl": "60s", "keys": [{"forged": 1}]}
+    assert ring.section(section, "echo", NOW) == {"gateways": ["gateway"], "ttl": "60s",
+                                                  "keys": [dict(first.jwk)]}
+    assert ring.section(section, "gateway", NOW)["signing_key"] == {"kid": first.kid,
+                                                                     "pem": first.pem}
+    ring = ring.rotated(NOW + 100, publish_delay=10, token_life=65)
+    second = ring.keys[-1]
+    # published at once, signing 10 s later; the first key verifies until its last token ends
+    assert [k["kid"] for k in ring.section(section, "echo", NOW + 100)["keys"]] == [first.kid,
+                                                                                   second.kid]
+    assert ring.signer(NOW + 109.9).kid == first.kid  # type: ignore[union-attr]
+    assert ring.signer(NOW + 110) == second
+    assert ring.next_change(NOW + 100) == NOW + 110
+    assert ring.next_change(NOW + 110) == NOW + 175
+    assert [k.kid for k in ring.published(NOW + 174.9)] == [first.kid, second.kid]
+    assert [k.kid for k in ring.published(NOW + 175)] == [second.kid]
+    assert KeyRing.from_json(ring.to_json()) == ring
+    # what the control plane sends is what a sidecar accepts, and the pair matches
+    mesh = parse_mesh({"mesh_tokens": ring.section(section, "gateway", NOW + 110)})
+    assert mesh.mesh_tokens is not None and mesh.mesh_tokens.signing_key is not None
+    build_mesh_token_mint(mesh.mesh_tokens)
