@@ -19,6 +19,7 @@ import structlog
 
 from control.ca_service import CAService
 from control.config import AppliedConfig, ConfigService
+from control.mesh_tokens import MeshTokenKeys
 from control.registry import Registry
 from control.snapshots import build_subset, snapshot_version
 from control.stream import SessionKey, SidecarSession
@@ -41,13 +42,15 @@ class Built:
 class Pusher:
     def __init__(self, config: ConfigService, registry: Registry, ca: CAService,
                  sessions: Callable[[], Mapping[SessionKey, SidecarSession]],
-                 *, debounce: float = 0.02, max_delay: float = 0.2) -> None:
+                 *, debounce: float = 0.02, max_delay: float = 0.2,
+                 mesh_tokens: MeshTokenKeys | None = None) -> None:
         self.config = config
         self.registry = registry
         self.ca = ca
         self._sessions = sessions
         self.debounce = debounce
         self.max_delay = max_delay
+        self.mesh_tokens = mesh_tokens
         self._changed = asyncio.Event()
         self._applied: AppliedConfig | None = None
         self._cache: dict[str, Built] = {}
@@ -105,7 +108,7 @@ class Pusher:
         if cached is None:
             bundle = self.ca.bundle_pem()
             endpoints = self._endpoints if self._endpoints is not None else self.registry.endpoints()
-            mesh = build_subset(self._applied.mesh, service, endpoints)
+            mesh = build_subset(self._applied.mesh, service, endpoints, mesh_tokens=self.mesh_tokens)
             version = snapshot_version(self._applied.version, mesh, bundle)
             cached = Built(version, encode(Snapshot(version=version, mesh=mesh, bundle=bundle)),
                            self.ca.root_fingerprints())

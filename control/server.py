@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -32,8 +33,8 @@ from control.admin_api import AdminApi
 from control.ca_service import CAService, CsrRefused, check_csr_name
 from control.ca_state import AUTHORITY_KEY, ROTATION_KEY, decode_authority, load_store_key
 from control.config import CURRENT, ConfigService, load_applied
-from control.config import ConfigService
 from control.observability import Observability
+from control.mesh_tokens import MeshTokenKeys
 from control.push import Pusher
 from control.registry import PREFIX as REGISTRY_PREFIX
 from control.registry import Registry
@@ -98,8 +99,11 @@ class ControlPlane:
             StreamLimits(max_streams=options.max_streams, heartbeat_interval=options.heartbeat_interval,
                          send_timeout=options.send_timeout),
             self._session_opened)
+        self.mesh_tokens = MeshTokenKeys(store, on_change=lambda: self.pusher.mark_dirty(),
+                                         applied=self._mesh_tokens_section)
         self.pusher = Pusher(self.config, self.registry, ca, lambda: self.streams.sessions,
-                             debounce=options.debounce, max_delay=options.max_debounce)
+                             debounce=options.debounce, max_delay=options.max_debounce,
+                             mesh_tokens=self.mesh_tokens)
         self.admin_token = self._admin_token()
         # Observability: stats from the streams, SLOs, traces, /metrics, the dashboard.
         self.observability = Observability(config=self.config, streams=self.streams,
@@ -210,6 +214,10 @@ class ControlPlane:
             pem.write_atomic(path, secrets.token_urlsafe(32).encode() + b"\n", 0o600)
         return path.read_text().strip()
 
+    def _mesh_tokens_section(self) -> Any:
+        applied = self.pusher._applied
+        return None if applied is None else applied.mesh.get("mesh_tokens")
+
     def _endpoints_changed(self) -> None:
         self.pusher.mark_dirty()
 
@@ -263,6 +271,7 @@ class ControlPlane:
     async def start(self) -> dict[str, int]:
         await self.view.load()
         self.registry.adopt_all()
+        await self.mesh_tokens.load()
         listen_ctx = await asyncio.to_thread(self.ca.listen_context)
         sites = [("listen", self.listen_app(), self.options.listen, listen_ctx),
                  ("admin", self.admin_api.app(), self.options.admin, None)]
@@ -281,7 +290,8 @@ class ControlPlane:
                        asyncio.create_task(self._authority_loop()),
                        asyncio.create_task(self._expire_loop()),
                        asyncio.create_task(self._server_cert_loop()),
-                       asyncio.create_task(self.observability.run())]
+                       asyncio.create_task(self.observability.run()),
+                       asyncio.create_task(self.mesh_tokens.run())]
         log.info("serving", listen=f"{self.options.listen[0]}:{self.ports['listen']}",
                  store="etcd" if self.options.etcd else "directory",
                  admin=f"{self.options.admin[0]}:{self.ports['admin']}", ports=self.ports,

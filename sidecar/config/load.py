@@ -34,6 +34,7 @@ from .model import (
     WeightedTarget,
 )
 from .audit import parse_audit
+from .mesh_tokens import parse_mesh_tokens
 from .policy import MeshPolicy, parse_authn, parse_mesh_policy
 from .rate_limit import parse_rate_limit
 from .rbac import parse_rbac_policy
@@ -257,6 +258,7 @@ def parse_mesh(data: Any, *, source: str | None = None, version: str | None = No
     top = Fields(data, "", problems)
     trust_domain = top.str("trust_domain", "pake.local", pattern=TRUST_DOMAIN)
     policy = parse_mesh_policy(top)
+    mesh_tokens = parse_mesh_tokens(top, trust_domain)
     services: dict[str, ServiceConfig] = {}
     for name, node in top.items("services"):
         if not SERVICE_NAME.match(name):
@@ -270,7 +272,8 @@ def parse_mesh(data: Any, *, source: str | None = None, version: str | None = No
     if version is None:
         canonical = json.dumps(data, sort_keys=True, default=str).encode()
         version = hashlib.sha256(canonical).hexdigest()[:12]
-    return MeshConfig(trust_domain=trust_domain, services=services, policy=policy, version=version)
+    return MeshConfig(trust_domain=trust_domain, services=services, policy=policy, version=version,
+                      mesh_tokens=mesh_tokens)
 
 
 def _service(name: str, node: Fields, trust_domain: str, policy: MeshPolicy) -> ServiceConfig:

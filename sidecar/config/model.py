@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from .audit import AuditConfig
+from .mesh_tokens import MeshTokens
 from .policy import MeshPolicy, ServiceAuthn
 from .rate_limit import RateLimitConfig
 from .rbac import RbacPolicy
@@ -190,4 +191,5 @@ class MeshConfig:
     trust_domain: str
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     policy: MeshPolicy = MeshPolicy()  # JWT providers and API keys, shared by services
+    mesh_tokens: MeshTokens | None = None  # the end user's signed identity inside the mesh
     version: str = ""  # content hash, or the control plane's version
