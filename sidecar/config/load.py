@@ -37,6 +37,7 @@ from .audit import parse_audit
 from .policy import MeshPolicy, parse_authn, parse_mesh_policy
 from .rate_limit import parse_rate_limit
 from .rbac import parse_rbac_policy
+from .tracing import parse_tracing
 from .reader import ConfigError, Fields, Problems, convert, is_loopback_host, parse_address
 from .validation import parse_validation
 from .resilience import parse_fault, parse_retries, parse_service_resilience
@@ -85,6 +86,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     tls = top.optional("tls", lambda n: _tls(n, path.parent))
     log_level = top.str("log_level", "info", choices=("debug", "info", "warning", "error"))
     audit = parse_audit(top.sub("audit"))
+    tracing = top.optional("tracing", parse_tracing)
     top.done()
     if mode == "sidecar" and app is None and any(l.name == "inbound" for l in listeners):
         problems.add("app", "is required when an inbound listener is configured")
@@ -94,7 +96,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     return Bootstrap(
         source=path, service=service, mode=mode, app=app, listeners=tuple(listeners),
         mesh_path=mesh_path, limits=limits, timeouts=timeouts, access_log=access_log,
-        tls=tls, log_level=log_level, audit=audit,
+        tls=tls, log_level=log_level, audit=audit, tracing=tracing,
     )
 
 
@@ -134,8 +136,11 @@ def reloaded_bootstrap(running: Bootstrap, new: Bootstrap) -> tuple[Bootstrap, l
     if running.audit != new.audit:
         pending.append("audit: changed")
     differs("log_level", running.log_level, new.log_level)
+    if running.tracing != new.tracing:
+        pending.append("tracing: changed")
     kept = replace(new, service=running.service, mode=running.mode, listeners=running.listeners,
-                   tls=running.tls, audit=running.audit, log_level=running.log_level)
+                   tls=running.tls, audit=running.audit, log_level=running.log_level,
+                   tracing=running.tracing)
     return kept, pending
 
 

@@ -18,6 +18,7 @@ from .audit import AuditConfig
 from .policy import MeshPolicy, ServiceAuthn
 from .rate_limit import RateLimitConfig
 from .rbac import RbacPolicy
+from .tracing import TracingConfig
 from .validation import ValidationConfig
 from .resilience import FaultConfig, RetryConfig, ServiceResilience
 
@@ -116,6 +117,7 @@ class Bootstrap:
     tls: TlsFiles | None = None
     log_level: str = "info"
     audit: AuditConfig = AuditConfig()
+    tracing: TracingConfig | None = None  # spans to an OTLP collector; None: off, not imported
 
     def listener(self, name: str) -> ListenerConfig | None:
         for listener in self.listeners:
