@@ -187,16 +187,18 @@ class Tracer:
                 else head.remove_headers(b"traceparent")
         elif state:
             head.remove_headers(b"tracestate")  # a state without its trace means nothing
+        # one draw and one format for both ids (a zero id, which W3C forbids, has odds 2^-64)
+        bits = getrandbits(192)
+        ids = "%048x" % bits
+        span_id = ids[32:]
         if parent is not None:
             trace_id, parent_id, sampled = parent
         else:
-            bits = getrandbits(128) or 1
-            trace_id, parent_id = "%032x" % bits, None
-            sampled = (bits & _MASK64) < self.bound
-        trace = ExchangeTrace(self, ex.listener, trace_id, _new_span_id(), parent_id, sampled, scheme)
-        ex.trace = trace
+            trace_id, parent_id = ids[:32], None
+            sampled = ((bits >> 64) & _MASK64) < self.bound  # the trace id's low 64 bits
+        ex.trace = ExchangeTrace(self, ex.listener, trace_id, span_id, parent_id, sampled, scheme)
         ex.trace_id = trace_id
-        ex.span_id = trace.span_id
+        ex.span_id = span_id
 
     def export(self, spans: list[ReadableSpan]) -> None:
         """Queue finished spans for the export thread; a full queue drops them (counted)."""
