@@ -107,8 +107,8 @@ def reloaded_bootstrap(running: Bootstrap, new: Bootstrap) -> tuple[Bootstrap, l
     Applied live: limits and downstream timeouts (listeners read them per connection and
     per deadline), ``app`` (the local-app cluster), ``mesh`` (the file read on reload) and
     the access log. Bound at start-up, kept from ``running``: the identity (``service``,
-    ``mode``), the listeners (a bound socket, its TLS), the mesh TLS files, the audit sink
-    and the log level (structlog binds it into each logger on first use).
+    ``mode``), the listeners (a bound socket, its TLS), the mesh TLS files, the audit sink,
+    the tracer and the log level (structlog binds it into each logger on first use).
     """
     pending: list[str] = []
 
