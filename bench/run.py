@@ -155,6 +155,19 @@ def _start_haproxy(ctx: Ctx, hops: int, mtls: bool = False) -> Started:
     return Started(port, proxies, checks)
 
 
+def _start_traced_sidecar(ctx: Ctx, sample: str) -> Started:
+    """One sidecar hop (as ``sidecar-1``) with tracing on at ``sample``, exporting to a local
+    OTLP sink: what tracing costs, compared with ``sidecar-1`` (issue 10: 1% under 5%)."""
+    if "otlp" not in ctx.shared:
+        proc = ctx.procs.start("otlp-sink", [sys.executable, "-m", "bench.otlp_sink"], cwd=REPO)
+        port = proc.wait_for_stdout(lambda line: int(line.split()[1]) if line.startswith("PORT ") else None, 15)
+        ctx.shared["otlp"] = f"http://127.0.0.1:{port}"
+    files = sidecars.plain_files(inbound_app_port=ctx.upstream_port, name=f"sidecar-trace-{sample[:-1]}")
+    files.bootstrap["tracing"] = {"endpoint": ctx.shared["otlp"], "sample": sample}
+    b, ports = _sidecar(ctx, files, f"sidecar (inbound, tracing {sample})")
+    return Started(ports["inbound"], [b])
+
+
 def _needs_haproxy() -> str | None:
     return None if haproxy.available() else "haproxy is not installed"
 
@@ -163,6 +176,10 @@ PATHS: list[PathSpec] = [
     PathSpec("direct", "direct", "direct", 0, _start_direct),
     PathSpec("sidecar-1", "one sidecar hop", "sidecar", 1, _start_one_sidecar),
     PathSpec("sidecar-2", "two-sidecar path", "sidecar", 2, _start_two_sidecars),
+    PathSpec("sidecar-1-trace-1", "one sidecar hop, tracing 1%", "sidecar", 1,
+             lambda c: _start_traced_sidecar(c, "1%")),
+    PathSpec("sidecar-1-trace-100", "one sidecar hop, tracing 100%", "sidecar", 1,
+             lambda c: _start_traced_sidecar(c, "100%")),
     PathSpec("haproxy-1", "HAProxy one hop", "haproxy", 1, lambda c: _start_haproxy(c, 1), _needs_haproxy),
     PathSpec("haproxy-2", "HAProxy two hops", "haproxy", 2, lambda c: _start_haproxy(c, 2), _needs_haproxy),
 ]

@@ -101,6 +101,10 @@ class Sidecar:
         self._contexts: list[ListenerContext] = []
         self._pipelines: list[Pipeline] = []
         self.admin: AdminServer | None = None
+        self.tracer = None  # spans to a collector: imported only when configured
+        if bootstrap.tracing is not None:
+            from .observability.tracing import Tracer
+            self.tracer = Tracer(bootstrap.tracing, bootstrap.service, registry=self.metrics.registry)
         self.access_log = (AccessLog(logs.channel("access", bootstrap.access_log.path))
                            if bootstrap.access_log.enabled else None)
         self._access_log_config = bootstrap.access_log
@@ -204,7 +208,8 @@ class Sidecar:
                 continue
             scheme = b"https" if lc.tls or lc.server_tls is not None else b"http"
             pipeline = Pipeline(service=b.service, metrics=self.metrics,
-                                access_log=self.access_log, loop=self.loop, scheme=scheme)
+                                access_log=self.access_log, loop=self.loop, scheme=scheme,
+                                tracer=self.tracer)
             ctx = ListenerContext(
                 name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
                 state=self.state, start=pipeline.start, abort=pipeline.abort, refuse=pipeline.refuse,
@@ -303,6 +308,8 @@ class Sidecar:
         for conn in list(self.state.connections):
             conn.abort()
         await self.clusters.close()
+        if self.tracer is not None:
+            await self.tracer.close()  # what is queued, bounded: a dead collector holds nothing
         for cache in self.jwks.values():
             await cache.stop()
         if self.admin is not None:

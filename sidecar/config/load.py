@@ -39,6 +39,7 @@ from .policy import MeshPolicy, parse_authn, parse_mesh_policy
 from .rate_limit import parse_rate_limit
 from .rbac import parse_rbac_policy
 from .slo import parse_slo
+from .tracing import parse_tracing
 from .reader import ConfigError, Fields, Problems, convert, is_loopback_host, parse_address
 from .validation import parse_validation
 from .resilience import parse_fault, parse_retries, parse_service_resilience
@@ -87,6 +88,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     tls = top.optional("tls", lambda n: _tls(n, path.parent))
     log_level = top.str("log_level", "info", choices=("debug", "info", "warning", "error"))
     audit = parse_audit(top.sub("audit"))
+    tracing = top.optional("tracing", parse_tracing)
     top.done()
     if mode == "sidecar" and app is None and any(l.name == "inbound" for l in listeners):
         problems.add("app", "is required when an inbound listener is configured")
@@ -96,7 +98,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     return Bootstrap(
         source=path, service=service, mode=mode, app=app, listeners=tuple(listeners),
         mesh_path=mesh_path, limits=limits, timeouts=timeouts, access_log=access_log,
-        tls=tls, log_level=log_level, audit=audit,
+        tls=tls, log_level=log_level, audit=audit, tracing=tracing,
     )
 
 
@@ -107,8 +109,8 @@ def reloaded_bootstrap(running: Bootstrap, new: Bootstrap) -> tuple[Bootstrap, l
     Applied live: limits and downstream timeouts (listeners read them per connection and
     per deadline), ``app`` (the local-app cluster), ``mesh`` (the file read on reload) and
     the access log. Bound at start-up, kept from ``running``: the identity (``service``,
-    ``mode``), the listeners (a bound socket, its TLS), the mesh TLS files, the audit sink
-    and the log level (structlog binds it into each logger on first use).
+    ``mode``), the listeners (a bound socket, its TLS), the mesh TLS files, the audit sink,
+    the tracer and the log level (structlog binds it into each logger on first use).
     """
     pending: list[str] = []
 
@@ -136,8 +138,11 @@ def reloaded_bootstrap(running: Bootstrap, new: Bootstrap) -> tuple[Bootstrap, l
     if running.audit != new.audit:
         pending.append("audit: changed")
     differs("log_level", running.log_level, new.log_level)
+    if running.tracing != new.tracing:
+        pending.append("tracing: changed")
     kept = replace(new, service=running.service, mode=running.mode, listeners=running.listeners,
-                   tls=running.tls, audit=running.audit, log_level=running.log_level)
+                   tls=running.tls, audit=running.audit, log_level=running.log_level,
+                   tracing=running.tracing)
     return kept, pending
 
 

@@ -19,6 +19,7 @@ from .mesh_tokens import MeshTokens
 from .policy import MeshPolicy, ServiceAuthn
 from .rate_limit import RateLimitConfig
 from .rbac import RbacPolicy
+from .tracing import TracingConfig
 from .validation import ValidationConfig
 from .resilience import FaultConfig, RetryConfig, ServiceResilience
 
@@ -117,6 +118,7 @@ class Bootstrap:
     tls: TlsFiles | None = None
     log_level: str = "info"
     audit: AuditConfig = AuditConfig()
+    tracing: TracingConfig | None = None  # spans to an OTLP collector; None: off, not imported
 
     def listener(self, name: str) -> ListenerConfig | None:
         for listener in self.listeners:

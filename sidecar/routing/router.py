@@ -164,6 +164,8 @@ class Router:
         pool = cluster.pools[endpoint.address]
         stream.pool = pool
         ex.upstream = pool.address_text
+        if ex.trace is not None:  # tracing: a CLIENT span per try
+            ex.trace.try_start(ex)
         per_try = stream.policy.config.per_try_timeout  # type: ignore[attr-defined]
         if per_try is not None:
             stream.conn.try_deadline.set_in(per_try)
@@ -199,7 +201,8 @@ class Router:
             return
         stream.reused = reused
         conn.start(stream, stream.head.method == "HEAD")
-        stream.attach(conn, stream.head_bytes + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
+        trace = b"" if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
+        stream.attach(conn, stream.head_bytes + trace + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
                       again=stream.head_sent)
         stream.head_sent = True
 
@@ -223,6 +226,8 @@ class Router:
             return False
         stream.admission = None
         stream.endpoint = None
+        if stream.exchange.trace is not None:  # tracing: the try's span ends
+            stream.exchange.trace.try_end(stream.exchange, outcome)
         endpoint.active_requests -= 1
         cluster: Cluster = stream.cluster  # type: ignore[assignment]
         now = self.loop.time()
@@ -264,6 +269,8 @@ class Router:
     def on_response_head(self, stream: Stream, head: ResponseHead) -> bool:
         """Forward this response (True), or drop it and retry (False)?"""
         status = head.status
+        if stream.exchange.trace is not None:  # tracing: the try's status
+            stream.exchange.trace.try_response(status)
         outcome = stream.outcome = outcome_of_status(status)
         if outcome is Outcome.SUCCESS:
             return True
