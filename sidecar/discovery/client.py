@@ -150,6 +150,9 @@ class ControlClient:
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed,
                     ProtocolError) as exc:
                 self.last_error = f"{_show(address)}: {type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug must not end the client: the data plane needs changes
+                log.exception("control_client_error", address=_show(address))
+                self.last_error = f"{_show(address)}: {type(exc).__name__}: {exc}"
             finally:
                 if self.connected_to is not None:
                     log.warning("control_disconnected", address=self.connected_to, error=self.last_error)
@@ -268,6 +271,9 @@ class ControlClient:
             return self._nack(version, "; ".join(exc.problems))
         except pem.PemError as exc:
             return self._nack(version, f"bundle: {exc.problem}")
+        except Exception as exc:  # not the config's fault as far as we know, but it is not in force
+            log.exception("snapshot_failed", version=version)
+            return self._nack(version, f"the sidecar failed to apply it: {type(exc).__name__}: {exc}")
         if message.bundle is not None and message.bundle.encode() != self.source.held.bundle:
             await asyncio.to_thread(self.source.update_bundle, message.bundle.encode())
             await asyncio.to_thread(self.state.save_bundle, message.bundle.encode())
