@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -29,8 +30,11 @@ import yaml
 
 from certs import pem
 from certs.describe import describe_certificate
+from certs.memory_source import PemMaterial
+from sidecar.discovery.state import HeldSnapshot, StateDir
 
 from tests.helpers.control_process import ControlProcess
+from tests.helpers.pki import make_test_pki
 from tests.helpers.sidecar_process import JoinedSidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
 
@@ -58,9 +62,9 @@ async def admin(sc: JoinedSidecarProcess, path: str) -> tuple[int, dict[str, Any
         return r.status, await r.json()
 
 
-def orders_sidecar(tmp_path: Path, cp: ControlProcess, token: str | None, app: str,
+def orders_sidecar(tmp_path: Path, addresses: list[str], token: str | None, app: str,
                    inbound: str = "127.0.0.1:0") -> JoinedSidecarProcess:
-    return JoinedSidecarProcess(tmp_path, service="orders", addresses=[cp.listen], token=token,
+    return JoinedSidecarProcess(tmp_path, service="orders", addresses=addresses, token=token,
                                 app=app, listeners={"inbound": {"address": inbound, "tls": True},
                                                     "admin": "127.0.0.1:0"})
 
@@ -124,7 +128,15 @@ async def test_joined_sidecars_through_the_whole_lifecycle(tmp_path: Path) -> No
     orders = frontend = None
     try:
         async with RecordingUpstream() as app:
-            orders = await orders_sidecar(tmp_path, cp, await cp.token("orders"), app.address).start()
+            # orders knows two control-plane addresses, the first of which refuses connections
+            # (a bound socket that never listens): it fails over to the second, for the join
+            # and for the stream.
+            with socket.socket() as dead:
+                dead.bind(("127.0.0.1", 0))
+                addresses = [f"127.0.0.1:{dead.getsockname()[1]}", cp.listen]
+                orders = await orders_sidecar(tmp_path, addresses, await cp.token("orders"), app.address).start()
+                await orders.wait_for_event("control_connected")
+            assert orders.events("join_failed") and orders.events("control_reconnecting")
             frontend = await frontend_sidecar(tmp_path, cp, await cp.token("frontend")).start()
             # Joined, holding a certificate, but no config yet: not ready.
             code, ready = await admin(orders, "/readyz")
@@ -218,3 +230,45 @@ async def test_joined_sidecars_through_the_whole_lifecycle(tmp_path: Path) -> No
                 await sc.stop()
         if cp.proc is not None and cp.proc.returncode is None:
             await cp.stop()
+
+
+def sidecar_check(config: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(_ROOT)}
+    return subprocess.run([sys.executable, "-m", "sidecar", "check", "-c", str(config)], cwd=_ROOT,
+                          env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_check_reads_the_token_until_joined_then_only_the_state_dir(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(yaml.safe_dump({
+        "service": "orders", "app": "127.0.0.1:8080",
+        "listeners": {"inbound": {"address": "127.0.0.1:0", "tls": True}, "admin": "127.0.0.1:0"},
+        "control": {"addresses": ["127.0.0.1:15010"], "token_file": "join.token", "state_dir": "state"}}))
+    token = tmp_path / "join.token"
+    token.write_text(f"pake1.{'a1' * 8}.{'s' * 40}.{'f0' * 32}\n")
+    result = sidecar_check(config)
+    assert result.returncode == 0, result.stderr
+    assert f"not joined yet, join token {'a1' * 8}" in result.stdout
+
+    token.write_text("not-a-token\n")
+    result = sidecar_check(config)
+    assert result.returncode == 2 and result.stderr.startswith(f"pake-sidecar: {token}: join token: not a PAKE")
+
+    # Joined: identity and last snapshot in the state dir; the token is never read again.
+    token.unlink()
+    state = StateDir(tmp_path / "state")
+    state.prepare()
+    issued = make_test_pki(tmp_path / "pki", services=()).issue("orders", out_dir=tmp_path / "issued")
+    state.save_identity(PemMaterial(issued.cert.read_bytes(), issued.key.read_bytes(), issued.bundle.read_bytes()))
+    state.save_snapshot(HeldSnapshot("3.abc", {"services": {"orders": {"timeouts": {"route": "soon"}}}},
+                                     None, "127.0.0.1:15010", "2025-01-01T00:00:00Z"))
+    result = sidecar_check(config)
+    assert result.returncode == 2
+    assert result.stderr == (f"pake-sidecar: {state.snapshot_path}: services.orders.timeouts.route: "
+                             "must be a duration like 500ms or 1h30m, got 'soon'\n")
+    state.save_snapshot(HeldSnapshot("3.abc", {"services": {"orders": {}}}, None, "127.0.0.1:15010",
+                                     "2025-01-01T00:00:00Z"))
+    result = sidecar_check(config)
+    assert result.returncode == 0, result.stderr
+    assert "joined as spiffe://pake.local/service/orders until" in result.stdout
+    assert "snapshot version 3.abc, 1 services" in result.stdout
