@@ -170,6 +170,10 @@ class JoinedSidecarProcess(SidecarProcess):
     def state_dir(self) -> Path:
         return self.dir / "state"
 
+    async def start(self) -> JoinedSidecarProcess:
+        await super().start()
+        return self
+
     def write_config(self, *, bootstrap: dict[str, Any] | None = None, mesh: dict[str, Any] | str | None = None) -> None:
         super().write_config(bootstrap=bootstrap, mesh=mesh)
         if self.token is not None:

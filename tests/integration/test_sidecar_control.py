@@ -125,7 +125,8 @@ async def get_orders(sc: JoinedSidecarProcess) -> int:
 async def test_joined_sidecars_through_the_whole_lifecycle(tmp_path: Path) -> None:
     state = tmp_path / "control"
     cp = await ControlProcess(state).start()
-    orders = frontend = None
+    orders: JoinedSidecarProcess | None = None
+    frontend: JoinedSidecarProcess | None = None
     try:
         async with RecordingUpstream() as app:
             # orders knows two control-plane addresses, the first of which refuses connections
@@ -225,9 +226,9 @@ async def test_joined_sidecars_through_the_whole_lifecycle(tmp_path: Path) -> No
             assert config["tls"]["not_after"] == describe_certificate(held, datetime.now(UTC))["not_after"]
             print(f"requests: {load.ok} ok, 0 failed, through rotation, renewal and rollback")
     finally:
-        for sc in (orders, frontend):
-            if sc is not None:
-                await sc.stop()
+        for joined in (orders, frontend):
+            if joined is not None:
+                await joined.stop()
         if cp.proc is not None and cp.proc.returncode is None:
             await cp.stop()
 
