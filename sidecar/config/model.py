@@ -27,6 +27,7 @@ __all__ = [
     "AccessLogConfig",
     "Address",
     "Bootstrap",
+    "ControlConfig",
     "DownstreamTimeouts",
     "Limits",
     "ListenerConfig",
@@ -99,6 +100,24 @@ class TlsFiles:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """``control:``: the mesh config and the certificates come from the control plane.
+
+    The token is read only until the sidecar has joined: afterwards the state directory holds
+    its key, certificate, bundle and last good snapshot, and a restart (control plane up or
+    down) needs nothing else. Several addresses are replicas: the client fails over.
+    """
+
+    addresses: tuple[Address, ...]
+    state_dir: Path
+    token_file: Path | None = None
+    node: str | None = None  # the node id in `pakectl status`; default: made once, kept in state_dir
+    connect_timeout: float = 5.0  # TCP + TLS + WebSocket handshake, and each join request
+    hello_timeout: float = 10.0  # from the hello to the first message of the control plane
+    reconnect_max: float = 5.0  # the cap of the jittered exponential reconnect backoff
+
+
+@dataclass(frozen=True, slots=True)
 class AccessLogConfig:
     enabled: bool = True
     path: str = "stdout"  # or a file path
@@ -119,6 +138,7 @@ class Bootstrap:
     log_level: str = "info"
     audit: AuditConfig = AuditConfig()
     tracing: TracingConfig | None = None  # spans to an OTLP collector; None: off, not imported
+    control: ControlConfig | None = None  # exclusive with mesh_path's file and tls
 
     def listener(self, name: str) -> ListenerConfig | None:
         for listener in self.listeners:
