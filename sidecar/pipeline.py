@@ -41,7 +41,7 @@ class Pipeline:
 
     def start(self, stream: Stream) -> None:
         ex = stream.exchange
-        snap: Snapshot = stream.snapshot  # type: ignore[assignment]
+        snap = stream.snapshot
         try:
             service = self._route(stream, snap)
             chain = snap.filters.get(ex.listener)
@@ -122,13 +122,13 @@ class Pipeline:
         if stream.finished:
             return
         stream.finished = True
-        snap: Snapshot = stream.snapshot  # type: ignore[assignment]
-        snap.clusters.release()  # held since the head was parsed (Sidecar.hold_snapshot)
+        stream.snapshot.clusters.release()  # held since the head was parsed (Sidecar.hold_snapshot)
         conn = stream.conn
         if reply is not None and not conn.closed:
             stream.send_local_reply(reply, self.service)
         ex = stream.exchange
-        if stream.retries_exhausted:
+        tries = stream.tries
+        if tries is not None and tries.retries_exhausted:
             ex.flags = "URX" if ex.flags == "-" else ex.flags + ",URX"
         duration = time.monotonic() - ex.start
         route = ex.route.name if ex.route is not None else "-"
