@@ -191,8 +191,7 @@ def decode(data: str | bytes) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError(f"message must be a JSON object, got {_show(body)}")
     kind = body.get("type")
-    cls = _TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    if not isinstance(kind, str) or (cls := _TYPES.get(kind)) is None:
         raise ProtocolError(f"type: unknown message type {_show(kind)}")
     values: dict[str, Any] = {}
     for f in fields(cls):
@@ -208,7 +207,7 @@ def _required(f: Any) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+_FIELD_TYPES: dict[str, tuple[type[Any], ...]] = {  # (type[Any]: isinstance keeps a value Any)
     "str": (str,),
     "str | None": (str, type(None)),
     "bool": (bool,),
