@@ -24,7 +24,7 @@ from sidecar.config.load import parse_mesh
 from sidecar.listener.connection import DownstreamConnection, ListenerContext, ServerState
 from sidecar.observability.metrics import Metrics
 from sidecar.pipeline import Pipeline
-from sidecar.snapshot import build_snapshot
+from sidecar.snapshot import Snapshot, build_snapshot
 from sidecar.upstream.cluster_manager import ClusterManager
 from sidecar.upstream.upstream_connection import UpstreamConnection
 
@@ -81,7 +81,7 @@ async def run(profile: str, requests: int, do_profile: bool) -> float:
     snapshot = build_snapshot(bootstrap, mesh, clusters=cluster_set)
     pipeline = Pipeline(service="up", metrics=Metrics(), access_log=None, loop=loop)
 
-    def hold() -> object:  # as Sidecar.hold_snapshot: the exchange holds its clusters
+    def hold() -> Snapshot:  # as Sidecar.hold_snapshot: the exchange holds its clusters
         cluster_set.hold()
         return snapshot
 

@@ -200,7 +200,7 @@ def decode(data: str | bytes) -> Message:
                 raise ProtocolError(f"{kind}.{f.name}: is required")
             continue
         values[f.name] = _check(kind, f.name, f.type, body[f.name])
-    return cls(**values)  # type: ignore[no-any-return]
+    return cls(**values)  # type: ignore[no-any-return]  # (_TYPES holds only Message classes)
 
 
 def _required(f: Any) -> bool:
