@@ -20,9 +20,10 @@ snapshot keeps serving.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -44,26 +45,45 @@ from .audit import build_audit_log
 from .clock import MonotonicClock
 from .filters.chain import build_chains
 from .observability.state_metrics import StateCollector
+from .discovery.origin import ConfigOrigin, now_iso
 from .snapshot import Snapshot, compile_snapshot
 from .upstream.cluster_manager import ClusterManager, retire_later
 
 if TYPE_CHECKING:
     import ssl
 
+    from .discovery.client import ControlClient
+
     from .jwt.jwks import JwksCache
     from certs.ssl_context import TlsContextSource
 
+    from .discovery.state import StateDir
     from .tls import ServerTls, SidecarTls
 
-__all__ = ["Sidecar"]
+__all__ = ["ControlSetup", "Sidecar"]
 
 log = structlog.get_logger("pake.sidecar")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlSetup:
+    """A joined sidecar's control-plane side: its state directory and node id (made by
+    ``__main__`` before the loop serves, since the identity must be held first)."""
+
+    state: StateDir
+    node: str
+
+
+def _connections(ctx: ListenerContext) -> float:
+    """The gauge of a listener's open connections, read when /metrics is rendered."""
+    return ctx.connections
 
 
 class Sidecar:
     def __init__(self, bootstrap: Bootstrap, mesh: MeshConfig, *,
                  tls_source: TlsContextSource | None = None,
-                 server_tls: ServerTls | None = None, logs: LogOutputs) -> None:
+                 server_tls: ServerTls | None = None, logs: LogOutputs,
+                 origin: ConfigOrigin | None = None, control: ControlSetup | None = None) -> None:
         self.bootstrap = bootstrap  # in force: a reload changes only what applies live
         self._boot = bootstrap  # what the process started with (listeners, identity, TLS)
         self.restart_required: tuple[str, ...] = ()  # sidecar.yaml changes waiting for a restart
@@ -72,7 +92,15 @@ class Sidecar:
         self.state = ServerState()
         self.metrics = Metrics()
         self.metrics.watch_log_drops(logs.dropped)
-        self.tls = self._tls(mesh, tls_source) if bootstrap.tls is not None else None
+        # Where the config in force came from; None: a joined sidecar that holds no config yet.
+        self.origin = origin if origin is not None or control is not None else ConfigOrigin(
+            "file", str(bootstrap.mesh_path), now_iso())
+        self._control_setup = control
+        self.control: ControlClient | None = None
+        if bootstrap.control is not None and tls_source is None:
+            raise ValueError("a sidecar under a control plane needs the TLS source of its identity")
+        self.tls = (self._tls(mesh, tls_source)
+                    if bootstrap.tls is not None or bootstrap.control is not None else None)
         # The gateway listener's certificate for outside clients (server-only TLS).
         gateway = bootstrap.listener("gateway")
         if server_tls is None and gateway is not None and gateway.server_tls is not None:
@@ -101,22 +129,31 @@ class Sidecar:
         self._contexts: list[ListenerContext] = []
         self._pipelines: list[Pipeline] = []
         self.admin: AdminServer | None = None
+        self.tracer = None  # spans to a collector: imported only when configured
+        if bootstrap.tracing is not None:
+            from .observability.tracing import Tracer
+            self.tracer = Tracer(bootstrap.tracing, bootstrap.service, registry=self.metrics.registry)
         self.access_log = (AccessLog(logs.channel("access", bootstrap.access_log.path))
                            if bootstrap.access_log.enabled else None)
         self._access_log_config = bootstrap.access_log
         self.stopping = asyncio.Event()
 
     # === apply: the one way a config comes into force =========================================
-    async def apply(self, mesh: MeshConfig, bootstrap: Bootstrap | None = None) -> None:
+    async def apply(self, mesh: MeshConfig, bootstrap: Bootstrap | None = None, *,
+                    origin: ConfigOrigin | None = None) -> None:
         """Make ``mesh`` the running config (and ``bootstrap``, as ``reloaded_bootstrap`` trimmed
         it, when a reload read one). Raises ``ConfigError`` (a schema file, a key file) before
         anything changes: the old snapshot keeps serving. Exchanges already parsed finish
-        under the snapshot they hold."""
+        under the snapshot they hold. ``origin``: where it came from (default: the mesh file)."""
         async with self._applying:
             bootstrap = bootstrap or self.bootstrap
             # compiling reads files (JSON schemas) and costs CPU: a worker thread does it
             snapshot, caches = await asyncio.to_thread(self._compile, bootstrap, mesh)
             self._swap(mesh, snapshot, caches, bootstrap)
+            if origin is not None:
+                self.origin = origin
+            elif self._boot.control is None:
+                self.origin = ConfigOrigin("file", str(bootstrap.mesh_path), now_iso())
 
     def _compile(self, bootstrap: Bootstrap, mesh: MeshConfig) -> tuple[Snapshot, dict[str, JwksCache]]:
         """Everything of a snapshot but its clusters; touches nothing live, so it may run in a
@@ -188,10 +225,11 @@ class Sidecar:
     def _tls(self, mesh: MeshConfig, source: TlsContextSource | None) -> SidecarTls:
         from .tls import SidecarTls, load_source  # pulls in cryptography: only when configured
 
-        assert self.bootstrap.tls is not None
+        resume = self.bootstrap.tls.resume_upstream_sessions if self.bootstrap.tls else False
         return SidecarTls(source or load_source(self.bootstrap, mesh), mesh.trust_domain,
                           self.bootstrap.service, self.metrics.registry,
-                          resume_upstream_sessions=self.bootstrap.tls.resume_upstream_sessions)
+                          resume_upstream_sessions=resume,
+                          watch=self.bootstrap.control is None)  # joined: the control client updates it
 
     # === start ==============================================================================
     async def start(self) -> None:
@@ -204,7 +242,8 @@ class Sidecar:
                 continue
             scheme = b"https" if lc.tls or lc.server_tls is not None else b"http"
             pipeline = Pipeline(service=b.service, metrics=self.metrics,
-                                access_log=self.access_log, loop=self.loop, scheme=scheme)
+                                access_log=self.access_log, loop=self.loop, scheme=scheme,
+                                tracer=self.tracer)
             ctx = ListenerContext(
                 name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
                 state=self.state, start=pipeline.start, abort=pipeline.abort, refuse=pipeline.refuse,
@@ -217,7 +256,7 @@ class Sidecar:
                                 on_refused=self.metrics.connections_refused.labels(lc.name).inc)
             await listener.start()
             self.listeners[lc.name] = listener
-            self.metrics.active_connections.labels(lc.name).set_function(lambda c=ctx: c.connections)
+            self.metrics.active_connections.labels(lc.name).set_function(functools.partial(_connections, ctx))
         admin = b.listener("admin")
         if admin is not None:
             self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes(),
@@ -228,7 +267,38 @@ class Sidecar:
             self.tls.start()
         if self.server_tls is not None:
             self.server_tls.start()
-        log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports())
+        log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports(),
+                 config=self.origin.info() if self.origin else None)
+        if self._control_setup is not None:
+            self.control = self._control_client(self._control_setup)
+            self.control.start()
+
+    def _control_client(self, setup: ControlSetup) -> ControlClient:
+        from certs.memory_source import MemoryTlsSource
+
+        from .discovery.client import ControlClient, SidecarHooks  # only when joined
+
+        assert self.bootstrap.control is not None and self.tls is not None
+        source = self.tls.source
+        if not isinstance(source, MemoryTlsSource):
+            raise TypeError("a joined sidecar's identity is a MemoryTlsSource")
+
+        async def apply(mesh: MeshConfig, origin: ConfigOrigin) -> None:
+            await self.apply(mesh, origin=origin)
+            log.info("config_applied", version=mesh.version, origin=origin.info())
+
+        def version() -> str | None:
+            return self.snapshot.version if self.origin is not None else None
+
+        def inbound() -> tuple[str, int] | None:
+            listener = self.listeners.get("inbound")
+            return (listener.config.address[0], listener.port) if listener is not None else None
+
+        hooks = SidecarHooks(apply=apply, version=version,
+                             app_healthy=lambda: self.clusters.app_healthy() is not False,
+                             inbound=inbound, identity_changed=self.tls.identity_changed)
+        return ControlClient(self.bootstrap.control, service=self.bootstrap.service,
+                             node=setup.node, state=setup.state, source=source, hooks=hooks)
 
     def _server_context(self, lc: ListenerConfig) -> ssl.SSLContext | None:
         """The listener's TLS: the gateway's server certificate, mesh mTLS, or none."""
@@ -258,9 +328,11 @@ class Sidecar:
         async with self._reloading:
             try:
                 read = await asyncio.to_thread(load_bootstrap, self.bootstrap.source)
-                mesh = await asyncio.to_thread(load_mesh, read.mesh_path)
                 bootstrap, pending = reloaded_bootstrap(self._boot, read)
-                await self.apply(mesh, bootstrap)
+                # joined: the mesh config is the control plane's, only sidecar.yaml is re-read
+                mesh = (self.snapshot.mesh if self._boot.control is not None
+                        else await asyncio.to_thread(load_mesh, read.mesh_path))
+                await self.apply(mesh, bootstrap, origin=self.origin if self._boot.control else None)
             except ConfigError as exc:
                 log.error("reload_rejected", problems=exc.problems, source=exc.source,
                           keeping=self.snapshot.version)
@@ -288,6 +360,8 @@ class Sidecar:
     # === drain ==============================================================================
     async def drain(self) -> None:
         self.state.draining = True
+        if self.control is not None:
+            await self.control.stop()
         for listener in self.listeners.values():
             listener.stop_accepting()
         for conn in list(self.state.connections):
@@ -303,6 +377,8 @@ class Sidecar:
         for conn in list(self.state.connections):
             conn.abort()
         await self.clusters.close()
+        if self.tracer is not None:
+            await self.tracer.close()  # what is queued, bounded: a dead collector holds nothing
         for cache in self.jwks.values():
             await cache.stop()
         if self.admin is not None:
@@ -333,11 +409,15 @@ class Sidecar:
 
         def readyz() -> AdminResponse:
             # not ready while draining, or while the local app fails its health check
+            # ... nor before it holds a config and (under a control plane) a certificate
             app_healthy = self.clusters.app_healthy()
-            ready = not self.state.draining and app_healthy is not False
+            has_config = self.origin is not None
+            has_certificate = self.tls is not None or self._boot.control is None
+            ready = not self.state.draining and app_healthy is not False and has_config and has_certificate
             return json_response(200 if ready else 503, {
                 "ready": ready, "draining": self.state.draining, "app_healthy": app_healthy,
-                "service": self.bootstrap.service, "version": self.snapshot.version,
+                "config": has_config, "certificate": has_certificate,
+                "service": self.bootstrap.service, "version": self.snapshot.version if has_config else None,
                 "ports": self.ports()})
 
         def metrics() -> AdminResponse:
@@ -346,7 +426,9 @@ class Sidecar:
         def config() -> AdminResponse:
             return json_response(200, {"bootstrap": redact(self.bootstrap),
                                        "mesh": redact(self.snapshot.mesh),
-                                       "version": self.snapshot.version,
+                                       "version": self.snapshot.version if self.origin else None,
+                                       "origin": self.origin.info() if self.origin else None,
+                                       "control": self.control.info() if self.control else None,
                                        "restart_required": list(self.restart_required),
                                        "tls": self.tls.info() if self.tls else None,
                                        "server_tls": self.server_tls.info() if self.server_tls else None})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -25,6 +26,9 @@ from .routing.route_table import RouteTable
 from .routing.router import Router
 from .snapshot import Snapshot
 
+if TYPE_CHECKING:
+    from .observability.tracing import Tracer
+
 __all__ = ["Pipeline"]
 
 log = structlog.get_logger("pake.pipeline")
@@ -33,14 +37,18 @@ log = structlog.get_logger("pake.pipeline")
 class Pipeline:
     def __init__(self, *, service: str, metrics: Metrics,
                  access_log: AccessLog | None, loop: asyncio.AbstractEventLoop,
-                 scheme: bytes = b"http") -> None:
+                 scheme: bytes = b"http", tracer: Tracer | None = None) -> None:
         self.service = service
+        self.tracer = tracer  # None: tracing is off (and not imported)
+        self.scheme = scheme
         self.metrics = metrics
         self.access_log = access_log  # replaced by a reload that changes the access log
         self.router = Router(loop, self.finish, scheme=scheme)
 
     def start(self, stream: Stream) -> None:
         ex = stream.exchange
+        if self.tracer is not None:  # tracing: before any filter logs the exchange
+            self.tracer.start(ex, self.scheme)
         snap = stream.snapshot
         try:
             service = self._route(stream, snap)
@@ -130,6 +138,8 @@ class Pipeline:
         tries = stream.tries
         if tries is not None and tries.retries_exhausted:
             ex.flags = "URX" if ex.flags == "-" else ex.flags + ",URX"
+        if ex.trace is not None:  # tracing: the exchange's spans are complete
+            ex.trace.finish(ex)
         duration = time.monotonic() - ex.start
         route = ex.route.name if ex.route is not None else "-"
         self.metrics.exchange_done(ex.listener, route, ex.cluster, ex.status, ex.flags, duration)

@@ -176,6 +176,8 @@ class Router(Generic[S]):
         pool = cluster.pools[endpoint.address]
         tries.pool = pool
         ex.upstream = pool.address_text
+        if ex.trace is not None:  # tracing: a CLIENT span per try
+            ex.trace.try_start(ex)
         per_try = tries.policy.config.per_try_timeout
         if per_try is not None:
             stream.conn.try_deadline.set_in(per_try)
@@ -212,7 +214,8 @@ class Router(Generic[S]):
             return
         tries.reused = reused
         conn.start(stream, stream.head.method == "HEAD")
-        stream.attach(conn, tries.head_bytes + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
+        trace = b"" if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
+        stream.attach(conn, tries.head_bytes + trace + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
                       again=tries.head_sent)
         tries.head_sent = True
 
@@ -240,6 +243,8 @@ class Router(Generic[S]):
             return False
         tries.admission = None
         tries.endpoint = None
+        if stream.exchange.trace is not None:  # tracing: the try's span ends
+            stream.exchange.trace.try_end(stream.exchange, outcome)
         endpoint.active_requests -= 1
         cluster = tries.cluster
         now = self.loop.time()
@@ -282,6 +287,8 @@ class Router(Generic[S]):
     def on_response_head(self, stream: S, head: ResponseHead) -> bool:
         """Forward this response (True), or drop it and retry (False)?"""
         status = head.status
+        if stream.exchange.trace is not None:  # tracing: the try's status
+            stream.exchange.trace.try_response(status)
         tries = stream.tries
         assert tries is not None  # (a response comes only to a try the router sent)
         outcome = tries.outcome = outcome_of_status(status)

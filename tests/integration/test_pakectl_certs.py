@@ -161,7 +161,7 @@ def test_format_duration() -> None:
 
 def test_registry_leaves_room_for_more_commands() -> None:
     assert set(COMMANDS) == {"ca", "certs", "serve", "token", "apply", "history", "rollback",
-                             "get", "status", "check"}
+                             "get", "status", "check", "top"}
     with pytest.raises(TypeError):
         COMMANDS["serve"] = lambda sub: None  # type: ignore[index]
 
