@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from certs import pem
 from certs.describe import describe_certificate
@@ -47,6 +46,8 @@ from certs.pem import PemError
 from certs.rotation import FileWatcher
 from certs.session_cache import ResumingContext, SessionCache
 from certs.ssl_context import ALPN_PROTOCOLS, TlsContextSource
+
+from .observability.exposition import CollectorRegistry, Counter, Gauge
 
 if TYPE_CHECKING:
     import asyncio

@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from .exposition import Collector, CounterMetricFamily, GaugeMetricFamily, Metric
 
 __all__ = ["StateCollector"]
 

@@ -33,11 +33,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..config.tracing import TracingConfig
 from ..upstream.endpoint import Outcome
+from .exposition import Collector, CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from ..exchange import Exchange

@@ -1,0 +1,104 @@
+"""The sidecar's own exposition renders what prometheus-client renders for the same metrics,
+so a scraper, a dashboard or a test that parses /metrics cannot tell them apart."""
+
+from __future__ import annotations
+
+import re
+
+import prometheus_client
+import pytest
+from prometheus_client import core
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.observability import exposition as ours
+from sidecar.observability.metrics import Metrics
+
+_CREATED = re.compile(rb"(_created(?:\{[^}]*\})?) [0-9.e+]+\n")
+
+
+def _families(mod_core: object, mod_registry: object) -> list[object]:
+    """The same collected families built with either module's classes."""
+    c = mod_core
+    requests = c.CounterMetricFamily("pake_requests", "Requests by \\ route\nand class",  # type: ignore[attr-defined]
+                                     labels=["listener", "route"])
+    requests.add_metric(["inbound", 'a "quoted" \\ route\n'], 3)
+    requests.add_metric(["outbound", "r"], 12345678901.0)
+    gauge = c.GaugeMetricFamily("pake_queue", "Queued", value=0.25)  # type: ignore[attr-defined]
+    empty = c.CounterMetricFamily("pake_nothing_total", "No samples yet", labels=["x"])  # type: ignore[attr-defined]
+    total = c.CounterMetricFamily("pake_failures", "One value", value=7)  # type: ignore[attr-defined]
+    hist = c.HistogramMetricFamily("pake_duration_seconds", "Latency", labels=["cluster"])  # type: ignore[attr-defined]
+    hist.add_metric(["local-app"], [("0.005", 1.0), ("0.1", 4.0), ("+Inf", 5.0)], 0.75)
+    return [requests, gauge, empty, total, hist]
+
+
+def _render_prometheus(families: list[object]) -> bytes:
+    class Fixed:
+        def collect(self) -> list[object]:
+            return families
+
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(Fixed())  # type: ignore[arg-type]
+    return prometheus_client.generate_latest(registry)
+
+
+def _render_ours(families: list[object]) -> bytes:
+    class Fixed:
+        def collect(self) -> list[object]:
+            return families
+
+    registry = ours.CollectorRegistry()
+    registry.register(Fixed())
+    return ours.generate_latest(registry)
+
+
+def test_families_render_byte_for_byte_as_prometheus_client_renders_them() -> None:
+    assert _render_ours(_families(ours, ours)) == _render_prometheus(_families(core, prometheus_client))
+
+
+def test_labelled_counters_and_gauges_render_as_prometheus_client_s_do() -> None:
+    def build(mod: object) -> bytes:
+        registry = mod.CollectorRegistry()  # type: ignore[attr-defined]
+        refused = mod.Counter("pake_refused_total", "Refused", ["listener"], registry=registry)  # type: ignore[attr-defined]
+        refused.labels("outbound").inc()
+        refused.labels("inbound").inc(2)
+        mod.Counter("pake_unused_total", "Never incremented", ["cluster"], registry=registry)  # type: ignore[attr-defined]
+        expiry = mod.Gauge("pake_expiry_seconds", "Seconds left", registry=registry)  # type: ignore[attr-defined]
+        expiry.set_function(lambda: 86399.5)
+        active = mod.Gauge("pake_active", "Open", ["listener"], registry=registry)  # type: ignore[attr-defined]
+        active.labels("inbound").set(4)
+        render = ours.generate_latest if mod is ours else prometheus_client.generate_latest
+        return _CREATED.sub(rb"\1 T\n", render(registry))
+
+    assert build(ours) == build(prometheus_client)
+
+
+def test_a_name_is_registered_once() -> None:
+    registry = ours.CollectorRegistry()
+    ours.Counter("pake_x_total", "x", ["a"], registry=registry)
+    with pytest.raises(ValueError, match="pake_x"):
+        ours.Counter("pake_x", "again", ["a"], registry=registry)
+
+
+def test_our_counter_is_read_by_a_prometheus_client_registry() -> None:
+    """Tests hand the TLS metrics a prometheus-client registry and read it back."""
+    registry = prometheus_client.CollectorRegistry()
+    failures = ours.Counter("pake_fail_total", "Failures", ["side"], registry=registry)  # type: ignore[arg-type]
+    failures.labels("server").inc()
+    assert registry.get_sample_value("pake_fail_total", {"side": "server"}) == 1.0
+
+
+def test_the_sidecar_metrics_parse_as_prometheus_text() -> None:
+    metrics = Metrics()
+    metrics.exchange_done("inbound", "orders/0", "local-app", 200, "-", 0.003)
+    metrics.exchange_done("inbound", "orders/0", "local-app", 503, "UF", 0.2)
+    metrics.connections_refused.labels("inbound").inc()
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert families["pake_requests"].type == "counter"
+    assert {s.labels["status_class"]: s.value for s in families["pake_requests"].samples} == {
+        "2xx": 1.0, "5xx": 1.0}
+    hist = families["pake_request_duration_seconds"]
+    assert hist.type == "histogram"
+    count = next(s.value for s in hist.samples if s.name.endswith("_count"))
+    assert count == 2.0
+    refused = families["pake_downstream_connections_refused"].samples
+    assert [s.value for s in refused if s.name.endswith("_total")] == [1.0]
