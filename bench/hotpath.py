@@ -30,7 +30,7 @@ from sidecar.upstream.upstream_connection import UpstreamConnection
 
 __all__ = ["main"]
 
-LUA = Path(__file__).resolve().parent.parent.parent / "shared" / "bench" / "realistic-request.lua"
+from bench.run import DEFAULT_SCRIPT as LUA  # noqa: E402 - the realistic profile's wrk script
 
 
 class _Transport:

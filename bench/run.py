@@ -43,7 +43,10 @@ from .loadgen import ClosedLoopResult, lua_headers, open_loop, python_closed_loo
 from .procs import CLK_TCK, Proc, Processes, StartError, cpu_ticks, memory_kb
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SCRIPT = REPO.parent / "shared" / "bench" / "realistic-request.lua"
+# ``../shared/bench`` beside the checkout; a git worktree sits one level deeper (``wt/NAME``)
+DEFAULT_SCRIPT = next((d / "shared" / "bench" / "realistic-request.lua" for d in (REPO.parent, REPO.parent.parent)
+                       if (d / "shared" / "bench" / "realistic-request.lua").is_file()),
+                      REPO.parent / "shared" / "bench" / "realistic-request.lua")
 DEFAULT_OUTPUT = REPO / "bench" / "results.json"
 PROFILES = ("tiny", "realistic")
 

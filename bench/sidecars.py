@@ -7,6 +7,7 @@ calling it instead.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import subprocess
@@ -151,10 +152,19 @@ def check_mtls(material: MtlsMaterial, port: int, client: str = "front") -> str:
 # === processes ==========================================================================
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def argv(bootstrap: Path) -> list[str]:
-    script = Path(sys.executable).parent / "pake-sidecar"
-    base = [str(script)] if script.exists() else [sys.executable, "-m", "sidecar"]
-    return [*base, "run", "-c", str(bootstrap)]
+    return [sys.executable, "-m", "sidecar", "run", "-c", str(bootstrap)]
+
+
+def env() -> dict[str, str]:
+    """The sidecar of this checkout first on the path: the benchmark measures the code it sits
+    beside, not whatever ``pake-sidecar`` the environment installed (an editable install of
+    another worktree, say)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
 
 
 def start(procs: Processes, files: SidecarFiles, workdir: Path,
@@ -164,7 +174,7 @@ def start(procs: Processes, files: SidecarFiles, workdir: Path,
     d.mkdir(parents=True, exist_ok=True)
     (d / "sidecar.yaml").write_text(yaml.safe_dump(files.bootstrap, sort_keys=False))
     (d / "mesh.yaml").write_text(yaml.safe_dump(files.mesh, sort_keys=False))
-    proc = procs.start(files.name, argv(d / "sidecar.yaml"), cwd=d)
+    proc = procs.start(files.name, argv(d / "sidecar.yaml"), cwd=d, env=env())
     ready = proc.wait_for_stdout(json_event("ready"), timeout)
     assert isinstance(ready, dict)
     ports = {k: int(v) for k, v in dict(ready.get("ports", {})).items()}
