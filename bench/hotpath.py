@@ -105,10 +105,10 @@ async def run(profile: str, requests: int, do_profile: bool) -> float:
     profiler = cProfile.Profile() if do_profile else None
     if profiler:
         profiler.enable()
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: other processes on a shared machine do not count
     for _ in range(requests):
         down.data_received(request)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     for profile in ("tiny", "realistic"):
         us = uvloop.run(run(profile, args.requests, args.profile))
-        print(f"{profile:10s} {us:6.2f} µs of Python per exchange (no I/O)")
+        print(f"{profile:10s} {us:6.2f} µs of Python per exchange (CPU time, no I/O)")
 
 
 if __name__ == "__main__":
