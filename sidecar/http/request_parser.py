@@ -375,13 +375,8 @@ class RequestParser:
 
 @functools.lru_cache(maxsize=256)  # a pure function; a sidecar sees few distinct hosts
 def _check_host(value: bytes) -> str:
-    """The lower-case authority of a Host value. Empty is valid (RFC 9112 §3.2: a request
-    whose target has no authority sends an empty Host), and it is what we forward for an
-    HTTP/1.0 request without Host: refusing it made a peer sidecar answer 400."""
     host = value.strip().lower()
-    if not host:
-        return ""
-    if b"," in host or not _HOST_CHARS.issuperset(host):
+    if not host or b"," in host or not _HOST_CHARS.issuperset(host):
         raise DownstreamProtocolError("invalid Host")
     return host.decode("ascii")
 

@@ -83,6 +83,11 @@ class ResponseParser:
 
     # --- httptools callbacks ------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.done:
+            # A second response to one request, in the same read as the first: the upstream
+            # is out of sync. It must neither reach the downstream nor be dropped silently
+            # while the connection goes back to the pool (a later read there is refused).
+            raise UpstreamProtocolError("upstream sent more than one response")
         self._reset()
 
     def on_status(self, reason: bytes) -> None:

@@ -100,7 +100,7 @@ def _check_error(error: ConfigError, data: dict[str, Any]) -> None:
         assert top in data, (problem, list(data))
 
 
-@fuzz_settings(250)
+@fuzz_settings(150)
 @given(_mesh())
 def test_parse_mesh_names_every_problem_or_round_trips(tmp_path_factory: Any,
                                                        data: dict[str, Any]) -> None:
