@@ -8,8 +8,8 @@ STAMP  := $(VENV)/.installed
 
 help:
 	@echo "make demo   - run the demo mesh on loopback (Ctrl-C stops it)"
-	@echo "make test   - run the test suite"
-	@echo "make bench  - benchmark the sidecar against a direct path and HAProxy"
+	@echo "make test   - type-check (mypy, strict on sidecar/ and certs/), then run the test suite"
+	@echo "make bench  - benchmark the sidecar against a direct path and HAProxy, and the control plane's push fan-out"
 	@echo "make certs  - create the demo CA, workload certificates and the gateway's demo server certificate (examples/mtls/certs)"
 
 $(STAMP): pyproject.toml
@@ -22,10 +22,11 @@ demo: $(STAMP)
 	$(PY) -m examples.demo
 
 test: $(STAMP)
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m bench.run --mtls $(BENCH_ARGS)
+	$(PY) -m bench.run --mtls --fanout $(BENCH_ARGS)
 
 certs: $(STAMP)
 	$(PY) -m examples.certs

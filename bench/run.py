@@ -11,6 +11,9 @@ per path:
   latency each hop adds over going direct;
 - each proxy's peak RSS (VmHWM) and RSS after the load.
 
+With ``--fanout`` (``make bench`` sets it) it then measures the control plane's push fan-out
+(``bench/fanout.py``), into the results' ``fanout`` key.
+
 It prints a table and the issue's targets (PASS/MISS) and writes ``bench/results.json``. Every
 process it starts is stopped at the end, also on Ctrl-C or error. Traffic stays on 127.0.0.1.
 
@@ -35,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from . import haproxy, sidecars
+from . import fanout, haproxy, sidecars
 from .loadgen import ClosedLoopResult, lua_headers, open_loop, python_closed_loop, run_wrk, wrk_version
 from .procs import CLK_TCK, Proc, Processes, StartError, cpu_ticks, memory_kb
 
@@ -152,6 +155,19 @@ def _start_haproxy(ctx: Ctx, hops: int, mtls: bool = False) -> Started:
     return Started(port, proxies, checks)
 
 
+def _start_traced_sidecar(ctx: Ctx, sample: str) -> Started:
+    """One sidecar hop (as ``sidecar-1``) with tracing on at ``sample``, exporting to a local
+    OTLP sink: what tracing costs, compared with ``sidecar-1`` (issue 10: 1% under 5%)."""
+    if "otlp" not in ctx.shared:
+        proc = ctx.procs.start("otlp-sink", [sys.executable, "-m", "bench.otlp_sink"], cwd=REPO)
+        port = proc.wait_for_stdout(lambda line: int(line.split()[1]) if line.startswith("PORT ") else None, 15)
+        ctx.shared["otlp"] = f"http://127.0.0.1:{port}"
+    files = sidecars.plain_files(inbound_app_port=ctx.upstream_port, name=f"sidecar-trace-{sample[:-1]}")
+    files.bootstrap["tracing"] = {"endpoint": ctx.shared["otlp"], "sample": sample}
+    b, ports = _sidecar(ctx, files, f"sidecar (inbound, tracing {sample})")
+    return Started(ports["inbound"], [b])
+
+
 def _needs_haproxy() -> str | None:
     return None if haproxy.available() else "haproxy is not installed"
 
@@ -160,6 +176,10 @@ PATHS: list[PathSpec] = [
     PathSpec("direct", "direct", "direct", 0, _start_direct),
     PathSpec("sidecar-1", "one sidecar hop", "sidecar", 1, _start_one_sidecar),
     PathSpec("sidecar-2", "two-sidecar path", "sidecar", 2, _start_two_sidecars),
+    PathSpec("sidecar-1-trace-1", "one sidecar hop, tracing 1%", "sidecar", 1,
+             lambda c: _start_traced_sidecar(c, "1%")),
+    PathSpec("sidecar-1-trace-100", "one sidecar hop, tracing 100%", "sidecar", 1,
+             lambda c: _start_traced_sidecar(c, "100%")),
     PathSpec("haproxy-1", "HAProxy one hop", "haproxy", 1, lambda c: _start_haproxy(c, 1), _needs_haproxy),
     PathSpec("haproxy-2", "HAProxy two hops", "haproxy", 2, lambda c: _start_haproxy(c, 2), _needs_haproxy),
 ]
@@ -627,6 +647,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--mtls", action="store_true", help="also the mTLS paths (two-sidecar mTLS, HAProxy mTLS pair)")
     add("--no-haproxy", action="store_true", help="skip the HAProxy paths")
     add("--output", type=Path, default=DEFAULT_OUTPUT, help="results JSON (default bench/results.json)")
+    add("--fanout", action="store_true",
+        help="also the control plane's push fan-out (bench/fanout.py; `make bench` sets it)")
+    fanout.add_arguments(p, prefix="fanout-")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.connections < 1 or args.open_loop_connections < 1 or args.rate <= 0:
         p.error("--repeat, --connections, --open-loop-connections and --rate must be positive")
@@ -712,9 +735,13 @@ def main(argv: list[str] | None = None) -> int:
             "one thread), which is slower than wrk and caps req/s lower" if args.loadgen == "auto" else
             "closed loop: Python generator (--loadgen python)")
     # Ctrl-C and SIGTERM/SIGHUP all unwind through run_all's finally, which stops every process
+    fanout_settings = fanout.settings_from(args, prefix="fanout-") if args.fanout else None
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         results = run_all(settings, paths, log)
+        if fanout_settings is not None:
+            log("\n[fan-out] the control plane's push to simulated sidecars")
+            results["fanout"] = fanout.run(fanout_settings, log)
     except KeyboardInterrupt:
         print("\nbench: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130
@@ -725,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
         results["micro"] = run_micro(log)
     print()
     print(render(results))
+    if "fanout" in results:
+        print()
+        print(fanout.render(results["fanout"]))
     for name, text in results.get("micro", {}).items():
         print(f"\n{name}:\n{text.rstrip()}")
     settings.output.parent.mkdir(parents=True, exist_ok=True)

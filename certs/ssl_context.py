@@ -132,6 +132,22 @@ def _own_identity(leaf: x509.Certificate, source: Path) -> SpiffeId:
 
 
 def _build(side: Side, material: TlsMaterial) -> ssl.SSLContext:
+    ctx = _configure(side, material)
+    files = material.files
+    try:
+        ctx.load_cert_chain(files.cert, files.key)
+    except ssl.SSLError as exc:
+        # Only reachable if a file changed between validation and this load.
+        raise pem.PemError(
+            files.cert, f"OpenSSL refused the certificate/key pair: {exc.reason or exc}"
+        ) from None
+    except OSError as exc:
+        raise pem.PemError(files.cert, f"cannot read for TLS: {exc.strerror or exc}") from None
+    return ctx
+
+
+def _configure(side: Side, material: TlsMaterial) -> ssl.SSLContext:
+    """Every setting of a mesh context but its own certificate (the caller loads that)."""
     if side == "server":
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         # Resumption (tickets for TLS 1.3 and 1.2) saves a full handshake per
@@ -150,16 +166,6 @@ def _build(side: Side, material: TlsMaterial) -> ssl.SSLContext:
     ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
     # The bundle from the bytes already validated, not re-read from disk.
     ctx.load_verify_locations(cadata=material.bundle.to_pem().decode("ascii"))
-    files = material.files
-    try:
-        ctx.load_cert_chain(files.cert, files.key)
-    except ssl.SSLError as exc:
-        # Only reachable if a file changed between validation and this load.
-        raise pem.PemError(
-            files.cert, f"OpenSSL refused the certificate/key pair: {exc.reason or exc}"
-        ) from None
-    except OSError as exc:
-        raise pem.PemError(files.cert, f"cannot read for TLS: {exc.strerror or exc}") from None
     return ctx
 
 

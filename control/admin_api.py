@@ -23,6 +23,7 @@ from control.ca_service import CAService
 from control.config import ConfigService
 from control.push import Pusher
 from control.registry import Registry
+from control.rotation import CARotation, describe_error
 from control.store import Conflict, StoreError
 from control.stream import StreamService
 from control.tokens import JoinRefused, TokenService
@@ -45,7 +46,8 @@ def mesh_yaml(mesh: Any) -> str:
 class AdminApi:
     def __init__(self, *, config: ConfigService, tokens: TokenService, ca: CAService,
                  streams: StreamService, registry: Registry, pusher: Pusher,
-                 admin_token: str | None) -> None:
+                 admin_token: str | None, rotation: CARotation | None = None,
+                 extra_routes: Callable[[web.Application], None] | None = None) -> None:
         self.config = config
         self.tokens = tokens
         self.ca = ca
@@ -53,6 +55,8 @@ class AdminApi:
         self.registry = registry
         self.pusher = pusher
         self._admin_token = admin_token
+        self.rotation = rotation
+        self._extra_routes = extra_routes  # the dashboard, /api/*, /metrics (observability)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=MAX_BODY)
@@ -66,6 +70,9 @@ class AdminApi:
         app.router.add_post("/v1/tokens", self.create_token)
         app.router.add_post("/v1/tokens/{id}/revoke", self.revoke_token)
         app.router.add_post("/v1/certs/rotate", self.rotate)
+        app.router.add_post("/v1/certs/rotate-ca", self.rotate_ca)
+        if self._extra_routes is not None:
+            self._extra_routes(app)
         return app
 
     @web.middleware
@@ -168,12 +175,16 @@ class AdminApi:
     async def status(self, request: web.Request) -> web.Response:
         current = await self.config.current()
         now = datetime.now(UTC)
-        sidecars = [s.status() for s in self.streams.sessions.values()]
+        here = self.streams.replica
+        sidecars = [{**s.status(), "replica": here} for s in self.streams.sessions.values()]
         connected = {(s["service"], s["node"]) for s in sidecars}
         for reg in self.registry.registrations():
             if (reg.service, reg.node) not in connected:
+                # On another replica (its stream state lives there), or gone quiet here.
+                remote = self.registry.ephemeral and bool(reg.replica) and reg.replica != here
                 sidecars.append({"service": reg.service, "node": reg.node, "address": reg.address,
-                                 "connected": False, "state": "disconnected",
+                                 "connected": remote, "state": "remote" if remote else "disconnected",
+                                 "replica": reg.replica or None,
                                  "app_healthy": reg.app_healthy, "held_version": None,
                                  "latest_version": None, "last_nack": None, "cert_expiry": None,
                                  "connected_since": None})
@@ -254,5 +265,32 @@ class AdminApi:
             reason = s.closed_reason or s.last_cert_error or f"no renewed certificate acked within {timeout}s"
             failed.append({"service": s.service, "node": s.node, "reason": reason})
         await line({"event": "done", "renewed": done_count, "total": len(sessions), "failed": failed})
+        await response.write_eof()
+        return response
+
+    async def rotate_ca(self, request: web.Request) -> web.StreamResponse:
+        """Rotate the CA with an overlap (control/rotation.py); progress as NDJSON lines. The
+        rotation runs as long as the request: a client that goes away stops it (it is then
+        continued by the next run), noticed at the next progress line (at least every second)."""
+        if self.rotation is None:
+            return _error(501, "unsupported", "this control plane cannot rotate its CA")
+        body = await self._json(request) if request.can_read_body else {}
+        timeout = body.get("timeout", 60)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            return _error(400, "bad_request", f"timeout must be a positive number, got {timeout!r}")
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+
+        async def line(item: dict[str, Any]) -> None:
+            await response.write(json.dumps(item).encode() + b"\n")
+
+        try:
+            result = await self.rotation.run(line, timeout=float(timeout),
+                                             by=str(body.get("by") or "unknown")[:200])
+        except (ConnectionError, RuntimeError):
+            raise  # the client went away: the rotation stops here, resumable
+        except Exception as exc:  # the operator gets the reason, not a broken stream
+            result = {"ok": False, "error": describe_error(exc)}
+        await line({"event": "done", **result})
         await response.write_eof()
         return response

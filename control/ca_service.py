@@ -8,11 +8,13 @@ re-issued at 2/3 of its life and swapped in per handshake through an SNI callbac
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from certs import pem
@@ -91,6 +93,38 @@ class CAService:
     def fingerprint(self) -> str:
         """SHA-256 of the root's DER: what a join token carries."""
         return fingerprint_der(self.root.public_bytes(Encoding.DER))
+
+    def root_fingerprints(self) -> tuple[str, ...]:
+        """Every root of the trust bundle (two while a CA rotation overlaps them)."""
+        return tuple(fingerprint_der(r.public_bytes(Encoding.DER)) for r in self.ca.roots)
+
+    def root_of(self, leaf: x509.Certificate) -> str | None:
+        """The fingerprint of the bundle root that ``leaf`` chains to, None if none does.
+
+        Roots are told apart by signature, not by name: during a rotation two roots may share
+        a subject."""
+        for root in self.ca.roots:
+            with contextlib.suppress(ValueError, TypeError, InvalidSignature):
+                leaf.verify_directly_issued_by(root)
+                return fingerprint_der(root.public_bytes(Encoding.DER))
+        if not self.ca.is_root:
+            with contextlib.suppress(ValueError, TypeError, InvalidSignature):
+                leaf.verify_directly_issued_by(self.ca.certificate)
+                return self.fingerprint
+        return None
+
+    def swap(self, ca: CertificateAuthority) -> bool:
+        """Use ``ca`` (signer and bundle) from now on; True when the signer changed. Blocking
+        (a new listen certificate when the signer changed, a new verify context always): run
+        it off the event loop."""
+        signer_changed = ca.certificate != self.ca.certificate
+        self.ca = ca
+        if self._server_ctx is not None:
+            if signer_changed:
+                self.renew_server_certificate()
+            else:
+                self._server_ctx = self._build_server_context()
+        return signer_changed
 
     def bundle_pem(self) -> str:
         return self.ca.bundle_pem().decode("ascii")

@@ -37,7 +37,7 @@ def _duration(text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None  # names the value and the grammar
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -125,26 +125,62 @@ def _register_serve(sub: Subparsers) -> None:
     p.add_argument("--max-streams", type=int, default=10_000)
     p.add_argument("--send-timeout", type=_duration, default=10.0, metavar="DURATION",
                    help="a stream whose send takes longer is closed (default 10s)")
+    p.add_argument("--store", default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                   help="keep the state in etcd, shared by several replicas (default: the "
+                        "directory store under --state-dir)")
+    p.add_argument("--store-prefix", default="/pake/", metavar="PREFIX",
+                   help="the etcd key prefix of this mesh (default /pake/)")
+    p.add_argument("--lease-ttl", type=_duration, default=10.0, metavar="DURATION",
+                   help="etcd: a dead replica's registrations expire after this (default 10s)")
+    p.add_argument("--store-key-file", type=Path, metavar="FILE",
+                   help="the key that seals the CA key in the store; the same file on every "
+                        "replica (default STATE_DIR/store.key, created if missing)")
+    p.add_argument("--otlp", type=_address, default=None, metavar="HOST:PORT",
+                   help="also accept OTLP/HTTP traces here, e.g. 127.0.0.1:4318 (default: off); "
+                        "the dashboard and /api/traces show the most recent ones")
+    p.add_argument("--stats-window", type=_duration, default=60.0, metavar="DURATION",
+                   help="the sliding window of pakectl top and the dashboard (default 60s)")
     p.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
+    from control.ca_state import CAStateError
+    from control.replica import StoreUrlError, parse_store_url
+    from control.store import StoreError
     from control.server import ServeOptions, configure_logging, serve
 
     if args.heartbeat_interval >= args.endpoint_grace:
         raise CommandFailed("--endpoint-grace must be longer than --heartbeat-interval")
+    etcd: tuple[str, ...] = ()
+    if args.store is not None:
+        try:
+            etcd = parse_store_url(args.store)
+        except StoreUrlError as exc:
+            raise CommandFailed(str(exc)) from None
+    if args.lease_ttl < 2 or args.lease_ttl != int(args.lease_ttl):
+        raise CommandFailed(f"--lease-ttl: a whole number of seconds, at least 2s, got {args.lease_ttl:g}s")
+    if not args.store_prefix.startswith("/") or not args.store_prefix.endswith("/"):
+        raise CommandFailed(f"--store-prefix: must start and end with '/', got {args.store_prefix!r}")
     configure_logging()
     options = ServeOptions(
         state_dir=args.state_dir, listen=args.listen, admin=args.admin,
         workload_ttl=timedelta(seconds=args.workload_ttl),
         heartbeat_interval=args.heartbeat_interval, endpoint_grace=args.endpoint_grace,
         max_streams=args.max_streams, send_timeout=args.send_timeout,
+        etcd=etcd, store_prefix=args.store_prefix, lease_ttl=int(args.lease_ttl),
+        store_key_file=args.store_key_file,
+        otlp=args.otlp, stats_window=args.stats_window,
     )
     try:
         import uvloop
     except ImportError:  # pragma: no cover - a dependency
-        return asyncio.run(serve(options))
-    return uvloop.run(serve(options))
+        run = asyncio.run
+    else:
+        run = uvloop.run
+    try:
+        return run(serve(options))
+    except (StoreError, CAStateError) as exc:  # etcd unreachable, a CA sealed with another key
+        raise CommandFailed(str(exc)) from None
 
 
 # === tokens ===
@@ -354,13 +390,48 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if all(ok for ok, _ in results) else 1
 
 
+# === top ===
+
+
+def _register_top(sub: Subparsers) -> None:
+    p = sub.add_parser("top", help="live traffic per service and route: req/s, success, "
+                                   "p50/p95/p99, breakers, SLOs")
+    p.add_argument("--json", action="store_true", help="print one sample as JSON and exit")
+    p.add_argument("--interval", type=_duration, default=2.0, metavar="DURATION",
+                   help="time between refreshes (default 2s)")
+    p.add_argument("--count", type=int, default=None, metavar="N",
+                   help="stop after N refreshes (default: until Ctrl-C)")
+    _admin_args(p)
+    p.set_defaults(handler=_top)
+
+
+def _top(args: argparse.Namespace, out: TextIO) -> int:
+    from control.top import run_top
+
+    client = _client(args)
+
+    def fetch() -> dict[str, Any]:
+        status, body = client.get("/api/stats")
+        if status != 200:
+            raise _fail(status, body)
+        return dict(body)
+
+    return run_top(fetch, out, as_json=args.json, interval=args.interval, count=args.count)
+
+
 # === certs rotate ===
 
 
 def register_certs_rotate(certs_sub: Subparsers) -> None:
-    rotate = certs_sub.add_parser("rotate", help="renew every workload certificate now")
+    rotate = certs_sub.add_parser("rotate", help="renew every workload certificate now "
+                                                 "(--ca: rotate the CA itself)")
     rotate.add_argument("--timeout", type=_duration, default=60.0, metavar="DURATION",
-                        help="how long to wait for the sidecars' acks (default 60s)")
+                        help="how long to wait for the sidecars' acks (default 60s; "
+                             "with --ca: per phase)")
+    rotate.add_argument("--ca", action="store_true",
+                        help="rotate the CA with an overlap: new root into every bundle, new "
+                             "certificates from it, old root out; re-run to continue")
+    rotate.add_argument("--json", action="store_true", help="print the result as JSON (--ca)")
     _admin_args(rotate)
     rotate.set_defaults(handler=_certs_rotate)
 
@@ -370,7 +441,50 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
+def _certs_rotate_ca(args: argparse.Namespace, out: TextIO) -> int:
+    """One line per phase (and per change of its count); the last line is the result."""
+    client = _client(args)
+    final: dict[str, Any] = {}
+    lines = sys.stderr if args.json else out
+    for item in client.stream("/v1/certs/rotate-ca", {"timeout": args.timeout, "by": _who()},
+                              args.timeout * 3 + 30):
+        event = item["event"]
+        if event == "start":
+            how = f"continuing at phase {item['phase']}" if item["resumed"] else "starting"
+            print(f"CA rotation {how}: new root {item['new_fingerprint'][:16]}...", file=lines)
+        elif event == "phase":
+            print(f"phase {item['step']}/{item['of']} {item['phase']}: {_PHASE_TEXT[item['phase']]}: "
+                  f"{item['done']}/{item['total']} sidecars", file=lines)
+        elif event == "timeout":
+            print(f"phase {item['phase']}: still waiting for {', '.join(item['waiting'])}", file=lines)
+        elif event == "done":
+            final = item
+        lines.flush()
+    if not final:
+        raise CommandFailed("the control plane ended the CA rotation without a result; run it again")
+    if args.json:
+        json.dump({k: v for k, v in final.items() if k != "event"}, out, indent=2)
+        out.write("\n")
+    elif final.get("ok"):
+        print(f"CA rotated: every sidecar trusts only root {final['new_fingerprint'][:16]}...",
+              file=out)
+    else:
+        reason = final.get("error") or f"stopped in phase {final.get('phase')}"
+        print(f"CA rotation not finished: {reason}; run `pakectl certs rotate --ca` again to "
+              "continue", file=out)
+    return 0 if final.get("ok") else 1
+
+
+_PHASE_TEXT = {
+    "bundle": "new root in every bundle",
+    "reissue": "certificates from the new root",
+    "trim": "old root out of every bundle",
+}
+
+
 def _certs_rotate(args: argparse.Namespace, out: TextIO) -> int:
+    if args.ca:
+        return _certs_rotate_ca(args, out)
     client = _client(args)
     final: dict[str, Any] = {}
     for item in client.stream("/v1/certs/rotate", {"timeout": args.timeout}, args.timeout + 10):
@@ -408,4 +522,5 @@ MESH_COMMANDS: Mapping[str, Callable[[Subparsers], None]] = MappingProxyType({
     "get": _register_get,
     "status": _register_status,
     "check": _register_check,
+    "top": _register_top,
 })

@@ -21,7 +21,7 @@ from control.store import Conflict, Store
 from sidecar.config.load import parse_mesh
 from sidecar.config.reader import ConfigError
 
-__all__ = ["AppliedConfig", "ConfigService", "Conflict"]
+__all__ = ["CURRENT", "AppliedConfig", "ConfigService", "Conflict", "load_applied"]
 
 CURRENT = "config/current"
 HISTORY = "config/history/"
@@ -102,7 +102,12 @@ class ConfigService:
             )
             data = _dump(applied)
             # current first: the revision check there decides which replica's apply wins.
-            await self.store.put(CURRENT, data, expect=0 if entry is None else entry.revision)
+            try:
+                await self.store.put(CURRENT, data, expect=0 if entry is None else entry.revision)
+            except Conflict:
+                raise Conflict(f"another apply won the race for version {applied.version} "
+                               "(through another replica): nothing was applied; look again "
+                               "(--dry-run) and re-apply") from None
             await self.store.put(f"{HISTORY}{applied.version:08d}", data)
             return applied
 
@@ -110,6 +115,11 @@ class ConfigService:
 def _dump(applied: AppliedConfig) -> bytes:
     return json.dumps({"version": applied.version, "mesh": applied.mesh, "by": applied.by,
                        "at": applied.at, "rollback_of": applied.rollback_of}).encode()
+
+
+def load_applied(data: bytes) -> AppliedConfig:
+    """An ``AppliedConfig`` from its store record (what the store watch reports)."""
+    return _load(data)
 
 
 def _load(data: bytes) -> AppliedConfig:

@@ -10,7 +10,9 @@ Pure: dicts in, dicts out, no I/O. Rules:
 - registry endpoints are appended to ``services.X.endpoints`` of services the mesh defines;
   static endpoints stay (they reach things outside the mesh);
 - the version names the applied config version and a digest of exactly what is sent, so a
-  sidecar already holding it (e.g. after a control-plane restart) needs nothing new.
+  sidecar already holding it (e.g. after a control-plane restart) needs nothing new;
+- a ``mesh_tokens`` section gets its keys from ``control/mesh_tokens.py`` (the signing key
+  only in the snapshots of the services it names as gateways).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from control.mesh_tokens import MeshTokenKeys
 
 __all__ = ["build_subset", "needed_services", "same_content", "snapshot_version"]
 
@@ -54,7 +59,8 @@ def needed_services(mesh: Mapping[str, Any], service: str) -> set[str] | None:
 
 
 def build_subset(mesh: Mapping[str, Any], service: str,
-                 endpoints: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+                 endpoints: Mapping[str, Sequence[str]], *,
+                 mesh_tokens: MeshTokenKeys | None = None) -> dict[str, Any]:
     """The mesh dict for ``service``'s sidecar (a valid input of parse_mesh)."""
     out = {k: v for k, v in mesh.items() if k != "services"}
     services: Mapping[str, Any] = mesh.get("services") or {}
@@ -73,7 +79,7 @@ def build_subset(mesh: Mapping[str, Any], service: str,
             body["endpoints"] = static + [a for a in registered if a not in static]
         subset[name] = body
     out["services"] = subset
-    return out
+    return out if mesh_tokens is None else mesh_tokens.inject(out, service)
 
 
 def snapshot_version(config_version: int, subset: Mapping[str, Any], bundle: str) -> str:

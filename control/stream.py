@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import WSMsgType, web
@@ -27,6 +27,7 @@ from certs.ca import CLOCK_SKEW
 from certs.identity import IdentityError
 from control.ca_service import CAService, CsrRefused, peer_service
 from control.registry import Registration, Registry
+from control.store import StoreError
 from control.snapshots import same_content
 from sidecar.discovery.protocol import (
     MAX_MESSAGE_BYTES,
@@ -40,11 +41,15 @@ from sidecar.discovery.protocol import (
     Nack,
     ProtocolError,
     Renew,
+    Stats,
     decode,
     encode,
 )
 
 __all__ = ["SidecarSession", "StreamLimits", "StreamService"]
+
+if TYPE_CHECKING:
+    from control.push import Built
 
 log = structlog.get_logger("control.stream")
 
@@ -80,7 +85,14 @@ class SidecarSession:
         self.last_nack: dict[str, str] | None = None
         self.cert_not_before = cert.not_valid_before_utc
         self.cert_not_after = cert.not_valid_after_utc
-        self.cert_pending: tuple[str, x509.Certificate] | None = None
+        self.cert_pending: tuple[str, x509.Certificate, str | None] | None = None
+        # The roots of the bundle it holds (known from its acks), and the root its
+        # certificate chains to: what a CA rotation waits on, mesh-wide, via the registry.
+        self.acked_roots: tuple[str, ...] = ()
+        self.cert_root: str | None = None
+        self._sent_roots: dict[str, tuple[str, ...]] = {}
+        self.reregister = asyncio.Event()  # its registration must be written again
+        self.renewal_asked_at = float("-inf")  # loop time of the last renewal asked for
         self.cert_changed = asyncio.Event()  # set when a new certificate was acked
         self.last_cert_error: str | None = None
         self.last_csr_at = 0.0
@@ -95,18 +107,31 @@ class SidecarSession:
 
     # === sending ===
 
-    def offer_snapshot(self, version: str, text: str) -> None:
-        """Make ``version`` the one to send next; replaces a snapshot not yet sent. Nothing is
+    def offer_snapshot(self, built: Built) -> None:
+        """Make ``built`` the one to send next; replaces a snapshot not yet sent. Nothing is
         sent when the sidecar holds (or is being sent) the same content under an older config
         version: a change elsewhere in the mesh is no change for this sidecar."""
+        version = built.version
         holds = self.sent_version or self.acked_version
         if holds is not None and same_content(holds, version):
             self.latest_version = holds
             self._snapshot = None
+            self._sent_roots[holds] = built.roots
+            if holds == self.acked_version and self.acked_roots != built.roots:
+                # It serves this content already (e.g. from disk): it holds these roots.
+                self.acked_roots = built.roots
+                self.reregister.set()
             return
         self.latest_version = version
-        self._snapshot = (version, text)
+        self._snapshot = (version, built.text)
+        if len(self._sent_roots) >= 8:  # only recent versions can still be acked
+            self._sent_roots.pop(next(iter(self._sent_roots)))
+        self._sent_roots[version] = built.roots
         self._wake.set()
+
+    def roots_of(self, version: str) -> tuple[str, ...] | None:
+        """The roots of the bundle in a snapshot sent (or found held) under ``version``."""
+        return self._sent_roots.get(version)
 
     def offer(self, message: Message) -> None:
         if len(self._outbox) >= self.limits.max_outbox:
@@ -190,9 +215,12 @@ class StreamService:
         self.registry = registry
         self.limits = limits
         self._on_session = on_session
+        self.replica = ""  # this replica's listen address, recorded in its registrations
         self.sessions: dict[SessionKey, SidecarSession] = {}
         self._connecting = 0
         self._state_changed = asyncio.Event()
+        # Where sidecars' stats messages go (control/observability.py); None: dropped.
+        self.on_stats: Callable[[SidecarSession, Stats], None] | None = None
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Wait until ``predicate()`` holds; it is re-checked after every ack, nack or renewal."""
@@ -219,7 +247,9 @@ class StreamService:
             return web.json_response({"error": "mtls_required", "detail": str(exc)}, status=401)
         assert der is not None
         cert = x509.load_der_x509_certificate(der)
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=None)
+        # compress=False: permessage-deflate would keep ~290 KB of zlib state per stream and
+        # compress every snapshot once per sidecar (in a thread, past 16 KiB) on each push.
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=None, compress=False)
         self._connecting += 1
         try:
             await ws.prepare(request)
@@ -234,6 +264,7 @@ class StreamService:
                                f"service {hello.service!r}")
             return ws
         session = SidecarSession(ws, request, hello, cert, self.limits)
+        session.cert_root = self.ca.root_of(cert)
         await self._serve(session, hello)
         return ws
 
@@ -273,7 +304,8 @@ class StreamService:
         log.info("stream_open", service=session.service, node=session.node,
                  address=session.address, held_version=hello.version)
         tasks = [asyncio.create_task(session.run_writer()),
-                 asyncio.create_task(self._renewals(session))]
+                 asyncio.create_task(self._renewals(session)),
+                 asyncio.create_task(self._reregistrations(session))]
         try:
             await self.registry.register(self._registration(session))
             session.offer(Heartbeat(interval=self.limits.heartbeat_interval))
@@ -298,7 +330,9 @@ class StreamService:
     def _registration(self, session: SidecarSession) -> Registration:
         return Registration(service=session.service, node=session.node, address=session.address,
                             app_healthy=session.app_healthy,
-                            registered_at=session.connected_since.isoformat(timespec="seconds"))
+                            registered_at=session.connected_since.isoformat(timespec="seconds"),
+                            roots=session.acked_roots, cert_root=session.cert_root,
+                            replica=self.replica)
 
     async def _dispatch(self, session: SidecarSession, message: Message) -> None:
         self._state_changed.set()
@@ -311,6 +345,10 @@ class StreamService:
         elif isinstance(message, Ack) and message.kind == "snapshot":
             session.acked_version = message.version
             log.info("ack", service=session.service, node=session.node, version=message.version)
+            roots = session.roots_of(message.version)
+            if roots is not None and roots != session.acked_roots:
+                session.acked_roots = roots
+                await self.registry.register(self._registration(session))
         elif isinstance(message, Nack) and message.kind == "snapshot":
             session.last_nack = {"version": message.version, "error": message.error,
                                  "at": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -319,11 +357,15 @@ class StreamService:
         elif isinstance(message, Csr):
             self._sign(session, message)
         elif isinstance(message, Ack):
-            self._certificate_acked(session, message.version)
+            if self._certificate_acked(session, message.version):
+                await self.registry.register(self._registration(session))
         elif isinstance(message, Nack):
             session.last_cert_error = message.error
             log.warning("certificate_nack", service=session.service, node=session.node,
                         error=message.error)
+        elif isinstance(message, Stats):
+            if self.on_stats is not None:
+                self.on_stats(session, message)
         else:
             session.offer(ErrorMessage(code="bad_message",
                                        detail=f"a sidecar does not send {message.TYPE}"))
@@ -342,20 +384,34 @@ class StreamService:
             return
         leaf = x509.load_pem_x509_certificate(chain.encode())
         version = f"cert.{leaf.serial_number:x}"
-        session.cert_pending = (version, leaf)
+        session.cert_pending = (version, leaf, self.ca.root_of(leaf))
         session.offer(Certificate(version=version, cert=chain, bundle=self.ca.bundle_pem()))
 
-    def _certificate_acked(self, session: SidecarSession, version: str) -> None:
+    def _certificate_acked(self, session: SidecarSession, version: str) -> bool:
+        """True when ``version`` was the pending certificate (now the session's)."""
         if session.cert_pending is None or session.cert_pending[0] != version:
-            return
-        leaf = session.cert_pending[1]
+            return False
+        _, leaf, root = session.cert_pending
         session.cert_pending = None
+        session.cert_root = root
         session.cert_not_before = leaf.not_valid_before_utc
         session.cert_not_after = leaf.not_valid_after_utc
         session.last_cert_error = None
         session.cert_changed.set()
         log.info("certificate_renewed", service=session.service, node=session.node,
                  not_after=session.cert_not_after.isoformat())
+        return True
+
+    async def _reregistrations(self, session: SidecarSession) -> None:
+        """Write the registration again when the session's state changed outside a message."""
+        while True:
+            await session.reregister.wait()
+            session.reregister.clear()
+            try:
+                await self.registry.register(self._registration(session))
+            except StoreError as exc:
+                log.warning("registration_failed", service=session.service, node=session.node,
+                            error=str(exc))
 
     async def _renewals(self, session: SidecarSession) -> None:
         """Ask for a CSR at 2/3 of the certificate's life; ask again if nothing comes."""
@@ -372,6 +428,7 @@ class StreamService:
 
     def request_renewal(self, session: SidecarSession, reason: str) -> asyncio.Event:
         """Ask for a CSR now (``certs rotate``); the event is set once the new certificate is acked."""
+        session.renewal_asked_at = asyncio.get_running_loop().time()
         session.cert_changed.clear()
         session.last_csr_at = 0.0
         session.offer(Renew(reason=reason))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,9 +64,14 @@ class TokenRecord:
 
 
 class TokenService:
-    def __init__(self, store: Store, ca_fingerprint: str) -> None:
+    def __init__(self, store: Store, ca_fingerprint: Callable[[], str]) -> None:
         self.store = store
-        self.ca_fingerprint = ca_fingerprint
+        # Asked per token: after a CA rotation new tokens carry the new root's fingerprint.
+        self._ca_fingerprint = ca_fingerprint
+
+    @property
+    def ca_fingerprint(self) -> str:
+        return self._ca_fingerprint()
 
     async def create(self, service: str, ttl: timedelta, uses: int, by: str,
                      now: datetime | None = None) -> tuple[JoinToken, TokenRecord]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 import uvloop
 
 from .config.load import load_bootstrap, load_mesh
+from .config.model import Bootstrap
 from .config.reader import ConfigError
 from .observability.log_writer import LogOutputs
 from .observability.logging import configure_logging
@@ -30,15 +32,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _config_error(exc: ConfigError, default_source: object) -> int:
+    for problem in exc.problems:
+        print(f"pake-sidecar: {exc.source or default_source}: {problem}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         bootstrap = load_bootstrap(args.config)
+    except ConfigError as exc:
+        return _config_error(exc, args.config)
+    if bootstrap.control is not None:
+        return _main_joined(args, bootstrap)
+    try:
         mesh = load_mesh(bootstrap.mesh_path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"pake-sidecar: {exc.source}: {problem}", file=sys.stderr)
-        return 2
+        return _config_error(exc, bootstrap.mesh_path)
     tls_source = server_tls = None
     gateway = bootstrap.listener("gateway")
     served = gateway.server_tls if gateway is not None else None  # the gateway's own certificate
@@ -78,6 +89,66 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         logs.close(2.0)  # the loop has stopped: write what is queued (bounded), "stopped" included
+    return 0
+
+
+def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
+    """``control:``: identity, certificate and mesh config come from the control plane (and
+    the state directory while it is away)."""
+    from certs.pem import PemError
+
+    from .discovery.startup import StartupError, check, start_joined  # cryptography, websockets
+
+    gateway = bootstrap.listener("gateway")
+    served = gateway.server_tls if gateway is not None else None
+    server_tls = None
+    try:
+        if served is not None:
+            from .tls import ServerTls
+
+            server_tls = ServerTls(served)
+        if args.command == "check":
+            print(f"ok: {args.config} ({check(bootstrap)})")
+            return 0
+    except ConfigError as exc:
+        return _config_error(exc, bootstrap.mesh_path)
+    except (StartupError, PemError) as exc:
+        print(f"pake-sidecar: {exc}", file=sys.stderr)
+        return 2
+    logs = LogOutputs()
+    configure_logging(logs.channel("events"), bootstrap.log_level)
+    from .app import ControlSetup, Sidecar  # after logging is configured
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        # Until the sidecar installs its own handlers: SIGTERM during a join ends it cleanly.
+        starting = asyncio.current_task()
+        assert starting is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, starting.cancel)
+        try:
+            held = await start_joined(bootstrap)
+        except asyncio.CancelledError:
+            return
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        sidecar = Sidecar(bootstrap, held.mesh, tls_source=held.source, server_tls=server_tls,
+                          logs=logs, origin=held.origin, control=ControlSetup(held.state, held.node))
+        await sidecar.run()
+
+    try:
+        uvloop.run(run())
+    except ConfigError as exc:
+        return _config_error(exc, bootstrap.mesh_path)
+    except StartupError as exc:
+        print(f"pake-sidecar: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pake-sidecar: cannot start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        logs.close(2.0)
     return 0
 
 

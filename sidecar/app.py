@@ -3,22 +3,34 @@ order of start-up, reload and drain. No module globals: everything hangs off ``S
 
 Drain (SIGTERM): stop accepting, ``/readyz`` answers 503, idle connections close, busy
 ones finish their current exchange (up to ``timeouts.drain``), then what is left is
-cancelled and the process exits 0. Reload (SIGHUP): read the files again; a valid mesh
-config becomes the new snapshot (connections and pools stay), an invalid one is logged
-with its path-qualified error and the old snapshot keeps serving.
+cancelled and the process exits 0.
+
+Reload (SIGHUP) reads ``sidecar.yaml`` and the mesh file again, off the event loop, and hands
+them to ``apply``, the one way a config comes into force (the control-plane client calls it
+too). ``apply`` compiles the snapshot in a worker thread (schema files are read there),
+builds its clusters beside the live ones, and swaps everything with one assignment;
+connections and pools that carry over stay. An exchange holds the snapshot it was parsed
+under until it is finished; a superseded snapshot's own pools and health checkers are let go
+after its last exchange. What ``sidecar.yaml`` changes that cannot apply live (a listener's
+address or TLS, the identity, the mesh TLS files) is logged as ``restart_required`` and shown
+in ``/config``. An invalid config is logged with its path-qualified error and the old
+snapshot keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
+import weakref
+from dataclasses import dataclass, replace
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from .admin.server import AdminResponse, AdminServer, json_response
-from .config.load import load_bootstrap, load_mesh
+from .config.load import load_bootstrap, load_mesh, reloaded_bootstrap
 from .config.model import Bootstrap, ListenerConfig, MeshConfig
 from .config.redact import redact
 from .config.reader import ConfigError
@@ -33,33 +45,62 @@ from .audit import build_audit_log
 from .clock import MonotonicClock
 from .filters.chain import build_chains
 from .observability.state_metrics import StateCollector
-from .snapshot import Snapshot, build_snapshot
-from .upstream.cluster_manager import ClusterManager
+from .discovery.origin import ConfigOrigin, now_iso
+from .snapshot import Snapshot, compile_snapshot
+from .upstream.cluster_manager import ClusterManager, retire_later
 
 if TYPE_CHECKING:
     import ssl
 
+    from .discovery.client import ControlClient
+
     from .jwt.jwks import JwksCache
     from certs.ssl_context import TlsContextSource
 
+    from .discovery.state import StateDir
     from .tls import ServerTls, SidecarTls
 
-__all__ = ["Sidecar"]
+__all__ = ["ControlSetup", "Sidecar"]
 
 log = structlog.get_logger("pake.sidecar")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlSetup:
+    """A joined sidecar's control-plane side: its state directory and node id (made by
+    ``__main__`` before the loop serves, since the identity must be held first)."""
+
+    state: StateDir
+    node: str
+
+
+def _connections(ctx: ListenerContext) -> float:
+    """The gauge of a listener's open connections, read when /metrics is rendered."""
+    return ctx.connections
 
 
 class Sidecar:
     def __init__(self, bootstrap: Bootstrap, mesh: MeshConfig, *,
                  tls_source: TlsContextSource | None = None,
-                 server_tls: ServerTls | None = None, logs: LogOutputs) -> None:
-        self.bootstrap = bootstrap
+                 server_tls: ServerTls | None = None, logs: LogOutputs,
+                 origin: ConfigOrigin | None = None, control: ControlSetup | None = None) -> None:
+        self.bootstrap = bootstrap  # in force: a reload changes only what applies live
+        self._boot = bootstrap  # what the process started with (listeners, identity, TLS)
+        self.restart_required: tuple[str, ...] = ()  # sidecar.yaml changes waiting for a restart
         self.logs = logs  # every log's queue and writer; __main__ closes them after the loop
         self.loop = asyncio.get_running_loop()
         self.state = ServerState()
         self.metrics = Metrics()
         self.metrics.watch_log_drops(logs.dropped)
-        self.tls = self._tls(mesh, tls_source) if bootstrap.tls is not None else None
+        # Where the config in force came from; None: a joined sidecar that holds no config yet.
+        self.origin = origin if origin is not None or control is not None else ConfigOrigin(
+            "file", str(bootstrap.mesh_path), now_iso())
+        self._control_setup = control
+        self.control: ControlClient | None = None
+        if bootstrap.control is not None and tls_source is None:
+            raise ValueError("a sidecar under a control plane needs the TLS source of its identity")
+        self.tls = (self._tls(mesh, tls_source)
+                    if bootstrap.tls is not None or bootstrap.control is not None else None)
         # The gateway listener's certificate for outside clients (server-only TLS).
         gateway = bootstrap.listener("gateway")
         if server_tls is None and gateway is not None and gateway.server_tls is not None:
@@ -76,37 +117,93 @@ class Sidecar:
         self.jwks: dict[str, JwksCache] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
-        self.snapshot: Snapshot = self._build(mesh)
+        self._applying = asyncio.Lock()  # one apply at a time: each builds on the one before
+        self._reloading = asyncio.Lock()
+        self.snapshot: Snapshot = self._swap(mesh, *self._compile(bootstrap, mesh))
         self.metrics.registry.register(StateCollector(
-            clusters=lambda: self.clusters.clusters.values(),
+            clusters=lambda: self.snapshot.clusters.values(),
             filters=lambda: {id(f): f for chain in self.snapshot.filters.values() for f in chain}.values(),
-            audit=self.audit, jwks=lambda: self.jwks, clock=self.loop.time))
+            audit=self.audit, jwks=lambda: self.jwks, clock=self.loop.time,
+            upstream=self._upstream_counts))
         self.listeners: dict[str, Listener] = {}
+        self._contexts: list[ListenerContext] = []
+        self._pipelines: list[Pipeline] = []
         self.admin: AdminServer | None = None
+        self.tracer = None  # spans to a collector: imported only when configured
+        if bootstrap.tracing is not None:
+            from .observability.tracing import Tracer
+            self.tracer = Tracer(bootstrap.tracing, bootstrap.service, registry=self.metrics.registry)
         self.access_log = (AccessLog(logs.channel("access", bootstrap.access_log.path))
                            if bootstrap.access_log.enabled else None)
+        self._access_log_config = bootstrap.access_log
         self.stopping = asyncio.Event()
 
-    def _build(self, mesh: MeshConfig) -> Snapshot:
-        """Compile a snapshot; raises ConfigError before anything is swapped."""
+    # === apply: the one way a config comes into force =========================================
+    async def apply(self, mesh: MeshConfig, bootstrap: Bootstrap | None = None, *,
+                    origin: ConfigOrigin | None = None) -> None:
+        """Make ``mesh`` the running config (and ``bootstrap``, as ``reloaded_bootstrap`` trimmed
+        it, when a reload read one). Raises ``ConfigError`` (a schema file, a key file) before
+        anything changes: the old snapshot keeps serving. Exchanges already parsed finish
+        under the snapshot they hold. ``origin``: where it came from (default: the mesh file)."""
+        async with self._applying:
+            bootstrap = bootstrap or self.bootstrap
+            # compiling reads files (JSON schemas) and costs CPU: a worker thread does it
+            snapshot, caches = await asyncio.to_thread(self._compile, bootstrap, mesh)
+            self._swap(mesh, snapshot, caches, bootstrap)
+            if origin is not None:
+                self.origin = origin
+            elif self._boot.control is None:
+                self.origin = ConfigOrigin("file", str(bootstrap.mesh_path), now_iso())
+
+    def _compile(self, bootstrap: Bootstrap, mesh: MeshConfig) -> tuple[Snapshot, dict[str, JwksCache]]:
+        """Everything of a snapshot but its clusters; touches nothing live, so it may run in a
+        worker thread (the caller holds ``_applying``, so ``self.jwks`` and the previous
+        filters it reuses do not change meanwhile). Raises ConfigError."""
         previous = getattr(self, "snapshot", None)
         caches: dict[str, JwksCache] = {}
-        local = mesh.services.get(self.bootstrap.service)
+        local = mesh.services.get(bootstrap.service)
         wanted = local.authn.jwt if local is not None and local.authn is not None else ()
         if wanted:  # only the providers this sidecar verifies: no keys, no fetches, no PyJWT else
             from .jwt.jwks import build_jwks_caches
             providers = {name: mesh.policy.jwt_providers[name] for name in wanted}
             caches = build_jwks_caches(providers, clock=self.clock,
-                                       base_dir=self.bootstrap.mesh_path.parent, previous=self.jwks)
-        filters = build_chains(self.bootstrap, mesh, caches=caches, audit=self.audit, clock=self.clock,
+                                       base_dir=bootstrap.mesh_path.parent, previous=self.jwks)
+        filters = build_chains(bootstrap, mesh, caches=caches, audit=self.audit, clock=self.clock,
                                previous=previous.filters if previous is not None else None)
-        snapshot = build_snapshot(self.bootstrap, mesh, filters)
+        return compile_snapshot(bootstrap, mesh, filters), caches
+
+    def _swap(self, mesh: MeshConfig, compiled: Snapshot, caches: dict[str, JwksCache],
+              bootstrap: Bootstrap | None = None) -> Snapshot:
+        """On the loop, in one go (no await): build the clusters beside the live ones, swap the
+        whole snapshot with one assignment, then start what is new and retire what is not."""
+        bootstrap = bootstrap or self.bootstrap
+        clusters = self.clusters.build(mesh, bootstrap.service, bootstrap.app,
+                                       mesh_tls=self.tls is not None)
+        snapshot = replace(compiled, clusters=clusters)
+        # Should an exchange be dropped without being finished, its count would pin the set:
+        # once the snapshot itself is gone, nothing can reach its clusters.
+        weakref.finalize(snapshot, retire_later, self.loop, self.clusters.retire, clusters).atexit = False
         if self.tls is not None:
             self.tls.use_trust_domain(mesh.trust_domain)
-        self.clusters.update(mesh, self.bootstrap.service, self.bootstrap.app,
-                             mesh_tls=self.tls is not None)
+        self.snapshot = snapshot
+        self.clusters.activate(clusters)
         self._swap_caches(caches)
+        if bootstrap is not self.bootstrap:
+            self.bootstrap = bootstrap
+            for ctx in self._contexts:  # new connections parse with these; deadlines read them
+                ctx.limits, ctx.timeouts = bootstrap.limits, bootstrap.timeouts
         return snapshot
+
+    def hold_snapshot(self) -> Snapshot:
+        """The snapshot a new exchange runs under, held until ``Pipeline.finish``."""
+        snapshot = self.snapshot
+        snapshot.clusters.hold()
+        return snapshot
+
+    def _upstream_counts(self) -> dict[str, int]:
+        return {"pools": self.clusters.live_pools(),
+                "health_checkers": self.clusters.live_health_checkers(),
+                "retiring_snapshots": len(self.clusters.retiring)}
 
     def _swap_caches(self, caches: dict[str, JwksCache]) -> None:
         """Start the key caches that are new, stop the ones the new snapshot dropped. (The
@@ -128,10 +225,11 @@ class Sidecar:
     def _tls(self, mesh: MeshConfig, source: TlsContextSource | None) -> SidecarTls:
         from .tls import SidecarTls, load_source  # pulls in cryptography: only when configured
 
-        assert self.bootstrap.tls is not None
+        resume = self.bootstrap.tls.resume_upstream_sessions if self.bootstrap.tls else False
         return SidecarTls(source or load_source(self.bootstrap, mesh), mesh.trust_domain,
                           self.bootstrap.service, self.metrics.registry,
-                          resume_upstream_sessions=self.bootstrap.tls.resume_upstream_sessions)
+                          resume_upstream_sessions=resume,
+                          watch=self.bootstrap.control is None)  # joined: the control client updates it
 
     # === start ==============================================================================
     async def start(self) -> None:
@@ -143,19 +241,22 @@ class Sidecar:
             if lc.name == "admin":
                 continue
             scheme = b"https" if lc.tls or lc.server_tls is not None else b"http"
-            pipeline = Pipeline(service=b.service, clusters=self.clusters, metrics=self.metrics,
-                                access_log=self.access_log, loop=self.loop, scheme=scheme)
+            pipeline = Pipeline(service=b.service, metrics=self.metrics,
+                                access_log=self.access_log, loop=self.loop, scheme=scheme,
+                                tracer=self.tracer)
             ctx = ListenerContext(
                 name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
                 state=self.state, start=pipeline.start, abort=pipeline.abort, refuse=pipeline.refuse,
-                current_snapshot=lambda: self.snapshot,
+                current_snapshot=self.hold_snapshot,
                 on_protocol_error=self._protocol_error, scheme=scheme,
                 peer_identity=self.tls.peer_identity if lc.tls and self.tls else None)
+            self._contexts.append(ctx)
+            self._pipelines.append(pipeline)
             listener = Listener(lc, ctx, self.loop, ssl_context=self._server_context(lc),
                                 on_refused=self.metrics.connections_refused.labels(lc.name).inc)
             await listener.start()
             self.listeners[lc.name] = listener
-            self.metrics.active_connections.labels(lc.name).set_function(lambda c=ctx: c.connections)
+            self.metrics.active_connections.labels(lc.name).set_function(functools.partial(_connections, ctx))
         admin = b.listener("admin")
         if admin is not None:
             self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes(),
@@ -166,7 +267,38 @@ class Sidecar:
             self.tls.start()
         if self.server_tls is not None:
             self.server_tls.start()
-        log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports())
+        log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports(),
+                 config=self.origin.info() if self.origin else None)
+        if self._control_setup is not None:
+            self.control = self._control_client(self._control_setup)
+            self.control.start()
+
+    def _control_client(self, setup: ControlSetup) -> ControlClient:
+        from certs.memory_source import MemoryTlsSource
+
+        from .discovery.client import ControlClient, SidecarHooks  # only when joined
+
+        assert self.bootstrap.control is not None and self.tls is not None
+        source = self.tls.source
+        if not isinstance(source, MemoryTlsSource):
+            raise TypeError("a joined sidecar's identity is a MemoryTlsSource")
+
+        async def apply(mesh: MeshConfig, origin: ConfigOrigin) -> None:
+            await self.apply(mesh, origin=origin)
+            log.info("config_applied", version=mesh.version, origin=origin.info())
+
+        def version() -> str | None:
+            return self.snapshot.version if self.origin is not None else None
+
+        def inbound() -> tuple[str, int] | None:
+            listener = self.listeners.get("inbound")
+            return (listener.config.address[0], listener.port) if listener is not None else None
+
+        hooks = SidecarHooks(apply=apply, version=version,
+                             app_healthy=lambda: self.clusters.app_healthy() is not False,
+                             inbound=inbound, identity_changed=self.tls.identity_changed)
+        return ControlClient(self.bootstrap.control, service=self.bootstrap.service,
+                             node=setup.node, state=setup.state, source=source, hooks=hooks)
 
     def _server_context(self, lc: ListenerConfig) -> ssl.SSLContext | None:
         """The listener's TLS: the gateway's server certificate, mesh mTLS, or none."""
@@ -190,25 +322,46 @@ class Sidecar:
                      flags=exc.flag, reason=exc.detail)
 
     # === reload =============================================================================
-    def reload(self) -> bool:
-        try:
-            bootstrap = load_bootstrap(self.bootstrap.source)
-            mesh = load_mesh(bootstrap.mesh_path)
-            if bootstrap.listeners != self.bootstrap.listeners:
-                log.warning("reload_listeners_unchanged",
-                            detail="listener addresses change on restart only")
-            snapshot = self._build(mesh)
-        except ConfigError as exc:
-            log.error("reload_rejected", problems=exc.problems, source=exc.source,
-                      keeping=self.snapshot.version)
-            return False
-        self.snapshot = snapshot
-        log.info("reloaded", version=self.snapshot.version)
-        return True
+    async def reload(self) -> bool:
+        """SIGHUP: read both files again (off the loop) and apply what can apply live.
+        Reloads run one after the other (signals may come faster than a reload)."""
+        async with self._reloading:
+            try:
+                read = await asyncio.to_thread(load_bootstrap, self.bootstrap.source)
+                bootstrap, pending = reloaded_bootstrap(self._boot, read)
+                # joined: the mesh config is the control plane's, only sidecar.yaml is re-read
+                mesh = (self.snapshot.mesh if self._boot.control is not None
+                        else await asyncio.to_thread(load_mesh, read.mesh_path))
+                await self.apply(mesh, bootstrap, origin=self.origin if self._boot.control else None)
+            except ConfigError as exc:
+                log.error("reload_rejected", problems=exc.problems, source=exc.source,
+                          keeping=self.snapshot.version)
+                return False
+            await self._reopen_access_log(bootstrap)
+            if pending:
+                log.warning("restart_required", changes=pending,
+                            detail="sidecar.yaml changes these only on restart; the running values stay")
+            self.restart_required = tuple(pending)
+            log.info("reloaded", version=self.snapshot.version, restart_required=len(pending))
+            return True
+
+    async def _reopen_access_log(self, bootstrap: Bootstrap) -> None:
+        """A changed ``access_log``: the new one opens (off the loop) before the old closes."""
+        config = bootstrap.access_log
+        if self._access_log_config == config:
+            return
+        # a new file is opened by its writer's first use: off the loop
+        channel = await asyncio.to_thread(self.logs.channel, "access", config.path) if config.enabled else None
+        new = AccessLog(channel) if channel is not None else None
+        self.access_log, self._access_log_config = new, config
+        for pipeline in self._pipelines:
+            pipeline.access_log = new
 
     # === drain ==============================================================================
     async def drain(self) -> None:
         self.state.draining = True
+        if self.control is not None:
+            await self.control.stop()
         for listener in self.listeners.values():
             listener.stop_accepting()
         for conn in list(self.state.connections):
@@ -224,6 +377,8 @@ class Sidecar:
         for conn in list(self.state.connections):
             conn.abort()
         await self.clusters.close()
+        if self.tracer is not None:
+            await self.tracer.close()  # what is queued, bounded: a dead collector holds nothing
         for cache in self.jwks.values():
             await cache.stop()
         if self.admin is not None:
@@ -234,11 +389,16 @@ class Sidecar:
             await self.server_tls.stop()
         log.info("stopped")
 
+    async def _reload(self) -> None:
+        await self.reload()
+
     async def run(self) -> None:
-        await self.start()
+        # Handlers first: a SIGHUP sent as soon as "ready" is logged must reload, not kill
+        # (the default action of SIGHUP ends the process).
         self.loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         self.loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self._reload()))
+        await self.start()
         await self.stopping.wait()
         await self.drain()
 
@@ -249,11 +409,15 @@ class Sidecar:
 
         def readyz() -> AdminResponse:
             # not ready while draining, or while the local app fails its health check
+            # ... nor before it holds a config and (under a control plane) a certificate
             app_healthy = self.clusters.app_healthy()
-            ready = not self.state.draining and app_healthy is not False
+            has_config = self.origin is not None
+            has_certificate = self.tls is not None or self._boot.control is None
+            ready = not self.state.draining and app_healthy is not False and has_config and has_certificate
             return json_response(200 if ready else 503, {
                 "ready": ready, "draining": self.state.draining, "app_healthy": app_healthy,
-                "service": self.bootstrap.service, "version": self.snapshot.version,
+                "config": has_config, "certificate": has_certificate,
+                "service": self.bootstrap.service, "version": self.snapshot.version if has_config else None,
                 "ports": self.ports()})
 
         def metrics() -> AdminResponse:
@@ -262,13 +426,17 @@ class Sidecar:
         def config() -> AdminResponse:
             return json_response(200, {"bootstrap": redact(self.bootstrap),
                                        "mesh": redact(self.snapshot.mesh),
-                                       "version": self.snapshot.version,
+                                       "version": self.snapshot.version if self.origin else None,
+                                       "origin": self.origin.info() if self.origin else None,
+                                       "control": self.control.info() if self.control else None,
+                                       "restart_required": list(self.restart_required),
                                        "tls": self.tls.info() if self.tls else None,
                                        "server_tls": self.server_tls.info() if self.server_tls else None})
 
         def clusters() -> AdminResponse:
             now = self.loop.time()
-            return json_response(200, {"clusters": [c.snapshot(now) for c in self.clusters.clusters.values()]})
+            return json_response(200, {"clusters": [c.snapshot(now) for c in self.snapshot.clusters.values()],
+                                       "retiring_snapshots": len(self.clusters.retiring)})
 
         return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics, "/config": config,
                 "/clusters": clusters}

@@ -41,8 +41,8 @@ log = structlog.get_logger("sidecar.audit")
 
 Stage = Literal["authn", "authz"]
 Decision = Literal["allow", "deny", "would_deny"]
-_LINE = ('{"event":"audit","time":"%s.%03dZ","request_id":%s,"trace_id":%s,"source":%s,'
-         '"client":%s,"principal":%s,"service":%s,"method":"%s","path":%s,"stage":"%s",'
+_LINE = ('{"event":"audit","time":"%s.%03dZ","request_id":%s,"trace_id":%s,"span_id":%s,'
+         '"source":%s,"client":%s,"principal":%s,"service":%s,"method":"%s","path":%s,"stage":"%s",'
          '"decision":"%s","rule":%s,"reason":%s}\n')  # method, stage, decision: from fixed lists
 _MAX_CHARS = 8 << 20  # queued audit lines, in characters (the config bounds them in records)
 
@@ -138,7 +138,8 @@ class AuditLog:
         request = exchange.request
         line = _LINE % (
             self._stamp, int((now - second) * 1000), quote(exchange.request_id),
-            _quote_or_null(exchange.trace_id), _quote_or_null(exchange.peer_identity),
+            _quote_or_null(exchange.trace_id), _quote_or_null(exchange.span_id),
+            _quote_or_null(exchange.peer_identity),
             quote(exchange.downstream_address), _quote_or_null(exchange.principal),
             quote(exchange.service), request.method, quote(request.path), stage, decision,
             quote(rule), quote(reason))

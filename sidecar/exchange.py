@@ -14,6 +14,7 @@ from .http.message import RequestHead
 
 if TYPE_CHECKING:
     from .config.model import RouteConfig
+    from .observability.tracing import ExchangeTrace
 
 __all__ = ["Exchange"]
 
@@ -29,7 +30,9 @@ class Exchange:
     principal: str | None = None  # who is calling: SPIFFE ID, JWT sub or API-key principal
     claims: dict[str, Any] | None = None  # verified JWT claims
     roles: frozenset[str] = frozenset()  # from JWT claims or the API key
-    trace_id: str | None = None
+    trace_id: str | None = None  # W3C trace id (32 hex) when tracing is on: in every log line
+    span_id: str | None = None  # this sidecar's span of the exchange (16 hex), likewise
+    trace: ExchangeTrace | None = None  # the exchange's spans, when tracing is on
     service: str = ""  # the service the request is addressed to
     route: RouteConfig | None = None
     cluster: str = "-"

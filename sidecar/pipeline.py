@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -24,7 +25,9 @@ from .observability.metrics import Metrics
 from .routing.route_table import RouteTable
 from .routing.router import Router
 from .snapshot import Snapshot
-from .upstream.cluster_manager import ClusterManager
+
+if TYPE_CHECKING:
+    from .observability.tracing import Tracer
 
 __all__ = ["Pipeline"]
 
@@ -32,17 +35,21 @@ log = structlog.get_logger("pake.pipeline")
 
 
 class Pipeline:
-    def __init__(self, *, service: str, clusters: ClusterManager, metrics: Metrics,
+    def __init__(self, *, service: str, metrics: Metrics,
                  access_log: AccessLog | None, loop: asyncio.AbstractEventLoop,
-                 scheme: bytes = b"http") -> None:
+                 scheme: bytes = b"http", tracer: Tracer | None = None) -> None:
         self.service = service
+        self.tracer = tracer  # None: tracing is off (and not imported)
+        self.scheme = scheme
         self.metrics = metrics
-        self.access_log = access_log
-        self.router = Router(clusters, loop, self.finish, scheme=scheme)
+        self.access_log = access_log  # replaced by a reload that changes the access log
+        self.router = Router(loop, self.finish, scheme=scheme)
 
     def start(self, stream: Stream) -> None:
         ex = stream.exchange
-        snap: Snapshot = stream.snapshot  # type: ignore[assignment]
+        if self.tracer is not None:  # tracing: before any filter logs the exchange
+            self.tracer.start(ex, self.scheme)
+        snap = stream.snapshot
         try:
             service = self._route(stream, snap)
             chain = snap.filters.get(ex.listener)
@@ -123,12 +130,16 @@ class Pipeline:
         if stream.finished:
             return
         stream.finished = True
+        stream.snapshot.clusters.release()  # held since the head was parsed (Sidecar.hold_snapshot)
         conn = stream.conn
         if reply is not None and not conn.closed:
             stream.send_local_reply(reply, self.service)
         ex = stream.exchange
-        if stream.retries_exhausted:
+        tries = stream.tries
+        if tries is not None and tries.retries_exhausted:
             ex.flags = "URX" if ex.flags == "-" else ex.flags + ",URX"
+        if ex.trace is not None:  # tracing: the exchange's spans are complete
+            ex.trace.finish(ex)
         duration = time.monotonic() - ex.start
         route = ex.route.name if ex.route is not None else "-"
         self.metrics.exchange_done(ex.listener, route, ex.cluster, ex.status, ex.flags, duration)

@@ -1,23 +1,27 @@
 """The sidecar's config at one moment, compiled for the request path.
 
 A snapshot is built whole from a validated ``MeshConfig`` and swapped in with one
-assignment; an exchange keeps the snapshot it started with. Building it is where route
-tables and filter chains are compiled, so the per-request work is look-ups only.
+assignment; an exchange keeps the snapshot it started with, clusters included: everything
+a request reads after its head is parsed (routes, filters, clusters) hangs off the one
+object it holds. Building it is where route tables and filter chains are compiled, so the
+per-request work is look-ups only. ``compile_snapshot`` does no I/O on the event loop's
+behalf and touches nothing live: it may run in a worker thread (it reads schema files).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .config.model import Bootstrap, MeshConfig, RouteConfig, ServiceConfig, WeightedTarget
 from .filters.base import BodyFilter, FilterChain
 from .routing.route_table import RouteTable
 from .routing.split import WeightedChooser
+from .upstream.cluster_manager import ClusterSet
 
-__all__ = ["Snapshot", "build_snapshot"]
+__all__ = ["Snapshot", "build_snapshot", "compile_snapshot"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Snapshot:
     version: str
     mesh: MeshConfig
@@ -26,6 +30,8 @@ class Snapshot:
     filters: dict[str, FilterChain] = field(default_factory=dict)  # by listener name
     choosers: dict[int, WeightedChooser[WeightedTarget]] = field(default_factory=dict)  # id(route)
     body_filters: dict[str, BodyFilter] = field(default_factory=dict)  # by listener name
+    # The clusters this snapshot routes to; counts the exchanges holding it (see ClusterSet).
+    clusters: ClusterSet = field(default_factory=lambda: ClusterSet({}, {}))
 
     def body_filter(self, listener: str) -> BodyFilter | None:
         """The filter of this listener that may need a request's whole body, if any."""
@@ -37,7 +43,17 @@ class Snapshot:
 
 
 def build_snapshot(bootstrap: Bootstrap, mesh: MeshConfig,
-                   filters: dict[str, FilterChain] | None = None) -> Snapshot:
+                   filters: dict[str, FilterChain] | None = None,
+                   clusters: ClusterSet | None = None) -> Snapshot:
+    """A whole snapshot; see ``compile_snapshot`` for the part that may run off the loop."""
+    snapshot = compile_snapshot(bootstrap, mesh, filters)
+    return snapshot if clusters is None else replace(snapshot, clusters=clusters)
+
+
+def compile_snapshot(bootstrap: Bootstrap, mesh: MeshConfig,
+                     filters: dict[str, FilterChain] | None = None) -> Snapshot:
+    """Routes, weighted splits and filters, without clusters (``replace(.., clusters=..)``
+    adds them on the loop, just before the swap)."""
     choosers = {id(route): WeightedChooser.of_targets(route.to)
                 for service in mesh.services.values() for route in service.routes if len(route.to) > 1}
     filters = filters or {}

@@ -155,8 +155,11 @@ class SidecarTls:
 
     def __init__(self, source: TlsContextSource, trust_domain: str, service: str,
                  registry: CollectorRegistry, *, watch_interval: float = WATCH_INTERVAL,
-                 resume_upstream_sessions: bool = False) -> None:
+                 resume_upstream_sessions: bool = False, watch: bool = True) -> None:
         self.source = source
+        # Static mode watches the files; a joined sidecar's control client updates the
+        # source in place (certs.memory_source) and reports through identity_changed.
+        self.watch = watch
         self.resume_upstream_sessions = resume_upstream_sessions
         self.service = service
         self.identities = IdentityCache(trust_domain)
@@ -264,7 +267,13 @@ class SidecarTls:
     # === rotation ========================================================================
     def start(self) -> None:
         """Watch the certificate files (static mode); the caller's loop runs the task."""
-        self.watcher.start()
+        if self.watch:
+            self.watcher.start()
+
+    def identity_changed(self, info: dict[str, Any]) -> None:
+        """The source was updated in place (a renewal or a new bundle): count and log it
+        like a file reload."""
+        self._reloaded(info)
 
     async def stop(self) -> None:
         await self.watcher.stop()
@@ -290,8 +299,11 @@ class SidecarTls:
         """For /config: subject, SPIFFE ID (the URI SAN), serial, validity, bundle roots and
         file paths; never the key."""
         info = self.source.info()
-        info["watch"] = {"interval_s": self.watcher.interval, "reloads": self.watcher.reloads,
-                         "last_error": str(self.watcher.last_error) if self.watcher.last_error else None}
+        if self.watch:
+            info["watch"] = {"interval_s": self.watcher.interval, "reloads": self.watcher.reloads,
+                             "last_error": str(self.watcher.last_error) if self.watcher.last_error else None}
+        else:
+            info["source"] = "control plane"
         return info
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..http.headers import HEADER_NAME
 from .model import (
     AccessLogConfig,
     Bootstrap,
+    ControlConfig,
     DownstreamTimeouts,
     Limits,
     ListenerConfig,
@@ -33,14 +35,17 @@ from .model import (
     WeightedTarget,
 )
 from .audit import parse_audit
+from .mesh_tokens import parse_mesh_tokens
 from .policy import MeshPolicy, parse_authn, parse_mesh_policy
 from .rate_limit import parse_rate_limit
 from .rbac import parse_rbac_policy
-from .reader import ConfigError, Fields, Problems, convert, is_loopback_host, parse_address
+from .slo import parse_slo
+from .tracing import parse_tracing
+from .reader import MISSING, ConfigError, Fields, Problems, convert, is_loopback_host, parse_address
 from .validation import parse_validation
 from .resilience import parse_fault, parse_retries, parse_service_resilience
 
-__all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml"]
+__all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml", "reloaded_bootstrap"]
 
 SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
@@ -76,25 +81,96 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     mode = top.str("mode", "sidecar", choices=("sidecar", "gateway"))
     app = top.address("app", None)
     listeners = _listeners(top.sub("listeners"), mode, path.parent)
-    mesh = top.str("mesh")
-    mesh_path = (path.parent / mesh) if isinstance(mesh, str) else path.parent
+    # Two exclusive forms: `mesh:` + `tls:` files (static), or `control:` (joined).
+    controlled = top.has("control")
+    for key in ("mesh", "tls"):
+        if controlled and top.has(key):
+            top.error(key, "cannot be combined with control: the control plane gives the mesh config "
+                           "and the certificates (remove one of them)")
+    mesh = top.str("mesh", None if controlled else MISSING)
+    control = top.optional("control", lambda n: _control(n, path.parent, service))
+    mesh_path = ((path.parent / mesh) if isinstance(mesh, str)
+                 else control.state_dir / "snapshot.json" if control is not None else path.parent)
     limits = _limits(top.sub("limits"))
     timeouts = _downstream_timeouts(top.sub("timeouts"))
     access_log = _access_log(top.sub("access_log"))
     tls = top.optional("tls", lambda n: _tls(n, path.parent))
     log_level = top.str("log_level", "info", choices=("debug", "info", "warning", "error"))
     audit = parse_audit(top.sub("audit"))
+    tracing = top.optional("tracing", parse_tracing)
     top.done()
     if mode == "sidecar" and app is None and any(l.name == "inbound" for l in listeners):
         problems.add("app", "is required when an inbound listener is configured")
-    if any(l.tls for l in listeners) and tls is None:
-        problems.add("tls", "is required when a listener uses TLS")
+    if any(l.tls for l in listeners) and tls is None and not controlled:
+        problems.add("tls", "is required when a listener uses TLS (or control:, which gives the certificates)")
     problems.raise_if_any(str(path))
     return Bootstrap(
         source=path, service=service, mode=mode, app=app, listeners=tuple(listeners),
         mesh_path=mesh_path, limits=limits, timeouts=timeouts, access_log=access_log,
-        tls=tls, log_level=log_level, audit=audit,
+        tls=tls, log_level=log_level, audit=audit, tracing=tracing, control=control,
     )
+
+
+def reloaded_bootstrap(running: Bootstrap, new: Bootstrap) -> tuple[Bootstrap, list[str]]:
+    """What a reload of ``sidecar.yaml`` can apply to a process started with ``running``:
+    the bootstrap to run with, and one line per change that waits for a restart.
+
+    Applied live: limits and downstream timeouts (listeners read them per connection and
+    per deadline), ``app`` (the local-app cluster), ``mesh`` (the file read on reload) and
+    the access log. Bound at start-up, kept from ``running``: the identity (``service``,
+    ``mode``), the listeners (a bound socket, its TLS), the mesh TLS files, the audit sink,
+    the tracer and the log level (structlog binds it into each logger on first use).
+    """
+    pending: list[str] = []
+
+    def differs(path: str, old: object, value: object) -> None:
+        if old != value:
+            pending.append(f"{path}: {_show(old)} -> {_show(value)}")
+
+    differs("service", running.service, new.service)
+    differs("mode", running.mode, new.mode)
+    old_listeners = {l.name: l for l in running.listeners}
+    new_listeners = {l.name: l for l in new.listeners}
+    for name in sorted(old_listeners.keys() | new_listeners.keys()):
+        old_l, new_l = old_listeners.get(name), new_listeners.get(name)
+        if old_l is None or new_l is None:
+            differs(f"listeners.{name}", old_l and _address(old_l.address), new_l and _address(new_l.address))
+            continue
+        differs(f"listeners.{name}", _address(old_l.address), _address(new_l.address))
+        differs(f"listeners.{name}.tls", old_l.tls, new_l.tls)
+        differs(f"listeners.{name}.tls", old_l.server_tls, new_l.server_tls)
+    if (running.tls is None) != (new.tls is None):
+        differs("tls", "configured" if running.tls else None, "configured" if new.tls else None)
+    elif running.tls is not None and new.tls is not None:
+        for key in ("cert", "key", "bundle", "resume_upstream_sessions"):
+            differs(f"tls.{key}", getattr(running.tls, key), getattr(new.tls, key))
+    if running.control != new.control:
+        pending.append("control: changed")
+    if running.audit != new.audit:
+        pending.append("audit: changed")
+    differs("log_level", running.log_level, new.log_level)
+    if running.tracing != new.tracing:
+        pending.append("tracing: changed")
+    kept = replace(new, service=running.service, mode=running.mode, listeners=running.listeners,
+                   tls=running.tls, audit=running.audit, log_level=running.log_level,
+                   tracing=running.tracing, control=running.control,
+                   mesh_path=running.mesh_path if running.control else new.mesh_path)
+    return kept, pending
+
+
+def _address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, ServerTlsFiles):
+        return f"{{cert: {value.cert}, key: {value.key}}}"
+    return str(value)
 
 
 def _listeners(node: Fields, mode: str, base: Path) -> list[ListenerConfig]:
@@ -175,6 +251,38 @@ def _access_log(node: Fields) -> AccessLogConfig:
     return config
 
 
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")  # what the stream's hello accepts
+
+
+def _control(node: Fields, base: Path, service: object) -> ControlConfig | None:
+    """``control: {addresses: [...], token_file, state_dir, node, ...}``; relative paths are
+    relative to the bootstrap file. The state dir defaults to ``.pake/sidecar-<service>``."""
+    addresses = []
+    items = node.list("addresses")
+    if not node.has("addresses") or (isinstance(node.data["addresses"], list) and not items):
+        node.error("addresses", "must name at least one control-plane address (host:port)")
+    for item_path, item in items:
+        address = convert(node.problems, item_path, item, parse_address)
+        if address is not None:
+            addresses.append(address)
+    token_file = node.str("token_file", None)
+    default_state = f".pake/sidecar-{service}" if isinstance(service, str) else ".pake/sidecar"
+    state_dir = node.str("state_dir", default_state)
+    name = node.str("node", None, pattern=NODE_NAME)
+    d = ControlConfig((), Path())
+    connect_timeout = node.duration("connect_timeout", d.connect_timeout, min=0.001)
+    hello_timeout = node.duration("hello_timeout", d.hello_timeout, min=0.001)
+    reconnect_max = node.duration("reconnect_max", d.reconnect_max, min=0.01)
+    node.done()
+    if not addresses or not isinstance(state_dir, str):
+        return None
+    return ControlConfig(
+        addresses=tuple(addresses), state_dir=base / state_dir,
+        token_file=base / token_file if isinstance(token_file, str) else None,
+        node=name, connect_timeout=connect_timeout, hello_timeout=hello_timeout,
+        reconnect_max=reconnect_max)
+
+
 def _tls(node: Fields, base: Path) -> TlsFiles | None:
     paths = [node.str(k) for k in ("cert", "key", "bundle")]
     resume = node.bool("resume_upstream_sessions", False)
@@ -199,6 +307,7 @@ def parse_mesh(data: Any, *, source: str | None = None, version: str | None = No
     top = Fields(data, "", problems)
     trust_domain = top.str("trust_domain", "pake.local", pattern=TRUST_DOMAIN)
     policy = parse_mesh_policy(top)
+    mesh_tokens = parse_mesh_tokens(top, trust_domain)
     services: dict[str, ServiceConfig] = {}
     for name, node in top.items("services"):
         if not SERVICE_NAME.match(name):
@@ -212,7 +321,8 @@ def parse_mesh(data: Any, *, source: str | None = None, version: str | None = No
     if version is None:
         canonical = json.dumps(data, sort_keys=True, default=str).encode()
         version = hashlib.sha256(canonical).hexdigest()[:12]
-    return MeshConfig(trust_domain=trust_domain, services=services, policy=policy, version=version)
+    return MeshConfig(trust_domain=trust_domain, services=services, policy=policy, version=version,
+                      mesh_tokens=mesh_tokens)
 
 
 def _service(name: str, node: Fields, trust_domain: str, policy: MeshPolicy) -> ServiceConfig:
@@ -247,6 +357,7 @@ def _service(name: str, node: Fields, trust_domain: str, policy: MeshPolicy) -> 
         policy=node.optional("policy", parse_rbac_policy),
         tls=node.bool("tls", True),
     )
+    node.optional("slo", parse_slo)  # validated here; the control plane reads it (control/slo.py)
     node.done()
     return service
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Literal
 
 from .audit import AuditConfig
+from .mesh_tokens import MeshTokens
 from .policy import MeshPolicy, ServiceAuthn
 from .rate_limit import RateLimitConfig
 from .rbac import RbacPolicy
+from .tracing import TracingConfig
 from .validation import ValidationConfig
 from .resilience import FaultConfig, RetryConfig, ServiceResilience
 
@@ -25,6 +27,7 @@ __all__ = [
     "AccessLogConfig",
     "Address",
     "Bootstrap",
+    "ControlConfig",
     "DownstreamTimeouts",
     "Limits",
     "ListenerConfig",
@@ -97,6 +100,24 @@ class TlsFiles:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """``control:``: the mesh config and the certificates come from the control plane.
+
+    The token is read only until the sidecar has joined: afterwards the state directory holds
+    its key, certificate, bundle and last good snapshot, and a restart (control plane up or
+    down) needs nothing else. Several addresses are replicas: the client fails over.
+    """
+
+    addresses: tuple[Address, ...]
+    state_dir: Path
+    token_file: Path | None = None
+    node: str | None = None  # the node id in `pakectl status`; default: made once, kept in state_dir
+    connect_timeout: float = 5.0  # TCP + TLS + WebSocket handshake, and each join request
+    hello_timeout: float = 10.0  # from the hello to the first message of the control plane
+    reconnect_max: float = 5.0  # the cap of the jittered exponential reconnect backoff
+
+
+@dataclass(frozen=True, slots=True)
 class AccessLogConfig:
     enabled: bool = True
     path: str = "stdout"  # or a file path
@@ -116,6 +137,8 @@ class Bootstrap:
     tls: TlsFiles | None = None
     log_level: str = "info"
     audit: AuditConfig = AuditConfig()
+    tracing: TracingConfig | None = None  # spans to an OTLP collector; None: off, not imported
+    control: ControlConfig | None = None  # exclusive with mesh_path's file and tls
 
     def listener(self, name: str) -> ListenerConfig | None:
         for listener in self.listeners:
@@ -190,4 +213,5 @@ class MeshConfig:
     trust_domain: str
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     policy: MeshPolicy = MeshPolicy()  # JWT providers and API keys, shared by services
+    mesh_tokens: MeshTokens | None = None  # the end user's signed identity inside the mesh
     version: str = ""  # content hash, or the control plane's version

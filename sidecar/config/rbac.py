@@ -2,6 +2,13 @@
 
 Frozen dataclasses and their parser; ``sidecar/filters/authz_rbac.py`` compiles them.
 Path and source patterns are described in ``policy.py``. Pure: no I/O.
+
+Who the caller is, as a rule sees it: ``from`` is the mTLS peer (a service); ``principals``
+and ``roles`` are the end user and their roles, whoever vouched for them: this hop's JWT or
+API key, or a mesh token the gateway signed (``mesh_tokens.py``), so a service two hops
+behind the gateway can say ``allow: {from: [frontend], principals: [alice]}`` or
+``allow: {roles: [admin]}``. ``claims`` sees the verified token's claims (a mesh token's
+``iss`` tells it apart from a JWT); ``api_key_roles`` matches API-key callers only.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ class RbacMatch:
     principals: tuple[str, ...] = ()
     claims: tuple[ClaimMatch, ...] = ()
     api_key_roles: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()  # any of the caller's roles (JWT, API key, mesh token)
     methods: frozenset[str] = frozenset()
     paths: tuple[PathMatch, ...] = ()
     headers: tuple[tuple[str, str], ...] = ()  # (lower-case name, exact value)
@@ -117,6 +125,7 @@ def _rbac_match(node: Fields) -> RbacMatch:
         principals=strings_of(node, "principals"),
         claims=_claims(node),
         api_key_roles=frozenset(strings_of(node, "api_key_roles")),
+        roles=frozenset(strings_of(node, "roles")),
         methods=methods_of(node, "methods"),
         paths=_paths(node, "paths"),
         headers=tuple(headers),
@@ -133,7 +142,7 @@ def parse_rbac_policy(node: Fields) -> RbacPolicy:
     names: set[str] = set()
     for path, item in node.list("rules"):
         rule = Fields(item, path, node.problems)
-        actions = [a for a in ("allow", "deny") if rule.has(a)]
+        actions: list[Literal["allow", "deny"]] = [a for a in ("allow", "deny") if rule.has(a)]
         name = rule.str("name", str(path).rsplit(".", 1)[-1])
         if len(actions) != 1:
             rule.problems.add(path, "must have exactly one of allow, deny")
@@ -147,7 +156,7 @@ def parse_rbac_policy(node: Fields) -> RbacPolicy:
         if name in names:
             rule.error("name", f"{name!r} is used by another rule")
         names.add(name)
-        rules.append(RbacRule(name=name, action=actions[0], match=match,  # type: ignore[arg-type]
+        rules.append(RbacRule(name=name, action=actions[0], match=match,
                               unless=unless))
     node.done()
     return RbacPolicy(default=default, dry_run=dry_run, rules=tuple(rules))

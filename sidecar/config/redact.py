@@ -15,17 +15,21 @@ __all__ = ["REDACTED", "redact"]
 
 REDACTED = "<redacted>"
 _SECRET_NAMES = frozenset({"hash", "key", "api_key", "token", "secret", "password",
-                           "authorization", "x-api-key", "proxy-authorization", "cookie"})
+                           "authorization", "x-api-key", "proxy-authorization", "cookie",
+                           "pem", "private_key"})
 # A JWT (three base64url parts, header starting '{"') or a configured key hash.
 _TOKENISH = re.compile(
     r"^(eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*|sha256:[0-9a-fA-F]{64})$")
+# A PEM private key (the mesh token signing key) wherever it appears, under any name.
+_PRIVATE_PEM = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 
 def redact(obj: Any, _key: str | None = None) -> Any:
     """A JSON-able copy of ``obj`` (config dataclasses, mappings, lists) with every secret
     replaced by ``"<redacted>"``: dataclass fields marked ``secret``, mapping entries named
-    like credentials (hash, key, token, authorization...) and strings that look like a JWT or
-    a key hash. Used for ``/config_dump`` and logs; over-redacting is the safe mistake."""
+    like credentials (hash, key, token, pem, authorization...) and strings that look like a
+    JWT, a key hash or a PEM private key. Used for ``/config_dump`` and logs; over-redacting
+    is the safe mistake."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out = {}
         for f in dataclasses.fields(obj):
@@ -43,7 +47,7 @@ def redact(obj: Any, _key: str | None = None) -> Any:
     if isinstance(obj, bytes):
         return REDACTED
     if isinstance(obj, str):
-        return REDACTED if _TOKENISH.match(obj) else obj
+        return REDACTED if _TOKENISH.match(obj) or _PRIVATE_PEM.search(obj) else obj
     if isinstance(obj, PurePath):
         return str(obj)
     return obj

@@ -1,13 +1,16 @@
 """The control-plane wire protocol, shared by both sides: JSON messages over one WebSocket.
 
-Sidecar -> control:  hello, ack, nack, heartbeat, csr
+Sidecar -> control:  hello, ack, nack, heartbeat, csr, stats
 Control -> sidecar:  snapshot, certificate, renew, heartbeat, error
 
 A stream starts with the sidecar's ``hello``; the control plane answers with a ``snapshot``
 (version + a mesh.yaml-shaped dict that ``sidecar.config.load.parse_mesh`` accepts + the trust
 bundle), which the sidecar answers with ``ack`` or ``nack`` (then it keeps serving its previous
 snapshot). ``renew`` asks the sidecar for a ``csr`` (it makes a new key each time); the answer is
-a ``certificate``, acked with ``kind: certificate``.
+a ``certificate``, acked with ``kind: certificate``. ``stats`` (every few seconds) carries
+what the sidecar saw since its previous one: per route and destination the requests, errors,
+a latency histogram over ``LATENCY_BUCKETS`` and breaker opens, plus its most recent denials;
+the control plane answers for the whole mesh from these, without scraping.
 
 Rules: pure and stdlib-only (the sidecar must not import aiohttp or control); ``decode`` checks
 the size bound first, then every field's type, and raises ``ProtocolError`` naming the message
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import ssl
 from dataclasses import MISSING, dataclass, field, fields
@@ -33,15 +37,21 @@ __all__ = [
     "Ack",
     "Certificate",
     "Csr",
+    "Denial",
     "ErrorMessage",
     "Heartbeat",
     "Hello",
     "JoinToken",
+    "LATENCY_BUCKETS",
+    "MAX_DENIALS",
+    "MAX_STATS_ROUTES",
     "Message",
     "Nack",
     "ProtocolError",
     "Renew",
+    "RouteStats",
     "Snapshot",
+    "Stats",
     "bundle_fingerprints",
     "decode",
     "encode",
@@ -57,6 +67,14 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 CONTROL_SERVICE = "pake-control"
 
 AckKind: TypeAlias = Literal["snapshot", "certificate"]
+BreakerState: TypeAlias = Literal["closed", "open", "half_open"]
+
+# Upper bounds (seconds) of the stats latency histogram; a count list has one more entry (+Inf).
+# The same buckets as the sidecar's pake_request_duration_seconds, so it can send its own.
+LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                      0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MAX_STATS_ROUTES = 512  # (route, destination) entries in one stats message
+MAX_DENIALS = 32  # denials in one stats message; the sender counts the rest in denials_dropped
 
 
 class ProtocolError(Exception):
@@ -155,12 +173,57 @@ class ErrorMessage:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class RouteStats:
+    """What a sidecar saw for one route towards one destination service since its last stats.
+
+    ``errors`` counts 5xx responses and local replies; ``latency`` holds one count per bucket
+    of ``LATENCY_BUCKETS`` and a last one for slower (empty: no latency measured);
+    ``breaker`` is the destination cluster's breaker state as the message is sent."""
+
+    route: str
+    destination: str
+    requests: int = 0
+    errors: int = 0
+    latency: tuple[int, ...] = ()
+    breaker_opens: int = 0
+    breaker: BreakerState = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A request the sidecar refused by policy (RBAC, authn, rate limit), for the audit view.
+    Strings are the sender's to truncate to 256 characters; ``path`` has no query string."""
+
+    at: float  # unix time, seconds
+    reason: str
+    flag: str = "RBAC"
+    status: int = 403
+    source: str | None = None  # the principal: a SPIFFE ID or a JWT sub, if known
+    method: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Sidecar -> control, periodically: counts since the previous stats message (deltas, so a
+    lost message loses its interval and nothing else), bounded by MAX_STATS_ROUTES and
+    MAX_DENIALS."""
+
+    TYPE: ClassVar[str] = "stats"
+    interval: float  # seconds the counts cover
+    routes: tuple[RouteStats, ...] = ()
+    denials: tuple[Denial, ...] = ()  # oldest first
+    denials_dropped: int = 0  # denials in the interval that did not fit in ``denials``
+
+
 Message: TypeAlias = (
-    Hello | Snapshot | Ack | Nack | Heartbeat | Renew | Csr | Certificate | ErrorMessage
+    Hello | Snapshot | Ack | Nack | Heartbeat | Renew | Csr | Certificate | ErrorMessage | Stats
 )
 _TYPES: dict[str, type[Any]] = {
     cls.TYPE: cls
-    for cls in (Hello, Snapshot, Ack, Nack, Heartbeat, Renew, Csr, Certificate, ErrorMessage)
+    for cls in (Hello, Snapshot, Ack, Nack, Heartbeat, Renew, Csr, Certificate, ErrorMessage,
+                Stats)
 }
 # Per-field checks beyond the type; strings are bounded so a log line stays a line.
 _MAX_STR = 256
@@ -173,7 +236,10 @@ def encode(message: Message) -> str:
     """One JSON text frame; the inverse of ``decode``."""
     body: dict[str, Any] = {"type": message.TYPE}
     for f in fields(message):
-        body[f.name] = getattr(message, f.name)
+        value = getattr(message, f.name)
+        if isinstance(value, tuple):  # Stats' entries: a tuple of small dataclasses
+            value = [_plain(item) for item in value]
+        body[f.name] = value
     text = json.dumps(body, separators=(",", ":"))
     if len(text) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"{message.TYPE}: {len(text)} bytes exceeds {MAX_MESSAGE_BYTES}")
@@ -191,8 +257,7 @@ def decode(data: str | bytes) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError(f"message must be a JSON object, got {_show(body)}")
     kind = body.get("type")
-    cls = _TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    if not isinstance(kind, str) or (cls := _TYPES.get(kind)) is None:
         raise ProtocolError(f"type: unknown message type {_show(kind)}")
     values: dict[str, Any] = {}
     for f in fields(cls):
@@ -201,20 +266,50 @@ def decode(data: str | bytes) -> Message:
                 raise ProtocolError(f"{kind}.{f.name}: is required")
             continue
         values[f.name] = _check(kind, f.name, f.type, body[f.name])
-    return cls(**values)  # type: ignore[no-any-return]
+    return cls(**values)  # type: ignore[no-any-return]  # (_TYPES holds only Message classes)
+
+
+def _plain(item: Any) -> Any:
+    return {f.name: getattr(item, f.name) for f in fields(item)}
+
+
+def _entries(kind: str, name: str, value: list[Any], cls: type[Any], limit: int) -> tuple[Any, ...]:
+    """A list of small records (a Stats message's routes or denials), each checked like a
+    message of its own and named by its index: ``stats.routes[3].requests: ...``."""
+    if len(value) > limit:
+        raise ProtocolError(f"{kind}.{name}: more than {limit} entries")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{kind}.{name}[{i}]"
+        if not isinstance(item, dict):
+            raise ProtocolError(f"{where}: must be an object, got {_show(item)}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in item:
+                if _required(f):
+                    raise ProtocolError(f"{where}.{f.name}: is required")
+                continue
+            values[f.name] = _check(where, f.name, f.type, item[f.name])
+        out.append(cls(**values))
+    return tuple(out)
 
 
 def _required(f: Any) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+_FIELD_TYPES: dict[str, tuple[type[Any], ...]] = {  # (type[Any]: isinstance keeps a value Any)
     "str": (str,),
     "str | None": (str, type(None)),
     "bool": (bool,),
     "bool | None": (bool, type(None)),
     "int": (int,),
     "float | None": (int, float, type(None)),
+    "float": (int, float),
+    "tuple[int, ...]": (list,),
+    "tuple[RouteStats, ...]": (list,),
+    "tuple[Denial, ...]": (list,),
+    "BreakerState": (str,),
     "dict[str, Any]": (dict,),
     "AckKind": (str,),
 }
@@ -234,10 +329,25 @@ def _check(kind: str, name: str, annotation: Any, value: Any) -> Any:
         raise ProtocolError(f"{kind}.{name}: must be one of {get_args(AckKind)}, got {_show(value)}")
     if name == "address" and value is not None and not _ADDRESS.match(value):
         raise ProtocolError(f"{kind}.address: must be host:port, got {_show(value)}")
-    if name in ("node", "service") and not _NAME.match(value):
+    if name in ("node", "service", "destination") and not _NAME.match(value):
         raise ProtocolError(f"{kind}.{name}: must be a simple name, got {_show(value)}")
     if name == "interval" and value is not None and not (0 < value < 86400):
         raise ProtocolError(f"{kind}.{name}: out of range, got {_show(value)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
+        raise ProtocolError(f"{kind}.{name}: must be a finite number ≥ 0, got {_show(value)}")
+    if str(annotation) == "BreakerState" and value not in get_args(BreakerState):
+        raise ProtocolError(f"{kind}.{name}: must be one of {get_args(BreakerState)}, "
+                            f"got {_show(value)}")
+    if name == "routes":
+        return _entries(kind, name, value, RouteStats, MAX_STATS_ROUTES)
+    if name == "denials":
+        return _entries(kind, name, value, Denial, MAX_DENIALS)
+    if name == "latency":
+        if len(value) not in (0, len(LATENCY_BUCKETS) + 1) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+            raise ProtocolError(f"{kind}.latency: must be {len(LATENCY_BUCKETS) + 1} counts "
+                                f"≥ 0 (one per LATENCY_BUCKETS bound and +Inf), got {_show(value)}")
+        return tuple(value)
     return value
 
 

@@ -78,7 +78,7 @@ def _claim_matches(claims: dict[str, Any] | None, m: ClaimMatch) -> bool:
 
 class _CompiledRule:
     __slots__ = ("action", "api_key_roles", "claims", "exact_paths", "glob_paths", "headers",
-                 "methods", "name", "prefixes", "principals", "sources", "unless")
+                 "methods", "name", "prefixes", "principals", "roles", "sources", "unless")
 
     def __init__(self, name: str, action: str, match: RbacMatch, trust_domain: str,
                  unless: RbacMatch | None = None) -> None:
@@ -95,6 +95,7 @@ class _CompiledRule:
         self.principals = _any_of([_glob(p, ".*") for p in match.principals])
         self.claims = match.claims
         self.api_key_roles = match.api_key_roles
+        self.roles = match.roles
         self.methods = match.methods
         self.exact_paths = frozenset(p.value for p in match.paths if p.kind == "exact")
         self.prefixes = tuple(p.value for p in match.paths if p.kind == "prefix")
@@ -122,6 +123,8 @@ class _CompiledRule:
             return False
         if self.api_key_roles and (ex.tags.get("authn") != "api_key"
                                    or self.api_key_roles.isdisjoint(ex.roles)):
+            return False
+        if self.roles and self.roles.isdisjoint(ex.roles):
             return False
         for name, value in self.headers:
             if value not in request.header_values(name):

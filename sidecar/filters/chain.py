@@ -1,10 +1,12 @@
 """Which filters run on which listener, built once per snapshot.
 
-- ``gateway``: the edge for outside callers: sanitize -> JWT -> API key -> RBAC (the
-  gateway service's own policy) -> rate limit -> validation -> router.
+- ``gateway``: the edge for outside callers: sanitize (claim headers, the mesh token) ->
+  JWT -> API key -> RBAC (the gateway service's own policy) -> rate limit -> validation ->
+  mesh token mint (when the snapshot holds the signing key) -> router.
 - ``inbound``: calls from other sidecars (the mTLS peer is already known): sanitize ->
-  JWT / API key when the local service has ``authn`` -> RBAC (its ``policy``) -> rate limit
-  -> validation -> router to the local app.
+  JWT / API key when the local service has ``authn`` -> mesh token verify (when the mesh has
+  ``mesh_tokens``) -> RBAC (its ``policy``) -> rate limit -> validation -> router to the
+  local app.
 - ``outbound``: the local app's own calls: no filters; the callee's sidecar decides.
 
 Order matters: authentication sets the principal that RBAC reads, and exactly one authn
@@ -44,14 +46,19 @@ def build_chains(bootstrap: Bootstrap, mesh: MeshConfig, *, caches: Mapping[str,
             old = (previous or {}).get(listener.name, ())
             chains[listener.name] = _service_chain(local, mesh, caches=caches, audit=audit,
                                                    clock=clock, base_dir=bootstrap.mesh_path.parent,
-                                                   previous=old)
+                                                   previous=old, listener=listener.name)
     return chains
 
 
 def _service_chain(service: ServiceConfig, mesh: MeshConfig, *, caches: Mapping[str, JwksCache],
                    audit: AuditLog | None, clock: Clock, base_dir: Path,
-                   previous: FilterChain) -> FilterChain:
+                   previous: FilterChain, listener: str = "inbound") -> FilterChain:
     chain: list[Filter] = []
+    tokens = mesh.mesh_tokens
+    edge = listener == "gateway"
+    if tokens is not None and edge:
+        from .mesh_token import MeshTokenStrip
+        chain.append(MeshTokenStrip(tokens.header_bytes))
     providers = mesh.policy.jwt_providers.values()
     if any(p.claims_to_headers for p in providers):
         # claim headers any provider may set are stripped everywhere, so an app can trust them
@@ -65,6 +72,11 @@ def _service_chain(service: ServiceConfig, mesh: MeshConfig, *, caches: Mapping[
     if authn is not None and authn.api_keys:
         from .authn_api_key import build_api_key_authn
         chain.append(build_api_key_authn(authn, mesh.policy.api_keys, audit=audit))
+    if tokens is not None and not edge:
+        from .mesh_token import MeshTokenVerify, build_mesh_token_verify
+        verify = next((f for f in previous if isinstance(f, MeshTokenVerify)
+                       and f.config == tokens), None)  # keeps its verified-token cache
+        chain.append(verify or build_mesh_token_verify(tokens, clock=clock, audit=audit))
     if service.policy is not None:
         from .authz_rbac import build_rbac
         chain.append(build_rbac(service.policy, service=service.name,
@@ -78,4 +90,9 @@ def _service_chain(service: ServiceConfig, mesh: MeshConfig, *, caches: Mapping[
     if validations:
         from .validation import build_validation
         chain.append(build_validation(validations, base_dir=base_dir))
+    if tokens is not None and edge and tokens.signing_key is not None:
+        from .mesh_token import MeshTokenMint, build_mesh_token_mint
+        mint = next((f for f in previous if isinstance(f, MeshTokenMint)
+                     and f.config == tokens), None)  # keeps its minted-token cache
+        chain.append(mint or build_mesh_token_mint(tokens))
     return tuple(chain)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 __all__ = [
+    "DEFAULT_MESH_TOKEN_HEADER",
     "HEADER_NAME",
     "HOP_BY_HOP",
     "MESH_INTERNAL",
@@ -29,6 +30,10 @@ MESH_INTERNAL = frozenset({b"x-pake-peer-identity", b"x-pake-attempts", b"x-pake
                            b"x-pake-roles"})
 # Headers the sidecar sets for the app after authentication; never taken from outside.
 RESERVED_HEADERS = ("x-pake-peer-identity", "x-pake-principal", "x-pake-roles")
+# Where the gateway's mesh token (the end user, signed) travels. Not in MESH_INTERNAL: it
+# must pass the outbound and inbound sidecars when an app forwards it; the gateway strips it
+# from outside callers and an inbound sidecar ignores it without an mTLS peer.
+DEFAULT_MESH_TOKEN_HEADER = "x-pake-user"
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:

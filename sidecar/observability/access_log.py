@@ -18,10 +18,12 @@ from .log_writer import LogChannel
 __all__ = ["AccessLog"]
 
 # Left unquoted: values that cannot hold a quote or a backslash (the listener's and the flags'
-# fixed names, a method the parser took from its fixed list, an IP address from the socket).
+# fixed names, a method the parser took from its fixed list, an IP address from the socket);
+# trace and span ids are hex we made or checked (``tracing``), quoted here, or null when off.
 _LINE = ('{"event":"access","timestamp":"%s","listener":"%s","method":"%s","authority":%s,"path":%s,'
          '"status":%d,"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,"route":%s,"cluster":%s,'
-         '"upstream":%s,"attempts":%d,"flags":"%s","request_id":%s,"client":"%s"')
+         '"upstream":%s,"attempts":%d,"flags":"%s","request_id":%s,"trace_id":%s,"span_id":%s,'
+         '"client":"%s"')
 
 
 class AccessLog:
@@ -41,7 +43,9 @@ class AccessLog:
             self._stamp, ex.listener, head.method, quote(head.authority), quote(head.path),
             ex.status, ex.bytes_in, ex.bytes_out, duration * 1000,
             quote(route.name) if route is not None else '"-"', quote(ex.cluster), quote(ex.upstream),
-            ex.attempts, ex.flags, quote(ex.request_id), ex.downstream_address)
+            ex.attempts, ex.flags, quote(ex.request_id),
+            f'"{ex.trace_id}"' if ex.trace_id else "null", f'"{ex.span_id}"' if ex.span_id else "null",
+            ex.downstream_address)
         if ex.peer_identity:
             line += ',"peer":' + quote(ex.peer_identity)
         if ex.principal:

@@ -1,5 +1,6 @@
 """Metrics read from live state at scrape time: circuit breakers, endpoint health and
-ejection, policy decisions, the audit sink and the JWT key caches.
+ejection, policy decisions, the audit sink, the JWT key caches, and what live snapshots keep
+open (pools, health checkers, superseded snapshots still finishing exchanges).
 
 These objects already count what happens (the breaker its trips and rejections, each
 filter its decisions, the audit log its drops); this collector only reads them when
@@ -8,7 +9,7 @@ Prometheus asks, so the request path pays nothing for these metrics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,8 +20,10 @@ __all__ = ["StateCollector"]
 
 class StateCollector(Collector):
     def __init__(self, *, clusters: Callable[[], Iterable[Any]], filters: Callable[[], Iterable[Any]],
-                 audit: Any, jwks: Callable[[], dict[str, Any]], clock: Callable[[], float]) -> None:
+                 audit: Any, jwks: Callable[[], dict[str, Any]], clock: Callable[[], float],
+                 upstream: Callable[[], Mapping[str, int]] = dict) -> None:
         self._clusters = clusters
+        self._upstream = upstream
         self._filters = filters
         self._audit = audit
         self._jwks = jwks
@@ -29,6 +32,19 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._cluster_metrics()
         yield from self._policy_metrics()
+        yield from self._upstream_metrics()
+
+    def _upstream_metrics(self) -> Iterator[Metric]:
+        # Flat while snapshots come and go: growth here is a leak across reloads.
+        counts = self._upstream()
+        for key, help_text in (
+                ("pools", "Upstream connection pools held by live snapshots"),
+                ("health_checkers", "Health checkers held by live snapshots"),
+                ("retiring_snapshots", "Superseded snapshots whose exchanges are not all finished")):
+            if key in counts:
+                gauge = GaugeMetricFamily(f"pake_{key}", help_text)
+                gauge.add_metric([], counts[key])
+                yield gauge
 
     def _cluster_metrics(self) -> Iterator[Metric]:
         now = self._clock()

@@ -42,6 +42,7 @@ class Cluster:
     health: HealthChecker | None = None
     expected_identity: str | None = None  # the SPIFFE ID the upstream must present (mTLS)
     max_request_body: int | None = None  # the service's own body bound (local app: the local service's)
+    source: object = None  # the config it was built from: equal config, same cluster next snapshot
 
     # Routes' own retry policies by route name, made on first use. The previous snapshot's are
     # looked at once, so a route's budget state outlives a reload that did not change it.

@@ -6,6 +6,11 @@ by that bundle (checking the server is ``pake-control``), then open the stream o
 ``websockets``, say hello, validate each snapshot with the sidecar's own ``parse_mesh`` and
 ack or nack it, answer ``renew`` with a new key's CSR, ack certificates, send heartbeats.
 Everything it receives is kept in ``received`` for assertions; ``wait_for`` waits on it.
+
+Several control-plane addresses (a list for ``listen``) and ``failover=True``: when its stream
+ends without ``close()``, it connects to the next address in turn (as the sidecar does), with
+a short capped backoff, for at most ``reconnect_for`` seconds; ``stream_opens`` counts the
+streams it opened, ``listen`` is the address it is on.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from certs import pem
 from certs.identity import SpiffeId, workload_identity
@@ -56,13 +63,20 @@ class JoinError(Exception):
 
 
 class MeshClient:
-    def __init__(self, workdir: Path, listen: str, *, service: str, node: str = "node-1",
-                 address: str | None = "127.0.0.1:15006",
+    def __init__(self, workdir: Path, listen: str | Sequence[str], *, service: str,
+                 node: str = "node-1", address: str | None = "127.0.0.1:15006",
                  refuse: Callable[[Snapshot], str | None] | None = None,
-                 answer_renew: bool = True) -> None:
+                 answer_renew: bool = True, failover: bool = False,
+                 reconnect_for: float = 10.0) -> None:
         self.dir = workdir / f"client-{service}-{node}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.listen = listen
+        self.addresses = [listen] if isinstance(listen, str) else list(listen)
+        self.listen = self.addresses[0]
+        self.failover = failover
+        self.reconnect_for = reconnect_for
+        self.stream_opens = 0
+        self._closing = False
+        self._hello: tuple[str | None, bool] = (None, True)
         self.service = service
         self.node = node
         self.address = address
@@ -75,6 +89,7 @@ class MeshClient:
         self.ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        self._next_keys: dict[bytes, Any] = {}
 
     @property
     def cert_path(self) -> Path:
@@ -143,12 +158,43 @@ class MeshClient:
 
     async def connect(self, *, hello_service: str | None = None, app_healthy: bool = True) -> None:
         """Open the stream and say hello (websockets raises InvalidStatus on an HTTP refusal)."""
-        self.ws = await connect(f"wss://{self.listen}/v1/stream", ssl=self.client_context(),
-                                max_size=MAX_MESSAGE_BYTES, ping_interval=None)
+        self._hello = (hello_service, app_healthy)
+        self._closing = False
+        await self._open(self.listen)
+        self._reader = asyncio.create_task(self._run())
+
+    async def _open(self, address: str) -> None:
+        hello_service, app_healthy = self._hello
+        self.ws = await connect(f"wss://{address}/v1/stream", ssl=self.client_context(),
+                                max_size=MAX_MESSAGE_BYTES, ping_interval=None, open_timeout=5)
+        self.listen = address
+        self.stream_opens += 1
         await self.send(Hello(node=self.node, service=hello_service or self.service,
                               address=self.address, version=self.held_version,
                               app_healthy=app_healthy))
-        self._reader = asyncio.create_task(self._read())
+
+    async def _run(self) -> None:
+        while True:
+            await self._read()
+            if self._closing or not self.failover or not await self._reconnect():
+                return
+
+    async def _reconnect(self) -> bool:
+        """The next address that takes the stream, round robin from the one that failed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_for
+        start = self.addresses.index(self.listen) if self.listen in self.addresses else -1
+        backoff, attempt = 0.02, 0
+        while loop.time() < deadline and not self._closing:
+            attempt += 1
+            address = self.addresses[(start + attempt) % len(self.addresses)]
+            try:
+                await self._open(address)
+                return True
+            except (OSError, TimeoutError, InvalidStatus, InvalidHandshake):
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.5)
+        return False
 
     async def send(self, message: Message) -> None:
         assert self.ws is not None
@@ -176,15 +222,25 @@ class MeshClient:
                 reason = "; ".join(exc.problems)
             if reason is None:
                 self.held_version = message.version
+                if message.bundle is not None:  # trusted from now on, as the sidecar does
+                    self.bundle = message.bundle
+                    self.bundle_path.write_text(message.bundle)
                 await self.send(Ack(version=message.version))
             else:
                 await self.send(Nack(version=message.version, error=reason))
         elif isinstance(message, Renew) and self.answer_renew:
             key = new_key()
-            pem.write_private_key(self.dir / "next-key.pem", key)
+            # Several renewals may be in flight: the certificate says which key it is for.
+            self._next_keys[_public_der(key.public_key())] = key
             await self.send(Csr(csr=make_csr(key, self.service, self.trust_domain).decode()))
         elif isinstance(message, Certificate):
-            (self.dir / "next-key.pem").replace(self.key_path)
+            leaf = x509.load_pem_x509_certificate(message.cert.encode())
+            key = self._next_keys.pop(_public_der(leaf.public_key()), None)
+            if key is None:
+                await self.send(Nack(version=message.version, error="no key for this certificate",
+                                     kind="certificate"))
+                return
+            pem.write_private_key(self.key_path, key)
             self.cert_path.write_text(message.cert)
             self.bundle_path.write_text(message.bundle)
             await self.send(Ack(version=message.version, kind="certificate"))
@@ -216,6 +272,7 @@ class MeshClient:
         return [s for s in self.snapshots if where(s)][-1]
 
     async def close(self) -> None:
+        self._closing = True
         if self.ws is not None:
             await self.ws.close()
         if self._reader is not None:
@@ -225,3 +282,6 @@ class MeshClient:
 def endpoints_of(snapshot: Snapshot, service: str) -> list[str]:
     return list((snapshot.mesh.get("services") or {}).get(service, {}).get("endpoints") or [])
 
+
+def _public_der(public_key: Any) -> bytes:
+    return bytes(public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))

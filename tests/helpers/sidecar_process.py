@@ -141,3 +141,50 @@ class SidecarProcess:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class JoinedSidecarProcess(SidecarProcess):
+    """A sidecar whose bootstrap has ``control:`` instead of ``mesh:`` and ``tls:``.
+
+    The join token (if given) is written to ``join.token`` beside ``sidecar.yaml``; the state
+    directory is ``state/`` there, so a restart of the same object finds its identity and last
+    snapshot. ``ready`` is logged once the listeners are bound (after the join); a test waits
+    for ``config_applied`` (or the admin ``/readyz``) for the first config.
+    """
+
+    def __init__(self, workdir: Path, *, service: str, addresses: list[str], token: str | None,
+                 listeners: dict[str, Any], app: str | None = None, name: str | None = None,
+                 extra: dict[str, Any] | None = None, ready_timeout: float = 20.0) -> None:
+        control = {"addresses": addresses, "token_file": "join.token", "state_dir": "state",
+                   "reconnect_max": "500ms"}
+        bootstrap: dict[str, Any] = {"service": service, "listeners": listeners, "control": control,
+                                     **(extra or {})}
+        if app is not None:
+            bootstrap["app"] = app
+        super().__init__(workdir, bootstrap=bootstrap, mesh=None, name=name or f"{service}-sidecar",
+                         ready_timeout=ready_timeout)
+        self.bootstrap = bootstrap  # no mesh: key
+        self.token = token
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    async def start(self) -> JoinedSidecarProcess:
+        await super().start()
+        return self
+
+    def write_config(self, *, bootstrap: dict[str, Any] | None = None, mesh: dict[str, Any] | str | None = None) -> None:
+        super().write_config(bootstrap=bootstrap, mesh=mesh)
+        if self.token is not None:
+            (self.dir / "join.token").write_text(self.token + "\n")
+
+    async def wait_config(self, version_prefix: str = "", timeout: float = 10.0) -> dict[str, Any]:
+        """The ``config_applied`` log line of a version starting with ``version_prefix``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for event in self.events("config_applied"):
+                    if str(event.get("version", "")).startswith(version_prefix):
+                        return event
+                self._new_line.clear()
+                await self._new_line.wait()

@@ -7,6 +7,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from control.push import Built
 from control.stream import SidecarSession, StreamLimits
 from sidecar.discovery.protocol import Hello, Renew
 
@@ -54,7 +55,7 @@ async def test_only_the_latest_unsent_snapshot_is_kept() -> None:
     ws = FakeWs()
     s, _ = session(ws)
     for i in range(1, 6):
-        s.offer_snapshot(f"{i}.d{i}", f"snap{i}")
+        s.offer_snapshot(Built(f"{i}.d{i}", f"snap{i}", ()))
     writer = asyncio.create_task(s.run_writer())
     async with asyncio.timeout(2):
         await ws.sent_event.wait()
@@ -68,7 +69,7 @@ async def test_a_stuck_sidecar_is_closed_and_does_not_hold_up_another() -> None:
     ok, _ = session(ok_ws, send_timeout=0.2)
     writers = [asyncio.create_task(stuck.run_writer()), asyncio.create_task(ok.run_writer())]
     for target in (stuck, ok):  # what Pusher.push_all does: offer, never await
-        target.offer_snapshot("1.a", "snap1")
+        target.offer_snapshot(Built("1.a", "snap1", ()))
     async with asyncio.timeout(2):
         await ok_ws.sent_event.wait()
     assert ok_ws.sent == ["snap1"]
@@ -91,7 +92,7 @@ async def test_same_content_under_a_newer_version_is_not_resent() -> None:
     ws = FakeWs()
     s, _ = session(ws)
     s.acked_version = "1.abc"
-    s.offer_snapshot("2.abc", "snap")
+    s.offer_snapshot(Built("2.abc", "snap", ()))
     assert s.latest_version == "1.abc" and s.status()["state"] == "acked"
-    s.offer_snapshot("3.def", "snap3")
+    s.offer_snapshot(Built("3.def", "snap3", ()))
     assert s.latest_version == "3.def" and s.status()["state"] == "pending"

@@ -43,7 +43,8 @@ def test_access_line_has_every_field_and_only_the_optional_ones_set() -> None:
     access = AccessLog(writer.channel("access"))
     full = exchange('/o/"quoted"\\é', peer_identity="spiffe://pake.local/service/web",
                     principal="alice", reason='rule "x"', cluster="orders", upstream="127.0.0.1:8080",
-                    attempts=2, status=403, flags="RBAC", bytes_in=12, bytes_out=345)
+                    attempts=2, status=403, flags="RBAC", bytes_in=12, bytes_out=345,
+                    trace_id="4bf92f3577b34da6a3ce929d0e0e4736", span_id="00f067aa0ba902b7")
     full.route = RouteConfig(name="reads", match=RouteMatch(), to=())
     full.tags.update(rbac="deny", rbac_rule="x")
     access.log(full, 0.0012345)
@@ -56,9 +57,11 @@ def test_access_line_has_every_field_and_only_the_optional_ones_set() -> None:
         "path": '/o/"quoted"\\é', "status": 403, "bytes_in": 12, "bytes_out": 345, "duration_ms": 1.234,
         "route": "reads", "cluster": "orders", "upstream": "127.0.0.1:8080", "attempts": 2,
         "flags": "RBAC", "request_id": "r-1", "client": "10.0.0.7",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7",
         "peer": "spiffe://pake.local/service/web", "principal": "alice", "reason": 'rule "x"',
         "rbac": "deny", "rbac_rule": "x"}
     assert (second["route"], second["duration_ms"]) == ("-", 500.0)
+    assert (second["trace_id"], second["span_id"]) == (None, None)  # tracing off: null, present
     assert not {"peer", "principal", "reason"} & second.keys()
     assert all(line.endswith("}\n") and line.isascii() for line in sink.lines)
 

@@ -72,7 +72,7 @@ async def test_one_record_per_decision_through_the_filters() -> None:
         ("r2", "authz", "allow", "reads"),
         ("r3", "authz", "deny", "default")]
     assert records[1] == {
-        "event": "audit", "time": "2027-01-15T08:00:00.250Z", "request_id": "r2", "trace_id": "trace-1",
+        "event": "audit", "time": "2027-01-15T08:00:00.250Z", "request_id": "r2", "trace_id": "trace-1", "span_id": None,
         "source": "spiffe://pake.local/service/web", "client": "203.0.113.7",
         "principal": "spiffe://pake.local/service/web", "service": "orders",
         "method": "GET", "path": "/orders/1", "stage": "authz", "decision": "allow",

@@ -303,7 +303,7 @@ async def test_cluster_health_check_marks_a_wrong_identity_endpoint_down(
         "endpoints": [f"127.0.0.1:{good.address[1]}", f"127.0.0.1:{impostor.address[1]}"],
         "health_check": {"path": "/healthz", "interval": "1h", "jitter": "0ms", "timeout": "2s",
                          "healthy_threshold": 1, "unhealthy_threshold": 1}}}})
-    manager.update(mesh, "frontend", None, mesh_tls=True)
+    manager.activate(manager.build(mesh, "frontend", None, mesh_tls=True))
     try:
         checker = manager.clusters["orders"].health
         assert checker is not None

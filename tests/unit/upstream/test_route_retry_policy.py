@@ -33,7 +33,7 @@ def routes(config: MeshConfig) -> dict[str, RouteConfig]:
 async def test_a_route_budget_is_its_own_and_survives_an_unchanged_reload() -> None:
     manager = ClusterManager(asyncio.get_running_loop())
     first = mesh()
-    manager.update(first, None, None)
+    manager.activate(manager.build(first, None, None))
     cluster = manager.clusters["orders"]
     by_name = routes(first)
     own, shared = cluster.retry_policy(by_name["own"]), cluster.retry_policy(by_name["shared"])
@@ -45,13 +45,13 @@ async def test_a_route_budget_is_its_own_and_survives_an_unchanged_reload() -> N
     assert own.budget.try_spend(NOW)
 
     same = mesh()
-    manager.update(same, None, None)  # a reload that changes nothing
+    manager.activate(manager.build(same, None, None))  # a reload that changes nothing
     again = manager.clusters["orders"].retry_policy(routes(same)["own"])
     assert again.config is routes(same)["own"].retries
     assert again.budget is own.budget and again.budget.snapshot(NOW)["retries"] == 1
 
     changed = mesh("10%")
-    manager.update(changed, None, None)  # the route's budget changed: fresh state
+    manager.activate(manager.build(changed, None, None))  # the route's budget changed: fresh state
     fresh = manager.clusters["orders"].retry_policy(routes(changed)["own"])
     assert fresh.budget is not own.budget and fresh.budget.snapshot(NOW)["retries"] == 0
     await manager.close()
