@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test bench certs clean help
 
 help:
-	@echo "make demo   - run the demo mesh on loopback (Ctrl-C stops it)"
+	@echo "make demo   - run the demo mesh on loopback under its control plane (Ctrl-C stops it)"
 	@echo "make test   - run the test suite"
 	@echo "make bench  - benchmark the sidecar against a direct path and HAProxy, and the control plane's push fan-out"
 	@echo "make certs  - create the demo CA, workload certificates and the gateway's demo server certificate (examples/mtls/certs)"
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m examples.demo
+	$(PY) -m examples.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
