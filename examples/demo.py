@@ -1,16 +1,19 @@
-"""``python -m examples.demo`` (``make demo``): the demo mesh on loopback, joined to one
+"""``python -m examples.demo`` (``make demo``): the PAKE demo mesh on loopback, joined to one
 control plane.
 
 Starts ``pakectl serve`` first (sidecars on 127.0.0.1:15010, admin API and dashboard on
 127.0.0.1:15014, its own OTLP collector on 127.0.0.1:4318; its state, the CA, the tokens and
 the applied versions, in ``.pake/demo/`` of the checkout, kept between runs), applies
-``examples/pake/mesh.yaml``, then starts the apps and their sidecars, each joined with a
-join token instead of certificate and mesh files: the echo app behind echo's sidecar (mTLS
-inbound 127.0.0.1:15006), the ``gateway`` (127.0.0.1:18000: outside clients with a JWT or
-the demo API key) and the ``frontend`` sidecar (plain outbound 127.0.0.1:15001: Host
-``echo`` goes over mTLS to echo's sidecar). It sends requests through both paths to show
-that they work, prints how to try them (``pakectl status`` and ``pakectl check`` work with no
-flags in another terminal), and on Ctrl-C or SIGTERM stops every process in reverse order.
+``examples/pake/mesh.yaml``, then starts the sidecars, each joined with a join token instead
+of certificate and mesh files, and the apps behind them (``examples/pake/``: auth, data, ai
+and its canary, knowledge, cache, audit, and echo, the diagnostic service): the ``gateway``
+(127.0.0.1:18000: outside clients with a JWT or an API key), echo's sidecar (mTLS inbound
+127.0.0.1:15006) and the ``frontend`` sidecar (plain outbound 127.0.0.1:15001: Host ``echo``
+goes over mTLS to echo's sidecar). Every sidecar traces to the control plane's collector at
+100%. It sends requests through the mesh to show that it works, prints the gateway URL, the
+dashboard URL and curl lines (``pakectl status`` and ``pakectl check`` work with no flags in
+another terminal), and on Ctrl-C or SIGTERM stops every process in reverse order. The
+processes' output is in ``.pake/demo/logs/``. ``make demo-tour`` walks through the same mesh.
 
 ``--ports-offset N`` moves every port by N when the default ones are taken; ``--any-ports``
 lets every process pick a free port (tests use this); ``--state-dir`` keeps the control
@@ -92,27 +95,54 @@ async def _first_ok(make_line: Callable[[], Awaitable[tuple[str, str]]]) -> str:
         await asyncio.sleep(0.2)
 
 
+async def _ask(port: int) -> tuple[str, str]:
+    """One question through the gateway: gateway -> knowledge -> data and ai."""
+    token = mint("alice", ["admin"], ttl=300)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write((f"GET /api/ask?q=mesh HTTP/1.1\r\nHost: localhost:{port}\r\n"
+                      f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n").encode())
+        async with asyncio.timeout(10):
+            raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1].decode() if head else "no response"
+    return status, f"gateway: GET /api/ask?q=mesh as alice -> {status}: {body[:120].decode(errors='replace')}"
+
+
 def _help(mesh: Mesh) -> str:
     outbound, gateway = mesh.port("frontend", "outbound"), mesh.port("gateway", "gateway")
     admin = mesh.address("control", "admin")
     base = f"http://127.0.0.1:{gateway}"
+    flags = "" if admin == "127.0.0.1:15014" else f" --admin {admin}"
     return f"""
-[demo] the mesh is up: every sidecar joined the control plane at {mesh.address('control', 'listen')}
-  dashboard:  http://{admin}/dashboard
-  pakectl status / pakectl check{'' if admin == '127.0.0.1:15014' else f' --admin {admin}'}   (in another terminal: .venv/bin/pakectl)
+[demo] the PAKE mesh is up: 10 sidecars joined the control plane at {mesh.address('control', 'listen')}
+  gateway:    {base}
+  dashboard:  http://{admin}/dashboard        (traffic, breakers, SLOs, traces)
+  .venv/bin/pakectl status{flags}    .venv/bin/pakectl check{flags}    .venv/bin/pakectl top{flags}
+  logs:       {mesh.logs}/<process>.log
+[demo] try it (JWTs from the DEMO key: examples/gateway/README.md):
+  TOKEN=$(.venv/bin/python -m examples.mint_token --sub alice --role admin)
+  curl -H "Authorization: Bearer $TOKEN" '{base}/api/ask?q=breaker'      # 200: knowledge asks data and ai
+  curl -H "Authorization: Bearer $TOKEN" {base}/api/items                 # 200: data's items, via knowledge
+  curl -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' -d '{{"text": "hello"}}' {base}/api/items   # 201
+  curl -H "Authorization: Bearer $TOKEN" {base}/api/items/1               # 200: read through cache (x-cache)
+  curl -H "Authorization: Bearer $TOKEN" {base}/auth/whoami               # who the mesh says you are
+  curl -H "Authorization: Bearer $TOKEN" {base}/audit/stats               # the mesh's audit records (role admin)
+  curl -H "x-api-key: pake-demo-partner-key-never-use-elsewhere" {base}/api/items    # 200: the partner may read
+  curl {base}/api/items                                                    # 401: no credentials
+  curl -H 'Host: ai' 'http://127.0.0.1:{mesh.port('cache', 'outbound')}/answer?q=x'  # 403: only knowledge may call ai
+  curl -X POST http://127.0.0.1:{mesh.port('apps', 'ai')}/admin/fail            # ai fails: watch the breaker (body {{"fail": false}} heals)
+[demo] echo, the diagnostic service:
   curl -x http://127.0.0.1:{outbound} http://echo/hello
   curl -H 'Host: echo' http://127.0.0.1:{outbound}/hello
   curl http://127.0.0.1:{mesh.port('frontend', 'admin')}/config     # frontend's certificate: subject, SAN, serial, expiry
-  curl http://127.0.0.1:{mesh.port('echo', 'admin')}/metrics    # pake_tls_handshakes_total, ..._failures_total
   curl -k https://127.0.0.1:{mesh.port('echo', 'inbound')}/      # no client certificate: refused in the handshake
-[demo] the gateway: outside callers bring a JWT or the demo API key; /echo/ goes over mTLS to echo
-  TOKEN=$(.venv/bin/python -m examples.mint_token --sub alice --role admin)
-  curl -H "Authorization: Bearer $TOKEN" {base}/echo/hello                # 200
-  curl -H "Authorization: Bearer $TOKEN" {base}/echo/admin/stats          # 200: role admin
   READER=$(.venv/bin/python -m examples.mint_token --sub bob --role reader)
+  curl -H "Authorization: Bearer $TOKEN" {base}/echo/admin/stats          # 200: role admin
   curl -H "Authorization: Bearer $READER" {base}/echo/admin/stats         # 403: only role admin
-  curl -H "x-api-key: pake-demo-api-key-never-use-elsewhere" {base}/echo/hello   # 200
-  curl {base}/echo/hello                                                   # 401: no credentials"""
+  curl -H "x-api-key: pake-demo-api-key-never-use-elsewhere" {base}/echo/hello   # 200"""
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -126,6 +156,7 @@ async def run(args: argparse.Namespace) -> int:
         async with Mesh(Path(args.state_dir).resolve(), shift, stop) as mesh:
             outbound, gateway = mesh.port("frontend", "outbound"), mesh.port("gateway", "gateway")
             print(f"[demo] {await _first_ok(lambda: _check(outbound))}", flush=True)
+            print(f"[demo] {await _first_ok(lambda: _ask(gateway))}", flush=True)
             for line in await _check_gateway(gateway):
                 print(f"[demo] {line}", flush=True)
             print(_help(mesh), flush=True)

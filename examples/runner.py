@@ -69,10 +69,14 @@ class Child:
     resolves ``ports``."""
 
     def __init__(self, name: str, argv: list[str], ready: Ready, *, quiet: bool = False,
-                 on_line: LineHook | None = None) -> None:
+                 on_line: LineHook | None = None, log: Path | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.name = name
         self.argv = argv
         self.quiet = quiet
+        self.log_path = log
+        self.pass_fds = pass_fds
+        self._log: Any = None
         self._ready = ready
         self._on_line = on_line
         self.proc: asyncio.subprocess.Process | None = None
@@ -88,8 +92,12 @@ class Child:
     async def start(self, cwd: Path) -> Child:
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        if self.log_path is not None:
+            # Line-buffered text: a write is a memcpy into the buffer and one small write(2)
+            # to a local file; the demo's own loop has nothing latency-critical to protect.
+            self._log = open(self.log_path, "w", buffering=1)  # noqa: SIM115 - closed in stop()
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE,
+            *self.argv, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, pass_fds=self.pass_fds,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True, limit=1 << 20)
         print(f"[demo] started {self.name} (pid {self.proc.pid})", flush=True)
         self._pump = asyncio.create_task(self._read())
@@ -109,6 +117,8 @@ class Child:
             else:
                 why = f"did not become ready within {READY_TIMEOUT}s"
             last = "\n  ".join(self.tail[-8:]) or "(no output)"
+            if self.log_path is not None:
+                last += f"\n  (all of it: {self.log_path})"
             raise DemoError(f"{self.name} {why} (a port in use? try --ports-offset N):\n  {last}")
         return self
 
@@ -119,6 +129,8 @@ class Child:
             self.tail = [*self.tail[-(TAIL - 1):], text]
             if not self.quiet:
                 print(f"[{self.name}] {text}", flush=True)
+            if self._log is not None:
+                self._log.write(text + "\n")
             if self._on_line is not None:
                 self._on_line(self.name, text)
             if not self._ready_event.is_set():
@@ -150,6 +162,9 @@ class Child:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await self._pump
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         print(f"[demo] {self.name} exited ({proc.returncode})", flush=True)
         return proc.returncode
 

@@ -3,16 +3,20 @@
 Order: ``pakectl serve`` (its state, the CA, tokens and applied versions, kept in
 ``--state-dir``, ``.pake/demo/`` of the checkout by default), ``mesh.yaml`` applied (only
 when it differs from the running version, so a restarted demo does not pile up versions),
-the apps, then every sidecar at once, each joined with a one-use token (or, restarted, with
-the identity its state directory holds), and finally a wait until every sidecar holds its
-latest snapshot. Leaving the block stops everything in reverse order.
+every sidecar at once, each joined with a one-use token (or, restarted, with the identity
+its state directory holds), then the apps (on sockets bound here first, so each sidecar knew
+its app's port), and finally a wait until every sidecar holds its latest snapshot. Every
+child's output goes to ``<state-dir>/logs/<name>.log``; the sidecars' audit records are also
+shipped to the ``audit`` service (``shipper.py``). Leaving the block stops everything in reverse order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +24,9 @@ from typing import Any
 import aiohttp
 import yaml
 
+from examples.pake.shipper import AuditShipper
 from examples.runner import (
-    Child, ControlPlane, DemoError, apps_ready, identity_usable, python, serving_ready,
+    Child, ControlPlane, DemoError, LineHook, Ready, apps_ready, identity_usable, python, serving_ready,
     shift_address, sidecar_ready, until,
 )
 
@@ -43,8 +48,10 @@ class Sidecar:
     app: str | None = None
 
 
-SIDECARS = (Sidecar("echo", app="echo"), Sidecar("gateway"), Sidecar("frontend"))
-APPS = ("echo",)
+# The apps, in the order of their default ports (8080, 8081, ...), and their sidecars.
+APPS = ("echo", "auth", "data", "ai", "ai-canary", "knowledge", "cache", "audit")
+SIDECARS = (*(Sidecar(name, app=name) for name in APPS), Sidecar("gateway"), Sidecar("frontend"))
+CALLERS = ("knowledge", "cache")  # apps that call other services through their sidecar's outbound
 
 
 def load_mesh(path: Path = MESH_FILE) -> dict[str, Any]:
@@ -56,6 +63,18 @@ def load_mesh(path: Path = MESH_FILE) -> dict[str, Any]:
     return mesh
 
 
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise DemoError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror} (try --ports-offset N)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 @dataclass
 class Mesh:
     """The running demo: the control plane, the apps, the sidecars (by name)."""
@@ -63,7 +82,7 @@ class Mesh:
     state_dir: Path
     shift: int | None  # None: every port 0
     stop: asyncio.Event
-    quiet: bool = False
+    quiet: bool = True  # children's output goes to <state-dir>/logs/<name>.log only
     tracing: bool = True
     sidecars: tuple[Sidecar, ...] = SIDECARS
     apps: tuple[str, ...] = APPS
@@ -71,8 +90,23 @@ class Mesh:
     running: dict[str, Child] = field(default_factory=dict)
     control: ControlPlane | None = None
     version: int = 0
+    shipper: AuditShipper = field(default_factory=AuditShipper)
+    watchers: list[LineHook] = field(default_factory=list)  # (child name, line) of every line
     _http: aiohttp.ClientSession | None = None
     _run_dir: Path | None = None
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    def _child(self, name: str, argv: list[str], ready: Ready, **kw: Any) -> Child:
+        return Child(name, argv, ready, quiet=self.quiet, log=self.logs / f"{name}.log",
+                     on_line=self._line, **kw)
+
+    def _line(self, name: str, line: str) -> None:
+        self.shipper.offer(name, line)
+        for watch in self.watchers:
+            watch(name, line)
 
     def port(self, name: str, listener: str) -> int:
         return self.running[name].ports[listener]
@@ -105,25 +139,38 @@ class Mesh:
         if not (control_dir / "store").exists() and sidecar_states.exists():
             # A new CA: identities from an earlier one would never be trusted again.
             shutil.rmtree(sidecar_states)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
         argv = python("-m", "control", "serve", "--state-dir", str(control_dir),
                       "--listen", shift_address(CONTROL["listen"], self.shift),
                       "--admin", shift_address(CONTROL["admin"], self.shift))
         if self.tracing:
             argv += ["--otlp", shift_address(CONTROL["otlp"], self.shift)]
-        plane = await self._start(Child("control", argv, serving_ready, quiet=self.quiet))
+        plane = await self._start(self._child("control", argv, serving_ready))
         self._http = aiohttp.ClientSession()
         self.control = ControlPlane(f"127.0.0.1:{plane.ports['admin']}", self._http)
         self.version, applied = await self.control.apply(load_mesh())
         print(f"[demo] mesh.yaml {'applied as' if applied else 'already running as'} "
               f"version {self.version}", flush=True)
-        apps = await self._start(Child("apps", python("-m", "examples.pake.apps", *(
-            f"{name}={self._app_port(i)}" for i, name in enumerate(self.apps))),
-            apps_ready(set(self.apps)), quiet=self.quiet))
-        configs = [await self._bootstrap(s, apps.ports) for s in self.sidecars]
-        await asyncio.gather(*(self._start(Child(s.name, python("-m", "sidecar", "run", "-c", str(path)),
-                                                 sidecar_ready, quiet=self.quiet))
-                               for s, path in zip(self.sidecars, configs)))
+        # The apps' sockets are bound here, so that the sidecars can start first (they know
+        # where their app listens) and the apps are told their sidecar's outbound address.
+        sockets = {name: _bind(self._app_port(i)) for i, name in enumerate(self.apps)}
+        try:
+            app_ports = {name: sock.getsockname()[1] for name, sock in sockets.items()}
+            configs = [await self._bootstrap(s, app_ports) for s in self.sidecars]
+            await asyncio.gather(*(self._start(self._child(s.name, python("-m", "sidecar", "run", "-c", str(path)),
+                                                           sidecar_ready))
+                                   for s, path in zip(self.sidecars, configs)))
+            outbound = [f"--outbound={name}={self.address(name, 'outbound')}" for name in CALLERS
+                        if name in self.running]
+            await self._start(self._child(
+                "apps", python("-m", "examples.pake.apps", *(f"{n}=fd:{s.fileno()}" for n, s in sockets.items()),
+                               *outbound),
+                apps_ready(set(self.apps)), pass_fds=tuple(s.fileno() for s in sockets.values())))
+        finally:
+            for sock in sockets.values():
+                sock.close()  # the apps process holds its own copies
+        if "audit" in app_ports:
+            self.shipper.start(f"http://127.0.0.1:{app_ports['audit']}/ingest", self._http)
         nodes = {s.name: (sidecar_states / s.name / "state" / "node").read_text().strip()
                  for s in self.sidecars}
         await until(self.control.converged(nodes), self.stop)
@@ -131,7 +178,7 @@ class Mesh:
     def _app_port(self, index: int) -> int:
         return 0 if self.shift is None else 8080 + index + self.shift
 
-    async def _bootstrap(self, sidecar: Sidecar, app_ports: dict[str, int]) -> Path:
+    async def _bootstrap(self, sidecar: Sidecar, app_ports: Mapping[str, int]) -> Path:
         """``sidecars/<name>.yaml`` with the ports, the control plane's address, the token file
         and the state directory filled in; a join token when the state holds no identity."""
         assert self._run_dir is not None and self.control is not None
@@ -166,6 +213,7 @@ class Mesh:
 
     async def down(self) -> None:
         """Stop every process, the last started first (the control plane last)."""
+        await self.shipper.stop()
         for child in reversed(self.children):
             await child.stop()
         self.children.clear()

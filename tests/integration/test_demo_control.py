@@ -120,12 +120,17 @@ async def test_make_demo_joins_the_control_plane_and_a_restart_keeps_its_state(t
     try:
         ready = await demo.until(r"demo ready outbound=(\d+) gateway=(\d+) admin=(\d+)", 90)
         outbound, gateway, admin = (int(g) for g in ready.groups())
+        assert demo.proc is not None
+        children = descendants(demo.proc.pid)
+        assert demo.pids <= children and len(demo.pids) == 12  # control, apps, 10 sidecars
         admin_address = f"127.0.0.1:{admin}"
         assert any("mesh.yaml applied as version 1" in line for line in demo.lines)
         # the demo's own check went through: the echo app saw the caller's verified SPIFFE ID
         assert any(f"-> 200; the echo app saw x-pake-peer-identity: {FRONTEND_ID}" in line
                    for line in demo.lines)
         assert any(f"dashboard:  http://{admin_address}/dashboard" in line for line in demo.lines)
+        assert any(f"gateway:    http://127.0.0.1:{gateway}" in line for line in demo.lines)
+        assert any("gateway: GET /api/ask?q=mesh as alice -> 200" in line for line in demo.lines)
         async with aiohttp.ClientSession() as http:
             async with http.get("http://echo/hello", proxy=f"http://127.0.0.1:{outbound}") as resp:
                 assert resp.status == 200
@@ -148,13 +153,13 @@ async def test_make_demo_joins_the_control_plane_and_a_restart_keeps_its_state(t
         code, out = await pakectl(admin_address, "status", "--json")
         assert code == 0, out
         status = json.loads(out)
-        assert {s["service"] for s in status["sidecars"] if s["state"] == "acked"} >= {
-            "echo", "gateway", "frontend"}
+        assert {s["service"] for s in status["sidecars"] if s["state"] == "acked"} == {
+            "echo", "gateway", "frontend", "auth", "data", "ai", "ai-canary", "knowledge", "cache", "audit"}
         fingerprint = status["ca"]["fingerprint"]
 
         assert await demo.interrupt() == 0, demo.lines[-10:]
         assert demo.lines[-1] == "[demo] stopped"
-        assert not [pid for pid in demo.pids if alive(pid)]
+        assert not [pid for pid in children if alive(pid)]  # nothing left behind
 
         # Restarted: the same CA, the same applied version, no new join tokens needed.
         demo = await DemoProcess("examples.demo", state).start()
