@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 help:
 	@echo "make demo   - run the demo mesh on loopback under its control plane (Ctrl-C stops it)"
 	@echo "make demo-tour - the same mesh walked through with a printed narrative, then exit"
-	@echo "make test   - run the test suite"
+	@echo "make test   - type-check (mypy, strict on sidecar/ and certs/), then run the test suite"
 	@echo "make bench  - benchmark the sidecar against a direct path and HAProxy, and the control plane's push fan-out"
 	@echo "make certs  - create the demo CA, workload certificates and the gateway's demo server certificate (examples/mtls/certs)"
 
@@ -26,6 +26,7 @@ demo-tour: $(STAMP)
 	$(PY) -m examples.pake.tour $(DEMO_ARGS)
 
 test: $(STAMP)
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -24,7 +24,7 @@ from sidecar.config.load import parse_mesh
 from sidecar.listener.connection import DownstreamConnection, ListenerContext, ServerState
 from sidecar.observability.metrics import Metrics
 from sidecar.pipeline import Pipeline
-from sidecar.snapshot import build_snapshot
+from sidecar.snapshot import Snapshot, build_snapshot
 from sidecar.upstream.cluster_manager import ClusterManager
 from sidecar.upstream.upstream_connection import UpstreamConnection
 
@@ -75,17 +75,23 @@ async def run(profile: str, requests: int, do_profile: bool) -> float:
     mesh: MeshConfig = parse_mesh({"services": {"up": {"endpoints": ["127.0.0.1:1"]}}})
     bootstrap = Bootstrap(source=Path("."), service="up", mode="sidecar", app=("127.0.0.1", 1),
                           listeners=(ListenerConfig("inbound", ("127.0.0.1", 0)),), mesh_path=Path("."))
-    snapshot = build_snapshot(bootstrap, mesh)
     clusters = ClusterManager(loop)
-    clusters.update(mesh, "up", bootstrap.app)
-    pipeline = Pipeline(service="up", clusters=clusters, metrics=Metrics(), access_log=None, loop=loop)
+    cluster_set = clusters.build(mesh, "up", bootstrap.app)
+    clusters.activate(cluster_set)
+    snapshot = build_snapshot(bootstrap, mesh, clusters=cluster_set)
+    pipeline = Pipeline(service="up", metrics=Metrics(), access_log=None, loop=loop)
+
+    def hold() -> Snapshot:  # as Sidecar.hold_snapshot: the exchange holds its clusters
+        cluster_set.hold()
+        return snapshot
+
     ctx = ListenerContext(name="inbound", service="up", limits=bootstrap.limits,
                           timeouts=bootstrap.timeouts, state=ServerState(), start=pipeline.start,
-                          abort=pipeline.abort, refuse=pipeline.refuse, current_snapshot=lambda: snapshot,
+                          abort=pipeline.abort, refuse=pipeline.refuse, current_snapshot=hold,
                           on_protocol_error=lambda c, e: None)
     first, rest = response_for(profile)
     response = first + b"x-request-id: 7f3c9a2e\r\n" + rest if first else rest
-    pool = next(iter(clusters.get("local-app").pools.values()))  # type: ignore[union-attr]
+    pool = next(iter(cluster_set.get("local-app").pools.values()))  # type: ignore[union-attr]
     upstream = UpstreamConnection(pool, loop)
     upstream.connection_made(_Transport(lambda data: upstream.data_received(response)))  # type: ignore[arg-type]
     pool.connections = 1

@@ -20,6 +20,7 @@ snapshot keeps serving.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import weakref
 from dataclasses import dataclass, replace
@@ -71,6 +72,11 @@ class ControlSetup:
 
     state: StateDir
     node: str
+
+
+def _connections(ctx: ListenerContext) -> float:
+    """The gauge of a listener's open connections, read when /metrics is rendered."""
+    return ctx.connections
 
 
 class Sidecar:
@@ -250,7 +256,7 @@ class Sidecar:
                                 on_refused=self.metrics.connections_refused.labels(lc.name).inc)
             await listener.start()
             self.listeners[lc.name] = listener
-            self.metrics.active_connections.labels(lc.name).set_function(lambda c=ctx: c.connections)
+            self.metrics.active_connections.labels(lc.name).set_function(functools.partial(_connections, ctx))
         admin = b.listener("admin")
         if admin is not None:
             self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes(),

@@ -49,7 +49,7 @@ class Pipeline:
         ex = stream.exchange
         if self.tracer is not None:  # tracing: before any filter logs the exchange
             self.tracer.start(ex, self.scheme)
-        snap: Snapshot = stream.snapshot  # type: ignore[assignment]
+        snap = stream.snapshot
         try:
             service = self._route(stream, snap)
             chain = snap.filters.get(ex.listener)
@@ -130,13 +130,13 @@ class Pipeline:
         if stream.finished:
             return
         stream.finished = True
-        snap: Snapshot = stream.snapshot  # type: ignore[assignment]
-        snap.clusters.release()  # held since the head was parsed (Sidecar.hold_snapshot)
+        stream.snapshot.clusters.release()  # held since the head was parsed (Sidecar.hold_snapshot)
         conn = stream.conn
         if reply is not None and not conn.closed:
             stream.send_local_reply(reply, self.service)
         ex = stream.exchange
-        if stream.retries_exhausted:
+        tries = stream.tries
+        if tries is not None and tries.retries_exhausted:
             ex.flags = "URX" if ex.flags == "-" else ex.flags + ",URX"
         if ex.trace is not None:  # tracing: the exchange's spans are complete
             ex.trace.finish(ex)

@@ -25,6 +25,7 @@ import aiohttp
 import yaml
 
 from examples.pake.shipper import AuditShipper
+from sidecar.config.load import parse_yaml
 from examples.runner import (
     Child, ControlPlane, DemoError, LineHook, Ready, apps_ready, identity_usable, python, serving_ready,
     shift_address, sidecar_ready, until,
@@ -56,7 +57,7 @@ CALLERS = ("knowledge", "cache")  # apps that call other services through their 
 
 def load_mesh(path: Path = MESH_FILE) -> dict[str, Any]:
     """The mesh file as the control plane gets it: ``jwks_file`` paths made absolute."""
-    mesh: dict[str, Any] = yaml.safe_load(path.read_text())
+    mesh: dict[str, Any] = parse_yaml(path.read_text())  # the loaders' own YAML 1.2 reading
     for provider in (mesh.get("jwt_providers") or {}).values():
         if "jwks_file" in provider:
             provider["jwks_file"] = str((path.parent / provider["jwks_file"]).resolve())
@@ -182,7 +183,7 @@ class Mesh:
         """``sidecars/<name>.yaml`` with the ports, the control plane's address, the token file
         and the state directory filled in; a join token when the state holds no identity."""
         assert self._run_dir is not None and self.control is not None
-        boot: dict[str, Any] = yaml.safe_load((HERE / "sidecars" / f"{sidecar.name}.yaml").read_text())
+        boot: dict[str, Any] = parse_yaml((HERE / "sidecars" / f"{sidecar.name}.yaml").read_text())
         for key, value in boot["listeners"].items():
             if isinstance(value, dict):
                 value["address"] = shift_address(value["address"], self.shift)

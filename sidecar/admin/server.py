@@ -85,8 +85,9 @@ class _AdminConnection(asyncio.Protocol):
 
     # === asyncio.Protocol ===============================================================
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=64 * 1024)  # type: ignore[attr-defined]
+        # A stream server's transport is a Transport; asyncio types it as the base class.
+        transport = self.transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=64 * 1024)
         self._deadline.set_in(self.server.timeouts.idle)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -71,7 +71,7 @@ class JwtProvider:
 
 
 def _jwks_uri(node: Fields) -> str | None:
-    uri = node.str("jwks_uri", None)
+    uri: str | None = node.str("jwks_uri", None)
     if uri is None:
         return None
     parts = urlsplit(uri)

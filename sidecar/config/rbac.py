@@ -142,7 +142,7 @@ def parse_rbac_policy(node: Fields) -> RbacPolicy:
     names: set[str] = set()
     for path, item in node.list("rules"):
         rule = Fields(item, path, node.problems)
-        actions = [a for a in ("allow", "deny") if rule.has(a)]
+        actions: list[Literal["allow", "deny"]] = [a for a in ("allow", "deny") if rule.has(a)]
         name = rule.str("name", str(path).rsplit(".", 1)[-1])
         if len(actions) != 1:
             rule.problems.add(path, "must have exactly one of allow, deny")
@@ -156,7 +156,7 @@ def parse_rbac_policy(node: Fields) -> RbacPolicy:
         if name in names:
             rule.error("name", f"{name!r} is used by another rule")
         names.add(name)
-        rules.append(RbacRule(name=name, action=actions[0], match=match,  # type: ignore[arg-type]
+        rules.append(RbacRule(name=name, action=actions[0], match=match,
                               unless=unless))
     node.done()
     return RbacPolicy(default=default, dry_run=dry_run, rules=tuple(rules))

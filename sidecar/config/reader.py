@@ -8,6 +8,7 @@ Pure: no I/O; ``load.py`` reads the files.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
@@ -201,6 +202,7 @@ class Fields:
             return default
 
     # --- scalars ----------------------------------------------------------------------
+    # (After this method, signatures say ``builtins.str``: in the class body, ``str`` is it.)
     def str(self, key: str, default: Any = MISSING, *, choices: tuple[str, ...] = (),
             pattern: re.Pattern[str] | None = None) -> Any:
         value = self.raw(key, default)
@@ -217,7 +219,7 @@ class Fields:
             return default
         return value
 
-    def int(self, key: str, default: Any = MISSING, *, min: int | None = None,
+    def int(self, key: builtins.str, default: Any = MISSING, *, min: int | None = None,
             max: int | None = None) -> Any:
         value = self.raw(key, default)
         if value is default:
@@ -233,7 +235,7 @@ class Fields:
             return default
         return value
 
-    def bool(self, key: str, default: Any = MISSING) -> Any:
+    def bool(self, key: builtins.str, default: Any = MISSING) -> Any:
         value = self.raw(key, default)
         if value is default:
             return default
@@ -242,28 +244,28 @@ class Fields:
             return default
         return value
 
-    def duration(self, key: str, default: Any = MISSING, *, min: float = 0.0) -> Any:
+    def duration(self, key: builtins.str, default: Any = MISSING, *, min: float = 0.0) -> Any:
         value = self._convert(key, default, parse_duration)
         if value is not default and value < min:
             self.error(key, f"must be ≥ {min}s, got {_show(self.data[key])}")
             return default
         return value
 
-    def size(self, key: str, default: Any = MISSING) -> Any:
+    def size(self, key: builtins.str, default: Any = MISSING) -> Any:
         return self._convert(key, default, parse_size)
 
-    def percent(self, key: str, default: Any = MISSING) -> Any:
+    def percent(self, key: builtins.str, default: Any = MISSING) -> Any:
         return self._convert(key, default, parse_percent)
 
-    def address(self, key: str, default: Any = MISSING) -> Any:
+    def address(self, key: builtins.str, default: Any = MISSING) -> Any:
         return self._convert(key, default, parse_address)
 
     # --- containers -------------------------------------------------------------------
-    def sub(self, key: str) -> Fields:
+    def sub(self, key: builtins.str) -> Fields:
         """A nested mapping (empty when absent)."""
         return Fields(self.raw(key, None), self.at(key), self.problems)
 
-    def optional(self, key: str, read: Callable[[Fields], T]) -> T | None:
+    def optional(self, key: builtins.str, read: Callable[[Fields], T]) -> T | None:
         """An optional section: ``read`` of it when present, None when absent or null (the
         key counts as read either way). The one way a config asks "is this configured?".
         An empty mapping is present and gets its defaults: ``policy: {}`` is a deny-all
@@ -273,7 +275,7 @@ class Fields:
             return None
         return read(self.sub(key))
 
-    def list(self, key: str, default: Any = MISSING) -> list[tuple[str, Any]]:
+    def list(self, key: builtins.str, default: Any = MISSING) -> list[tuple[builtins.str, Any]]:
         """A list as ``(path, item)`` pairs; absent -> ``default`` (or [] when given)."""
         value = self.raw(key, [] if default is MISSING else default)
         if value is None:
@@ -283,7 +285,7 @@ class Fields:
             return []
         return [(f"{self.at(key)}[{i}]", item) for i, item in enumerate(value)]
 
-    def items(self, key: str) -> Iterator[tuple[str, Fields]]:
+    def items(self, key: builtins.str) -> Iterator[tuple[builtins.str, Fields]]:
         """A mapping of name -> mapping, e.g. ``services``."""
         node = self.sub(key)
         node._used.update(node.data)

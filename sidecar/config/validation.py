@@ -23,7 +23,7 @@ class ValidationConfig:
     methods: frozenset[str] = frozenset()  # empty: any -> else 405
     max_body: int | None = None  # -> 413
     content_types: tuple[str, ...] = ()  # "type/subtype" or "type/*" -> else 415
-    json_schema: Mapping[str, Any] | None = None  # inline, already checked
+    json_schema: Mapping[str, Any] | bool | None = None  # inline, already checked (true/false: a schema too)
     json_schema_file: str | None = None  # read and checked when the filter is built
     json_schema_path: str = ""  # config path of the schema, for build-time errors
 
@@ -45,7 +45,7 @@ def parse_validation(node: Fields) -> ValidationConfig:
     methods = methods_of(node, "methods")
     max_body = node.size("max_body", None)
     content_types = _content_types(node)
-    schema: Mapping[str, Any] | None = None
+    schema: Mapping[str, Any] | bool | None = None
     schema_file: str | None = None
     schema_path = node.at("json_schema")
     raw = node.raw("json_schema", None)
@@ -56,7 +56,7 @@ def parse_validation(node: Fields) -> ValidationConfig:
     elif isinstance(raw, (dict, bool)):
         for problem in check_json_schema(raw):
             node.problems.add(schema_path, problem)
-        schema = raw  # type: ignore[assignment]
+        schema = raw
     elif raw is not None:
         node.error("json_schema", "must be a JSON Schema mapping or {file: path}")
     if (schema is not None or schema_file) and content_types and not any(

@@ -77,7 +77,7 @@ def backoff_delay(attempt: int, cap: float, rand: Callable[[], float] = random.r
     Jitter spreads a thousand sidecars that lost the same control plane over the window
     instead of having them all come back in the same instant."""
     ceiling = min(cap, INITIAL_BACKOFF * (2 ** min(attempt, 30)))
-    return max(0.01, ceiling * rand())
+    return max(0.01, float(ceiling * rand()))
 
 
 def _show(address: Address) -> str:

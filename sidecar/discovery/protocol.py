@@ -257,8 +257,7 @@ def decode(data: str | bytes) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError(f"message must be a JSON object, got {_show(body)}")
     kind = body.get("type")
-    cls = _TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    if not isinstance(kind, str) or (cls := _TYPES.get(kind)) is None:
         raise ProtocolError(f"type: unknown message type {_show(kind)}")
     values: dict[str, Any] = {}
     for f in fields(cls):
@@ -267,7 +266,7 @@ def decode(data: str | bytes) -> Message:
                 raise ProtocolError(f"{kind}.{f.name}: is required")
             continue
         values[f.name] = _check(kind, f.name, f.type, body[f.name])
-    return cls(**values)  # type: ignore[no-any-return]
+    return cls(**values)  # type: ignore[no-any-return]  # (_TYPES holds only Message classes)
 
 
 def _plain(item: Any) -> Any:
@@ -299,7 +298,7 @@ def _required(f: Any) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
 
 
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+_FIELD_TYPES: dict[str, tuple[type[Any], ...]] = {  # (type[Any]: isinstance keeps a value Any)
     "str": (str,),
     "str | None": (str, type(None)),
     "bool": (bool,),

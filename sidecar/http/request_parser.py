@@ -35,8 +35,7 @@ _SPECIAL: dict[bytes, int] = {
     b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION, b"upgrade": _UPGRADE,
     b"expect": _EXPECT,
 }
-_MAX_CHUNK_OVERHEAD = 4096
-_HEAD, _BODY, _END = range(3)  # bytes of chunk-size line + extensions allowed per chunk
+_MAX_CHUNK_OVERHEAD = 4096  # bytes of chunk-size line + extensions allowed per chunk
 _HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")
 
 
@@ -77,8 +76,9 @@ class RequestParser:
         self._account = False  # a chunked body was being read during this read
         # What a read of a chunked body parsed is held until the whole read passed its checks
         # (an over-long chunk extension is only seen at the end of the read), then handed on
-        # in order: nothing of a read that breaks the rules is forwarded.
-        self._held: list[tuple[int, object]] | None = None
+        # in order: nothing of a read that breaks the rules is forwarded. Each item says what
+        # it is by its type: a head, a body chunk, or None for a request's end.
+        self._held: list[RequestHead | bytes | None] | None = None
 
     @property
     def mid_head(self) -> bool:
@@ -155,13 +155,13 @@ class RequestParser:
         held, self._held = self._held, None
         if held:
             sink = self._sink
-            for kind, item in held:
-                if kind == _HEAD:
-                    sink.on_request(item)  # type: ignore[arg-type]
-                elif kind == _BODY:
-                    sink.on_body(item)  # type: ignore[arg-type]
-                else:
+            for item in held:
+                if item is None:
                     sink.on_request_end()
+                elif isinstance(item, bytes):
+                    sink.on_body(item)
+                else:
+                    sink.on_request(item)
 
     def _account_chunk_overhead(self, fed: int, body: int) -> None:
         """Bytes of a chunked body that are not data: size lines, extensions, CRLFs. llhttp
@@ -214,7 +214,7 @@ class RequestParser:
                 f"request body of {head.content_length} bytes exceeds the limit of {limit}",
                 413, "payload_too_large")
         if self._held is not None:
-            self._held.append((_HEAD, head))  # behind a held chunked request of this read
+            self._held.append(head)  # behind a held chunked request of this read
         else:
             self._sink.on_request(head)
 
@@ -231,7 +231,7 @@ class RequestParser:
         if self._chunked:
             if self._held is None:
                 self._held = []
-            self._held.append((_BODY, body))
+            self._held.append(body)
         else:
             self._sink.on_body(body)
 
@@ -240,7 +240,7 @@ class RequestParser:
         self._in_head = True
         self._head_bytes = 0
         if self._held is not None:
-            self._held.append((_END, None))
+            self._held.append(None)
         else:
             self._sink.on_request_end()
 

@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from jwt.exceptions import InvalidSignatureError, PyJWTError
@@ -31,12 +31,15 @@ from ..config.jwt_providers import JwtProvider
 from ..strict_json import DuplicateMember, strict_json
 from .jwks import JwksCache
 
+if TYPE_CHECKING:
+    from jwt.types import Options
+
 __all__ = ["JwtError", "ParsedToken", "VerifiedToken", "Verifier", "parse_token"]
 
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
 _KEY_HEADERS = ("jku", "x5u", "jwk", "x5c")
 # Claims are checked by us, with our clock and leeway; PyJWT checks the signature only.
-_SIGNATURE_ONLY = {
+_SIGNATURE_ONLY: Options = {
     "verify_signature": True, "verify_exp": False, "verify_nbf": False, "verify_iat": False,
     "verify_aud": False, "verify_iss": False, "verify_sub": False, "verify_jti": False,
     "require": [], "enforce_minimum_key_length": True,
@@ -168,7 +171,7 @@ class Verifier:
         if pyjwk is None:
             raise JwtError("signing key does not match the algorithm", "key_alg")
         try:
-            jwt.decode(token.raw, pyjwk, algorithms=[alg], options=_SIGNATURE_ONLY)  # type: ignore[arg-type]
+            jwt.decode(token.raw, pyjwk, algorithms=[alg], options=_SIGNATURE_ONLY)
         except InvalidSignatureError:
             raise JwtError("invalid signature", "signature") from None
         except PyJWTError as exc:

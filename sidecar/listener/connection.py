@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from ..config.model import DownstreamTimeouts, Limits
 from ..errors import DownstreamProtocolError, LocalReply
@@ -27,6 +28,9 @@ from ..http.request_parser import RequestParser
 from ..http.writer import local_reply
 from ..deadline import Deadline
 from .stream import Stream
+
+if TYPE_CHECKING:
+    from ..snapshot import Snapshot
 
 __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
 
@@ -56,7 +60,7 @@ class ListenerContext:
     start: Callable[[Stream], None]  # the pipeline: takes the exchange from here
     abort: Callable[[Stream], None]  # the downstream went away mid-exchange
     refuse: Callable[[Stream, LocalReply], None]  # end an exchange in flight with this reply
-    current_snapshot: Callable[[], object]
+    current_snapshot: Callable[[], Snapshot]  # held by the exchange until it finishes
     on_protocol_error: Callable[[DownstreamConnection, DownstreamProtocolError], None]
     scheme: bytes = b"http"
     peer_identity: Callable[[asyncio.Transport], str | None] | None = None
@@ -108,7 +112,9 @@ class DownstreamConnection(asyncio.BufferedProtocol):
 
     # === asyncio.Protocol ===============================================================
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream server hands a protocol a (read-write) Transport; asyncio types it as
+        # the base class for every kind of protocol.
+        transport = self.transport = cast(asyncio.Transport, transport)
         ctx = self.ctx
         ctx.state.connections.add(self)
         ctx.connections += 1

@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from ..config.model import ListenerConfig
 from .connection import DownstreamConnection, ListenerContext
 
 __all__ = ["Listener"]
 
+
 class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.abort()
+        # a stream server's transport is a Transport (asyncio types it as the base class)
+        cast(asyncio.Transport, transport).abort()
 
 
 class Listener:
@@ -33,7 +36,7 @@ class Listener:
         self.port = config.address[1]
         self._on_refused = on_refused  # counts connections closed at once (max_connections)
 
-    def _protocol(self) -> asyncio.Protocol:
+    def _protocol(self) -> asyncio.BaseProtocol:
         if self.ctx.connections >= self.ctx.limits.max_connections:
             self._on_refused()
             return _Refuse()

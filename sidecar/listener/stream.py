@@ -11,10 +11,9 @@ close-delimited.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ..errors import LocalReply
 from ..exchange import Exchange
@@ -23,11 +22,12 @@ from ..http.writer import LAST_CHUNK, chunk, local_reply, response_head
 
 if TYPE_CHECKING:
     from ..errors import ProxyError
-    from ..upstream.pool import Pool
+    from ..routing.routed import Driver, Tries
+    from ..snapshot import Snapshot
     from ..upstream.upstream_connection import UpstreamConnection
     from .connection import DownstreamConnection
 
-__all__ = ["Driver", "Finish", "Stream", "HIGH_WATER"]
+__all__ = ["Stream", "HIGH_WATER"]
 
 HIGH_WATER = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -35,36 +35,25 @@ _NO_BODY = frozenset({204, 304})
 _MODE_NONE, _MODE_LENGTH, _MODE_CHUNKED, _MODE_CLOSE = 0, 1, 2, 3
 
 
-class Driver(Protocol):
-    """What moves an exchange on when the upstream side reports (the router)."""
-
-    def on_response_head(self, stream: Stream, head: ResponseHead) -> bool: ...
-    def on_response_end(self, stream: Stream) -> None: ...
-    def on_upstream_error(self, stream: Stream, exc: ProxyError) -> None: ...
-    def on_tunnel_closed(self, stream: Stream) -> None: ...
-
-
-Finish = Callable[["Stream", "LocalReply | None"], None]
-
-
 class Stream:
+    """One exchange on a downstream connection. The router drives it (``driver``) and keeps
+    its own state of the exchange in ``tries``: see ``routing.routed``, which types this
+    class's side of the seam (``RoutedStream``) without importing it."""
+
     __slots__ = (
-        "conn", "head", "exchange", "snapshot", "task", "pending", "pending_bytes",
+        "conn", "head", "exchange", "snapshot", "pending", "pending_bytes",
         "body_done", "replay", "replay_bytes", "replay_limit", "upstream", "up_chunked",
         "response_started", "response_done", "mode", "keep_alive", "sent_continue",
-        "tunnel", "early_data", "driver", "pool", "timeout", "cluster", "head_bytes",
-        "reused", "resent", "tried", "finished", "policy", "tries", "admission", "endpoint",
-        "outcome", "last_reply", "retries_exhausted", "collect_limit", "on_collected",
-        "head_sent", "body_limit",
+        "tunnel", "early_data", "driver", "tries", "timeout", "finished",
+        "collect_limit", "on_collected", "body_limit",
     )
 
     def __init__(self, conn: DownstreamConnection, head: RequestHead, exchange: Exchange,
-                 snapshot: object, replay_limit: int = 64 * 1024) -> None:
+                 snapshot: Snapshot, replay_limit: int = 64 * 1024) -> None:
         self.conn = conn
         self.head = head
         self.exchange = exchange
         self.snapshot = snapshot
-        self.task: asyncio.Task[None] | None = None
         self.pending: deque[bytes] = deque()
         self.pending_bytes = 0
         self.body_done = not head.has_body
@@ -80,24 +69,11 @@ class Stream:
         self.sent_continue = False
         self.tunnel = False
         self.early_data = b""  # bytes after an upgrade request, for the tunnel
-        # router state, one exchange at a time (see routing/router.py)
-        self.driver: Driver | None = None
-        self.pool: Pool | None = None
+        # the router: it drives the exchange once routed, with its own state in ``tries``
+        self.driver: Driver[Stream] | None = None
+        self.tries: Tries | None = None
         self.timeout = 0.0  # the route timeout, running on conn.route_deadline
-        self.cluster: object = None
-        self.head_bytes = b""
-        self.reused = False
-        self.resent = False
-        self.tried: list[object] = []  # endpoint addresses tried: a retry prefers another
         self.finished = False
-        self.policy: object = None  # the RetryPolicy of this exchange's route
-        self.tries = 0  # retries charged to the policy (a keep-alive race re-send is free)
-        self.admission: object = None  # the breaker's admission of the try in flight
-        self.endpoint: object = None  # the EndpointState of the try in flight
-        self.outcome: object = None  # how the try in flight ended, once its head arrived
-        self.last_reply: LocalReply | None = None  # the last failed try's reply, if retries stop
-        self.retries_exhausted = False
-        self.head_sent = False  # the request went out once (a re-send replays the body copy)
         self.body_limit = 0  # the service's max_request_body for a chunked body (0: none)
         # a filter that needs the whole body (validation) has it collected, bounded
         self.collect_limit = 0

@@ -42,17 +42,17 @@ class _ExchangeCollector(Collector):
         yield requests
         local = CounterMetricFamily("pake_local_replies", "Replies the sidecar made itself, by flag",
                                     labels=["listener", "flag"])
-        for key, value in list(self.local.items()):
-            local.add_metric(list(key), value)
+        for flag_key, value in list(self.local.items()):
+            local.add_metric(list(flag_key), value)
         yield local
         latency = HistogramMetricFamily("pake_request_duration_seconds",
                                         "Time from request head to response end", labels=["listener", "cluster"])
-        for key, values in list(self.latency.items()):
+        for latency_key, values in list(self.latency.items()):
             cumulative, buckets = 0.0, []
             for bound, count in zip(_BOUND_LABELS, values):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            latency.add_metric(list(key), buckets, values[-2])
+            latency.add_metric(list(latency_key), buckets, values[-2])
         yield latency
 
 

@@ -226,7 +226,7 @@ class Tracer:
 
         def run() -> None:
             try:
-                self.processor.shutdown()
+                self.processor.shutdown()  # type: ignore[no-untyped-call]  # the SDK's shutdown is unannotated
             finally:
                 try:
                     loop.call_soon_threadsafe(settle)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from ..config.model import RouteConfig
 from ..errors import (LocalReply, NoHealthyUpstream, NoRoute, PayloadTooLarge, ProxyError,
@@ -31,19 +33,25 @@ from ..errors import (LocalReply, NoHealthyUpstream, NoRoute, PayloadTooLarge, P
 from ..filters.fault import FAULT_HEADERS, FaultAction, abort_reply, decide
 from ..http.message import ResponseHead
 from ..http.writer import request_head
-from ..listener.stream import Finish, Stream
+from ..upstream.circuit_breaker import Admission
 from ..upstream.cluster import Cluster
 from ..upstream.cluster_manager import LOCAL_APP
 from ..upstream.endpoint import Outcome, isolated_failure, outcome_of_status
 from ..upstream.pool import Pool
 from ..upstream.retry import parse_retry_after
 from ..upstream.upstream_connection import UpstreamConnection
+from .routed import RoutedStream, Tries
 
 __all__ = ["Router"]
 
+S = TypeVar("S", bound=RoutedStream)
 
-class Router:
-    def __init__(self, loop: asyncio.AbstractEventLoop, finish: Finish,
+
+class Router(Generic[S]):
+    """Generic in the stream type ``S``: ``finish`` gets back the very stream it was given
+    (the listener's ``Stream``), while the router itself only uses ``RoutedStream``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, finish: Callable[[S, LocalReply | None], None],
                  *, scheme: bytes = b"http", rng: random.Random | None = None) -> None:
         # No cluster registry here: an exchange's clusters are those of the snapshot it holds.
         self.loop = loop
@@ -51,28 +59,28 @@ class Router:
         self.scheme = scheme
         self._rng = rng or random.Random()
 
-    def target(self, stream: Stream, route: RouteConfig) -> str:
+    def target(self, stream: S, route: RouteConfig) -> str:
         if stream.exchange.listener == "inbound":
             return LOCAL_APP
         targets = route.to
         if len(targets) == 1:
             return targets[0].service
-        return stream.snapshot.chooser(route).pick(self._rng.random()).service  # type: ignore[attr-defined]
+        return stream.snapshot.chooser(route).pick(self._rng.random()).service
 
     # === start ==============================================================================
-    def start(self, stream: Stream) -> None:
+    def start(self, stream: S) -> None:
         ex = stream.exchange
         route = ex.route
         assert route is not None
         name = self.target(stream, route)
-        cluster = stream.snapshot.clusters.get(name)  # type: ignore[attr-defined]
+        cluster = stream.snapshot.clusters.get(name)
         if cluster is None:
             self.finish(stream, NoRoute(f"no cluster {name!r}").reply())
             return
         ex.cluster = name
-        stream.cluster = cluster
+        policy = cluster.retry_policy(route)
+        tries = stream.tries = Tries(cluster, policy)
         stream.driver = self
-        policy = stream.policy = cluster.retry_policy(route)
         stream.replay_limit = policy.config.max_replay_body
         limit = cluster.max_request_body
         if limit is not None:
@@ -91,22 +99,24 @@ class Router:
         if route.fault is not None:
             action = decide(route.fault, stream.head.headers, self._rng.random)
             stream.head.remove_headers(*FAULT_HEADERS)
-        stream.head_bytes = self._head(stream)
+        tries.head_bytes = self._head(stream)
         if action is not None and action.delay:
-            stream.task = self.loop.call_later(action.delay, self._after_fault, stream, action,
+            tries.timer = self.loop.call_later(action.delay, self._after_fault, stream, action,
                                                route.name)
         else:
             self._after_fault(stream, action, route.name)
 
-    def _after_fault(self, stream: Stream, action: FaultAction | None, route: str) -> None:
+    def _after_fault(self, stream: S, action: FaultAction | None, route: str) -> None:
         """Go on after an injected delay (if any): abort as injected, or send the first try."""
-        stream.task = None
+        tries = stream.tries
+        assert tries is not None  # (set by ``start``)
+        tries.timer = None
         if action is not None and action.abort_status is not None:
             self._end(stream, abort_reply(action, route))
         else:
             self._attempt(stream)
 
-    def _head(self, stream: Stream) -> bytes:
+    def _head(self, stream: S) -> bytes:
         """The request head for upstream, without its blank line: each try appends its
         ``x-pake-attempts``."""
         head = stream.head
@@ -133,65 +143,68 @@ class Router:
         return request_head(head, extra, end=False)
 
     # === tries ==============================================================================
-    def _attempt(self, stream: Stream, isolated: bool = False) -> None:
+    def _attempt(self, stream: S, isolated: bool = False) -> None:
         """Send a try. ``isolated``: it retries a failure that was its endpoint's alone, so it
         goes to an endpoint that answers and takes none of the breaker's ``max_retries`` slots
         (which, like the budget, guard a service failing as a whole against a retry storm)."""
-        stream.task = None
+        tries = stream.tries
+        assert tries is not None  # (set by ``start``)
+        tries.timer = None
         if stream.finished:
             return
-        cluster: Cluster = stream.cluster  # type: ignore[assignment]
+        cluster = tries.cluster
         ex = stream.exchange
         now = self.loop.time()
-        admission = cluster.breaker.try_acquire(now, retry=stream.tries > 0 and not isolated)
-        if not admission.admitted:
-            last = stream.last_reply
+        admission = cluster.breaker.try_acquire(now, retry=tries.retries > 0 and not isolated)
+        if not isinstance(admission, Admission):
+            last = tries.last_reply
             if last is not None:  # a retry the breaker will not allow: answer with the failure
                 self._end(stream, last.flagged("URX"))
             else:
-                self._end(stream, admission.error(cluster.name).reply())  # type: ignore[union-attr]
+                self._end(stream, admission.error(cluster.name).reply())
             return
-        endpoint = cluster.load_balancer.pick(cluster.endpoints, now, stream.tried)
+        endpoint = cluster.load_balancer.pick(cluster.endpoints, now, tries.tried)
         if endpoint is None:
-            cluster.breaker.record(now, Outcome.CANCELLED, admission)  # type: ignore[arg-type]
+            cluster.breaker.record(now, Outcome.CANCELLED, admission)
             self._end(stream, NoHealthyUpstream(f"cluster {cluster.name} has no available endpoint").reply())
             return
-        stream.admission = admission
-        stream.endpoint = endpoint
+        tries.admission = admission
+        tries.endpoint = endpoint
         endpoint.active_requests += 1
-        stream.tried.append(endpoint.address)
+        tries.tried.append(endpoint.address)
         ex.attempts += 1  # a try counts whether or not it got a connection (as in Envoy)
         pool = cluster.pools[endpoint.address]
-        stream.pool = pool
+        tries.pool = pool
         ex.upstream = pool.address_text
         if ex.trace is not None:  # tracing: a CLIENT span per try
             ex.trace.try_start(ex)
-        per_try = stream.policy.config.per_try_timeout  # type: ignore[attr-defined]
+        per_try = tries.policy.config.per_try_timeout
         if per_try is not None:
             stream.conn.try_deadline.set_in(per_try)
         conn = pool.take_idle()
         if conn is not None:
-            self._send(stream, pool, conn, True)
+            self._send(stream, tries, pool, conn, True)
         else:
-            stream.task = self.loop.create_task(self._connect(stream, pool, cluster))
+            tries.connecting = self.loop.create_task(self._connect(stream, tries, pool, cluster))
 
-    async def _connect(self, stream: Stream, pool: Pool, cluster: Cluster) -> None:
+    async def _connect(self, stream: S, tries: Tries, pool: Pool, cluster: Cluster) -> None:
         try:
             conn, reused = await pool.acquire(cluster.timeouts.connect)
         except ProxyError as exc:
-            stream.task = None
+            tries.connecting = None
             outcome = Outcome.CONNECT_FAILURE if isinstance(exc, UpstreamConnectError) else Outcome.CANCELLED
             self._try_failed(stream, outcome, exc.reply())
             return
-        stream.task = None
+        tries.connecting = None
         if stream.finished:
             pool.put_back(conn)
             return
-        self._send(stream, pool, conn, reused)
+        self._send(stream, tries, pool, conn, reused)
 
-    def _send(self, stream: Stream, pool: Pool, conn: UpstreamConnection, reused: bool) -> None:
+    def _send(self, stream: S, tries: Tries, pool: Pool, conn: UpstreamConnection,
+              reused: bool) -> None:
         ex = stream.exchange
-        expected = stream.cluster.expected_identity  # type: ignore[attr-defined]
+        expected = tries.cluster.expected_identity
         if expected is not None and conn.peer_identity != expected:
             conn.reusable = False
             pool.release(conn)
@@ -199,37 +212,41 @@ class Router:
                 f"{pool.address_text} presented {conn.peer_identity or 'no identity'}, expected"
                 f" {expected}").reply(), retry=False)
             return
-        stream.reused = reused
+        tries.reused = reused
         conn.start(stream, stream.head.method == "HEAD")
         trace = b"" if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
-        stream.attach(conn, stream.head_bytes + trace + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
-                      again=stream.head_sent)
-        stream.head_sent = True
+        stream.attach(conn, tries.head_bytes + trace + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
+                      again=tries.head_sent)
+        tries.head_sent = True
 
-    def _release(self, stream: Stream, *, abort: bool = False) -> None:
+    def _release(self, stream: S, *, abort: bool = False) -> None:
         conn = stream.upstream
-        pool = stream.pool
+        tries = stream.tries
+        pool = tries.pool if tries is not None else None
         if conn is not None and pool is not None:
             if abort:
                 conn.abort()
             stream.detach()
             pool.release(conn)
 
-    def _try_done(self, stream: Stream, outcome: Outcome) -> bool:
+    def _try_done(self, stream: S, outcome: Outcome) -> bool:
         """Exactly once per try: give the breaker its slot back and tell it (and the outlier
         detector) how the try went. True when the try failed and the failure is its endpoint's
         alone (``isolated_failure``): the breaker does not count it, a retry spends no budget."""
-        admission = stream.admission
-        endpoint = stream.endpoint
         stream.conn.try_deadline.clear()
+        tries = stream.tries
+        if tries is None:
+            return False
+        admission = tries.admission
+        endpoint = tries.endpoint
         if admission is None or endpoint is None:
             return False
-        stream.admission = None
-        stream.endpoint = None
+        tries.admission = None
+        tries.endpoint = None
         if stream.exchange.trace is not None:  # tracing: the try's span ends
             stream.exchange.trace.try_end(stream.exchange, outcome)
         endpoint.active_requests -= 1
-        cluster: Cluster = stream.cluster  # type: ignore[assignment]
+        cluster = tries.cluster
         now = self.loop.time()
         isolated = False
         if outcome is not Outcome.CANCELLED:
@@ -237,41 +254,44 @@ class Router:
             # scope first, from the other endpoints' last tries; then this one's own
             isolated = failed and isolated_failure(endpoint, cluster.endpoints, now)
             endpoint.failing = failed
-        cluster.breaker.record(now, outcome, admission, isolated=isolated)  # type: ignore[arg-type]
+        cluster.breaker.record(now, outcome, admission, isolated=isolated)
         if outcome is not Outcome.CANCELLED:
             cluster.outlier.record(now, endpoint, outcome, cluster.endpoints)
         return isolated
 
-    def _try_failed(self, stream: Stream, outcome: Outcome, reply: LocalReply, *,
+    def _try_failed(self, stream: S, outcome: Outcome, reply: LocalReply, *,
                     status: int | None = None, retry_after: float | None = None,
                     retry: bool = True) -> None:
         """A try ended without a response to forward: retry it, or answer with ``reply``."""
         isolated = self._try_done(stream, outcome)
-        if stream.finished:
+        tries = stream.tries
+        if stream.finished or tries is None:
             return
-        stream.last_reply = reply
+        tries.last_reply = reply
         if retry and not stream.response_started:
-            decision = stream.policy.should_retry(  # type: ignore[attr-defined]
-                stream.tries + 1, outcome, status, stream.head.method,
+            decision = tries.policy.should_retry(
+                tries.retries + 1, outcome, status, stream.head.method,
                 body_replayable=stream.replayable(), response_started=False,
                 now=self.loop.time(), retry_after=retry_after,
                 deadline=stream.conn.route_deadline.when, isolated=isolated)
             if decision.retry:
-                stream.tries += 1
-                stream.task = self.loop.call_later(decision.backoff, self._attempt, stream,
+                tries.retries += 1
+                tries.timer = self.loop.call_later(decision.backoff, self._attempt, stream,
                                                    isolated)
                 return
-            if decision.reason in ("attempts_exhausted", "budget_exhausted", "deadline") and stream.tries:
+            if decision.reason in ("attempts_exhausted", "budget_exhausted", "deadline") and tries.retries:
                 reply = reply.flagged("URX")  # in the reply's x-pake-flags, as in the access log
         self._end(stream, reply)
 
     # === upstream events (Driver) ============================================================
-    def on_response_head(self, stream: Stream, head: ResponseHead) -> bool:
+    def on_response_head(self, stream: S, head: ResponseHead) -> bool:
         """Forward this response (True), or drop it and retry (False)?"""
         status = head.status
         if stream.exchange.trace is not None:  # tracing: the try's status
             stream.exchange.trace.try_response(status)
-        outcome = stream.outcome = outcome_of_status(status)
+        tries = stream.tries
+        assert tries is not None  # (a response comes only to a try the router sent)
+        outcome = tries.outcome = outcome_of_status(status)
         if outcome is Outcome.SUCCESS:
             return True
         retry_after = None
@@ -280,51 +300,56 @@ class Router:
                 if len(name) == 11 and name.lower() == b"retry-after":
                     retry_after = parse_retry_after(value, time.time())
         now = self.loop.time()
-        endpoint = stream.endpoint
-        isolated = endpoint is not None and isolated_failure(
-            endpoint, stream.cluster.endpoints, now)  # type: ignore[attr-defined]
-        decision = stream.policy.should_retry(  # type: ignore[attr-defined]
-            stream.tries + 1, outcome, status, stream.head.method,
+        endpoint = tries.endpoint
+        isolated = endpoint is not None and isolated_failure(endpoint, tries.cluster.endpoints, now)
+        decision = tries.policy.should_retry(
+            tries.retries + 1, outcome, status, stream.head.method,
             body_replayable=stream.replayable(), response_started=False, now=now,
             retry_after=retry_after, deadline=stream.conn.route_deadline.when, isolated=isolated)
         if not decision.retry:
-            if stream.tries and decision.reason in ("attempts_exhausted", "budget_exhausted", "deadline"):
-                stream.retries_exhausted = True
+            if tries.retries and decision.reason in ("attempts_exhausted", "budget_exhausted", "deadline"):
+                tries.retries_exhausted = True
             return True
         self._release(stream, abort=True)  # the rest of this response is not wanted
         self._try_done(stream, outcome)
-        stream.tries += 1
-        stream.task = self.loop.call_later(decision.backoff, self._attempt, stream, isolated)
+        tries.retries += 1
+        tries.timer = self.loop.call_later(decision.backoff, self._attempt, stream, isolated)
         return False
 
-    def on_response_end(self, stream: Stream) -> None:
+    def on_response_end(self, stream: S) -> None:
         self._release(stream)
-        self._try_done(stream, stream.outcome)
+        tries = stream.tries
+        assert tries is not None and tries.outcome is not None  # (on_response_head came first)
+        self._try_done(stream, tries.outcome)
         self._end(stream, None)
 
-    def on_upstream_error(self, stream: Stream, exc: ProxyError) -> None:
+    def on_upstream_error(self, stream: S, exc: ProxyError) -> None:
         conn = stream.upstream
+        tries = stream.tries
+        assert tries is not None  # (an error comes only to a try the router sent)
         started = conn is not None and conn.response_started()
-        raced = (isinstance(exc, UpstreamReset) and stream.reused and not stream.resent
+        raced = (isinstance(exc, UpstreamReset) and tries.reused and not tries.resent
                  and not started and stream.replayable())
         self._release(stream, abort=True)
         if raced and not stream.finished:
-            stream.resent = True
+            tries.resent = True
             self._try_done(stream, Outcome.CANCELLED)  # the upstream did nothing wrong
             stream.exchange.attempts -= 1  # nor did the request: this re-send is free
             self._attempt(stream)
             return
         self._try_failed(stream, Outcome.RESET, exc.reply())
 
-    def on_try_timeout(self, stream: Stream) -> None:
-        per_try = stream.policy.config.per_try_timeout  # type: ignore[attr-defined]
+    def on_try_timeout(self, stream: S) -> None:
+        tries = stream.tries
+        assert tries is not None  # (the try deadline is armed only by ``_attempt``)
+        per_try = tries.policy.config.per_try_timeout
         if stream.response_started:
             return  # the response is streaming: only the route timeout may cut it now
         self._release(stream, abort=True)
         self._try_failed(stream, Outcome.TIMEOUT, UpstreamTimeout(
             f"no response from {stream.exchange.upstream} within the per-try timeout {per_try}s").reply())
 
-    def on_tunnel_open(self, stream: Stream) -> None:
+    def on_tunnel_open(self, stream: S) -> None:
         """101: from now on both connections carry raw bytes until either side closes."""
         stream.conn.route_deadline.clear()  # a tunnel lives as long as it is used:
         stream.conn.tunnel_opened()  # the tunnel idle timeout takes over
@@ -336,35 +361,40 @@ class Router:
             stream.early_data = b""
         stream.conn.unblock_reading(stream.conn.BLOCK_BODY)
 
-    def on_tunnel_closed(self, stream: Stream) -> None:
+    def on_tunnel_closed(self, stream: S) -> None:
         stream.response_done = True
         stream.keep_alive = False
         self._end(stream, None)
 
-    def on_timeout(self, stream: Stream) -> None:
+    def on_timeout(self, stream: S) -> None:
         self._try_done(stream, Outcome.TIMEOUT)
         self._end(stream, UpstreamTimeout(
             f"no complete response from {stream.exchange.cluster} within {stream.timeout}s").reply())
 
     # === ending =============================================================================
-    def abort(self, stream: Stream) -> None:
+    def abort(self, stream: S) -> None:
         """The downstream went away: stop everything this exchange holds."""
         self.end(stream, None)
 
-    def end(self, stream: Stream, reply: LocalReply | None) -> None:
+    def end(self, stream: S, reply: LocalReply | None) -> None:
         """Finish the exchange now: release what it holds and answer with ``reply``."""
         self._try_done(stream, Outcome.CANCELLED)
         self._end(stream, reply)
 
-    def _end(self, stream: Stream, reply: LocalReply | None) -> None:
+    def _end(self, stream: S, reply: LocalReply | None) -> None:
         if stream.finished:
             return
         conn = stream.conn
         conn.route_deadline.clear()
         conn.try_deadline.clear()
-        if stream.task is not None:
-            stream.task.cancel()
-            stream.task = None
+        tries = stream.tries
+        if tries is not None:
+            if tries.timer is not None:
+                tries.timer.cancel()
+                tries.timer = None
+            if tries.connecting is not None:
+                tries.connecting.cancel()
+                tries.connecting = None
         if stream.upstream is not None:  # not released: the exchange did not complete on it
             self._try_done(stream, Outcome.CANCELLED)
             self._release(stream, abort=True)

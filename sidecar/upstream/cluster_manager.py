@@ -203,8 +203,8 @@ class ClusterManager:
         if old is not None and old.source == source:
             # Nothing of it changed: the same object, so a swap of a mostly unchanged mesh
             # (the control plane's usual push) costs a comparison per cluster.
-            for address, pool in old.pools.items():
-                pools[(name, address, pool_config, tls)] = pool
+            for address, kept in old.pools.items():
+                pools[(name, address, pool_config, tls)] = kept
             return old
         states = endpoint_states(endpoints, res.load_balancer, old.endpoints if old else ())
         hostname = f"{name}.{trust_domain}" if tls else None

@@ -96,10 +96,12 @@ class Pool:
             raise UpstreamOverflow(f"{self.address_text}: {len(self.waiters)} requests already wait"
                                    f" for a connection (max_pending)")
         breaker = self.breaker
-        pending = breaker.pending if breaker is not None else None
-        if pending is not None and not pending.try_acquire():
-            raise UpstreamOverflow(f"cluster {breaker.name}: too many requests wait for a"  # type: ignore[union-attr]
-                                   f" connection (max_pending {pending.max})")
+        pending = None
+        if breaker is not None:
+            pending = breaker.pending
+            if pending is not None and not pending.try_acquire():
+                raise UpstreamOverflow(f"cluster {breaker.name}: too many requests wait for a"
+                                       f" connection (max_pending {pending.max})")
         waiter: asyncio.Future[_Handed] = self._loop.create_future()
         self.waiters.append(waiter)
         try:
@@ -119,11 +121,13 @@ class Pool:
     async def _connect(self, timeout: float) -> UpstreamConnection:
         """Open a connection on a slot already counted in ``connections``."""
         breaker = self.breaker
-        limit = breaker.connections if breaker is not None else None
-        if limit is not None and not limit.try_acquire():
-            self._free_slot()
-            raise UpstreamOverflow(f"cluster {breaker.name}: connection limit reached"  # type: ignore[union-attr]
-                                   f" (max_connections {limit.max})")
+        limit = None
+        if breaker is not None:
+            limit = breaker.connections
+            if limit is not None and not limit.try_acquire():
+                self._free_slot()
+                raise UpstreamOverflow(f"cluster {breaker.name}: connection limit reached"
+                                       f" (max_connections {limit.max})")
         conn = UpstreamConnection(self, self._loop)
         host, port = self.address
         try:

@@ -11,7 +11,7 @@ callback: no task or future per request.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ..deadline import Deadline
 from ..errors import ProxyError, UpstreamReset
@@ -112,8 +112,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=64 * 1024)  # type: ignore[attr-defined]
+        # A stream connection's transport is a Transport; asyncio types it as the base class.
+        transport = self.transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(high=64 * 1024)
         self.ssl_object = transport.get_extra_info("ssl_object")
         if self.pool.identify is not None:
             self.peer_identity = self.pool.identify(transport)

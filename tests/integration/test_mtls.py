@@ -343,7 +343,10 @@ async def test_rotation_under_load_drops_no_request(tmp_path: Path) -> None:
         async with load.running():
             await load.more(50)
             # A broken file (say, a half-done copy) is refused; the current certificate serves on.
-            pki.services["echo"].cert.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n")
+            # (written whole, then renamed in: the watcher must not catch a half-written file)
+            broken = pki.services["echo"].cert.with_suffix(".tmp")
+            broken.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n")
+            broken.replace(pki.services["echo"].cert)
             failed = (await echo.wait_for_event("tls_reload_failed"))[0]
             assert failed["error"] == f"{pki.services['echo'].cert}: corrupt PEM certificate"
             await load.more(50)
