@@ -58,22 +58,23 @@ def scan(source: str, where: str, found: Found) -> None:
                 found.statuses.setdefault(value, set()).add(status)
 
     for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
         pairs: list[tuple[ast.AST, ast.AST]] = []
         if isinstance(node, ast.Assign):
-            for target in node.targets:
-                if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
-                    pairs += zip(target.elts, node.value.elts)
+            for assigned in node.targets:
+                if isinstance(assigned, ast.Tuple) and isinstance(node.value, ast.Tuple):
+                    pairs += zip(assigned.elts, node.value.elts)
                 else:
-                    pairs.append((target, node.value))
+                    pairs.append((assigned, node.value))
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
             pairs.append((node.target, node.value))
         for target, value in pairs:
             name = _name(target).lower()
             for text in _strings(value):
                 if name in ("flag", "flags"):
-                    flag(text, node.lineno)
+                    flag(text, line)
                 elif name == "error":
-                    error(text, node.lineno)
+                    error(text, line)
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             args = node.args.args[len(node.args.args) - len(node.args.defaults):]
             for arg, default in zip(args, node.args.defaults):
