@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from sidecar.config.load import load_bootstrap, parse_mesh
+from sidecar.config.load import load_bootstrap, parse_mesh, parse_yaml
 from sidecar.config.reader import ConfigError, Fields
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -157,7 +156,7 @@ def checked(tmp_path_factory: pytest.TempPathFactory) -> Checked:
         for n, (kind, text) in enumerate(page.examples):
             current.append(reads[kind])
             try:
-                loader(kind, tmp)(yaml.safe_load(text))
+                loader(kind, tmp)(parse_yaml(text))
             except ConfigError as exc:
                 errors.append(f"example {n + 1} ({kind}): {exc}")
             finally:
@@ -269,7 +268,7 @@ def checkable_defaults(page: Page) -> list[Row]:
 
 
 def test_documented_defaults_are_the_loaders(checked: Checked, tmp_path: Path) -> None:
-    examples = [(kind, yaml.safe_load(text)) for kind, text in checked.page.examples]
+    examples = [(kind, parse_yaml(text)) for kind, text in checked.page.examples]
     rows = checkable_defaults(checked.page)
     assert len(rows) > 100  # most rows give their default as a value
     wrong = []
@@ -288,7 +287,7 @@ def test_documented_defaults_are_the_loaders(checked: Checked, tmp_path: Path) -
         load = loader(kind, tmp_path)
         without, with_default = copy.deepcopy(data), copy.deepcopy(data)
         _at(without, steps).pop(key, None)
-        _at(with_default, steps)[key] = yaml.safe_load(_CODE.fullmatch(row.default).group(1))  # type: ignore[union-attr]
+        _at(with_default, steps)[key] = parse_yaml(_CODE.fullmatch(row.default).group(1))  # type: ignore[union-attr]
         try:
             if load(without) != load(with_default):
                 wrong.append(f"{row.key}: the default is not {row.default}")
