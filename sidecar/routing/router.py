@@ -201,7 +201,7 @@ class Router:
             return
         stream.reused = reused
         conn.start(stream, stream.head.method == "HEAD")
-        trace = b"" if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
+        trace = ex.trace_header if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
         stream.attach(conn, stream.head_bytes + trace + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
                       again=stream.head_sent)
         stream.head_sent = True
