@@ -294,9 +294,13 @@ class Sidecar:
             listener = self.listeners.get("inbound")
             return (listener.config.address[0], listener.port) if listener is not None else None
 
+        from .observability.mesh_stats import StatsReporter
+
+        stats = StatsReporter(self.metrics, lambda: self.snapshot.clusters)
         hooks = SidecarHooks(apply=apply, version=version,
                              app_healthy=lambda: self.clusters.app_healthy() is not False,
-                             inbound=inbound, identity_changed=self.tls.identity_changed)
+                             inbound=inbound, identity_changed=self.tls.identity_changed,
+                             stats=stats.take)
         return ControlClient(self.bootstrap.control, service=self.bootstrap.service,
                              node=setup.node, state=setup.state, source=source, hooks=hooks)
 
