@@ -296,7 +296,7 @@ class Sidecar:
 
         from .observability.mesh_stats import StatsReporter
 
-        stats = StatsReporter(self.metrics, lambda: self.snapshot.clusters)
+        stats = StatsReporter(self.metrics, lambda: self.snapshot.clusters.clusters)
         hooks = SidecarHooks(apply=apply, version=version,
                              app_healthy=lambda: self.clusters.app_healthy() is not False,
                              inbound=inbound, identity_changed=self.tls.identity_changed,

@@ -396,7 +396,7 @@ def _route(path: str, data: Any, service: str, parent: Fields) -> RouteConfig:
         node.error("to", "weights must not all be 0")
     timeout = node.duration("timeout", None, min=0.001)
     retries = node.optional("retries", parse_retries)
-    fault = parse_fault(node.sub("fault"))
+    fault = node.optional("fault", parse_fault)
     rate_limit = node.optional("rate_limit", parse_rate_limit)
     validation = node.optional("validation", parse_validation)
     node.done()

@@ -80,7 +80,7 @@ class _ExchangeCollector(Collector):
             else:
                 for i, v in enumerate(values):
                     total[i] += v
-        for key, values in by_cluster.items():
+        for latency_key, values in by_cluster.items():
             cumulative, buckets = 0.0, []
             for bound, count in zip(_BOUND_LABELS, values):
                 cumulative += count
