@@ -12,7 +12,8 @@ Ctrl-C at a terminal reaches only the sidecar, which forwards it once, and a sig
 a shell wrapper's children too. Forwarded: SIGTERM and SIGINT (which also stop the pair),
 SIGHUP (the sidecar reloads as well), SIGUSR1, SIGUSR2, SIGWINCH. The app gets ``grace``
 seconds after the stop signal, then SIGKILL. Exit status: the app's, 128+N when a signal N
-ended it (the shell's convention); 127/126 when it cannot be started.
+ended it (the shell's convention); 127/126 when it cannot be started. The app's environment
+gets ``PAKE_SIDECAR_ADMIN`` and ``PAKE_SIDECAR_OUTBOUND`` (``host:port``, as bound).
 """
 
 from __future__ import annotations
@@ -112,13 +113,27 @@ class Supervisor:
         """Start the app; None, or the exit status when it cannot be started."""
         argv = self.command.argv
         try:
-            self._proc = await asyncio.create_subprocess_exec(*argv, start_new_session=True)
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, start_new_session=True, env={**os.environ, **self._env()})
         except OSError as exc:
             self.problem = f"cannot start the app {argv[0]!r}: {exc.strerror or exc}"
             log.error("app_not_started", reason=self.problem)
             return 127 if exc.errno == errno.ENOENT else 126  # the shell's "not found", "cannot run"
         log.info("app_started", pid=self._proc.pid, command=argv[0])
         return None
+
+    def _env(self) -> dict[str, str]:
+        """Where the app finds its sidecar, ports picked at start (``0``) included:
+        ``PAKE_SIDECAR_ADMIN`` and ``PAKE_SIDECAR_OUTBOUND`` (``host:port``), when configured."""
+        env = {}
+        ports = self.sidecar.ports()
+        for name in ("admin", "outbound"):
+            listener = self.sidecar.bootstrap.listener(name)
+            if listener is not None and name in ports:
+                host = listener.address[0]
+                host = f"[{host}]" if ":" in host else host
+                env[f"PAKE_SIDECAR_{name.upper()}"] = f"{host}:{ports[name]}"
+        return env
 
     async def _watch(self) -> int:
         """Until the app exits, by itself or stopped by a signal or ``POST /shutdown``."""
