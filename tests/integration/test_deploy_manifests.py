@@ -43,6 +43,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise AssertionError(f"{shlex.join(argv)}: {exc}") from None
 
 
+def address(value: tuple[str, int] | None) -> str:
+    assert value is not None
+    return f"{value[0]}:{value[1]}"
+
+
 def bootstrap_from(text: str, tmp_path: Path, name: str = "sidecar.yaml") -> Bootstrap:
     path = tmp_path / name
     path.write_text(text)
@@ -174,9 +179,9 @@ def test_the_service_runs_the_sidecar_as_a_native_sidecar_with_ports_paths_and_p
         assert probed.timeout < sidecar[probe]["periodSeconds"] + 1
     # The app listens where the sidecar sends inbound traffic and calls out through it.
     [app] = spec["containers"]
-    assert app["args"][app["args"].index("--listen") + 1] == "%s:%d" % boot.app
+    assert app["args"][app["args"].index("--listen") + 1] == address(boot.app)
     env = {e["name"]: e["value"] for e in app["env"]}
-    assert env["HTTP_PROXY"] == "http://%s:%d" % outbound.address
+    assert env["HTTP_PROXY"] == "http://" + address(outbound.address)
     # The pod's grace covers the sidecar's drain after the app.
     assert spec["terminationGracePeriodSeconds"] > boot.timeouts.drain
     # The mesh config names this service, and the real loader accepts it.
@@ -253,10 +258,10 @@ def test_the_systemd_units_run_commands_the_programs_accept_on_matching_paths_an
     admin = boot.listener("admin")
     assert admin is not None and admin.address[1] != 0, "wait-ready -c needs a fixed admin port"
     listen = command(app["Service"]["ExecStart"])
-    assert listen[listen.index("--listen") + 1] == "%s:%d" % boot.app
+    assert listen[listen.index("--listen") + 1] == address(boot.app)
     outbound = boot.listener("outbound")
     assert outbound is not None
-    assert app["Service"]["Environment"] == ["HTTP_PROXY=http://%s:%d" % outbound.address]
+    assert app["Service"]["Environment"] == ["HTTP_PROXY=http://" + address(outbound.address)]
 
 
 @pytest.mark.parametrize("argv", [
