@@ -10,6 +10,8 @@ import pytest
 from prometheus_client import core
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.exchange import Exchange
+from sidecar.http.message import RequestHead
 from sidecar.observability import exposition as ours
 from sidecar.observability.metrics import Metrics
 
@@ -89,8 +91,11 @@ def test_our_counter_is_read_by_a_prometheus_client_registry() -> None:
 
 def test_the_sidecar_metrics_parse_as_prometheus_text() -> None:
     metrics = Metrics()
-    metrics.exchange_done("inbound", "orders/0", "local-app", 200, "-", 0.003)
-    metrics.exchange_done("inbound", "orders/0", "local-app", 503, "UF", 0.2)
+    for status, flags, seconds in ((200, "-", 0.003), (503, "UF", 0.2)):
+        head = RequestHead("GET", b"/", "/", "orders", "orders", "1.1", [])
+        ex = Exchange(request=head, listener="inbound", downstream_address="127.0.0.1",
+                      request_id="r", start=0.0, cluster="local-app", status=status, flags=flags)
+        metrics.exchange_done(ex, seconds)
     metrics.connections_refused.labels("inbound").inc()
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     assert families["pake_requests"].type == "counter"
