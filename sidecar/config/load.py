@@ -236,10 +236,10 @@ def _limits(node: Fields) -> Limits:
 
 
 def _overload(node: Fields) -> OverloadConfig:
-    """``overload: {max_memory: 1GiB, max_loop_lag: 500ms, interval: 250ms}``; ``off`` turns
-    a threshold off."""
+    """``overload: {max_memory: 1GiB, max_loop_lag: 500ms, interval: 250ms}``; ``off`` (YAML
+    reads it as false) turns a threshold off."""
     d = OverloadConfig()
-    off = {key for key in ("max_memory", "max_loop_lag") if node.has(key) and node.data[key] == "off"}
+    off = {key for key in ("max_memory", "max_loop_lag") if node.has(key) and node.data[key] in (False, "off")}
     config = OverloadConfig(
         max_memory=None if "max_memory" in off else node.size("max_memory", d.max_memory),
         max_loop_lag=None if "max_loop_lag" in off else node.duration("max_loop_lag", d.max_loop_lag, min=0.001),
