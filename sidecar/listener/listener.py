@@ -28,17 +28,22 @@ import ssl
 from collections.abc import Callable
 from typing import cast
 
+import uvloop
+
 from ..config.model import ListenerConfig
 from .connection import DownstreamConnection, ListenerContext
 
 __all__ = ["Listener", "ListenerGroup"]
 
-# The loop's TLS protocol: uvloop's (Cython, the fast path of its transports) or asyncio's.
-try:
-    from uvloop import Loop as _UvLoop
-    from uvloop.loop import SSLProtocol as _UvSSLProtocol
-except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio's works the same
-    _UvLoop = _UvSSLProtocol = None
+SSLProtocolClass = Callable[..., asyncio.BaseProtocol]
+
+
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> SSLProtocolClass:
+    """The loop's own TLS protocol: uvloop's (Cython: its transports take a fast path for it,
+    untyped in its stubs) or asyncio's; both take the same arguments."""
+    if isinstance(loop, uvloop.Loop):
+        return cast(SSLProtocolClass, getattr(uvloop.loop, "SSLProtocol"))
+    return cast(SSLProtocolClass, asyncio.sslproto.SSLProtocol)
 
 
 class _Refuse(asyncio.Protocol):
@@ -73,8 +78,7 @@ class Listener:
         self.group = group if group is not None else ListenerGroup()
         self.group.listeners.append(self)
         self.handshakes = 0  # TLS handshakes in progress
-        self._ssl_protocol = (_UvSSLProtocol if _UvLoop is not None and isinstance(loop, _UvLoop)
-                              else asyncio.sslproto.SSLProtocol)
+        self._ssl_protocol = _ssl_protocol_class(loop)
 
     def held(self) -> int:
         return self.ctx.connections + self.handshakes

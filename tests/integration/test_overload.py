@@ -30,7 +30,7 @@ from tests.helpers.pki import make_test_pki
 from tests.helpers.sidecar_process import SidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
 
-MESH = {"services": {"app": {"endpoints": []}, "frontend": {"endpoints": []}}}
+MESH: dict[str, Any] = {"services": {"app": {"endpoints": []}, "frontend": {"endpoints": []}}}
 
 
 async def _open(port: int, ctx: ssl.SSLContext | None = None

@@ -33,7 +33,7 @@ def _exchange(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) ->
     whether the session was resumed, and the session to offer next time."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
             ctx.wrap_socket(raw, server_hostname="orders", session=session) as tls:
-        resumed = tls.session_reused
+        resumed = bool(tls.session_reused)
         tls.sendall(REQUEST)
         data = b""
         try:
