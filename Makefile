@@ -4,10 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench certs clean help
+.PHONY: demo demo-tour test bench certs clean help
 
 help:
-	@echo "make demo   - run the demo mesh on loopback (Ctrl-C stops it)"
+	@echo "make demo   - run the demo mesh on loopback under its control plane (Ctrl-C stops it)"
+	@echo "make demo-tour - the same mesh walked through with a printed narrative, then exit"
 	@echo "make test   - type-check (mypy, strict on sidecar/ and certs/), then run the test suite"
 	@echo "make bench  - benchmark the sidecar against a direct path and HAProxy, and the control plane's push fan-out"
 	@echo "make certs  - create the demo CA, workload certificates and the gateway's demo server certificate (examples/mtls/certs)"
@@ -19,7 +20,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m examples.demo
+	$(PY) -m examples.demo $(DEMO_ARGS)
+
+demo-tour: $(STAMP)
+	$(PY) -m examples.pake.tour $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m mypy

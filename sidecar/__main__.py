@@ -1,7 +1,9 @@
-"""``pake-sidecar run -c sidecar.yaml``: the only place that exits the process.
+"""``pake-sidecar run -c sidecar.yaml [-- APP ARGS...]``, ``check``, ``wait-ready``: the only
+place that exits the process.
 
 A bad config stops start-up with one line on stderr naming the file, the path and the
-value, and exit status 2.
+value, and exit status 2. ``run -- APP`` exits with the app's status (sidecar/supervise.py).
+``wait-ready`` imports neither the event loop nor the logger: probes run it often.
 """
 
 from __future__ import annotations
@@ -10,26 +12,68 @@ import argparse
 import asyncio
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-import uvloop
+from .config.reader import ConfigError, parse_address, parse_duration
 
-from .config.load import load_bootstrap, load_mesh
-from .config.model import Bootstrap
-from .config.reader import ConfigError
-from .observability.log_writer import LogOutputs
-from .observability.logging import configure_logging
+if TYPE_CHECKING:
+    from .app import Sidecar
+    from .config.model import Bootstrap
+    from .supervise import AppCommand
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+DEFAULT_ADMIN = "127.0.0.1:15000"
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
+    return seconds
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the deployment examples' test parses their commands with it)."""
+    parser = argparse.ArgumentParser(prog="pake-sidecar", description="The PAKE Mesh sidecar.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the sidecar (and, after --, its app)")
+    run.add_argument("-c", "--config", required=True, help="the bootstrap file (sidecar.yaml)")
+    run.add_argument("--ready-timeout", type=_duration, default=60.0, metavar="DURATION",
+                     help="with an app: the sidecar must hold a config within this, "
+                          "else the app is not started and the exit status is 1 (default 60s)")
+    run.add_argument("--grace", type=_duration, default=20.0, metavar="DURATION",
+                     help="with an app: how long it may take to exit after SIGTERM before "
+                          "SIGKILL; the sidecar drains after it (default 20s)")
+    run.add_argument("app", nargs="*", metavar="-- APP ARGS",
+                     help="the app to start once the sidecar is ready, and to stop before it drains")
+    check = sub.add_parser("check", help="validate the config files and exit")
+    check.add_argument("-c", "--config", required=True)
+    wait = sub.add_parser("wait-ready", help="exit 0 once the local sidecar is ready (1: timed out)")
+    where = wait.add_mutually_exclusive_group()
+    where.add_argument("-c", "--config", help="read the admin address from this sidecar.yaml")
+    where.add_argument("--admin", type=_address, metavar="HOST:PORT",
+                       help=f"the sidecar's admin address (default {DEFAULT_ADMIN})")
+    wait.add_argument("--timeout", type=_duration, default=30.0, metavar="DURATION",
+                      help="give up after this long (default 30s)")
+    return parser
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pake-sidecar", description="The PAKE Mesh sidecar.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the sidecar")
-    run.add_argument("-c", "--config", required=True, help="the bootstrap file (sidecar.yaml)")
-    check = sub.add_parser("check", help="validate the config files and exit")
-    check.add_argument("-c", "--config", required=True)
-    return parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "run" and args.app and args.app[0].startswith("-"):
+        build_parser().error(f"run: unrecognized arguments: {args.app[0]} (the app goes after --)")
+    return args
 
 
 def _config_error(exc: ConfigError, default_source: object) -> int:
@@ -40,6 +84,10 @@ def _config_error(exc: ConfigError, default_source: object) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.command == "wait-ready":
+        return _wait_ready(args)
+    from .config.load import load_bootstrap, load_mesh
+
     try:
         bootstrap = load_bootstrap(args.config)
     except ConfigError as exc:
@@ -70,13 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ok: {args.config} (mesh {bootstrap.mesh_path}, version {mesh.version},"
               f" {len(mesh.services)} services)")
         return 0
+    import uvloop
+
+    from .observability.log_writer import LogOutputs
+    from .observability.logging import configure_logging
+
     logs = LogOutputs()  # log lines leave the loop through these queues and writer threads
     configure_logging(logs.channel("events"), bootstrap.log_level)
     from .app import Sidecar  # after logging is configured
 
+    outcome = _Outcome(_app_command(args))
+
     async def run() -> None:
         sidecar = Sidecar(bootstrap, mesh, tls_source=tls_source, server_tls=server_tls, logs=logs)
-        await sidecar.run()
+        await outcome.serve(sidecar)
 
     try:
         uvloop.run(run())
@@ -89,13 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         logs.close(2.0)  # the loop has stopped: write what is queued (bounded), "stopped" included
-    return 0
+    return outcome.exit()
 
 
 def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
     """``control:``: identity, certificate and mesh config come from the control plane (and
     the state directory while it is away)."""
+    import uvloop
+
     from certs.pem import PemError
+
+    from .observability.log_writer import LogOutputs
+    from .observability.logging import configure_logging
 
     from .discovery.startup import StartupError, check, start_joined  # cryptography, websockets
 
@@ -119,6 +179,8 @@ def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
     configure_logging(logs.channel("events"), bootstrap.log_level)
     from .app import ControlSetup, Sidecar  # after logging is configured
 
+    outcome = _Outcome(_app_command(args))
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         # Until the sidecar installs its own handlers: SIGTERM during a join ends it cleanly.
@@ -135,7 +197,7 @@ def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
                 loop.remove_signal_handler(sig)
         sidecar = Sidecar(bootstrap, held.mesh, tls_source=held.source, server_tls=server_tls,
                           logs=logs, origin=held.origin, control=ControlSetup(held.state, held.node))
-        await sidecar.run()
+        await outcome.serve(sidecar)
 
     try:
         uvloop.run(run())
@@ -149,6 +211,68 @@ def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
         return 1
     finally:
         logs.close(2.0)
+    return outcome.exit()
+
+
+def _app_command(args: argparse.Namespace) -> AppCommand | None:
+    if args.command != "run" or not args.app:
+        return None
+    from .supervise import AppCommand
+
+    return AppCommand(argv=tuple(args.app), ready_timeout=args.ready_timeout, grace=args.grace)
+
+
+class _Outcome:
+    """How ``run`` ends: the sidecar alone exits 0; with an app, the app's status (or the
+    reason it never ran, printed once the loop has stopped)."""
+
+    def __init__(self, command: AppCommand | None) -> None:
+        self.command = command
+        self.status = 0
+        self.problem: str | None = None
+
+    async def serve(self, sidecar: Sidecar) -> None:
+        if self.command is None:
+            await sidecar.run()
+            return
+        from .supervise import Supervisor
+
+        supervisor = Supervisor(sidecar, self.command)
+        self.status = await supervisor.run()
+        self.problem = supervisor.problem
+
+    def exit(self) -> int:
+        if self.problem is not None:
+            print(f"pake-sidecar: {self.problem}", file=sys.stderr)
+        return self.status
+
+
+def _wait_ready(args: argparse.Namespace) -> int:
+    from .wait_ready import wait_ready
+
+    if args.config is not None:
+        from .config.load import load_bootstrap
+
+        try:
+            admin = load_bootstrap(args.config).listener("admin")
+        except ConfigError as exc:
+            return _config_error(exc, args.config)
+        if admin is None:
+            print(f"pake-sidecar: wait-ready: {args.config}: listeners.admin is not set; "
+                  "the sidecar has no admin endpoint to ask", file=sys.stderr)
+            return 2
+        if admin.address[1] == 0:
+            print(f"pake-sidecar: wait-ready: {args.config}: listeners.admin port is 0 (picked at "
+                  "start): pass --admin HOST:PORT with the port the sidecar logged", file=sys.stderr)
+            return 2
+        host, port = admin.address
+    else:
+        host, port = args.admin or parse_address(DEFAULT_ADMIN)
+    seen = wait_ready(host, port, args.timeout)
+    if not seen.ready:
+        print(f"pake-sidecar: wait-ready: the sidecar at {host}:{port} is not ready after "
+              f"{args.timeout:g}s: {seen.detail}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -102,6 +102,9 @@ class Sidecar:
         self.origin = origin if origin is not None or control is not None else ConfigOrigin(
             "file", str(bootstrap.mesh_path), now_iso())
         self._control_setup = control
+        self.configured = asyncio.Event()  # holds a config: what `run -- APP` waits for
+        if self.origin is not None:
+            self.configured.set()
         self.control: ControlClient | None = None
         if bootstrap.control is not None and tls_source is None:
             raise ValueError("a sidecar under a control plane needs the TLS source of its identity")
@@ -144,7 +147,8 @@ class Sidecar:
         self.access_log = (AccessLog(logs.channel("access", bootstrap.access_log.path))
                            if bootstrap.access_log.enabled else None)
         self._access_log_config = bootstrap.access_log
-        self.stopping = asyncio.Event()
+        self.stopping = asyncio.Event()  # SIGTERM, SIGINT or POST /shutdown: drain, then exit
+        self._draining: asyncio.Task[None] | None = None  # begin_drain's task
 
     # === apply: the one way a config comes into force =========================================
     async def apply(self, mesh: MeshConfig, bootstrap: Bootstrap | None = None, *,
@@ -162,6 +166,8 @@ class Sidecar:
                 self.origin = origin
             elif self._boot.control is None:
                 self.origin = ConfigOrigin("file", str(bootstrap.mesh_path), now_iso())
+            if self.origin is not None:
+                self.configured.set()
 
     def _compile(self, bootstrap: Bootstrap, mesh: MeshConfig) -> tuple[Snapshot, dict[str, JwksCache]]:
         """Everything of a snapshot but its clusters; touches nothing live, so it may run in a
@@ -271,6 +277,7 @@ class Sidecar:
         admin = b.listener("admin")
         if admin is not None:
             self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes(),
+                                     post_routes=self._admin_mutations(),
                                      timeouts=b.timeouts,
                                      on_refused=self.metrics.connections_refused.labels("admin", "max_connections").inc)
             await self.admin.start()
@@ -306,9 +313,13 @@ class Sidecar:
             listener = self.listeners.get("inbound")
             return (listener.config.address[0], listener.port) if listener is not None else None
 
+        from .observability.mesh_stats import StatsReporter
+
+        stats = StatsReporter(self.metrics, lambda: self.snapshot.clusters.clusters)
         hooks = SidecarHooks(apply=apply, version=version,
                              app_healthy=lambda: self.clusters.app_healthy() is not False,
-                             inbound=inbound, identity_changed=self.tls.identity_changed)
+                             inbound=inbound, identity_changed=self.tls.identity_changed,
+                             stats=stats.take)
         return ControlClient(self.bootstrap.control, service=self.bootstrap.service,
                              node=setup.node, state=setup.state, source=source, hooks=hooks)
 
@@ -370,7 +381,16 @@ class Sidecar:
             pipeline.access_log = new
 
     # === drain ==============================================================================
-    async def drain(self) -> None:
+    def begin_drain(self) -> asyncio.Task[None]:
+        """Stop taking work: ``/readyz`` 503, listeners stop accepting, exchanges in flight
+        finish (up to ``timeouts.drain``). Admin and the process stay up: ``POST /drain``
+        starts this alone (a pre-stop hook), SIGTERM and ``POST /shutdown`` then go on to
+        ``drain``. Idempotent: the one task of the first call."""
+        if self._draining is None:
+            self._draining = self.loop.create_task(self._drain_listeners())
+        return self._draining
+
+    async def _drain_listeners(self) -> None:
         self.state.draining = True
         if self.control is not None:
             await self.control.stop()
@@ -388,6 +408,10 @@ class Sidecar:
                 log.warning("drain_deadline", left=len(self.state.connections))
         for conn in list(self.state.connections):
             conn.abort()
+        log.info("drained")
+
+    async def drain(self) -> None:
+        await asyncio.shield(self.begin_drain())
         await self.clusters.close()
         if self.tracer is not None:
             await self.tracer.close()  # what is queued, bounded: a dead collector holds nothing
@@ -453,4 +477,17 @@ class Sidecar:
 
         return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics, "/config": config,
                 "/clusters": clusters}
+
+    def _admin_mutations(self) -> dict[str, Any]:
+        """POST only, loopback peers only (the admin server checks both)."""
+        def drain() -> AdminResponse:
+            self.begin_drain()
+            return json_response(202, {"draining": True, "deadline_s": self.bootstrap.timeouts.drain})
+
+        def shutdown() -> AdminResponse:
+            self.stopping.set()  # run() drains, then the process exits
+            return json_response(202, {"draining": True, "exiting": True,
+                                       "deadline_s": self.bootstrap.timeouts.drain})
+
+        return {"/drain": drain, "/shutdown": shutdown}
 

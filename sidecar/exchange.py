@@ -32,7 +32,10 @@ class Exchange:
     roles: frozenset[str] = frozenset()  # from JWT claims or the API key
     trace_id: str | None = None  # W3C trace id (32 hex) when tracing is on: in every log line
     span_id: str | None = None  # this sidecar's span of the exchange (16 hex), likewise
-    trace: ExchangeTrace | None = None  # the exchange's spans, when tracing is on
+    trace: ExchangeTrace | None = None  # the exchange's spans, when this exchange is sampled
+    # the ``traceparent`` line each try sends when tracing is on and the exchange is not
+    # sampled (made once: an unsampled exchange has no per-try span ids)
+    trace_header: bytes = b""
     service: str = ""  # the service the request is addressed to
     route: RouteConfig | None = None
     cluster: str = "-"

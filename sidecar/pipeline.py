@@ -141,8 +141,7 @@ class Pipeline:
         if ex.trace is not None:  # tracing: the exchange's spans are complete
             ex.trace.finish(ex)
         duration = time.monotonic() - ex.start
-        route = ex.route.name if ex.route is not None else "-"
-        self.metrics.exchange_done(ex.listener, route, ex.cluster, ex.status, ex.flags, duration)
+        self.metrics.exchange_done(ex, duration)
         if self.access_log is not None:
             self.access_log.log(ex, duration)
         conn.stream_done(stream)

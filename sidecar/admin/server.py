@@ -1,8 +1,12 @@
 """The admin endpoint: a tiny HTTP/1.1 server of the sidecar's own (no web framework, so
 the sidecar never imports aiohttp). It reuses the data plane's request parser and limits.
 
-Only GET is served (and HEAD); mutations are POST-only in Envoy's tradition, and none are
-offered yet. It binds loopback only: the config loader refuses anything else.
+Reads are GET (and HEAD); mutations (``post_routes``: drain, shutdown) are POST-only in
+Envoy's tradition, so a link, a prefetch or a probe can never trigger one (the wrong method
+is a 405 naming the right one). It binds loopback only (the config loader refuses anything
+else), and a mutation is also refused (403) from a peer that is not loopback, or that sends
+an ``Origin`` header: a web page in a browser on the same host may POST to 127.0.0.1, curl
+and the probes never send one.
 
 Bounded and timed like any listener (a local process must not be able to pin the sidecar
 through it): at most ``max_connections`` at once, past which a new connection is closed at
@@ -16,6 +20,7 @@ answers 500 with a request id; the exception goes to the log, never to the clien
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
 from collections.abc import Callable
@@ -163,14 +168,23 @@ class _AdminConnection(asyncio.Protocol):
     # === answering ======================================================================
     def _answer(self, head: RequestHead) -> tuple[AdminResponse, list[tuple[bytes, bytes]]]:
         path = head.path
-        routes = self.server.routes
+        routes, mutations = self.server.routes, self.server.post_routes
         route = routes.get(path)
-        if route is None:
+        if route is None and path in mutations:
+            if head.method != "POST":
+                return json_response(405, {"error": "method_not_allowed",
+                                           "detail": f"{path} changes the sidecar: use POST"}), \
+                    [(b"allow", b"POST")]
+            refused = self._refuse_mutation(head)
+            if refused is not None:
+                return json_response(403, {"error": "forbidden", "detail": refused}), []
+            route = mutations[path]
+        elif route is None:
             return json_response(404, {"error": "not_found", "detail": f"no admin path {path}",
-                                       "paths": sorted(routes)}), []
-        if head.method not in ("GET", "HEAD"):
+                                       "paths": sorted(routes.keys() | mutations.keys())}), []
+        elif head.method not in ("GET", "HEAD"):
             return json_response(405, {"error": "method_not_allowed",
-                                       "detail": f"{path} is read-only: use GET"}), []
+                                       "detail": f"{path} is read-only: use GET"}), [(b"allow", b"GET, HEAD")]
         try:
             return route(), []
         except Exception:  # noqa: BLE001 - an admin bug must not kill the sidecar, nor leak
@@ -180,6 +194,15 @@ class _AdminConnection(asyncio.Protocol):
             log.exception("admin_route_failed", path=path, request_id=request_id)
             return json_response(500, {"error": "internal_error", "detail": "internal error",
                                        "request_id": request_id}), [(b"x-request-id", request_id.encode())]
+
+    def _refuse_mutation(self, head: RequestHead) -> str | None:
+        """Why a POST is refused, or None: only a local process (not a web page) may mutate."""
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        if not _is_loopback_peer(peer):
+            return "admin changes are accepted from loopback peers only"
+        if head.header(b"origin") is not None:
+            return "admin changes are not accepted from a web page (the request has an Origin header)"
+        return None
 
     def _fail(self, exc: DownstreamProtocolError) -> None:
         """A request refused by the parser or the 408 timer: answer, then linger briefly so
@@ -242,18 +265,33 @@ class _AdminConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _is_loopback_peer(peer: object) -> bool:
+    """A socket peer name (``(host, port, ...)``) on loopback; IPv4-mapped IPv6 included."""
+    if not isinstance(peer, tuple) or not peer or not isinstance(peer[0], str):
+        return False
+    try:
+        address = ipaddress.ip_address(peer[0].partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 class AdminServer:
-    """The admin listener. ``on_refused`` counts connections closed at once because
-    ``limits.max_connections`` were open (the sidecar passes its metric; by default a log
-    line)."""
+    """The admin listener: ``routes`` answer GET and HEAD, ``post_routes`` POST from loopback.
+    ``on_refused`` counts connections closed at once because ``limits.max_connections``
+    were open (the sidecar passes its metric; by default a log line)."""
 
     def __init__(self, host: str, port: int, routes: dict[str, Route], *,
+                 post_routes: dict[str, Route] | None = None,
                  limits: AdminLimits = AdminLimits(),
                  timeouts: DownstreamTimeouts = DownstreamTimeouts(),
                  on_refused: Callable[[], None] | None = None) -> None:
         self.host = host
         self.port = port
         self.routes = routes
+        self.post_routes = post_routes or {}
         self.limits = limits
         self.parser_limits = limits.parser_limits()
         self.timeouts = timeouts

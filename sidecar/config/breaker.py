@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .reader import Fields
-from .values import optional_section, secs
+from .values import secs
 
 __all__ = ["BREAKER_FAILURES", "BreakerConfig", "ErrorRateConfig", "parse_breaker"]
 
@@ -57,20 +57,22 @@ class BreakerConfig:
     max_retries: int = 3
 
 
+def _error_rate(rate: Fields) -> ErrorRateConfig:
+    e = ErrorRateConfig()
+    config = ErrorRateConfig(
+        threshold=rate.percent("threshold", e.threshold),
+        window=rate.duration("window", e.window, min=0.1),
+        min_requests=rate.int("min_requests", e.min_requests, min=1, max=1_000_000),
+    )
+    if config.threshold == 0:
+        rate.error("threshold", "must be > 0%, got '0%'")
+    rate.done()
+    return config
+
+
 def parse_breaker(node: Fields) -> BreakerConfig:
     d = BreakerConfig()
-    error_rate = None
-    rate = optional_section(node, "error_rate")
-    if rate is not None:
-        e = ErrorRateConfig()
-        error_rate = ErrorRateConfig(
-            threshold=rate.percent("threshold", e.threshold),
-            window=rate.duration("window", e.window, min=0.1),
-            min_requests=rate.int("min_requests", e.min_requests, min=1, max=1_000_000),
-        )
-        if error_rate.threshold == 0:
-            rate.error("threshold", "must be > 0%, got '0%'")
-        rate.done()
+    error_rate = node.optional("error_rate", _error_rate)
     open_for = node.duration("open_for", d.open_for, min=0.001)
     open_for_max = node.duration("open_for_max", max(d.open_for_max, open_for), min=0.001)
     if open_for_max < open_for:

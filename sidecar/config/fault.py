@@ -19,15 +19,13 @@ The YAML shape; the values shown are the defaults, except where a comment says o
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from ..http.headers import HEADER_NAME
 from .reader import Fields
-from .values import optional_section
 
 __all__ = ["FaultAbort", "FaultConfig", "FaultDelay", "parse_fault"]
 
-HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,30 +49,30 @@ class FaultConfig:
     max_header_delay: float = 10.0
 
 
-def parse_fault(node: Fields) -> FaultConfig | None:
-    """``None`` when the section is absent or empty: faults are off unless configured."""
-    if not node.data:
-        node.done()
+def _delay(node: Fields) -> FaultDelay | None:
+    fixed = node.duration("fixed", min=0.0)
+    percent = node.percent("percent", 1.0)
+    node.done()
+    if isinstance(fixed, float) and fixed > 3600:
+        node.error("fixed", f"must be ≤ 1h, got {node.data['fixed']!r}")
         return None
+    return FaultDelay(fixed=fixed, percent=percent) if isinstance(fixed, float) else None
+
+
+def _abort(node: Fields) -> FaultAbort | None:
+    status = node.int("status", min=400, max=599)
+    percent = node.percent("percent", 1.0)
+    node.done()
+    return FaultAbort(status=status, percent=percent) if isinstance(status, int) else None
+
+
+def parse_fault(node: Fields) -> FaultConfig:
+    """A route's ``fault`` section (read through ``Fields.optional``: absent means no faults;
+    present, it must say what to inject)."""
     d = FaultConfig()
-    delay = None
-    dnode = optional_section(node, "delay")
-    if dnode is not None:
-        fixed = dnode.duration("fixed", min=0.0)
-        delay_percent = dnode.percent("percent", 1.0)
-        if isinstance(fixed, float) and fixed > 3600:
-            dnode.error("fixed", f"must be ≤ 1h, got {dnode.data['fixed']!r}")
-        elif isinstance(fixed, float):
-            delay = FaultDelay(fixed=fixed, percent=delay_percent)
-        dnode.done()
-    abort = None
-    anode = optional_section(node, "abort")
-    if anode is not None:
-        status = anode.int("status", min=400, max=599)
-        abort_percent = anode.percent("percent", 1.0)
-        if isinstance(status, int):
-            abort = FaultAbort(status=status, percent=abort_percent)
-        anode.done()
+    configured = node.data.get("delay") is not None or node.data.get("abort") is not None
+    delay = node.optional("delay", _delay)
+    abort = node.optional("abort", _abort)
     when_header = node.str("when_header", None)
     if isinstance(when_header, str):
         if not HEADER_NAME.match(when_header.lower()):
@@ -90,7 +88,7 @@ def parse_fault(node: Fields) -> FaultConfig | None:
         from_headers=from_headers,
         max_header_delay=node.duration("max_header_delay", d.max_header_delay),
     )
-    if dnode is None and anode is None and not from_headers:
+    if not configured and not from_headers:
         node.problems.add(node.path, "must configure delay, abort or from_headers: true")
     node.done()
     return config

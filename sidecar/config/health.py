@@ -42,11 +42,9 @@ class HealthCheckConfig:
         return any(lo <= status <= hi for lo, hi in self.expected_statuses)
 
 
-def parse_health_check(node: Fields) -> HealthCheckConfig | None:
-    """``None`` when the section is absent or empty: the cluster has no active checks."""
-    if not node.data:
-        node.done()
-        return None
+def parse_health_check(node: Fields) -> HealthCheckConfig:
+    """A service's ``health_check`` (read through ``Fields.optional``: absent means no active
+    checks; present, it needs at least ``path``)."""
     d = HealthCheckConfig(path="/")
     path = node.str("path")
     if isinstance(path, str) and (not path.startswith("/") or any(c in path for c in " \r\n")):

@@ -46,10 +46,29 @@ from .reader import MISSING, ConfigError, Fields, Problems, convert, is_loopback
 from .validation import parse_validation
 from .resilience import parse_fault, parse_retries, parse_service_resilience
 
-__all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "read_yaml", "reloaded_bootstrap"]
+__all__ = ["ConfigError", "load_bootstrap", "load_mesh", "parse_mesh", "parse_yaml", "read_yaml",
+           "reloaded_bootstrap"]
 
 SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only true/false. Under PyYAML's YAML 1.1 rules an unquoted ``on``
+    (``retries: {on: [reset]}``), ``off``, ``yes`` or ``no`` silently became a boolean, so a
+    documented key turned into ``True: unknown key``."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document with YAML 1.2 booleans (raises yaml.YAMLError)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml(path: Path) -> Any:
@@ -63,7 +82,7 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError(["not UTF-8 text"], str(path)) from None
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -395,7 +414,7 @@ def _route(path: str, data: Any, service: str, parent: Fields) -> RouteConfig:
         node.error("to", "weights must not all be 0")
     timeout = node.duration("timeout", None, min=0.001)
     retries = node.optional("retries", parse_retries)
-    fault = parse_fault(node.sub("fault"))
+    fault = node.optional("fault", parse_fault)
     rate_limit = node.optional("rate_limit", parse_rate_limit)
     validation = node.optional("validation", parse_validation)
     node.done()

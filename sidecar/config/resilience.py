@@ -66,7 +66,7 @@ def parse_service_resilience(node: Fields,
     return ServiceResilience(
         retries=parse_retries(node.sub("retries")),
         breaker=parse_breaker(node.sub("breaker")),
-        health_check=parse_health_check(node.sub("health_check")),
+        health_check=node.optional("health_check", parse_health_check),
         outlier=parse_outlier(node.sub("outlier")),
         load_balancer=load_balancer,
     )

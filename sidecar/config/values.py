@@ -9,20 +9,9 @@ from typing import Any
 
 from .reader import Fields
 
-__all__ = ["bounded_size", "optional_section", "secs", "status_code", "status_range"]
+__all__ = ["bounded_size", "secs", "status_code", "status_range"]
 
 _STATUS_RANGE = re.compile(r"^\s*(\d{3})\s*-\s*(\d{3})\s*$")
-
-
-def optional_section(node: Fields, key: str) -> Fields | None:
-    """A nested mapping that switches a feature on: absent, null or empty mean off."""
-    if not node.has(key):
-        return None
-    value = node.data[key]
-    if value is None or value == {}:
-        node.raw(key)
-        return None
-    return node.sub(key)
 
 
 def status_code(item: Any, low: int) -> int | None:

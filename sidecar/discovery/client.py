@@ -11,7 +11,8 @@ the inbound listener's reachable address, the version served), then answer what 
 - ``renew``: a new key (never reused) and a CSR; the key waits in ``next-key.pem``.
 - ``certificate``: checked against that key and our identity, swapped into the TLS source in
   place (open connections keep theirs, new handshakes use it), kept on disk, acked.
-- ``heartbeat``: the control plane's interval; ours carry the app's health.
+- ``heartbeat``: the control plane's interval; ours carry the app's health, and each is
+  followed by a ``stats`` message when there was traffic or a denial since the last one.
 
 Losing the stream changes nothing in the data plane: the client reconnects with capped,
 jittered exponential backoff, trying the next address each time. Nothing here blocks the
@@ -57,6 +58,7 @@ from .protocol import (
     ProtocolError,
     Renew,
     Snapshot,
+    Stats,
     decode,
     encode,
 )
@@ -94,6 +96,7 @@ class SidecarHooks:
     app_healthy: Callable[[], bool]
     inbound: Callable[[], Address | None]  # the inbound listener's bound address
     identity_changed: Callable[[dict[str, Any]], None]  # a new certificate or bundle is in force
+    stats: Callable[[], Stats | None] = lambda: None  # what was seen since the last call, if anything
 
 
 class ControlClient:
@@ -241,6 +244,9 @@ class ControlClient:
         while True:
             await asyncio.sleep(self._heartbeat)
             await self._send(ws, Heartbeat(app_healthy=self.hooks.app_healthy()))
+            stats = self.hooks.stats()  # (a stats message lost with its stream loses its interval)
+            if stats is not None:
+                await self._send(ws, stats)
 
     async def _answer(self, ws: ClientConnection, message: Message, where: str) -> None:
         if isinstance(message, Snapshot):

@@ -26,14 +26,14 @@ from .message import RequestHead
 __all__ = ["RequestParser", "RequestSink"]
 
 (_HOST, _REQUEST_ID, _FORWARDED_FOR, _FORWARDED_PROTO, _CONTENT_LENGTH, _TRANSFER_ENCODING,
- _CONNECTION, _UPGRADE, _EXPECT, _DROP) = range(10)
+ _CONNECTION, _UPGRADE, _EXPECT, _DROP, _TRACEPARENT, _TRACESTATE) = range(12)
 # One dict look-up per header decides everything that is not a plain end-to-end header.
 _SPECIAL: dict[bytes, int] = {
     **{name: _DROP for name in HOP_BY_HOP | MESH_INTERNAL},
     b"host": _HOST, b"x-request-id": _REQUEST_ID, b"x-forwarded-for": _FORWARDED_FOR,
     b"x-forwarded-proto": _FORWARDED_PROTO, b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION, b"upgrade": _UPGRADE,
-    b"expect": _EXPECT,
+    b"expect": _EXPECT, b"traceparent": _TRACEPARENT, b"tracestate": _TRACESTATE,
 }
 _MAX_CHUNK_OVERHEAD = 4096  # bytes of chunk-size line + extensions allowed per chunk
 _HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")
@@ -274,6 +274,8 @@ class RequestParser:
         forwarded_for: bytes | None = None
         forwarded_proto: bytes | None = None
         request_id: bytes | None = None
+        traceparent: bytes | None = None
+        tracestate = False
         kept: list[tuple[bytes, bytes]] = []
         keep = kept.append
         special = _SPECIAL
@@ -316,6 +318,12 @@ class RequestParser:
                 if value.strip().lower() != b"100-continue":
                     raise DownstreamProtocolError("unsupported Expect", 417, "expectation_failed")
                 expect = True
+            elif code == _TRACEPARENT:  # kept: forwarded as is when tracing is off
+                traceparent = value if traceparent is None else b""  # two: neither is believed
+                keep((name, value))
+            elif code == _TRACESTATE:
+                tracestate = True
+                keep((name, value))
             # else: hop-by-hop or mesh-internal: dropped
 
         if connection is not None:
@@ -344,7 +352,7 @@ class RequestParser:
         return RequestHead(
             method, target, path, authority, _strip_port(authority), version, kept,
             content_length, chunked, parser.should_keep_alive(), upgrade, expect,
-            forwarded_for, forwarded_proto, request_id,
+            forwarded_for, forwarded_proto, request_id, traceparent, tracestate,
         )
 
     def _target(self, method: str) -> tuple[bytes, str | None]:

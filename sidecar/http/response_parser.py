@@ -22,6 +22,9 @@ __all__ = ["ResponseParser", "ResponseSink"]
 _MAX_HEAD = 96 * 1024
 _HOP_LENGTHS = frozenset(len(name) for name in HOP_BY_HOP)
 _MAX_HEADERS = 200
+# RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ). llhttp lets other control
+# characters (NUL among them) through, and we forward the reason as received.
+_REASON_CTL = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
 
 
 class ResponseSink(Protocol):
@@ -80,6 +83,11 @@ class ResponseParser:
 
     # --- httptools callbacks ------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.done:
+            # A second response to one request, in the same read as the first: the upstream
+            # is out of sync. It must neither reach the downstream nor be dropped silently
+            # while the connection goes back to the pool (a later read there is refused).
+            raise UpstreamProtocolError("upstream sent more than one response")
         self._reset()
 
     def on_status(self, reason: bytes) -> None:
@@ -94,6 +102,11 @@ class ResponseParser:
     def on_headers_complete(self) -> None:
         self._in_head = False
         status = self._parser.get_status_code()
+        if status < 100:
+            # llhttp reads "099" as 99; forwarded as "99" it is not a status line (3 digits)
+            raise UpstreamProtocolError(f"upstream status code {status} is not 100-999")
+        if len(self.reason) != len(self.reason.translate(None, _REASON_CTL)):
+            raise UpstreamProtocolError("control character in upstream reason phrase")
         if 100 <= status < 200 and status != 101:
             return
         content_length = None

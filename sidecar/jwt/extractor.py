@@ -4,7 +4,10 @@ and query parameters.
 Rules: exactly zero or one token per request. Two tokens, whether two ``Authorization``
 headers, a header and a query parameter, or the same parameter twice, are refused rather
 than guessed between (RFC 6750 §2: a client uses one method), because a proxy and the app
-behind it could otherwise read different tokens. Pure: no I/O.
+behind it could otherwise read different tokens. Around a header's token only HTTP's optional
+whitespace (SP, HTAB) is dropped, and nothing around a query parameter's: a token wrapped in
+other characters (VT, FF, a percent-encoded line break or NBSP) is not quietly unwrapped
+into a form RFC 6750 and RFC 7515 do not allow; the token parser then refuses it. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = ["ExtractError", "Found", "HeaderSpec", "TokenLocation", "extract_toke
            "header_specs", "remove_param"]
 
 HeaderSpec = tuple[bytes, bytes]  # (lower-case header name, lower-case value prefix)
+_OWS = b" \t"  # RFC 9110 §5.6.3
 
 
 class ExtractError(Exception):
@@ -84,11 +88,11 @@ def extract_token(request: RequestHead, headers: Iterable[HeaderSpec],
         for value in values:
             if value[:len(prefix)].lower() != prefix:
                 continue  # another scheme (e.g. "ApiKey"): not ours
-            text = value[len(prefix):].strip().decode("latin-1")
+            text = value[len(prefix):].strip(_OWS).decode("latin-1")
             found.append(Found(text, TokenLocation(header=name)))
     for param in params:
         for item in _query_values(request.target, param):
-            found.append(Found(item.strip(), TokenLocation(param=param)))
+            found.append(Found(item, TokenLocation(param=param)))
     if len(found) > 1:
         raise ExtractError("more than one token in the request")
     if not found:

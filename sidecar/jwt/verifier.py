@@ -1,14 +1,22 @@
 """The checks a token must pass before its claims are believed.
 
-``parse_token`` decodes the three segments itself, strictly: base64url without padding,
-JSON objects whose members are unique (a duplicate ``alg`` or ``sub`` could be read
-differently by us and by the app), no NaN/Infinity, no nesting past the parser's depth
-(``sidecar/strict_json.py``). ``Verifier``
-then refuses, cheapest first: ``alg: none``, HS* (our keys are public keys: algorithm
+``parse_token`` reads the JWS compact serialization exactly as RFC 7515 §7.1 and RFC 7519
+§7.2 define it, so each token has one textual form: exactly three segments and two dots;
+each segment base64url (RFC 7515 §2: the URL-safe alphabet, no ``=`` padding, no whitespace,
+line breaks or other characters) and canonical (the unused low bits of the last character are
+zero: otherwise several texts decode to the same bytes, and a third party could re-spell a
+token's signature); a non-empty signature; header and payload UTF-8 JSON objects whose
+members are unique, without NaN/Infinity or nesting past the parser's depth
+(``sidecar/strict_json.py``), and whose strings are valid Unicode (no unpaired surrogate
+escapes). The header must describe a plain JWS: ``enc`` (a JWE header) and ``cty: JWT``
+(a nested token) are refused, ``typ`` and ``cty`` must be strings. The JWS JSON
+serialization is not accepted (it fails the alphabet). ``Verifier`` then refuses, cheapest
+first: ``alg: none``, HS* (our keys are public keys: algorithm
 confusion), algorithms outside the provider's allow-list, ``jku``/``x5u``/``jwk``/``x5c``
 headers (keys named by the token are never followed), any ``crit`` (we implement no
 extension), a wrong ``typ``, an unknown ``kid`` (and asks the JWKS cache to refetch, off the
-hot path), time claims that are not JSON numbers, a missing ``exp``, expiry, ``nbf`` and
+hot path), time claims that are not finite JSON numbers (RFC 7519 §2 NumericDate: ``1e400``
+would be a token that never expires), a missing ``exp``, expiry, ``nbf`` and
 ``iat`` with leeway, issuer, audience and required claims; last, the signature, with PyJWT
 and the resolved key under ``algorithms=[alg]``. Every refusal is a ``JwtError`` whose
 description is ours, short, and never contains the token.
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 import time
 from collections.abc import Callable
@@ -36,7 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = ["JwtError", "ParsedToken", "VerifiedToken", "Verifier", "parse_token"]
 
-_B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"  # RFC 4648 §5
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")  # used with fullmatch: "$" would allow a final "\n"
+# A last character after 2 or 3 characters in its quantum carries 4 or 2 unused bits.
+_UNUSED_BITS_MASK = {2: 0x0F, 3: 0x03}
 _KEY_HEADERS = ("jku", "x5u", "jwk", "x5c")
 # Claims are checked by us, with our clock and leeway; PyJWT checks the signature only.
 _SIGNATURE_ONLY: Options = {
@@ -76,12 +88,36 @@ class VerifiedToken:
 
 
 def _segment(seg: str, what: str) -> bytes:
-    if not _B64URL.match(seg) or len(seg) % 4 == 1:
+    """One base64url segment, RFC 7515 §2: alphabet, no padding, canonical last character."""
+    if not _B64URL.fullmatch(seg) or len(seg) % 4 == 1:
         raise JwtError(f"malformed token {what}", "malformed")
+    mask = _UNUSED_BITS_MASK.get(len(seg) % 4)
+    if mask is not None and _ALPHABET.index(seg[-1]) & mask:
+        raise JwtError(f"non-canonical base64url in token {what}", "malformed")
     try:
         return base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError):  # pragma: no cover - the checks above cover it
         raise JwtError(f"malformed token {what}", "malformed") from None
+
+
+def _valid_unicode(value: Any) -> bool:
+    """No unpaired surrogate (``"\\ud800"``) in any string or member name: such a string is
+    not Unicode text (RFC 8259 §8.2), and readers disagree on what it is. Iterative: the
+    parser already bounded the depth, this walk must not hit the recursion limit either."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _object(seg: str, what: str) -> dict[str, Any]:
@@ -96,11 +132,31 @@ def _object(seg: str, what: str) -> dict[str, Any]:
         raise JwtError(text, reason) from None
     if not isinstance(value, dict):
         raise JwtError(f"token {what} is not a JSON object", "malformed")
+    if not _valid_unicode(value):
+        raise JwtError(f"token {what} is not valid Unicode", "malformed")
     return value
 
 
+def _media_type(value: str) -> str:
+    # RFC 7515 §4.1.9/§4.1.10: media types compare case-insensitively; "application/" may be omitted.
+    value = value.lower()
+    return value[len("application/"):] if value.startswith("application/") else value
+
+
+def _check_jws_header(header: dict[str, Any]) -> None:
+    """RFC 7519 §7.2 steps 6 and 8: a plain JWS, not a JWE nor a nested JWT."""
+    if "enc" in header:
+        raise JwtError("encrypted tokens (JWE) are not accepted", "encrypted")
+    for name in ("typ", "cty"):
+        if name in header and not isinstance(header[name], str):
+            raise JwtError(f"malformed {name}", "malformed")
+    if "cty" in header and _media_type(header["cty"]) == "jwt":
+        raise JwtError("nested tokens are not accepted", "nested")
+
+
 def parse_token(token: str, max_size: int) -> ParsedToken:
-    """The decoded header and payload of a compact JWS (signature not yet checked)."""
+    """The decoded header and payload of a compact JWS (signature not yet checked, but its
+    text checked: it is the one part the signature does not cover)."""
     if len(token) > max_size:
         raise JwtError("token too large", "too_large")
     parts = token.split(".")
@@ -109,19 +165,23 @@ def parse_token(token: str, max_size: int) -> ParsedToken:
         raise JwtError("malformed token", "malformed")
     if not parts[2]:
         raise JwtError("token is not signed", "no_signature")
-    return ParsedToken(raw=token, header=_object(parts[0], "header"),
-                       payload=_object(parts[1], "payload"))
+    header = _object(parts[0], "header")
+    _check_jws_header(header)
+    payload = _object(parts[1], "payload")
+    _segment(parts[2], "signature")
+    return ParsedToken(raw=token, header=header, payload=payload)
 
 
 def _number(value: Any) -> bool:
-    # bool is an int subclass in Python, but `true` is not a JSON number.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _typ(value: str) -> str:
-    # RFC 7515 §4.1.9: media types compare case-insensitively; "application/" may be omitted.
-    value = value.lower()
-    return value[len("application/"):] if value.startswith("application/") else value
+    """An RFC 7519 §2 NumericDate: a JSON number (``true`` is an int in Python, not a JSON
+    number), finite and within a float's range (``1e400`` parses as infinity: a token that
+    never expires; a 400-digit integer would overflow ``float()`` later)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 class Verifier:
@@ -133,7 +193,7 @@ class Verifier:
         self.jwks = jwks
         self.wall = wall
         self._audiences = frozenset(provider.audiences)
-        self._typ = _typ(provider.typ) if provider.typ else None
+        self._typ = _media_type(provider.typ) if provider.typ else None
 
     def verify(self, token: ParsedToken) -> VerifiedToken:
         p = self.provider
@@ -155,7 +215,7 @@ class Verifier:
             raise JwtError("unsupported critical header", "crit")
         if self._typ is not None:
             typ = header.get("typ")
-            if not isinstance(typ, str) or _typ(typ) != self._typ:
+            if not isinstance(typ, str) or _media_type(typ) != self._typ:
                 raise JwtError("wrong token type", "typ")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):

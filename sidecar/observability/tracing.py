@@ -8,7 +8,9 @@ malformed one is dropped with its ``tracestate``, never forwarded) and decides s
 SERVER span; each upstream try of an outbound or gateway exchange gets a CLIENT span, so
 retries are sibling tries; the ``traceparent`` sent upstream names the span of that try.
 
-Cost: an unsampled exchange gets ids and a header, nothing else. A sampled one's spans are
+Cost: an unsampled exchange gets ids and one ``traceparent`` line, nothing else: no trace
+object, no per-try span ids (nobody records its spans), and no look at its headers (the
+parser picked the trace context out in its own pass). A sampled one's spans are
 built directly as ``ReadableSpan`` objects at its end (no tracer, context or sampler object
 per span) and handed to the SDK's ``BatchSpanProcessor``; its thread encodes and posts them.
 The queue is bounded: past it a span is dropped and counted. Export failures are counted and
@@ -50,6 +52,7 @@ _MASK64 = (1 << 64) - 1
 _WARN_EVERY = 10.0  # seconds between two "trace export failed" warnings
 # version-traceid-parentid-flags, lower-case hex; a later version may append "-..." fields
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[\x21-\x7e]*)?")
+_HEADER_PREFIX = b"traceparent: 00-"
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -170,23 +173,25 @@ class Tracer:
     # --- hot path --------------------------------------------------------------------
     def start(self, ex: Exchange, scheme: bytes = b"http") -> None:
         """The exchange's trace: the caller's, continued, or a new one. Strips the incoming
-        ``traceparent`` (each try sends its own) and, when that was unusable, ``tracestate``."""
+        ``traceparent`` (each try sends its own) and, when that was unusable, ``tracestate``.
+
+        The parser picked both headers out in its own pass; an unsampled exchange gets its
+        ids and its ``traceparent`` line (``ex.trace_header``) and no trace object."""
         head = ex.request
-        found: bytes | None = None
-        state = False
-        count = 0
-        for name, value in head.headers:
-            if name == b"traceparent":
-                found = value
-                count += 1
-            elif name == b"tracestate":
-                state = True
-        parent = parse_traceparent(found) if count == 1 else None  # type: ignore[arg-type]
-        if count:
-            head.remove_headers(b"traceparent", b"tracestate") if parent is None \
-                else head.remove_headers(b"traceparent")
-        elif state:
-            head.remove_headers(b"tracestate")  # a state without its trace means nothing
+        found = head.traceparent
+        if found is None:
+            parent = None
+            if head.tracestate:
+                head.remove_headers(b"tracestate")  # a state without its trace means nothing
+        else:
+            parent = parse_traceparent(found) if found else None
+            if parent is None:
+                head.remove_headers(b"traceparent", b"tracestate")
+            else:
+                try:
+                    head.headers.remove((b"traceparent", found))
+                except ValueError:
+                    pass  # (the caller named it in Connection: already gone)
         # one draw and one format for both ids (a zero id, which W3C forbids, has odds 2^-64)
         bits = getrandbits(192)
         ids = "%048x" % bits
@@ -196,9 +201,12 @@ class Tracer:
         else:
             trace_id, parent_id = ids[:32], None
             sampled = ((bits >> 64) & _MASK64) < self.bound  # the trace id's low 64 bits
-        ex.trace = ExchangeTrace(self, ex.listener, trace_id, span_id, parent_id, sampled, scheme)
         ex.trace_id = trace_id
         ex.span_id = span_id
+        if sampled:
+            ex.trace = ExchangeTrace(self, ex.listener, trace_id, span_id, parent_id, True, scheme)
+        else:
+            ex.trace_header = b"%s%s-%s-00\r\n" % (_HEADER_PREFIX, trace_id.encode(), span_id.encode())
 
     def export(self, spans: list[ReadableSpan]) -> None:
         """Queue finished spans for the export thread; a full queue drops them (counted)."""
@@ -246,7 +254,8 @@ class ExchangeTrace:
     The router reports tries (``try_start``, ``try_status``, ``try_end``); ``finish`` exports."""
 
     __slots__ = ("tracer", "trace_id", "span_id", "parent_id", "sampled", "server", "client",
-                 "scheme", "start_ns", "tries", "try_id", "try_start_ns", "try_status", "spans")
+                 "scheme", "start_ns", "tries", "try_id", "try_start_ns", "try_status", "spans",
+                 "_prefix", "_suffix")
 
     def __init__(self, tracer: Tracer, listener: str, trace_id: str, span_id: str,
                  parent_id: str | None, sampled: bool, scheme: bytes) -> None:
@@ -264,6 +273,8 @@ class ExchangeTrace:
         self.try_start_ns = 0
         self.try_status = 0
         self.spans: list[ReadableSpan] | None = [] if sampled else None
+        self._prefix = b"%s%s-" % (_HEADER_PREFIX, trace_id.encode())
+        self._suffix = b"-01\r\n" if sampled else b"-00\r\n"
 
     def try_start(self, ex: Exchange) -> None:
         """A try begins: its endpoint is picked (``ex.upstream``)."""
@@ -284,9 +295,7 @@ class ExchangeTrace:
     def header(self) -> bytes:
         """The ``traceparent`` line for the try being sent: it names the try's CLIENT span
         (inbound: the SERVER span, which the app continues)."""
-        return b"traceparent: 00-%s-%s-%s\r\n" % (
-            self.trace_id.encode(), (self.try_id or self.span_id).encode(),
-            b"01" if self.sampled else b"00")
+        return self._prefix + (self.try_id or self.span_id).encode() + self._suffix
 
     def try_response(self, status: int) -> None:
         """The try got a response head (forwarded, or dropped for a retry)."""

@@ -214,7 +214,7 @@ class Router(Generic[S]):
             return
         tries.reused = reused
         conn.start(stream, stream.head.method == "HEAD")
-        trace = b"" if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
+        trace = ex.trace_header if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
         stream.attach(conn, tries.head_bytes + trace + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
                       again=tries.head_sent)
         tries.head_sent = True

@@ -241,7 +241,9 @@ class ClusterManager:
                 health = old.health  # (probes the new endpoints once the set is activated)
             else:
                 health = HealthChecker(name, res.health_check, states, on_change=self._health_log(name),
-                                       ssl=self._client_tls if tls else None, server_hostname=hostname)
+                                       ssl=self._client_tls if tls else None, server_hostname=hostname,
+                                       expected_identity=f"spiffe://{trust_domain}/service/{name}" if tls else None,
+                                       identify=(lambda a: self._endpoint_tls(a)[1]) if tls else None)
         return Cluster(
             name=name, endpoints=states, pools=members, timeouts=timeouts, pool_config=pool_config,
             resilience=res, load_balancer=load_balancer_for(res.load_balancer), breaker=breaker,

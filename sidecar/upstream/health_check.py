@@ -5,6 +5,11 @@ A probe is ``GET <path> HTTP/1.1`` over a fresh connection (``Connection: close`
 an endpoint flips is decided by ``HealthThresholds`` (pure: consecutive passes or failures
 against the thresholds), so the rules are testable without sockets. ``probe`` is also what the
 sidecar uses to check its own app for ``/readyz``. No aiohttp: the sidecar stays lean.
+
+Over mTLS a probe checks who answered exactly as a request does (the router's ``_send``): the
+endpoint's certificate must carry the cluster's SPIFFE ID, else the probe fails with an
+``identity`` error before anything is sent. A valid mesh certificate of another service does
+not keep an endpoint in rotation that every request to it would refuse (503 ``UPE``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ __all__ = ["HealthChecker", "HealthThresholds", "ProbeResult", "probe"]
 
 log = structlog.get_logger("sidecar.health_check")
 
+# transport -> the SPIFFE ID the peer proved, or None (``sidecar.tls.SidecarTls.identify_for``)
+Identify = Callable[[object], str | None]
+
 USER_AGENT = "pake-health-check"
 MAX_STATUS_LINE = 8 * 1024  # an answer that long is not HTTP; do not buffer more
 
@@ -35,7 +43,7 @@ MAX_STATUS_LINE = 8 * 1024  # an answer that long is not HTTP; do not buffer mor
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     status: int | None  # None: no status line (see ``error``)
-    error: str | None = None  # "timeout", "connect: ...", "closed", "bad status line"
+    error: str | None = None  # "timeout", "connect: ...", "identity: ...", "closed", "bad status line"
 
     def passed(self, config: HealthCheckConfig) -> bool:
         return self.status is not None and config.expects(self.status)
@@ -43,9 +51,14 @@ class ProbeResult:
 
 async def probe(address: Address, path: str, timeout: float, *,
                 ssl: _ssl.SSLContext | None = None, host: str | None = None,
-                server_hostname: str | None = None) -> ProbeResult:
+                server_hostname: str | None = None, expected_identity: str | None = None,
+                identify: Identify | None = None) -> ProbeResult:
     """One ``GET path`` to ``address``: connect, send, read the status line, all within
-    ``timeout`` seconds. Never raises for network trouble: the result says what happened."""
+    ``timeout`` seconds. Never raises for network trouble: the result says what happened.
+
+    With ``expected_identity`` (mTLS), ``identify(transport)`` must return exactly that SPIFFE
+    ID after the handshake; otherwise the probe fails without sending the request. A missing
+    ``identify`` proves nothing, so it fails too (never trust an unchecked peer)."""
     hostname, port = address
     host_header = host or (f"[{hostname}]:{port}" if ":" in hostname else f"{hostname}:{port}")
     request = (f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n"
@@ -63,6 +76,11 @@ async def probe(address: Address, path: str, timeout: float, *,
                         hostname, port, limit=MAX_STATUS_LINE)
             except OSError as exc:  # includes ssl.SSLError
                 return ProbeResult(None, f"connect: {exc.strerror or exc}")
+            if expected_identity is not None:
+                presented = identify(writer.transport) if identify is not None else None
+                if presented != expected_identity:
+                    return ProbeResult(None, f"identity: presented {presented or 'no identity'},"
+                                             f" expected {expected_identity}")
             writer.write(request)
             await writer.drain()
             line = await reader.readline()
@@ -134,12 +152,17 @@ def _ignore(endpoint: EndpointState, healthy: bool) -> None:
 
 class HealthChecker:
     """The active health checks of one cluster. ``start()`` runs a task; ``stop()`` ends it.
-    Sets ``EndpointState.healthy`` and calls ``on_change(endpoint, healthy)`` on each flip."""
+    Sets ``EndpointState.healthy`` and calls ``on_change(endpoint, healthy)`` on each flip.
+
+    ``expected_identity`` is the SPIFFE ID every endpoint must prove (mTLS clusters), and
+    ``identify(address)`` gives the same ``identify(transport)`` the endpoint's pool uses."""
 
     def __init__(self, cluster: str, config: HealthCheckConfig, endpoints: Iterable[EndpointState],
                  *, on_change: HealthCallback | None = None,
                  ssl: _ssl.SSLContext | Callable[[], _ssl.SSLContext | None] | None = None,
                  server_hostname: str | None = None,
+                 expected_identity: str | None = None,
+                 identify: Callable[[Address], Identify | None] | None = None,
                  rand: Callable[[], float] | None = None) -> None:
         self.cluster = cluster
         self.config = config
@@ -147,6 +170,8 @@ class HealthChecker:
         self._on_change = on_change or _ignore
         self._ssl = ssl
         self._server_hostname = server_hostname
+        self._expected_identity = expected_identity
+        self._identify = identify
         self._rand = rand if rand is not None else random.Random().random
         self._endpoints: list[EndpointState] = []
         self._thresholds: dict[Address, HealthThresholds] = {}
@@ -186,8 +211,10 @@ class HealthChecker:
     async def _check(self, endpoint: EndpointState) -> None:
         cfg = self.config
         context = self._ssl() if callable(self._ssl) else self._ssl
+        identify = self._identify(endpoint.address) if self._identify is not None else None
         result = await probe(endpoint.address, cfg.path, cfg.timeout, ssl=context,
-                             host=cfg.host or self.cluster, server_hostname=self._server_hostname)
+                             host=cfg.host or self.cluster, server_hostname=self._server_hostname,
+                             expected_identity=self._expected_identity, identify=identify)
         if endpoint not in self._endpoints:
             return  # left the cluster while we were probing it
         self.results[endpoint.address] = result

@@ -1,26 +1,28 @@
-"""The mTLS quickstart, with the gateway in front of it, as a user runs it: ``make certs``
-(``python -m examples.certs``) and ``make demo`` (``python -m examples.demo``), as real processes. The demo runs with
-``--any-ports`` (every process on port 0, wired from their ready lines) and its own
-certificate folder, so it neither needs free fixed ports nor touches examples/mtls/certs."""
+"""The mTLS quickstart (``examples/mtls/``) as a user runs it without a control plane: ``make
+certs`` (``python -m examples.certs``), then the two sidecars from the committed files, as
+real processes (listeners moved to port 0, certificates in a temporary folder, so it neither
+needs free fixed ports nor touches examples/mtls/certs). ``make demo`` (the same mesh joined
+to a control plane) is tests/integration/test_demo_control.py."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import re
-import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import yaml
+from aiohttp.test_utils import TestServer
 from cryptography import x509
 
 from certs.pem import load_certificate
+from examples.echo import make_app
+from tests.helpers.sidecar_process import SidecarProcess
 
 _ROOT = Path(__file__).resolve().parents[2]
 FRONTEND_ID = "spiffe://pake.local/service/frontend"
-GATEWAY_ID = "spiffe://pake.local/service/gateway"
+EXAMPLE = _ROOT / "examples" / "mtls"
 
 
 async def _run(*argv: str) -> str:
@@ -66,82 +68,33 @@ async def test_make_certs_is_idempotent_and_keys_are_private(tmp_path: Path) -> 
     assert load_certificate(certs / "gateway.pem").serial_number == serials["gateway"]
 
 
-async def test_demo_serves_over_mtls_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "examples.demo", "--any-ports", "--certs", str(tmp_path / "certs"),
-        cwd=_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, limit=1 << 20)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    pids: list[int] = []
-    try:
-        async with asyncio.timeout(40):
-            while not any("demo ready" in line for line in lines):
-                raw = await proc.stdout.readline()
-                assert raw, f"demo ended before it was ready: {lines[-10:]}"
-                line = raw.decode().rstrip()
-                lines.append(line)
-                if m := re.search(r"started \S+ \(pid (\d+)\)", line):
-                    pids.append(int(m.group(1)))
-        ready = re.search(r"demo ready outbound=(\d+) gateway=(\d+)", lines[-1])
-        assert ready, lines[-1]
-        outbound, gateway = int(ready.group(1)), int(ready.group(2))
-        assert len(pids) == 4  # the echo app, echo's sidecar, the gateway, frontend's sidecar
-        # The demo's own check went through, and so does ours: the echo app sees the caller's
-        # SPIFFE ID, which only the echo sidecar's verified mTLS handshake can put there.
-        assert any(f"-> 200; the echo app saw x-pake-peer-identity: {FRONTEND_ID}" in line for line in lines)
-        async with aiohttp.ClientSession() as http:
-            async with http.get("http://echo/hello", proxy=f"http://127.0.0.1:{outbound}") as resp:
-                assert resp.status == 200
-                body = await resp.json()
-        headers = {k.lower(): v for k, v in body["headers"].items()}
-        assert headers["x-pake-peer-identity"] == FRONTEND_ID
+async def test_the_static_mtls_quickstart_runs_from_its_files(tmp_path: Path) -> None:
+    """examples/mtls/ as committed (listeners moved to port 0): frontend -> mTLS -> echo."""
+    certs = tmp_path / "certs"
+    await _run("-m", "examples.certs", "--out", str(certs))
+    mesh = yaml.safe_load((EXAMPLE / "mesh.yaml").read_text())
+    mesh["jwt_providers"]["pake-issuer"]["jwks_file"] = str(_ROOT / "examples" / "gateway" / "jwks.json")
+    tls = {"cert": "", "key": "", "bundle": str(certs / "bundle.pem")}
 
-        # The gateway, as the demo tells a user to call it: tokens from mint_token.
-        assert any("the gateway:" in line for line in lines)
-        assert any(f"http://127.0.0.1:{gateway}/echo/hello" in line for line in lines)
-        admin = {"Authorization": "Bearer " + (await _run(
-            "-m", "examples.mint_token", "--sub", "alice", "--role", "admin")).strip()}
-        reader = {"Authorization": "Bearer " + (await _run(
-            "-m", "examples.mint_token", "--sub", "bob", "--role", "reader")).strip()}
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{gateway}/echo/hello", headers=admin) as resp:
-                assert resp.status == 200
-                seen = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
-            # it reached the echo app through echo's sidecar, over mTLS with the gateway's identity
-            assert seen["x-pake-peer-identity"] == GATEWAY_ID and seen["x-user"] == "alice"
-            async with http.get(f"http://127.0.0.1:{gateway}/echo/admin/stats", headers=admin) as resp:
-                assert resp.status == 200
-            async with http.get(f"http://127.0.0.1:{gateway}/echo/admin/stats", headers=reader) as resp:
-                assert resp.status == 403
-                assert (await resp.json())["error"] == "forbidden"
-            async with http.get(f"http://127.0.0.1:{gateway}/echo/hello", headers=reader) as resp:
-                assert resp.status == 200
-            # echo's own sidecar enforces echo's policy (examples/mtls/mesh.yaml): frontend
-            # calls echo without a token, so /echo/admin/ is refused there, not at an edge
-            async with http.get("http://echo/echo/admin/stats", proxy=f"http://127.0.0.1:{outbound}") as resp:
-                assert resp.status == 403
-                assert (await resp.json())["service"] == "echo"
+    def bootstrap(name: str, listeners: dict[str, Any]) -> dict[str, Any]:
+        boot = yaml.safe_load((EXAMPLE / f"{name}.yaml").read_text())
+        assert set(boot["listeners"]) == set(listeners)  # the committed file's listeners
+        return {**boot, "listeners": listeners,
+                "tls": {**tls, "cert": str(certs / f"{name}.pem"), "key": str(certs / f"{name}-key.pem")}}
 
-        proc.send_signal(signal.SIGINT)
-        async with asyncio.timeout(40):
-            rest = (await proc.stdout.read()).decode().splitlines()
-            assert await proc.wait() == 0, rest[-10:]
-        assert rest[-1] == "[demo] stopped"
-        assert sum("exited" in line for line in rest) == 4
-        for pid in pids:  # reaped by the demo, not orphaned
-            assert not _alive(pid), pid
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    async with TestServer(make_app(), host="127.0.0.1", port=0) as app:
+        echo = SidecarProcess(tmp_path, name="echo", mesh=mesh, bootstrap={
+            **bootstrap("echo", {"inbound": {"address": "127.0.0.1:0", "tls": True},
+                                 "admin": "127.0.0.1:0"}), "app": f"127.0.0.1:{app.port}"})
+        async with echo:
+            mesh["services"]["echo"]["endpoints"] = [f"127.0.0.1:{echo.ports['inbound']}"]
+            frontend = SidecarProcess(tmp_path, name="frontend", mesh=mesh, bootstrap=bootstrap(
+                "frontend", {"outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"}))
+            async with frontend, aiohttp.ClientSession() as http:
+                async with http.get("http://echo/hello", proxy=frontend.url()) as resp:
+                    assert resp.status == 200
+                    seen = {k.lower(): v for k, v in (await resp.json())["headers"].items()}
+                assert seen["x-pake-peer-identity"] == FRONTEND_ID  # echo's sidecar verified it
+                async with http.get(frontend.url() + "/echo/admin/stats", headers={"Host": "echo"}) as resp:
+                    assert resp.status == 403  # echo's policy: /echo/admin/ needs role admin
+                    assert (await resp.json())["service"] == "echo"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sidecar.config.load import parse_mesh
+from sidecar.config.load import load_mesh, parse_mesh, parse_yaml
 from sidecar.config.reader import ConfigError, Fields, Problems
 
 
@@ -87,3 +88,15 @@ def test_one_header_name_rule_everywhere(where: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_mesh(data)
     assert any(bad in p for p in caught.value.problems), caught.value.problems
+
+
+def test_mesh_yaml_reads_on_off_yes_no_as_strings_as_yaml_1_2_does(tmp_path: Path) -> None:
+    """``retries: {on: [reset]}`` as the retries docs write it: PyYAML's YAML 1.1 rules made
+    the key the boolean True (``services.x.retries.True: unknown key``)."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text("services:\n  x:\n    endpoints: ['127.0.0.1:1']\n"
+                    "    retries: {attempts: 1, on: [reset]}\n    tls: false\n")
+    mesh = load_mesh(path)
+    assert mesh.services["x"].resilience.retries.on == frozenset({"reset"})
+    assert mesh.services["x"].tls is False
+    assert parse_yaml("a: yes\nb: on\nc: true\n") == {"a": "yes", "b": "on", "c": True}

@@ -169,9 +169,18 @@ def test_breaker_errors(data: dict[str, Any], problem: str) -> None:
 # --- health check ---------------------------------------------------------------------
 
 
-def test_health_check_absent_or_empty_is_off() -> None:
-    assert ok(parse_health_check, None) is None
-    assert ok(parse_health_check, {}) is None
+def optional(fn: Callable[[Fields], Any], key: str, data: dict[str, Any]) -> tuple[Any, list[str]]:
+    """A section read as its parent reads it: through the one optional-section idiom."""
+    problems = Problems()
+    result = Fields(data, SVC, problems).optional(key, fn)
+    return result, problems.items
+
+
+def test_health_check_absent_or_null_is_off_and_empty_asks_for_a_path() -> None:
+    assert optional(parse_health_check, "health_check", {}) == (None, [])
+    assert optional(parse_health_check, "health_check", {"health_check": None}) == (None, [])
+    _, problems = optional(parse_health_check, "health_check", {"health_check": {}})
+    assert problems and problems[0].startswith(f"{SVC}.health_check.path: ")
 
 
 def test_health_check_defaults() -> None:
@@ -283,9 +292,17 @@ def test_load_balancer_errors(data: dict[str, Any], problem: str) -> None:
 # --- fault ----------------------------------------------------------------------------
 
 
-def test_fault_absent_is_off() -> None:
-    assert ok(parse_fault, None) is None
-    assert ok(parse_fault, {}) is None
+def test_fault_absent_is_off_and_empty_says_what_it_lacks() -> None:
+    assert optional(parse_fault, "fault", {}) == (None, [])
+    assert optional(parse_fault, "fault", {"fault": None}) == (None, [])
+    _, problems = optional(parse_fault, "fault", {"fault": {}})
+    assert problems == [f"{SVC}.fault: must configure delay, abort or from_headers: true"]
+    _, problems = optional(parse_fault, "fault", {"fault": {"delay": {}}})
+    assert problems and problems[0].startswith(f"{SVC}.fault.delay.fixed: ")
+
+
+def test_breaker_error_rate_empty_is_on_with_its_defaults() -> None:
+    assert ok(parse_breaker, {"error_rate": {}}).error_rate == ErrorRateConfig()
 
 
 def test_fault_full() -> None:

@@ -18,7 +18,9 @@ from prometheus_client import CollectorRegistry
 from sidecar.config.load import ConfigError, load_bootstrap
 from sidecar.config.tracing import TracingConfig
 from sidecar.exchange import Exchange
+from sidecar.config.model import Limits
 from sidecar.http.message import RequestHead
+from sidecar.http.request_parser import RequestParser
 from sidecar.observability.tracing import Tracer, parse_traceparent
 from sidecar.upstream.endpoint import Outcome
 
@@ -26,9 +28,25 @@ TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
 
 
+class _Heads:
+    def __init__(self) -> None:
+        self.heads: list[RequestHead] = []
+
+    def on_request(self, head: RequestHead) -> None:
+        self.heads.append(head)
+
+    def on_body(self, chunk: bytes) -> None: ...
+
+    def on_request_end(self) -> None: ...
+
+
 def exchange(listener: str = "inbound", headers: list[tuple[bytes, bytes]] | None = None) -> Exchange:
-    head = RequestHead(method="GET", target=b"/o/1", path="/o/1", authority="orders", host="orders",
-                       version="1.1", headers=list(headers or []))
+    """An exchange whose head came through the real request parser (which picks the trace
+    context out of the headers for the tracer)."""
+    sink = _Heads()
+    lines = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers or [])
+    RequestParser(sink, Limits()).feed(b"GET /o/1 HTTP/1.1\r\nhost: orders\r\n" + lines + b"\r\n")
+    [head] = sink.heads
     return Exchange(request=head, listener=listener, downstream_address="10.0.0.7", request_id="r-1",
                     start=0.0)
 
@@ -96,8 +114,8 @@ def test_an_unusable_trace_context_is_replaced_and_never_forwarded(headers: list
     ex = exchange("inbound", headers)
     tracer.start(ex)
     assert ex.request.headers == []
-    assert ex.trace is not None and ex.trace_id != TRACE and ex.trace.parent_id is None
-    assert ex.trace.header() == f"traceparent: 00-{ex.trace_id}-{ex.span_id}-00\r\n".encode()
+    assert ex.trace is None and ex.trace_id is not None and ex.trace_id != TRACE  # a new, unsampled trace
+    assert ex.trace_header == f"traceparent: 00-{ex.trace_id}-{ex.span_id}-00\r\n".encode()
 
 
 def test_new_traces_are_sampled_by_ratio_on_the_trace_id(spans: InMemorySpanExporter) -> None:
@@ -107,8 +125,9 @@ def test_new_traces_are_sampled_by_ratio_on_the_trace_id(spans: InMemorySpanExpo
         for _ in range(2000):
             ex = exchange()
             tracer.start(ex)
-            assert ex.trace is not None
-            sampled += ex.trace.sampled
+            assert ex.trace_id is not None and len(ex.trace_id) == 32
+            sampled += ex.trace is not None  # an unsampled exchange gets no trace object
+            assert (ex.trace_header == b"") == (ex.trace is not None)
         assert low <= sampled <= high, (sample, sampled)
 
 
@@ -182,3 +201,28 @@ def test_the_tracing_section_is_checked_with_paths(tmp_path: Path) -> None:
                      "tracing.sample: must be a percentage", "tracing.batch: must not exceed queue (5)",
                      "tracing.color: unknown key"):
         assert expected in problems, problems
+
+
+def test_an_unsampled_caller_trace_is_continued_without_a_trace_object(spans: InMemorySpanExporter) -> None:
+    """The 99% path: the caller's trace id and flag carry on, with one traceparent line for
+    every try (naming this sidecar's span), the caller's own line gone, its tracestate kept."""
+    tracer = tracer_for(spans, sample=1.0)  # the caller's "not sampled" wins over 100%
+    ex = exchange("outbound", [(b"traceparent", f"00-{TRACE}-{PARENT}-00".encode()),
+                               (b"tracestate", b"v=1")])
+    tracer.start(ex)
+    assert ex.trace is None and ex.trace_id == TRACE and ex.span_id not in (None, PARENT)
+    assert ex.request.headers == [(b"tracestate", b"v=1")]
+    assert ex.trace_header == f"traceparent: 00-{TRACE}-{ex.span_id}-00\r\n".encode()
+    assert tracer.counts.queued == 0
+
+
+def test_the_parser_picks_the_trace_context_out_and_keeps_it_in_the_headers() -> None:
+    """Without tracing the headers pass through as they came; with it the tracer needs no
+    second pass over them. Sent twice, a traceparent is believed by nobody (b"")."""
+    one = exchange("inbound", [(b"Traceparent", f"00-{TRACE}-{PARENT}-01".encode()), (b"TraceState", b"v=1")])
+    assert one.request.traceparent == f"00-{TRACE}-{PARENT}-01".encode() and one.request.tracestate
+    assert one.request.headers == [(b"traceparent", f"00-{TRACE}-{PARENT}-01".encode()), (b"tracestate", b"v=1")]
+    two = exchange("inbound", [(b"traceparent", f"00-{TRACE}-{PARENT}-01".encode())] * 2)
+    assert two.request.traceparent == b"" and not two.request.tracestate
+    none = exchange("inbound", [(b"accept", b"*/*")])
+    assert none.request.traceparent is None and not none.request.tracestate

@@ -9,11 +9,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from certs.ssl_context import client_context, server_context
+from certs.ssl_context import TlsContextSource, TlsFiles, client_context, server_context
 from tests.helpers.pki import make_test_pki
 from sidecar.config.health import HealthCheckConfig
+from sidecar.config.load import parse_mesh
 from sidecar.upstream.endpoint import EndpointState
+from sidecar.tls import SidecarTls
+from sidecar.upstream.cluster_manager import ClusterManager
 from sidecar.upstream.health_check import HealthChecker, HealthThresholds, ProbeResult, probe
 
 WAIT = 5.0  # an upper bound for events; tests finish as soon as they fire
@@ -259,3 +263,57 @@ async def test_stop_does_not_swallow_its_own_cancellation() -> None:
     stopper.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stopper
+
+
+# --- identity over mTLS ---------------------------------------------------------------
+# A probe checks who answered as a request does (router._send): an endpoint with a valid mesh
+# certificate of another service would be refused by every request (503 UPE), so it is down.
+
+
+def _sidecar_tls(files: TlsFiles, service: str) -> SidecarTls:
+    return SidecarTls(TlsContextSource(files), "pake.local", service, CollectorRegistry())
+
+
+async def test_probe_refuses_an_endpoint_proving_another_service(upstreams: MakeUpstream,
+                                                                 tmp_path: Path) -> None:
+    pki = make_test_pki(tmp_path, ("orders", "payments", "frontend"))
+    s = pki.services["payments"]  # valid, same CA, but not the cluster's service
+    up = await upstreams("200", server_context(s.cert, s.key, s.bundle))
+    tls = _sidecar_tls(pki.services["frontend"], "frontend")
+    result = await probe(up.address, "/healthz", 2.0, ssl=tls.client_context(),
+                         server_hostname="orders.pake.local",
+                         expected_identity="spiffe://pake.local/service/orders",
+                         identify=tls.identify_for(up.address))
+    assert result == ProbeResult(None, "identity: presented spiffe://pake.local/service/payments,"
+                                       " expected spiffe://pake.local/service/orders")
+    assert up.requests == []  # nothing is sent to an endpoint that is not who it must be
+
+
+async def test_cluster_health_check_marks_a_wrong_identity_endpoint_down(
+        upstreams: MakeUpstream, tmp_path: Path) -> None:
+    """Through ClusterManager as the sidecar builds it: the right service stays up, an endpoint
+    that proves another mesh service goes down, and /clusters shows why."""
+    pki = make_test_pki(tmp_path, ("orders", "payments", "frontend"))
+    right, wrong = pki.services["orders"], pki.services["payments"]
+    good = await upstreams("200", server_context(right.cert, right.key, right.bundle))
+    impostor = await upstreams("200", server_context(wrong.cert, wrong.key, wrong.bundle))
+    tls = _sidecar_tls(pki.services["frontend"], "frontend")
+    manager = ClusterManager(asyncio.get_running_loop(), client_tls=tls.client_context, tls=tls)
+    mesh = parse_mesh({"services": {"orders": {
+        "endpoints": [f"127.0.0.1:{good.address[1]}", f"127.0.0.1:{impostor.address[1]}"],
+        "health_check": {"path": "/healthz", "interval": "1h", "jitter": "0ms", "timeout": "2s",
+                         "healthy_threshold": 1, "unhealthy_threshold": 1}}}})
+    manager.activate(manager.build(mesh, "frontend", None, mesh_tls=True))
+    try:
+        checker = manager.clusters["orders"].health
+        assert checker is not None
+        await checker.check_once()
+        by_address = {e.address: e for e in manager.clusters["orders"].endpoints}
+        assert by_address[good.address].healthy
+        assert not by_address[impostor.address].healthy
+        assert checker.results[good.address] == ProbeResult(200)
+        error = checker.results[impostor.address].error
+        assert error is not None and "presented spiffe://pake.local/service/payments" in error
+        assert good.requests and impostor.requests == []  # (update() also started its own round)
+    finally:
+        await manager.close()
