@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from certs import pem
 from certs.bundle import TrustBundle
@@ -35,6 +36,7 @@ __all__ = [
     "client_context",
     "describe",
     "load_material",
+    "resumed_peer_refusal",
     "server_context",
 ]
 
@@ -234,10 +236,11 @@ class TlsContextSource:
         onto the current server context, so certificate, key and bundle of
         the latest reload apply. Its own settings (CERT_REQUIRED, TLS >= 1.2,
         strict verification) are those of every server context.
-        Caveat: session tickets are issued under the dispatcher's keys, so a
-        session may resume across a reload until the ticket expires
-        (OpenSSL's default lifetime is 2 h); start_tls with .server() does
-        not have that window.
+        Caveat: session tickets are issued under the dispatcher's keys (OpenSSL
+        decides on resumption before the SNI callback runs), so a session may
+        resume across a reload until the ticket expires (OpenSSL: 2 h), and a
+        resumed handshake checks no certificate: the server must check the
+        resumed peer itself with ``resumed_peer_refusal``.
         """
         ctx = _build("server", self._current.material)
         ctx.sni_callback = self._select_server
@@ -276,6 +279,28 @@ class TlsContextSource:
     def info(self) -> dict[str, Any]:
         """The current certificate for /certs, logs and `certs show`; never the key."""
         return describe(self._current.material, self._clock())
+
+
+def resumed_peer_refusal(der: bytes, material: TlsMaterial, now: datetime) -> str | None:
+    """Why a full handshake would refuse, now, the client certificate a resumed session
+    carries (``cert_expired``, ``cert_not_yet_valid``, ``unknown_ca``), or None.
+
+    A resumed session brings only its leaf (the ticket holds no chain): it is verified
+    against the current bundle with our own chain's intermediates (one mesh CA issues
+    every workload), the RFC 5280 client profile, at ``now``. Costs ~0.2 ms; only a
+    resumed handshake pays it.
+    """
+    leaf = x509.load_der_x509_certificate(der)
+    if now > leaf.not_valid_after_utc:
+        return "cert_expired"
+    if now < leaf.not_valid_before_utc:
+        return "cert_not_yet_valid"
+    verifier = PolicyBuilder().store(Store(list(material.bundle.roots))).time(now).build_client_verifier()
+    try:
+        verifier.verify(leaf, list(material.chain[1:]))
+    except VerificationError:
+        return "unknown_ca"
+    return None
 
 
 def describe(material: TlsMaterial, now: datetime) -> dict[str, Any]:

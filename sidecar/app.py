@@ -36,7 +36,7 @@ from .config.redact import redact
 from .config.reader import ConfigError
 from .errors import DownstreamProtocolError
 from .listener.connection import DownstreamConnection, ListenerContext, ServerState
-from .listener.listener import Listener
+from .listener.listener import Listener, ListenerGroup
 from .observability.access_log import AccessLog
 from .observability.log_writer import LogOutputs
 from .observability.metrics import Metrics
@@ -45,6 +45,7 @@ from .audit import build_audit_log
 from .clock import MonotonicClock
 from .filters.chain import build_chains
 from .observability.state_metrics import StateCollector
+from .overload import OverloadMonitor
 from .discovery.origin import ConfigOrigin, now_iso
 from .snapshot import Snapshot, compile_snapshot
 from .upstream.cluster_manager import ClusterManager, retire_later
@@ -77,6 +78,11 @@ class ControlSetup:
 def _connections(ctx: ListenerContext) -> float:
     """The gauge of a listener's open connections, read when /metrics is rendered."""
     return ctx.connections
+
+
+def _refused(metrics: Metrics, listener: str, reason: str) -> None:
+    """A connection closed at once: ``reason`` is the cap it met (sidecar.listener)."""
+    metrics.connections_refused.labels(listener, reason).inc()
 
 
 class Sidecar:
@@ -129,6 +135,8 @@ class Sidecar:
             audit=self.audit, jwks=lambda: self.jwks, clock=self.loop.time,
             upstream=self._upstream_counts))
         self.listeners: dict[str, Listener] = {}
+        self._group = ListenerGroup()  # for limits.max_total_connections
+        self.overload = OverloadMonitor(bootstrap.overload, self.state, self.loop, self.metrics.registry)
         self._contexts: list[ListenerContext] = []
         self._pipelines: list[Pipeline] = []
         self.admin: AdminServer | None = None
@@ -198,6 +206,7 @@ class Sidecar:
             self.bootstrap = bootstrap
             for ctx in self._contexts:  # new connections parse with these; deadlines read them
                 ctx.limits, ctx.timeouts = bootstrap.limits, bootstrap.timeouts
+            self.overload.configure(bootstrap.overload)
         return snapshot
 
     def hold_snapshot(self) -> Snapshot:
@@ -252,14 +261,16 @@ class Sidecar:
                                 tracer=self.tracer)
             ctx = ListenerContext(
                 name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
-                state=self.state, start=pipeline.start, abort=pipeline.abort, refuse=pipeline.refuse,
+                state=self.state, start=self.overload.gate(pipeline.start, pipeline.finish),
+                abort=pipeline.abort, refuse=pipeline.refuse,
                 current_snapshot=self.hold_snapshot,
                 on_protocol_error=self._protocol_error, scheme=scheme,
                 peer_identity=self.tls.peer_identity if lc.tls and self.tls else None)
             self._contexts.append(ctx)
             self._pipelines.append(pipeline)
+            refused = functools.partial(_refused, self.metrics, lc.name)
             listener = Listener(lc, ctx, self.loop, ssl_context=self._server_context(lc),
-                                on_refused=self.metrics.connections_refused.labels(lc.name).inc)
+                                on_refused=refused, group=self._group)
             await listener.start()
             self.listeners[lc.name] = listener
             self.metrics.active_connections.labels(lc.name).set_function(functools.partial(_connections, ctx))
@@ -268,12 +279,13 @@ class Sidecar:
             self.admin = AdminServer(admin.address[0], admin.address[1], self._admin_routes(),
                                      post_routes=self._admin_mutations(),
                                      timeouts=b.timeouts,
-                                     on_refused=self.metrics.connections_refused.labels("admin").inc)
+                                     on_refused=self.metrics.connections_refused.labels("admin", "max_connections").inc)
             await self.admin.start()
         if self.tls is not None:
             self.tls.start()
         if self.server_tls is not None:
             self.server_tls.start()
+        self.overload.start()
         log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports(),
                  config=self.origin.info() if self.origin else None)
         if self._control_setup is not None:
@@ -405,6 +417,7 @@ class Sidecar:
             await self.tracer.close()  # what is queued, bounded: a dead collector holds nothing
         for cache in self.jwks.values():
             await cache.stop()
+        self.overload.stop()
         if self.admin is not None:
             self.admin.close()
         if self.tls is not None:

@@ -17,11 +17,15 @@ not configured is not imported: this pulls in ``cryptography``).
   asked; the same dispatcher and file-watching scheme as the mesh certificate.
 - Never logs or shows key material: ``info()`` is the certificate's public facts.
 
+Resumption: server-side session tickets are sealed with the dispatcher's keys, which live as
+long as the listener (OpenSSL decides on a ticket before the SNI callback switches contexts),
+and a resumed handshake shows no certificate. So ``peer_identity`` verifies the certificate of
+every resumed session again, against the current bundle and clock, before a request is read:
+a peer that a full handshake would refuse now (its root removed, its certificate expired) is
+refused as ``resumed_<reason>``; one still trusted (a rotation's overlap) resumes as before.
+
 Limits: a handshake that stops half-way (peer gone, ``ssl_handshake_timeout``) is not counted,
-uvloop ends it outside ``do_handshake``. Server-side session tickets are sealed with the
-dispatcher's keys, which live as long as the listener, so a client holding a ticket can
-resume without showing its certificate again until the ticket expires (OpenSSL: 2 h), even
-after a CA rotation; our own sidecars offer a session only from their current context.
+uvloop ends it outside ``do_handshake``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from certs.identity import IdentityCache, IdentityError, SpiffeId
 from certs.pem import PemError
 from certs.rotation import FileWatcher
 from certs.session_cache import ResumingContext, SessionCache
-from certs.ssl_context import ALPN_PROTOCOLS, TlsContextSource
+from certs.ssl_context import ALPN_PROTOCOLS, TlsContextSource, resumed_peer_refusal
 
 from .observability.exposition import CollectorRegistry, Counter, Gauge
 
@@ -231,6 +235,13 @@ class SidecarTls:
             self.metrics.failures.labels("server", "no_peer_certificate").inc()
             log.warning("tls_peer_refused", client=_peer(transport), reason="no_peer_certificate")
             return None
+        if ssl_object.session_reused:
+            # no certificate was checked: would a full handshake let this peer in now?
+            refusal = resumed_peer_refusal(der, self.source.material, datetime.now(UTC))
+            if refusal is not None:
+                self.metrics.failures.labels("server", f"resumed_{refusal}").inc()
+                log.warning("tls_peer_refused", client=_peer(transport), reason=f"resumed_{refusal}")
+                return None
         try:
             return str(self.identities.identify(der, "client"))
         except IdentityError as exc:

@@ -25,6 +25,7 @@ from .model import (
     Limits,
     ListenerConfig,
     MeshConfig,
+    OverloadConfig,
     PoolConfig,
     RouteConfig,
     RouteMatch,
@@ -111,6 +112,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     mesh_path = ((path.parent / mesh) if isinstance(mesh, str)
                  else control.state_dir / "snapshot.json" if control is not None else path.parent)
     limits = _limits(top.sub("limits"))
+    overload = _overload(top.sub("overload"))
     timeouts = _downstream_timeouts(top.sub("timeouts"))
     access_log = _access_log(top.sub("access_log"))
     tls = top.optional("tls", lambda n: _tls(n, path.parent))
@@ -125,7 +127,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     problems.raise_if_any(str(path))
     return Bootstrap(
         source=path, service=service, mode=mode, app=app, listeners=tuple(listeners),
-        mesh_path=mesh_path, limits=limits, timeouts=timeouts, access_log=access_log,
+        mesh_path=mesh_path, limits=limits, overload=overload, timeouts=timeouts, access_log=access_log,
         tls=tls, log_level=log_level, audit=audit, tracing=tracing, control=control,
     )
 
@@ -238,6 +240,8 @@ def _limits(node: Fields) -> Limits:
     d = Limits()
     limits = Limits(
         max_connections=node.int("max_connections", d.max_connections, min=1),
+        max_total_connections=node.int("max_total_connections", d.max_total_connections, min=1),
+        max_tls_handshakes=node.int("max_tls_handshakes", d.max_tls_handshakes, min=1),
         max_request_line=node.size("max_request_line", d.max_request_line),
         max_headers_size=node.size("max_headers_size", d.max_headers_size),
         max_header_count=node.int("max_header_count", d.max_header_count, min=1),
@@ -248,6 +252,20 @@ def _limits(node: Fields) -> Limits:
     )
     node.done()
     return limits
+
+
+def _overload(node: Fields) -> OverloadConfig:
+    """``overload: {max_memory: 1GiB, max_loop_lag: 500ms, interval: 250ms}``; ``off`` (YAML
+    reads it as false) turns a threshold off."""
+    d = OverloadConfig()
+    off = {key for key in ("max_memory", "max_loop_lag") if node.has(key) and node.data[key] in (False, "off")}
+    config = OverloadConfig(
+        max_memory=None if "max_memory" in off else node.size("max_memory", d.max_memory),
+        max_loop_lag=None if "max_loop_lag" in off else node.duration("max_loop_lag", d.max_loop_lag, min=0.001),
+        interval=node.duration("interval", d.interval, min=0.01))
+    node.raw("max_memory", None), node.raw("max_loop_lag", None)  # (read, when off)
+    node.done()
+    return config
 
 
 def _downstream_timeouts(node: Fields) -> DownstreamTimeouts:

@@ -32,6 +32,7 @@ __all__ = [
     "Limits",
     "ListenerConfig",
     "MeshConfig",
+    "OverloadConfig",
     "PoolConfig",
     "RouteConfig",
     "RouteMatch",
@@ -53,13 +54,25 @@ Mode = Literal["sidecar", "gateway"]
 class Limits:
     """Bounds on what one downstream may make us hold. Nothing grows without one."""
 
-    max_connections: int = 10_000
+    max_connections: int = 10_000  # per listener, TLS handshakes in progress included
+    max_total_connections: int = 20_000  # all listeners together (docs/operations.md sizes it)
+    max_tls_handshakes: int = 1024  # in progress, per TLS listener
     max_request_line: int = 8 * 1024  # request line (method + target + version) -> 414
     max_headers_size: int = 60 * 1024  # all header lines together -> 431
     max_header_count: int = 100  # -> 431
     max_request_body: int | None = None  # None: streamed, unbounded; else -> 413
     max_pipelined: int = 16  # requests parsed ahead of the one being answered
     allow_underscores_in_headers: bool = False  # x_user aliases x-user in many apps
+
+
+@dataclass(frozen=True, slots=True)
+class OverloadConfig:
+    """Past a threshold new requests get a fast 503 ``OL`` and keep-alive is off until the
+    process is back below it (sidecar.overload). None: that signal is not watched."""
+
+    max_memory: int | None = 1536 * 1024 * 1024  # resident memory (RSS); docs/operations.md
+    max_loop_lag: float | None = None  # how late the event loop runs a timer
+    interval: float = 0.25  # sampling period of both (never per request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +145,7 @@ class Bootstrap:
     listeners: tuple[ListenerConfig, ...]
     mesh_path: Path
     limits: Limits = Limits()
+    overload: OverloadConfig = OverloadConfig()
     timeouts: DownstreamTimeouts = DownstreamTimeouts()
     access_log: AccessLogConfig = AccessLogConfig()
     tls: TlsFiles | None = None

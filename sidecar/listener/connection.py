@@ -45,6 +45,7 @@ class ServerState:
 
     connections: set[DownstreamConnection] = field(default_factory=set)
     draining: bool = False
+    overloaded: bool = False  # sidecar.overload: new requests get 503 OL, keep-alive is off
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -108,7 +109,9 @@ class DownstreamConnection(asyncio.BufferedProtocol):
 
     @property
     def draining(self) -> bool:
-        return self.ctx.state.draining
+        """No keep-alive: the sidecar drains, or is overloaded (sidecar.overload)."""
+        state = self.ctx.state
+        return state.draining or state.overloaded
 
     # === asyncio.Protocol ===============================================================
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -1,21 +1,49 @@
 """A listener: a bound address whose accepted connections run one ``ListenerContext``.
 
-Port 0 picks a free port; ``port`` tells which after ``start``. Past ``max_connections``
-a new connection is closed at once (and counted): refusing early is kinder than
-accepting work we cannot finish.
+Port 0 picks a free port; ``port`` tells which after ``start``. Past a cap a new connection
+is closed at once, before a byte is read, and counted by reason: refusing early is kinder
+than accepting work we cannot finish, and connections already open are not touched.
+
+Caps (``limits``, read per accept so a reload applies to the next one):
+- ``max_connections``: this listener's open connections, TLS handshakes in progress included;
+- ``max_total_connections``: the same, summed over the listeners of the process;
+- ``max_tls_handshakes``: handshakes in progress on this TLS listener. A handshake holds a
+  socket and an OpenSSL object from accept until it completes, fails, the peer leaves or
+  ``timeouts.tls_handshake`` passes; clients that connect and never send a ClientHello
+  take slots only until then, and meanwhile open connections are served as usual.
+
+TLS: the loop does not tell a protocol about a handshake in progress (``connection_made``
+follows a completed one; uvloop's server-side ``start_tls`` loses the ClientHello), so a
+TLS listener is a plain server whose factory builds the loop's own ``SSLProtocol`` around
+each connection, as ``create_server(ssl=...)`` does inside. Its waiter resolves exactly
+once when the handshake ends, whatever the way, which releases the slot; and a refused
+connection is aborted before TLS starts. Cost: one future and one callback per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import ssl
 from collections.abc import Callable
 from typing import cast
 
+import uvloop
+
 from ..config.model import ListenerConfig
 from .connection import DownstreamConnection, ListenerContext
 
-__all__ = ["Listener"]
+__all__ = ["Listener", "ListenerGroup"]
+
+SSLProtocolClass = Callable[..., asyncio.BaseProtocol]
+
+
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> SSLProtocolClass:
+    """The loop's own TLS protocol: uvloop's (Cython: its transports take a fast path for it,
+    untyped in its stubs) or asyncio's; both take the same arguments."""
+    if isinstance(loop, uvloop.Loop):
+        return cast(SSLProtocolClass, getattr(uvloop.loop, "SSLProtocol"))
+    return cast(SSLProtocolClass, asyncio.sslproto.SSLProtocol)
 
 
 class _Refuse(asyncio.Protocol):
@@ -24,35 +52,73 @@ class _Refuse(asyncio.Protocol):
         cast(asyncio.Transport, transport).abort()
 
 
+class ListenerGroup:
+    """The listeners of one process, for ``max_total_connections``."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Listener] = []
+
+    def held(self) -> int:
+        """Connections open or in their TLS handshake, over every listener."""
+        return sum(listener.held() for listener in self.listeners)
+
+
 class Listener:
     def __init__(self, config: ListenerConfig, ctx: ListenerContext, loop: asyncio.AbstractEventLoop,
                  *, ssl_context: ssl.SSLContext | None = None,
-                 on_refused: Callable[[], None] = lambda: None) -> None:
+                 on_refused: Callable[[str], None] = lambda reason: None,
+                 group: ListenerGroup | None = None) -> None:
         self.config = config
         self.ctx = ctx
         self.loop = loop
         self.ssl_context = ssl_context
         self.server: asyncio.Server | None = None
         self.port = config.address[1]
-        self._on_refused = on_refused  # counts connections closed at once (max_connections)
+        self._on_refused = on_refused  # counts connections closed at once, by reason
+        self.group = group if group is not None else ListenerGroup()
+        self.group.listeners.append(self)
+        self.handshakes = 0  # TLS handshakes in progress
+        self._ssl_protocol = _ssl_protocol_class(loop)
+
+    def held(self) -> int:
+        return self.ctx.connections + self.handshakes
+
+    def _refusal(self) -> str | None:
+        """Which cap a new connection would pass, if any (pure; the caller counts)."""
+        limits = self.ctx.limits
+        if self.ctx.connections + self.handshakes >= limits.max_connections:
+            return "max_connections"
+        if self.group.held() >= limits.max_total_connections:
+            return "max_total_connections"
+        if self.ssl_context is not None and self.handshakes >= limits.max_tls_handshakes:
+            return "max_tls_handshakes"
+        return None
 
     def _protocol(self) -> asyncio.BaseProtocol:
-        if self.ctx.connections >= self.ctx.limits.max_connections:
-            self._on_refused()
+        reason = self._refusal()
+        if reason is not None:
+            self._on_refused(reason)
             return _Refuse()
-        return DownstreamConnection(self.ctx, self.loop)
+        conn = DownstreamConnection(self.ctx, self.loop)
+        if self.ssl_context is None:
+            return conn
+        self.handshakes += 1
+        waiter = self.loop.create_future()
+        waiter.add_done_callback(self._handshake_over)
+        # connection_made(conn) follows a completed handshake; a failed one closes the socket
+        return self._ssl_protocol(self.loop, conn, self.ssl_context, waiter, server_side=True,
+                                  ssl_handshake_timeout=self.ctx.timeouts.tls_handshake)
+
+    def _handshake_over(self, waiter: asyncio.Future[None]) -> None:
+        self.handshakes -= 1
+        if not waiter.cancelled():
+            waiter.exception()  # retrieved: a failed handshake is counted by tls.py, not logged here
 
     async def start(self) -> None:
         host, port = self.config.address
-        # TLS (inbound mTLS, or the gateway's server-only TLS): the loop runs the handshake;
-        # connection_made (and the peer identity check, mTLS only) follows a completed one.
-        # A fixed context: see certs' server_dispatcher and sidecar.tls.ServerTls for rotation.
-        # a client that stops mid-handshake holds a socket and an SSL object until this passes
-        handshake_timeout = self.ctx.timeouts.tls_handshake if self.ssl_context is not None else None
         try:
             self.server = await self.loop.create_server(
-                self._protocol, host, port, backlog=1024, reuse_address=True, ssl=self.ssl_context,
-                ssl_handshake_timeout=handshake_timeout)
+                self._protocol, host, port, backlog=1024, reuse_address=True)
         except OSError as exc:
             raise OSError(exc.errno, f"{self.config.name} listener {host}:{port}: "
                                      f"{exc.strerror or exc}") from None

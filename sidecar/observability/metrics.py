@@ -111,8 +111,9 @@ class Metrics:
         self.active_connections = Gauge("pake_downstream_connections_active", "Open downstream connections",
                                         ["listener"], registry=r)
         self.connections_refused = Counter("pake_downstream_connections_refused_total",
-                                           "Connections closed at once: max_connections reached",
-                                           ["listener"], registry=r)
+                                           "Connections closed at once: a cap reached (reason: "
+                                           "max_connections, max_total_connections, max_tls_handshakes)",
+                                           ["listener", "reason"], registry=r)
         self.connect_failures = Counter("pake_upstream_connect_failures_total",
                                         "Upstream connect failures and timeouts", ["cluster"], registry=r)
         self.protocol_errors = Counter("pake_downstream_protocol_errors_total",

@@ -59,7 +59,7 @@ async def test_connections_past_the_cap_are_closed_and_healthz_answers_once_othe
         fresh = await RawClient.open(port)
         assert (await fresh.get("/healthz"))[0] == 200
         _, _, body = await fresh.get("/metrics")
-        refused = re.search(rb'^pake_downstream_connections_refused_total\{listener="admin"\} (\S+)$', body, re.M)
+        refused = re.search(rb'^pake_downstream_connections_refused_total\{listener="admin",reason="max_connections"\} (\S+)$', body, re.M)
         assert refused is not None and float(refused.group(1)) == 3.0
         for c in (*extra, fresh, witness):
             await c.close()

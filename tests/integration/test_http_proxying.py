@@ -728,7 +728,7 @@ async def test_connections_past_max_connections_are_closed(tmp_path: Path) -> No
         await second.__aexit__()
         async with aiohttp.ClientSession() as http, http.get(sc.admin + "/metrics") as resp:
             metrics = samples(await resp.text())
-    refused = metrics[("pake_downstream_connections_refused_total", frozenset({("listener", "outbound")}))]
+    refused = metrics[("pake_downstream_connections_refused_total", frozenset({("listener", "outbound"), ("reason", "max_connections")}))]
     assert refused >= 1
     assert "/third" not in up.received.decode("latin-1")
 
