@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client import CollectorRegistry, Gauge
+from .observability.exposition import CollectorRegistry, Gauge
 
 from .config.model import OverloadConfig
 from .errors import LocalReply, ProxyError

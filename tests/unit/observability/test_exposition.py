@@ -96,7 +96,7 @@ def test_the_sidecar_metrics_parse_as_prometheus_text() -> None:
         ex = Exchange(request=head, listener="inbound", downstream_address="127.0.0.1",
                       request_id="r", start=0.0, cluster="local-app", status=status, flags=flags)
         metrics.exchange_done(ex, seconds)
-    metrics.connections_refused.labels("inbound").inc()
+    metrics.connections_refused.labels("inbound", "max_connections").inc()
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     assert families["pake_requests"].type == "counter"
     assert {s.labels["status_class"]: s.value for s in families["pake_requests"].samples} == {
