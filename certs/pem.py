@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 __all__ = [
+    "fsync_dir",
     "CERT_MODE",
     "KEY_MODE",
     "PemError",
@@ -177,7 +178,7 @@ def write_atomic(path: Path | str, data: bytes, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def key_to_pem(key: SigningKey) -> bytes:
@@ -205,7 +206,7 @@ def write_certificates(path: Path | str, certs: Sequence[x509.Certificate] | byt
     write_atomic(path, data, CERT_MODE)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # Makes the rename itself durable; not possible everywhere, hence best effort.
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -16,7 +16,6 @@ its token's fingerprint), ``POST /v1/join`` (token + CSR -> certificate + bundle
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import secrets
 import signal
 import time
@@ -45,6 +44,7 @@ from control.store_etcd import EtcdStore
 from control.stream import SidecarSession, StreamLimits, StreamService
 from control.tokens import JoinRefused, TokenService
 from control.view import StoreView
+from sidecar.config.reader import is_loopback_host
 
 __all__ = ["ControlPlane", "ServeOptions", "serve"]
 
@@ -71,15 +71,6 @@ class ServeOptions:
     store_key_file: Path | None = None  # default <state_dir>/store.key
     otlp: tuple[str, int] | None = None  # accept OTLP/HTTP traces here (opt-in)
     stats_window: float = 60.0  # the sliding window of `pakectl top` and the dashboard
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ControlPlane:
@@ -207,7 +198,7 @@ class ControlPlane:
         log.warning("registrations_rewritten", reason=reason, count=count)
 
     def _admin_token(self) -> str | None:
-        if is_loopback(self.options.admin[0]):
+        if is_loopback_host(self.options.admin[0]):
             return None
         path = self.options.state_dir / "admin.token"
         if not path.exists():

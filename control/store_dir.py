@@ -17,11 +17,11 @@ import asyncio
 import contextlib
 import os
 import re
-import tempfile
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from certs.pem import fsync_dir, write_atomic
 from control.store import Conflict, Entry, StoreError, WatchEvent
 
 __all__ = ["DirectoryStore"]
@@ -236,36 +236,14 @@ class DirectoryStore:
     def _write_file(self, key: str, revision: int, value: bytes) -> None:
         path = self._path(key)
         path.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-        _write_atomic(path, b"%d\n" % revision + value)
+        write_atomic(path, b"%d\n" % revision + value, _FILE_MODE)
 
     def _remove_file(self, key: str, revision: int) -> None:
         # The revision first: once the file is gone, nothing else records that it was used.
-        _write_atomic(self.root / _REVISION_FILE, b"%d\n" % revision)
+        write_atomic(self.root / _REVISION_FILE, b"%d\n" % revision, _FILE_MODE)
         path = self._path(key)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _FILE_MODE)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
