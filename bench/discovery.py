@@ -242,7 +242,10 @@ async def _breakdown(control: Proc, caller: Proc, new: Proc, service: str, arriv
             raise RuntimeError(f"{service}: no endpoint_registered/push/config_applied lines")
         await asyncio.sleep(0.05)
     assert arrival.at is not None
-    ms = lambda a, b: round((b - a) * 1000, 2)  # noqa: E731
+
+    def ms(a: float, b: float) -> float:
+        return round((b - a) * 1000, 2)
+
     return {"service": service, "total_ms": ms(registered, arrival.at), "to_push_ms": ms(registered, push),
             "to_applied_ms": ms(push, applied), "new_applied_ms": ms(push, own),
             "to_first_ms": ms(max(applied, own), arrival.at)}
@@ -295,10 +298,10 @@ def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def settings_from(args: argparse.Namespace, prefix: str = "") -> DiscoverySettings:
-    get = lambda name: getattr(args, prefix.replace("-", "_") + name)  # noqa: E731
-    if get("repetitions") < 1 or get("clients") < 1:
+    reps, clients = (int(getattr(args, prefix.replace("-", "_") + name)) for name in ("repetitions", "clients"))
+    if reps < 1 or clients < 1:
         raise SystemExit(f"bench: --{prefix}repetitions and --{prefix}clients must be positive")
-    return DiscoverySettings(repetitions=get("repetitions"), clients=get("clients"))
+    return DiscoverySettings(repetitions=reps, clients=clients)
 
 
 def main(argv: list[str] | None = None) -> int:
