@@ -12,7 +12,9 @@ per path:
 - each proxy's peak RSS (VmHWM) and RSS after the load.
 
 With ``--fanout`` (``make bench`` sets it) it then measures the control plane's push fan-out
-(``bench/fanout.py``), into the results' ``fanout`` key.
+(``bench/fanout.py``), into the results' ``fanout`` key; then (unless ``--quick`` or ``--no-discovery``) the
+time from a new endpoint registering to the first request routed to it (``bench/discovery.py``),
+into ``discovery``.
 
 It prints a table and the issue's targets (PASS/MISS) and writes ``bench/results.json``. Every
 process it starts is stopped at the end, also on Ctrl-C or error. Traffic stays on 127.0.0.1.
@@ -38,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from . import fanout, haproxy, sidecars
+from . import discovery, fanout, haproxy, sidecars
 from .loadgen import ClosedLoopResult, lua_headers, open_loop, python_closed_loop, run_wrk, wrk_version
 from .procs import CLK_TCK, Proc, Processes, StartError, cpu_ticks, memory_kb
 
@@ -653,6 +655,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--fanout", action="store_true",
         help="also the control plane's push fan-out (bench/fanout.py; `make bench` sets it)")
     fanout.add_arguments(p, prefix="fanout-")
+    add("--discovery", action=argparse.BooleanOptionalAction, default=None,
+        help="the discovery latency (bench/discovery.py: registered -> first request routed, ~20 s); "
+             "on by default, off with --quick")
+    discovery.add_arguments(p, prefix="discovery-")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.connections < 1 or args.open_loop_connections < 1 or args.rate <= 0:
         p.error("--repeat, --connections, --open-loop-connections and --rate must be positive")
@@ -739,12 +745,17 @@ def main(argv: list[str] | None = None) -> int:
             "closed loop: Python generator (--loadgen python)")
     # Ctrl-C and SIGTERM/SIGHUP all unwind through run_all's finally, which stops every process
     fanout_settings = fanout.settings_from(args, prefix="fanout-") if args.fanout else None
+    on = args.discovery if args.discovery is not None else not args.quick
+    discovery_settings = discovery.settings_from(args, prefix="discovery-") if on else None
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         results = run_all(settings, paths, log)
         if fanout_settings is not None:
             log("\n[fan-out] the control plane's push to simulated sidecars")
             results["fanout"] = fanout.run(fanout_settings, log)
+        if discovery_settings is not None:
+            log("\n[discovery] a new endpoint registered -> the first request routed to it")
+            results["discovery"] = discovery.run(discovery_settings, log)
     except KeyboardInterrupt:
         print("\nbench: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130
@@ -758,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     if "fanout" in results:
         print()
         print(fanout.render(results["fanout"]))
+    if "discovery" in results:
+        print()
+        print(discovery.render(results["discovery"]))
     for name, text in results.get("micro", {}).items():
         print(f"\n{name}:\n{text.rstrip()}")
     settings.output.parent.mkdir(parents=True, exist_ok=True)

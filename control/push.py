@@ -1,10 +1,11 @@
 """Config push: coalesce changes, build each service's snapshot once, hand it to every session.
 
 A change (an applied config, an endpoint, the CA's bundle: whatever the store watch reports,
-whichever replica wrote it) marks the push dirty; the pusher waits until
-changes stop for ``debounce`` seconds, but never longer than ``max_delay`` after the first,
-then builds one snapshot per service (encoded once, shared by that service's sidecars) and
-offers it to each session, which sends it when its own writer is free. So the push itself
+whichever replica wrote it) marks the push dirty. The first change after a quiet ``debounce``
+goes out at once (discovery: a new endpoint reaches its callers in milliseconds); changes that
+follow within the debounce are coalesced: the pusher waits until they stop for ``debounce``
+seconds, but never longer than ``max_delay`` after the first. A push builds one snapshot per
+service (encoded once, shared by that service's sidecars) and offers it to each session, which sends it when its own writer is free. So the push itself
 never waits on any sidecar. The applied config is the one the store watch last reported
 (``set_applied``), never a read of this replica's own: every replica pushes the same.
 """
@@ -12,6 +13,7 @@ never waits on any sidecar. The applied config is the one the store watch last r
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -72,8 +74,17 @@ class Pusher:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        last_push = -math.inf
         while True:
             await self._changed.wait()
+            if loop.time() - last_push >= self.debounce:
+                # Quiet until now: this change goes out at once (a new endpoint reaches its
+                # callers without waiting out the debounce); what follows it within the
+                # debounce is coalesced into the next push, as below.
+                self._changed.clear()
+                await self.push_all()
+                last_push = loop.time()
+                continue
             deadline = loop.time() + self.max_delay
             while True:
                 self._changed.clear()
@@ -86,6 +97,7 @@ class Pusher:
                 except TimeoutError:
                     break
             await self.push_all()
+            last_push = loop.time()
 
     async def push_all(self) -> None:
         self._cache.clear()

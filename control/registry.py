@@ -158,6 +158,10 @@ class Registry:
             return
         revision = await self.store.put(reg.key, reg.dump(), ephemeral=self.ephemeral)
         self._owned[reg.key] = _Owned(revision, self._clock(), reg)
+        if owned is None or owned.registration.address != reg.address:
+            # The moment an endpoint is in the store: where discovery's latency starts
+            # (bench/discovery.py measures from this line to the first request routed to it).
+            log.info("endpoint_registered", service=reg.service, node=reg.node, address=reg.address)
         self.on_store(reg.key, Entry(reg.key, reg.dump(), revision))
 
     def heard_from(self, service: str, node: str) -> bool:

@@ -105,7 +105,8 @@ class CARotation:
                     record = await self._put_record(_Record(phase, record.new, record.old_roots,
                                                             record.started_at, record.by))
                     self._renew_lagging("ca rotation")
-                waiting = await self._wait(phase, new_fp, progress, step, timeout)
+                nudge = self._nudge(record) if phase == "reissue" else None
+                waiting = await self._wait(phase, new_fp, progress, step, timeout, nudge)
                 if waiting:
                     await progress({"event": "timeout", "phase": phase, "step": step,
                                     "waiting": waiting})
@@ -145,6 +146,21 @@ class CARotation:
         await self.store.put(ROTATION_KEY, record.dump())
         return record
 
+    def _nudge(self, record: _Record) -> Callable[[], Awaitable[None]]:
+        """Ask the sidecars still on an old root for a CSR again, on every replica.
+
+        A trigger of ``renew_lagging`` is dropped for a sidecar asked within the last
+        seconds, and one that renewed for another reason just before (a ``certs rotate``
+        moments earlier, a CSR signed by the old signer as it was replaced) then got a
+        certificate from the old root and was never asked again: the phase waited out its
+        timeout. So while it waits the rotation nudges again: here directly, and through
+        the record (every replica watches it), each replica re-asking at most every few
+        seconds."""
+        async def nudge() -> None:
+            self._renew_lagging("ca rotation")
+            await self._put_record(record)
+        return nudge
+
     async def _ensure_authority(self, phase: str, new: CertificateAuthority,
                                 old: list[x509.Certificate]) -> None:
         """Make ``ca/authority`` what ``phase`` needs: who signs, which roots are trusted."""
@@ -177,9 +193,10 @@ class CARotation:
         raise RotationFailed(f"{AUTHORITY_KEY} keeps changing under the rotation; run again")
 
     async def _wait(self, phase: str, new_fp: str, progress: Progress, step: int,
-                    timeout: float) -> list[str]:
+                    timeout: float, nudge: Callable[[], Awaitable[None]] | None) -> list[str]:
         """Wait until every registration is done with ``phase``; the ones still waiting on
-        timeout ([] when all are done). Reports the counts as they change."""
+        timeout ([] when all are done). Reports the counts as they change; ``nudge`` runs
+        whenever the counts stood still for a second."""
         def done(reg: Registration) -> bool:
             if phase == "bundle":
                 return new_fp in reg.roots
@@ -215,6 +232,8 @@ class CARotation:
                     lambda rs: (sum(done(r) for r in rs), len(rs)) != last, min(1.0, remaining))
             except TimeoutError:
                 await progress({"event": "waiting", "phase": phase})
+                if nudge is not None:
+                    await nudge()
 
 
 def describe_error(exc: BaseException) -> str:

@@ -39,7 +39,9 @@ def test_every_sidecar_acked_each_change(run: tuple[dict[str, Any], str]) -> Non
     for change in size["changes"]:
         assert change["acked"] == 5 and change["missing"] == 0 and change["closed"] == []
         assert 0 < change["p50_ms"] <= change["p99_ms"] <= change["max_ms"] < 30_000
-        assert 0 < change["apply_ms"] <= change["max_ms"]
+        # (no order between them: the push starts on the store's change, so every sidecar
+        # may ack before the apply's own answer is back)
+        assert change["apply_ms"] > 0
         assert change["snapshot_bytes"] > 0
         assert change["control_plane_cpu_s"] >= 0
     cp = size["control_plane"]
