@@ -14,6 +14,7 @@ import sys
 import uvloop
 
 from .config.load import load_bootstrap, load_mesh
+from .config.log_levels import LOG_FORMATS
 from .config.model import Bootstrap
 from .config.reader import ConfigError
 from .observability.log_writer import LogOutputs
@@ -27,6 +28,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the sidecar")
     run.add_argument("-c", "--config", required=True, help="the bootstrap file (sidecar.yaml)")
+    run.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                     help="json, console, or auto: console on a terminal (default: log_format of "
+                          "sidecar.yaml, else auto); kept over reloads")
     check = sub.add_parser("check", help="validate the config files and exit")
     check.add_argument("-c", "--config", required=True)
     return parser.parse_args(argv)
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
               f" {len(mesh.services)} services)")
         return 0
     logs = LogOutputs()  # log lines leave the loop through these queues and writer threads
-    configure_logging(logs.channel("events"), bootstrap.log_level)
+    configure_logging(logs.channel("events"), bootstrap.log_level, bootstrap.log_format,
+                      format_override=args.log_format)
     from .app import Sidecar  # after logging is configured
 
     async def run() -> None:
@@ -116,7 +121,8 @@ def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
         print(f"pake-sidecar: {exc}", file=sys.stderr)
         return 2
     logs = LogOutputs()
-    configure_logging(logs.channel("events"), bootstrap.log_level)
+    configure_logging(logs.channel("events"), bootstrap.log_level, bootstrap.log_format,
+                      format_override=args.log_format)
     from .app import ControlSetup, Sidecar  # after logging is configured
 
     async def run() -> None:
