@@ -26,7 +26,7 @@ from .log_writer import LogChannel
 
 __all__ = ["ChannelLogger", "LevelTable", "LogControl", "configure_logging", "log_control"]
 
-log = structlog.get_logger("pake.logging")
+COMPONENT = "pake.logging"  # its own lines: got per call (rare), never cached across set-ups
 
 _THRESHOLD = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR}
@@ -144,7 +144,7 @@ class LogControl:
             self.format = fmt
             self.renderer.render = self._renderer(fmt)
         if changes:
-            log.info("logging_changed", changes=changes, format=self.rendered)
+            structlog.get_logger(COMPONENT).info("logging_changed", changes=changes, format=self.rendered)
         return changes
 
     def close(self) -> None:
@@ -230,6 +230,7 @@ def configure_logging(channel: LogChannel, levels: LogLevels | str = LogLevels()
         root.removeHandler(handler)  # configured again (tests): one handler, the new channel
     control._handler = _ChannelHandler(channel, formatter)
     root.addHandler(control._handler)
+    structlog.get_logger(COMPONENT).debug("logging_configured", levels=str(levels), format=control.rendered)
     return control
 
 
