@@ -34,7 +34,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 __all__ = ["CollectorLimits", "OtlpReceiver", "TraceStore", "decode_export"]
 
-log = structlog.get_logger("control.collector")
+log = structlog.get_logger("pake.control.collector")
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"

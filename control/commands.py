@@ -22,6 +22,7 @@ import yaml
 
 from control.admin_client import DEFAULT_ADMIN, AdminClient
 from sidecar.config.load import parse_mesh, read_yaml
+from sidecar.config.log_levels import LOG_FORMATS, LogLevels, parse_level_spec
 from sidecar.config.reader import ConfigError, parse_address, parse_duration
 
 __all__ = ["MESH_COMMANDS", "CommandFailed", "register_certs_rotate"]
@@ -43,6 +44,13 @@ def _duration(text: str) -> float:
 def _address(text: str) -> tuple[str, int]:
     try:
         return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _log_levels(text: str) -> LogLevels:
+    try:
+        return parse_level_spec(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -140,6 +148,11 @@ def _register_serve(sub: Subparsers) -> None:
                         "the dashboard and /api/traces show the most recent ones")
     p.add_argument("--stats-window", type=_duration, default=60.0, metavar="DURATION",
                    help="the sliding window of pakectl top and the dashboard (default 60s)")
+    p.add_argument("--log-level", type=_log_levels, default=LogLevels(), metavar="LEVELS",
+                   help="a level (debug, info, warning, error), then component=level pairs, "
+                        "comma-separated: info,pake.control.push=debug (default info)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
+                   help="json, console, or auto: console when stdout is a terminal (default)")
     p.set_defaults(handler=_serve)
 
 
@@ -147,7 +160,9 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     from control.ca_state import CAStateError
     from control.replica import StoreUrlError, parse_store_url
     from control.store import StoreError
-    from control.server import ServeOptions, configure_logging, serve
+    from control.server import ServeOptions, serve
+    from sidecar.observability.log_writer import LogOutputs
+    from sidecar.observability.logging import configure_logging
 
     if args.heartbeat_interval >= args.endpoint_grace:
         raise CommandFailed("--endpoint-grace must be longer than --heartbeat-interval")
@@ -161,7 +176,6 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
         raise CommandFailed(f"--lease-ttl: a whole number of seconds, at least 2s, got {args.lease_ttl:g}s")
     if not args.store_prefix.startswith("/") or not args.store_prefix.endswith("/"):
         raise CommandFailed(f"--store-prefix: must start and end with '/', got {args.store_prefix!r}")
-    configure_logging()
     options = ServeOptions(
         state_dir=args.state_dir, listen=args.listen, admin=args.admin,
         workload_ttl=timedelta(seconds=args.workload_ttl),
@@ -177,10 +191,14 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
         run = asyncio.run
     else:
         run = uvloop.run
+    logs = LogOutputs()  # the sidecar's way: lines leave the loop through a bounded queue
+    configure_logging(logs.channel("events"), args.log_level, args.log_format)
     try:
         return run(serve(options))
     except (StoreError, CAStateError) as exc:  # etcd unreachable, a CA sealed with another key
         raise CommandFailed(str(exc)) from None
+    finally:
+        logs.close(2.0)  # the loop has stopped: write what is queued ("stopped" included)
 
 
 # === tokens ===

@@ -40,7 +40,7 @@ from sidecar.config.reader import parse_duration
 
 __all__ = ["KeyRing", "MeshTokenKeys", "RingKey", "new_key"]
 
-log = structlog.get_logger("control.mesh_tokens")
+log = structlog.get_logger("pake.control.mesh_tokens")
 
 STORE_KEY = "mesh_tokens/keys"
 DEFAULT_TTL = 60.0

@@ -39,7 +39,7 @@ from sidecar.discovery.protocol import Stats
 
 __all__ = ["Observability"]
 
-log = structlog.get_logger("control.observability")
+log = structlog.get_logger("pake.control.observability")
 
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 MAX_EVENT_STREAMS = 32

@@ -29,7 +29,7 @@ from sidecar.discovery.protocol import Snapshot, encode
 
 __all__ = ["Built", "Pusher"]
 
-log = structlog.get_logger("control.push")
+log = structlog.get_logger("pake.control.push")
 
 
 @dataclass(frozen=True, slots=True)

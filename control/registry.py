@@ -30,7 +30,7 @@ from control.store import Conflict, Entry, Store
 
 __all__ = ["PREFIX", "Registration", "Registry"]
 
-log = structlog.get_logger("control.registry")
+log = structlog.get_logger("pake.control.registry")
 
 PREFIX = "registry/"
 

@@ -26,7 +26,7 @@ from control.store_etcd import EtcdStore
 
 __all__ = ["StoreUrlError", "load_authority", "open_store", "parse_store_url"]
 
-log = structlog.get_logger("control.replica")
+log = structlog.get_logger("pake.control.replica")
 
 
 class StoreUrlError(ValueError):

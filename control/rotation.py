@@ -42,7 +42,7 @@ from control.store import Conflict, Store, StoreError
 
 __all__ = ["PHASES", "CARotation", "RotationFailed", "describe_error"]
 
-log = structlog.get_logger("control.rotation")
+log = structlog.get_logger("pake.control.rotation")
 
 PHASES = ("bundle", "reissue", "trim")
 Progress = Callable[[dict[str, Any]], Awaitable[None]]

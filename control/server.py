@@ -48,7 +48,7 @@ from sidecar.config.reader import is_loopback_host
 
 __all__ = ["ControlPlane", "ServeOptions", "serve"]
 
-log = structlog.get_logger("control.server")
+log = structlog.get_logger("pake.control.server")
 MAX_JOIN_BODY = 64 * 1024
 RENEWAL_REASK = 2.0  # seconds before a sidecar lagging behind a new CA is asked again
 
@@ -320,19 +320,6 @@ class ControlPlane:
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.store.close()
-
-
-def configure_logging() -> None:
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        logger_factory=structlog.PrintLoggerFactory(),
-        cache_logger_on_first_use=True,
-    )
 
 
 async def serve(options: ServeOptions) -> int:

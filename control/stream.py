@@ -51,7 +51,7 @@ __all__ = ["SidecarSession", "StreamLimits", "StreamService"]
 if TYPE_CHECKING:
     from control.push import Built
 
-log = structlog.get_logger("control.stream")
+log = structlog.get_logger("pake.control.stream")
 
 SessionKey = tuple[str, str]  # (service, node)
 

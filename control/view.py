@@ -24,7 +24,7 @@ from control.store_dir import DirectoryStore
 
 __all__ = ["StoreView"]
 
-log = structlog.get_logger("control.view")
+log = structlog.get_logger("pake.control.view")
 
 _RETRY_MIN = 0.1
 _RETRY_MAX = 5.0

@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from .config.log_levels import LOG_FORMATS
 from .config.reader import ConfigError, parse_address, parse_duration
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the sidecar (and, after --, its app)")
     run.add_argument("-c", "--config", required=True, help="the bootstrap file (sidecar.yaml)")
+    run.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                     help="json, console, or auto: console on a terminal (default: log_format of "
+                          "sidecar.yaml, else auto); kept over reloads")
     run.add_argument("--ready-timeout", type=_duration, default=60.0, metavar="DURATION",
                      help="with an app: the sidecar must hold a config within this, "
                           "else the app is not started and the exit status is 1 (default 60s)")
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     from .observability.logging import configure_logging
 
     logs = LogOutputs()  # log lines leave the loop through these queues and writer threads
-    configure_logging(logs.channel("events"), bootstrap.log_level)
+    configure_logging(logs.channel("events"), bootstrap.log_level, bootstrap.log_format,
+                      format_override=getattr(args, "log_format", None))
     from .app import Sidecar  # after logging is configured
 
     outcome = _Outcome(_app_command(args))
@@ -176,7 +181,8 @@ def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
         print(f"pake-sidecar: {exc}", file=sys.stderr)
         return 2
     logs = LogOutputs()
-    configure_logging(logs.channel("events"), bootstrap.log_level)
+    configure_logging(logs.channel("events"), bootstrap.log_level, bootstrap.log_format,
+                      format_override=getattr(args, "log_format", None))
     from .app import ControlSetup, Sidecar  # after logging is configured
 
     outcome = _Outcome(_app_command(args))

@@ -39,6 +39,7 @@ from .listener.connection import DownstreamConnection, ListenerContext, ServerSt
 from .listener.listener import Listener, ListenerGroup
 from .observability.access_log import AccessLog
 from .observability.log_writer import LogOutputs
+from .observability.logging import log_control
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
 from .audit import build_audit_log
@@ -361,6 +362,8 @@ class Sidecar:
                           keeping=self.snapshot.version)
                 return False
             await self._reopen_access_log(bootstrap)
+            if (log_setup := log_control()) is not None:  # levels and format apply live
+                log_setup.apply(bootstrap.log_level, bootstrap.log_format)
             if pending:
                 log.warning("restart_required", changes=pending,
                             detail="sidecar.yaml changes these only on restart; the running values stay")

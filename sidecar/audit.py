@@ -37,7 +37,7 @@ __all__ = [
     "build_audit_log",
 ]
 
-log = structlog.get_logger("sidecar.audit")
+log = structlog.get_logger("pake.audit")
 
 Stage = Literal["authn", "authz"]
 Decision = Literal["allow", "deny", "would_deny"]

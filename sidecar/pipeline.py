@@ -75,7 +75,7 @@ class Pipeline:
         except ProxyError as exc:
             reply = exc.reply()
         except Exception as exc:  # noqa: BLE001 - the edge: any bug becomes a 500, logged
-            log.exception("exchange_failed", request_id=ex.request_id)
+            log.exception("exchange_failed", request_id=ex.request_id, trace_id=ex.trace_id)
             reply = rescue(exc)
         self.finish(stream, reply)
 
@@ -90,7 +90,7 @@ class Pipeline:
             try:
                 reply = body_filter.on_body(ex, b"".join(stream.pending))
             except Exception as exc:  # noqa: BLE001 - the edge: a filter bug becomes a 500
-                log.exception("body_filter_failed", request_id=ex.request_id)
+                log.exception("body_filter_failed", request_id=ex.request_id, trace_id=ex.trace_id)
                 reply = rescue(exc)
         if reply is not None:
             ex.tags.setdefault("filter", body_filter.name)

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ServerTls", "SidecarTls", "handshake_failure_reason", "load_source"]
 
-log = structlog.get_logger("pake.sidecar.tls")
+log = structlog.get_logger("pake.tls")
 
 Side = Literal["server", "client"]
 ClientContext = ssl.SSLContext | ResumingContext

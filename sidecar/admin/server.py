@@ -157,6 +157,7 @@ class _AdminConnection(asyncio.Protocol):
         self._in_request = False
         response, extra = self._answer(head)
         status, ctype, body = response
+        log.debug("admin_request", method=head.method, path=head.path, status=status)
         if head.method == "HEAD":
             body = b""
         close = not head.keep_alive

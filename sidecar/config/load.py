@@ -36,6 +36,7 @@ from .model import (
     WeightedTarget,
 )
 from .audit import parse_audit
+from .log_levels import LOG_FORMATS, parse_log_level
 from .mesh_tokens import parse_mesh_tokens
 from .policy import MeshPolicy, parse_authn, parse_mesh_policy
 from .rate_limit import parse_rate_limit
@@ -116,7 +117,8 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     timeouts = _downstream_timeouts(top.sub("timeouts"))
     access_log = _access_log(top.sub("access_log"))
     tls = top.optional("tls", lambda n: _tls(n, path.parent))
-    log_level = top.str("log_level", "info", choices=("debug", "info", "warning", "error"))
+    log_level = parse_log_level(top)
+    log_format = top.str("log_format", "auto", choices=LOG_FORMATS)
     audit = parse_audit(top.sub("audit"))
     tracing = top.optional("tracing", parse_tracing)
     top.done()
@@ -128,7 +130,7 @@ def load_bootstrap(path: Path | str) -> Bootstrap:
     return Bootstrap(
         source=path, service=service, mode=mode, app=app, listeners=tuple(listeners),
         mesh_path=mesh_path, limits=limits, overload=overload, timeouts=timeouts, access_log=access_log,
-        tls=tls, log_level=log_level, audit=audit, tracing=tracing, control=control,
+        tls=tls, log_level=log_level, log_format=log_format, audit=audit, tracing=tracing, control=control,
     )
 
 
@@ -137,10 +139,11 @@ def reloaded_bootstrap(running: Bootstrap, new: Bootstrap) -> tuple[Bootstrap, l
     the bootstrap to run with, and one line per change that waits for a restart.
 
     Applied live: limits and downstream timeouts (listeners read them per connection and
-    per deadline), ``app`` (the local-app cluster), ``mesh`` (the file read on reload) and
-    the access log. Bound at start-up, kept from ``running``: the identity (``service``,
-    ``mode``), the listeners (a bound socket, its TLS), the mesh TLS files, the audit sink,
-    the tracer and the log level (structlog binds it into each logger on first use).
+    per deadline), ``app`` (the local-app cluster), ``mesh`` (the file read on reload), the
+    access log, ``log_level`` and ``log_format`` (the reload hands them to the running
+    ``LogControl``). Bound at start-up, kept from ``running``: the identity (``service``,
+    ``mode``), the listeners (a bound socket, its TLS), the mesh TLS files, the audit sink and
+    the tracer.
     """
     pending: list[str] = []
 
@@ -169,11 +172,10 @@ def reloaded_bootstrap(running: Bootstrap, new: Bootstrap) -> tuple[Bootstrap, l
         pending.append("control: changed")
     if running.audit != new.audit:
         pending.append("audit: changed")
-    differs("log_level", running.log_level, new.log_level)
     if running.tracing != new.tracing:
         pending.append("tracing: changed")
     kept = replace(new, service=running.service, mode=running.mode, listeners=running.listeners,
-                   tls=running.tls, audit=running.audit, log_level=running.log_level,
+                   tls=running.tls, audit=running.audit,
                    tracing=running.tracing, control=running.control,
                    mesh_path=running.mesh_path if running.control else new.mesh_path)
     return kept, pending

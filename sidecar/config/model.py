@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from .audit import AuditConfig
+from .log_levels import LogFormat, LogLevels
 from .mesh_tokens import MeshTokens
 from .policy import MeshPolicy, ServiceAuthn
 from .rate_limit import RateLimitConfig
@@ -149,7 +150,8 @@ class Bootstrap:
     timeouts: DownstreamTimeouts = DownstreamTimeouts()
     access_log: AccessLogConfig = AccessLogConfig()
     tls: TlsFiles | None = None
-    log_level: str = "info"
+    log_level: LogLevels = LogLevels()  # per component; applied live on reload
+    log_format: LogFormat = "auto"  # json, or console on a terminal (or when asked)
     audit: AuditConfig = AuditConfig()
     tracing: TracingConfig | None = None  # spans to an OTLP collector; None: off, not imported
     control: ControlConfig | None = None  # exclusive with mesh_path's file and tls

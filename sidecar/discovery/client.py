@@ -66,7 +66,7 @@ from .state import HeldSnapshot, StateDir
 
 __all__ = ["ControlClient", "backoff_delay"]
 
-log = structlog.get_logger("pake.sidecar.control")
+log = structlog.get_logger("pake.discovery")
 
 INITIAL_BACKOFF = 0.1
 SEND_TIMEOUT = 10.0

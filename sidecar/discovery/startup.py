@@ -30,7 +30,7 @@ from .state import StateDir, StateError
 
 __all__ = ["Held", "StartupError", "check", "start_joined"]
 
-log = structlog.get_logger("pake.sidecar.control")
+log = structlog.get_logger("pake.discovery")
 
 
 class StartupError(Exception):

@@ -29,7 +29,7 @@ from ..exchange import Exchange
 
 __all__ = ["RbacDecision", "RbacFilter", "RbacFilterConfig", "build_rbac"]
 
-log = structlog.get_logger("sidecar.filters.authz_rbac")
+log = structlog.get_logger("pake.filters.rbac")
 
 _NOT_NORMAL = re.compile(r"//|/\.\.?(?:/|$)|%2[eEfF]|%5[cC]|\\")
 _MAX_SHOWN = 200  # characters of a path shown in a reply
@@ -203,7 +203,8 @@ class RbacFilter:
             if now - self._last_log >= self.log_interval:
                 log.warning("rbac_dry_run_deny", service=self.config.service,
                             rule=decision.rule, reason=decision.reason,
-                            request_id=exchange.request_id, not_logged=self._unlogged,
+                            request_id=exchange.request_id, trace_id=exchange.trace_id,
+                            not_logged=self._unlogged,
                             would_deny_total=self.would_deny)
                 self._last_log, self._unlogged = now, 0
             else:

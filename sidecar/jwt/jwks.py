@@ -47,7 +47,7 @@ __all__ = [
     "parse_jwks",
 ]
 
-log = structlog.get_logger("sidecar.jwt.jwks")
+log = structlog.get_logger("pake.jwt")
 
 MAX_KEYS = 64  # a JWKS holds a handful of keys; more is a mistake or an attack
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")

@@ -31,7 +31,7 @@ from ..clock import Clock, MonotonicClock
 
 __all__ = ["FdSink", "LineSink", "LogChannel", "LogOutputs", "LogWriter", "StreamSink", "open_append"]
 
-log = structlog.get_logger("sidecar.log_writer")
+log = structlog.get_logger("pake.logging")
 
 MAX_LINES = 10_000  # default bound per log, in lines
 MAX_CHARS = 1 << 20  # ... and in characters (about bytes: the lines are ASCII JSON)

@@ -31,7 +31,7 @@ from .endpoint import EndpointState
 
 __all__ = ["HealthChecker", "HealthThresholds", "ProbeResult", "probe"]
 
-log = structlog.get_logger("sidecar.health_check")
+log = structlog.get_logger("pake.cluster.health")
 
 # transport -> the SPIFFE ID the peer proved, or None (``sidecar.tls.SidecarTls.identify_for``)
 Identify = Callable[[object], str | None]

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sidecar.config.load import reloaded_bootstrap
+from sidecar.config.log_levels import LogLevels
 from sidecar.config.model import Bootstrap, Limits, ListenerConfig
 
 
@@ -19,17 +20,16 @@ def bootstrap(**changes: object) -> Bootstrap:
 
 def test_live_changes_apply_and_bound_ones_are_listed() -> None:
     running = bootstrap()
-    new = bootstrap(app=("127.0.0.1", 9090), limits=Limits(max_header_count=5), log_level="debug",
+    new = bootstrap(app=("127.0.0.1", 9090), limits=Limits(max_header_count=5), log_level=LogLevels("debug"),
                     listeners=(ListenerConfig(name="outbound", address=("127.0.0.1", 15001)),
                                ListenerConfig(name="inbound", address=("0.0.0.0", 15007), tls=False),
                                ListenerConfig(name="admin", address=("127.0.0.1", 15000))))
     kept, pending = reloaded_bootstrap(running, new)
     assert kept.app == ("127.0.0.1", 9090) and kept.limits.max_header_count == 5
-    assert kept.listeners == running.listeners and kept.log_level == "info"
+    assert kept.listeners == running.listeners and kept.log_level == LogLevels("debug")  # live
     assert pending == ["listeners.admin: (none) -> 127.0.0.1:15000",
                        "listeners.inbound: 0.0.0.0:15006 -> 0.0.0.0:15007",
-                       "listeners.inbound.tls: true -> false",
-                       "log_level: info -> debug"]
+                       "listeners.inbound.tls: true -> false"]
 
 
 def test_nothing_pending_when_only_live_settings_change() -> None:

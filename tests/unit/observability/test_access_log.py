@@ -16,7 +16,7 @@ from sidecar.exchange import Exchange
 from sidecar.http.message import RequestHead
 from sidecar.observability.access_log import AccessLog
 from sidecar.observability.log_writer import LogWriter
-from sidecar.observability.logging import configure_logging
+from sidecar.observability.logging import configure_logging, log_control
 
 
 class ListSink:
@@ -70,6 +70,8 @@ def test_access_line_has_every_field_and_only_the_optional_ones_set() -> None:
 def _restore_structlog() -> Iterator[None]:
     saved = structlog.get_config()
     yield
+    if (running := log_control()) is not None:
+        running.close()  # the stdlib root handler and levels configure_logging set
     structlog.configure(**saved)
 
 
