@@ -328,7 +328,10 @@ class StreamService:
             session.close(session.closed_reason or "the sidecar closed the stream")
 
     def _registration(self, session: SidecarSession) -> Registration:
-        return Registration(service=session.service, node=session.node, address=session.address,
+        # An endpoint is published only once its sidecar holds a config (acked, or held from
+        # disk at hello): before that its inbound cannot serve, and callers would be sent there.
+        address = session.address if session.acked_version is not None else None
+        return Registration(service=session.service, node=session.node, address=address,
                             app_healthy=session.app_healthy,
                             registered_at=session.connected_since.isoformat(timespec="seconds"),
                             roots=session.acked_roots, cert_root=session.cert_root,
@@ -343,11 +346,14 @@ class StreamService:
             elif not self.registry.heard_from(session.service, session.node):
                 await self.registry.register(self._registration(session))  # it had expired
         elif isinstance(message, Ack) and message.kind == "snapshot":
+            first = session.acked_version is None  # it can serve from now on: publish it
             session.acked_version = message.version
             log.info("ack", service=session.service, node=session.node, version=message.version)
             roots = session.roots_of(message.version)
             if roots is not None and roots != session.acked_roots:
                 session.acked_roots = roots
+                await self.registry.register(self._registration(session))
+            elif first:
                 await self.registry.register(self._registration(session))
         elif isinstance(message, Nack) and message.kind == "snapshot":
             session.last_nack = {"version": message.version, "error": message.error,

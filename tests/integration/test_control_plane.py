@@ -181,8 +181,9 @@ async def test_apply_pushes_subsets_with_registry_endpoints(make_plane: MakePlan
     status, applied = await admin(plane, "POST", "/v1/config", {"mesh": MESH, "by": "test"})
     assert status == 200 and applied["version"] == 1
 
-    snap = await frontend.wait_snapshot()
-    assert endpoints_of(snap, "orders") == ["127.0.0.1:16001"]
+    # (orders is published once it holds a config: frontend may get a snapshot before that)
+    snap = await frontend.wait_snapshot(lambda s: endpoints_of(s, "orders") == ["127.0.0.1:16001"])
+    seen = len(frontend.snapshots)
     assert "policy" not in snap.mesh["services"]["orders"]  # the callee enforces it, not us
     own = await orders.wait_snapshot()
     assert own.mesh["services"]["orders"]["policy"]["default"] == "deny"
@@ -195,9 +196,31 @@ async def test_apply_pushes_subsets_with_registry_endpoints(make_plane: MakePlan
     await orders.wait_snapshot(lambda s: s.version.startswith("2."))
     await plane.streams.wait_until(lambda: plane.streams.sessions[("orders", "node-1")]
                                    .acked_version.startswith("2."), 5)  # type: ignore[union-attr]
-    assert [s.version for s in frontend.snapshots] == [snap.version]
+    assert [s.version for s in frontend.snapshots[seen - 1:]] == [snap.version]
     await orders.close()
     await frontend.close()
+
+
+async def test_an_endpoint_is_published_only_once_its_sidecar_holds_a_config(
+        make_plane: MakePlane, tmp_path: Path) -> None:
+    """A sidecar that has not accepted a config cannot serve: callers must not be sent there
+    (a new sidecar registered at hello was routed to ~50 ms before it could answer)."""
+    plane = await make_plane()
+    await admin(plane, "POST", "/v1/config", {"mesh": MESH, "by": "test"})
+    frontend = await joined(plane, tmp_path, "frontend", address=None)
+    refusing = await joined(plane, tmp_path, "orders", node="refuses", address="127.0.0.1:16002",
+                            refuse=lambda s: "services.orders: refused by this test")
+    def nacked() -> bool:
+        session = plane.streams.sessions.get(("orders", "refuses"))
+        return session is not None and session.last_nack is not None
+
+    await plane.streams.wait_until(nacked, 5)
+    assert "orders" not in plane.registry.endpoints()
+    serving = await joined(plane, tmp_path, "orders", node="serves", address="127.0.0.1:16003")
+    snap = await frontend.wait_snapshot(lambda s: endpoints_of(s, "orders") == ["127.0.0.1:16003"])
+    assert "127.0.0.1:16002" not in endpoints_of(snap, "orders")
+    for client in (refusing, serving, frontend):
+        await client.close()
 
 
 async def test_a_nack_is_recorded_and_shown_as_stale(make_plane: MakePlane, tmp_path: Path) -> None:
