@@ -4,12 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench certs clean help
+.PHONY: demo test bench soak certs clean help
 
 help:
 	@echo "make demo   - run the demo mesh on loopback (Ctrl-C stops it)"
 	@echo "make test   - type-check (mypy, strict on sidecar/ and certs/), then run the test suite"
 	@echo "make bench  - benchmark the sidecar against a direct path and HAProxy, and the control plane's push fan-out"
+	@echo "make soak   - a joined mesh under mixed traffic for SOAK_SECONDS (default 600) with rotations and a control-plane restart; failed requests and RSS"
 	@echo "make certs  - create the demo CA, workload certificates and the gateway's demo server certificate (examples/mtls/certs)"
 
 $(STAMP): pyproject.toml
@@ -27,6 +28,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --mtls --fanout $(BENCH_ARGS)
+
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 certs: $(STAMP)
 	$(PY) -m examples.certs

@@ -1,9 +1,9 @@
 """``RateLimit-*`` on every response of a rate-limited route (issue 12), not only on the 429:
 a real gateway sidecar in front of a real upstream that sends its own ``RateLimit-Limit``.
 
-A client paces itself by ``RateLimit-Remaining`` before it is refused; a local reply of a later filter
-carries them too; a route without a limit carries none of them; the upstream's own values are replaced, not doubled, so a client
-never reads two values of one field.
+A client paces itself by ``RateLimit-Remaining`` before it is refused; a local reply of a
+later filter carries them too; a route without a limit carries none of them; the upstream's own
+values are replaced, not doubled, so a client never reads two values of one field.
 """
 
 from __future__ import annotations
