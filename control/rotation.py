@@ -208,6 +208,11 @@ class CARotation:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return [f"{r.service}/{r.node}" for r in regs if not done(r)]
+            if phase == "reissue":
+                # Ask the laggards again (renew_lagging spaces its asks): the nudge at the start
+                # of the phase is skipped for a sidecar asked moments before (a `certs rotate`
+                # just now), and a Renew can be lost with a stream; nothing else asks again.
+                self._renew_lagging("ca rotation")
             try:
                 # Wake when the counts change; at least every second, so that a CLI that
                 # went away is noticed (the progress write fails) and the run stops.

@@ -24,6 +24,7 @@ import aiohttp
 from tests.helpers.control_process import ControlProcess
 from tests.helpers.pki import make_test_pki
 from tests.helpers.upstreams import RecordingUpstream
+from tests.integration.test_control_ca_rotation import joined, start, write_mesh
 from tests.integration.test_mtls import inbound_sidecar, metrics, outbound_sidecar
 from tests.integration.test_sidecar_control import (Load, apply, frontend_sidecar, mesh,
                                                     orders_sidecar)
@@ -87,14 +88,14 @@ async def test_cert_and_ca_rotation_under_load_fail_no_request(tmp_path: Path) -
                 await frontend.wait_config(f"{version}.")
                 load = Load(frontend.url())
                 async with load.running(workers=4):
-                    await load.until(20)
-                    rotate = await cp.pakectl("certs", "rotate", "--timeout", "20s")
+                    await load.until(20, timeout=30)
+                    rotate = await cp.pakectl("certs", "rotate", "--timeout", "20s", timeout=60)
                     assert rotate.code == 0 and "renewed 2 of 2" in rotate.stdout, rotate.stdout
-                    await load.until(20)
-                    ca = await cp.pakectl("certs", "rotate", "--ca", "--json", "--timeout", "20s")
+                    await load.until(20, timeout=30)
+                    ca = await cp.pakectl("certs", "rotate", "--ca", "--json", "--timeout", "20s", timeout=90)
                     assert ca.code == 0, (ca.stdout, ca.stderr)
                     assert json.loads(ca.stdout)["ok"]
-                    await load.until(20)
+                    await load.until(20, timeout=30)
                 # the sidecars hold certificates from the new root, and still talk to each other
                 async with aiohttp.ClientSession() as http:
                     async with http.get(frontend.admin + "/config") as r:
@@ -108,3 +109,22 @@ async def test_cert_and_ca_rotation_under_load_fail_no_request(tmp_path: Path) -
     assert load.ok >= 60
     print(f"requests: {load.ok} ok, 0 failed through certs rotate and certs rotate --ca")
     assert tls["spiffe_id"] == "spiffe://pake.local/service/frontend"
+
+
+async def test_a_ca_rotation_right_after_certs_rotate_reissues_every_certificate(tmp_path: Path) -> None:
+    """The reissue phase's nudge skipped a sidecar asked for a CSR under 2 s before (by the
+    ``certs rotate`` just run) and nobody asked again: the rotation waited out its timeout."""
+    cp = await start(tmp_path)
+    try:
+        assert (await cp.pakectl("apply", "-f", str(write_mesh(tmp_path)))).code == 0
+        clients = [await joined(cp, tmp_path, "orders", "o1"), await joined(cp, tmp_path, "frontend", "f22")]
+        for client in clients:
+            await client.wait_snapshot()
+        rotate = await cp.pakectl("certs", "rotate", "--timeout", "10s")
+        ca = await cp.pakectl("certs", "rotate", "--ca", "--json", "--timeout", "8s", timeout=60)
+        for client in clients:
+            await client.close()
+    finally:
+        await cp.stop()
+    assert rotate.code == 0 and "renewed 2 of 2" in rotate.stdout, rotate.stdout
+    assert ca.code == 0 and json.loads(ca.stdout)["ok"], (ca.stdout, ca.stderr)
