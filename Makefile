@@ -4,13 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-tour test bench certs clean help
+.PHONY: demo demo-tour test bench soak certs clean help
 
 help:
 	@echo "make demo   - run the demo mesh on loopback under its control plane (Ctrl-C stops it)"
 	@echo "make demo-tour - the same mesh walked through with a printed narrative, then exit"
 	@echo "make test   - type-check (mypy, strict on sidecar/ and certs/), then run the test suite"
 	@echo "make bench  - benchmark the sidecar against a direct path and HAProxy, and the control plane's push fan-out"
+	@echo "make soak   - a joined mesh under mixed traffic for SOAK_SECONDS (default 600) with rotations and a control-plane restart; failed requests and RSS"
 	@echo "make certs  - create the demo CA, workload certificates and the gateway's demo server certificate (examples/mtls/certs)"
 
 $(STAMP): pyproject.toml
@@ -31,6 +32,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --mtls --fanout $(BENCH_ARGS)
+
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 certs: $(STAMP)
 	$(PY) -m examples.certs

@@ -15,6 +15,7 @@ Records carry no credentials: no tokens, no keys, no claims beyond the principal
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as quote
@@ -72,6 +73,9 @@ class RotatingFileSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # 0o600: the audit log says who called what; not for every local user to read.
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # a device or a pipe (/dev/null, a FIFO to a shipper) is written, never rotated: renaming
+        # it would move the device node itself, and the next open would make a regular file
+        self._rotates = stat.S_ISREG(os.fstat(fd).st_mode)
         f = os.fdopen(fd, "a", encoding="utf-8")
         self._size = f.tell()
         return f
@@ -91,7 +95,7 @@ class RotatingFileSink:
     def write(self, lines: list[str]) -> None:
         for line in lines:
             size = len(line.encode("utf-8"))
-            if self._size and self._size + size > self.max_size:
+            if self._rotates and self._size and self._size + size > self.max_size:
                 self._rotate()
             self._file.write(line)
             self._size += size

@@ -47,3 +47,6 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     tags: dict[str, str] = field(default_factory=dict)  # extra facts for logs (rule, decision)
+    # headers a filter adds to whatever response goes downstream (the rate limit's RateLimit-*);
+    # they replace same-named ones from the upstream, so the client sees one value of each
+    response_headers: tuple[tuple[bytes, bytes], ...] = ()

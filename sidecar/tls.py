@@ -113,16 +113,28 @@ def load_source(bootstrap: Bootstrap, mesh: MeshConfig) -> TlsContextSource:
     return source
 
 
+EXPIRY_ALARM = 1 / 6  # of a certificate's life left: pake_tls_certificate_expiring from here
 SESSION_REPLACE_INTERVAL = 10.0  # seconds between replacing an endpoint's cached TLS session
 
 
 class TlsMetrics:
     """Prometheus metrics of the sidecar's TLS, in the sidecar's own registry."""
 
-    def __init__(self, registry: CollectorRegistry, seconds_to_expiry: Callable[[], float]) -> None:
+    def __init__(self, registry: CollectorRegistry, seconds_to_expiry: Callable[[], float],
+                 alarm_seconds: Callable[[], float]) -> None:
         self.expiry = Gauge("pake_tls_certificate_expiry_seconds",
                             "Seconds until the current workload certificate expires", registry=registry)
         self.expiry.set_function(seconds_to_expiry)
+        # An alert needs no per-deployment threshold: the sidecar exports its own, and a 0/1
+        # that is 1 from the threshold on (and after the expiry, when the mesh refuses it).
+        self.alarm = Gauge("pake_tls_certificate_expiry_alarm_seconds",
+                           "Below this many seconds to expiry the certificate is overdue for renewal",
+                           registry=registry)
+        self.alarm.set_function(alarm_seconds)
+        self.expiring = Gauge("pake_tls_certificate_expiring",
+                              "1 when the certificate's time to expiry is below the alarm threshold",
+                              registry=registry)
+        self.expiring.set_function(lambda: float(seconds_to_expiry() < alarm_seconds()))
         self.handshakes = Counter("pake_tls_handshakes_total",
                                   "Completed TLS handshakes by side (server: inbound, client: upstream)"
                                   " and whether a session was resumed", ["side", "resumed"],
@@ -169,7 +181,7 @@ class SidecarTls:
         self.service = service
         self.identities = IdentityCache(trust_domain)
         self.sessions = SessionCache()
-        self.metrics = TlsMetrics(registry, self.seconds_to_expiry)
+        self.metrics = TlsMetrics(registry, self.seconds_to_expiry, self.expiry_alarm_seconds)
         self._server_class = _observed_sslobject(self.metrics, "server")
         self._client_class = _observed_sslobject(self.metrics, "client")
         # The last connection per upstream address: its TLS 1.3 ticket arrives after the
@@ -306,6 +318,12 @@ class SidecarTls:
     # === facts ===========================================================================
     def seconds_to_expiry(self) -> float:
         return (self.source.material.leaf.not_valid_after_utc - datetime.now(UTC)).total_seconds()
+
+    def expiry_alarm_seconds(self) -> float:
+        """``EXPIRY_ALARM`` of the certificate's life: renewal is due with a third of it left,
+        so a certificate with a sixth left has missed half its renewal window."""
+        leaf = self.source.material.leaf
+        return (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds() * EXPIRY_ALARM
 
     def info(self) -> dict[str, Any]:
         """For /config: subject, SPIFFE ID (the URI SAN), serial, validity, bundle roots and

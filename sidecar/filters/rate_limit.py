@@ -1,8 +1,10 @@
 """The ``rate_limit`` filter: token buckets per route, keyed by who is calling.
 
 A bucket holds up to ``burst`` tokens and gains ``rate`` per second; a request takes one
-or is answered 429 (flag ``RL``) with ``Retry-After`` (seconds until a token) and
-``RateLimit-Limit``/``-Remaining``/``-Reset``/``-Policy``. The math is pure and takes
+or is answered 429 (flag ``RL``) with ``Retry-After`` (seconds until a token);
+``RateLimit-Limit``/``-Remaining``/``-Reset``/``-Policy`` go on every response of the route
+(the 429 and, through ``Exchange.response_headers``, the upstream's answers and other local
+replies). The math is pure and takes
 ``now`` from the injected clock, so tests move time by hand. The key is the source's
 SPIFFE ID, the JWT subject, the API key's name, the client address or one global bucket;
 a request without the chosen identity falls back to its client address. Each route's key
@@ -123,6 +125,8 @@ class RateLimitFilter:
         config = limiter.config
         verdict = limiter.take(_key(config, exchange), self.clock.monotonic())
         if verdict.allowed:
+            # the client learns its budget on every answer, not only once it is spent
+            exchange.response_headers = rate_limit_headers(config, verdict)
             return None
         self.limited += 1
         exchange.tags["rate_limit"] = config.key

@@ -200,7 +200,12 @@ class Stream:
             self._connection_header(extra)
         if not head.has_request_id:
             extra.append((b"x-request-id", self.exchange.request_id.encode()))
-        self.conn.write(response_head(status, head.reason, head.headers, extra))
+        headers = head.headers
+        if added := self.exchange.response_headers:  # a filter's (RateLimit-*): they win
+            names = {name for name, _ in added}
+            headers = [h for h in headers if h[0].lower() not in names]
+            extra += added
+        self.conn.write(response_head(status, head.reason, headers, extra))
         if status == 101 and self.driver is not None:
             self.driver.on_tunnel_open(self)
 
@@ -261,7 +266,7 @@ class Stream:
         self.response_done = True
         if reply.close or not self.body_done:
             self.keep_alive = False
-        extra = [(b"x-request-id", ex.request_id.encode())]
+        extra = [(b"x-request-id", ex.request_id.encode()), *ex.response_headers]
         self._connection_header(extra)
         data, body_bytes = local_reply(reply, service, extra, head_only=self.head.method == "HEAD")
         ex.bytes_out += body_bytes
