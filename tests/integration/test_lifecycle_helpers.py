@@ -26,7 +26,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
 
 APP = r'''
-import http.client, json, os, signal, sys
+import http.client, json, os, signal, sys, time
 
 def get(address, path, host="admin"):
     h, _, p = address.rpartition(":")
@@ -47,6 +47,10 @@ say("started", readyz=get(os.environ["PAKE_SIDECAR_ADMIN"], "/readyz"),
     call=get(os.environ["PAKE_SIDECAR_OUTBOUND"], "/orders", "orders"), pgid=os.getpgid(0))
 if mode == "batch":
     sys.exit(int(sys.argv[2]))
+if mode == "until":  # a batch job that ends when the test says (a file appears), status 0
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.02)
+    sys.exit(0)
 
 def on_term(sig, frame):
     # still draining: the sidecar must carry this call
@@ -226,7 +230,7 @@ async def test_run_and_wait_ready_wait_until_the_control_plane_gives_a_config(tm
     async with RecordingUpstream() as upstream, ControlProcess(tmp_path / "control") as cp:
         sc = JoinedRunProcess(tmp_path, service="web", addresses=[cp.listen], token=await cp.token("web"),
                               listeners={"outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"},
-                              run_args=app_args(tmp_path, "batch", "0"))
+                              run_args=app_args(tmp_path, "until", str(tmp_path / "done")))
         await sc.start()  # listening (joined, holding a certificate): no config yet
         probe: asyncio.subprocess.Process | None = None
         try:
@@ -247,6 +251,9 @@ async def test_run_and_wait_ready_wait_until_the_control_plane_gives_a_config(tm
             assert applied.code == 0, applied.stderr
             async with asyncio.timeout(TIMEOUT):
                 assert await probe.wait() == 0
+            # (the job ends only now: had it ended at once, the sidecar could have drained
+            # and gone between two of wait-ready's polls)
+            (tmp_path / "done").touch()
             assert await sc.wait(TIMEOUT) == 0  # the batch app ran and exited 0
         finally:
             if probe is not None and probe.returncode is None:
