@@ -37,6 +37,7 @@ from .retry import RetryPolicy
 __all__ = ["ClusterManager", "ClusterSet", "LOCAL_APP", "retire_later"]
 
 LOCAL_APP = "local-app"
+UPSTREAM_READ_SIZE = 64 * 1024
 log = structlog.get_logger("pake.cluster")
 
 PoolKey = tuple[str, Address, PoolConfig, bool]
@@ -119,7 +120,10 @@ class ClusterManager:
         self.retiring: set[ClusterSet] = set()  # superseded sets that still carry exchanges
         self._shared: dict[Pool | HealthChecker, int] = {}  # resource -> live sets holding it
         self._tasks: set[asyncio.Task[None]] = set()
-        self._read_buffer = bytearray(256 * 1024)  # shared by every upstream connection
+        # Shared by every upstream connection, and the most one read may take: a read is
+        # written downstream whole before back-pressure can pause the upstream, so its size is
+        # what a slow reader can make the sidecar hold beyond the 64 KiB write high-water.
+        self._read_buffer = bytearray(UPSTREAM_READ_SIZE)
         self._closed = False
 
     @property

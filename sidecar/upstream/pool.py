@@ -51,7 +51,7 @@ class Pool:
         self._server_hostname = server_hostname
         self.identify = identify  # transport -> the peer's SPIFFE ID (mTLS), once per connection
         # upstream connections read into one buffer (one callback at a time on the loop)
-        self.read_buffer = read_buffer if read_buffer is not None else bytearray(256 * 1024)
+        self.read_buffer = read_buffer if read_buffer is not None else bytearray(64 * 1024)
         self._on_connect_failure = on_connect_failure
         self.idle: deque[UpstreamConnection] = deque()
         self.connections = 0  # slots: open, opening, or handed to a waiter (see the rules above)
