@@ -112,6 +112,8 @@ async def test_a_session_resumed_after_its_root_left_the_bundle_is_refused(tmp_p
             data, resumed, _ = await exchange(port, client, session)
             assert resumed, "the client did not resume: the test proves nothing"
             assert data == b"", f"a resumed session of a removed root was served: {data[:60]!r}"
+            # (log lines leave through the writer thread: wait for the line, do not race it)
+            await sc.wait_for_event("tls_peer_refused")
             refused = [e for e in sc.events("tls_peer_refused") if e.get("reason") == "resumed_unknown_ca"]
             assert len(refused) == 1
     assert app.requests == 3
@@ -141,5 +143,6 @@ async def test_a_session_resumed_after_its_certificate_expired_is_refused(tmp_pa
             data, resumed, _ = await exchange(port, client, session)
             assert resumed, "the client did not resume: the test proves nothing"
             assert data == b"", f"a resumed session of an expired certificate was served: {data[:60]!r}"
+            await sc.wait_for_event("tls_peer_refused")
             assert [e["reason"] for e in sc.events("tls_peer_refused")] == ["resumed_cert_expired"]
     assert app.requests == 1
