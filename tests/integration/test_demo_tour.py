@@ -28,7 +28,7 @@ async def test_the_tour_walks_the_mesh_and_exits_0_leaving_nothing_behind(tmp_pa
                 "from spiffe://pake.local/service/cache",                 # forbidden, rule named
                 "a 429 says Retry-After",                                  # rate limit
                 "flags UO",                                               # the breaker opened
-                "✔ the breaker closed again",                             # and recovered
+                "✔ the breakers closed again",                            # and recovered
                 "v2 got",                                                 # the canary measured
                 "renewed 10 of 10 certificates",                          # rotation under traffic
                 "0 failed",
