@@ -253,6 +253,7 @@ async def test_run_and_wait_ready_wait_until_the_control_plane_gives_a_config(tm
                 assert await probe.wait() == 0
             # (the job ends only now: had it ended at once, the sidecar could have drained
             # and gone between two of wait-ready's polls)
+            await sc.wait_for_event("test_app", TIMEOUT)  # its "started" line, read before it ends
             (tmp_path / "done").touch()
             assert await sc.wait(TIMEOUT) == 0  # the batch app ran and exited 0
         finally:
