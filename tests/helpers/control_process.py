@@ -9,7 +9,6 @@ Leaving the block sends SIGTERM and waits for the exit.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -17,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.helpers.sidecar_process import decode_line
 
 __all__ = ["CliResult", "ControlFailed", "ControlProcess", "run_pakectl"]
 
@@ -87,12 +88,7 @@ class ControlProcess:
     async def _read(self, stream: asyncio.StreamReader | None, sink: list[Any]) -> None:
         assert stream is not None
         while line := await stream.readline():
-            text = line.decode(errors="replace").rstrip("\n")
-            try:
-                item: Any = json.loads(text)
-            except ValueError:
-                item = text
-            sink.append(item)
+            sink.append(decode_line(line))
             self._new_line.set()
         self._new_line.set()
 

@@ -18,9 +18,18 @@ from typing import Any
 
 import yaml
 
-__all__ = ["SidecarProcess", "SidecarFailed"]
+__all__ = ["SidecarProcess", "SidecarFailed", "decode_line"]
 
 _ROOT = Path(__file__).resolve().parents[2]
+
+
+def decode_line(line: bytes) -> Any:
+    """One line a process printed: its JSON object when it is one, else the text."""
+    text = line.decode(errors="replace").rstrip("\n")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class SidecarFailed(Exception):
@@ -79,11 +88,7 @@ class SidecarProcess:
     async def _read(self, stream: asyncio.StreamReader | None, sink: list[Any]) -> None:
         assert stream is not None
         while line := await stream.readline():
-            text = line.decode(errors="replace").rstrip("\n")
-            try:
-                item: Any = json.loads(text)
-            except ValueError:
-                item = text
+            item = decode_line(line)
             sink.append(item)
             if isinstance(item, dict) and item.get("event") == "ready":
                 self.ports = dict(item["ports"])
