@@ -13,6 +13,7 @@ import asyncio
 import cProfile
 import pstats
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -70,8 +71,39 @@ def request_bytes(profile: str) -> bytes:
     return f"GET / HTTP/1.1\r\nHost: 127.0.0.1:15106\r\n{headers}\r\n".encode()
 
 
-async def run(profile: str, requests: int, do_profile: bool) -> float:
+class _EncodingExporter:
+    """The OTLP exporter's work without its socket: every batch encoded to protobuf bytes,
+    on the processor's thread, so the measured CPU time includes the export thread's share."""
+
+    def __init__(self) -> None:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        self.encode = encode_spans
+        self.spans = 0
+
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        self.encode(spans).SerializePartialToString()
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None: ...
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+async def run(profile: str, requests: int, do_profile: bool, trace: float | None = None) -> float:
     loop = asyncio.get_running_loop()
+    tracer = None
+    if trace is not None:
+        from sidecar.config.tracing import TracingConfig
+        from sidecar.observability.tracing import Tracer
+
+        exporter = _EncodingExporter()
+        tracer = Tracer(TracingConfig(sample=trace, queue=100_000, batch=512), "up",
+                        exporter=exporter)  # type: ignore[arg-type]
     mesh: MeshConfig = parse_mesh({"services": {"up": {"endpoints": ["127.0.0.1:1"]}}})
     bootstrap = Bootstrap(source=Path("."), service="up", mode="sidecar", app=("127.0.0.1", 1),
                           listeners=(ListenerConfig("inbound", ("127.0.0.1", 0)),), mesh_path=Path("."))
@@ -79,7 +111,7 @@ async def run(profile: str, requests: int, do_profile: bool) -> float:
     cluster_set = clusters.build(mesh, "up", bootstrap.app)
     clusters.activate(cluster_set)
     snapshot = build_snapshot(bootstrap, mesh, clusters=cluster_set)
-    pipeline = Pipeline(service="up", metrics=Metrics(), access_log=None, loop=loop)
+    pipeline = Pipeline(service="up", metrics=Metrics(), access_log=None, loop=loop, tracer=tracer)
 
     def hold() -> Snapshot:  # as Sidecar.hold_snapshot: the exchange holds its clusters
         cluster_set.hold()
@@ -108,6 +140,8 @@ async def run(profile: str, requests: int, do_profile: bool) -> float:
     start = time.process_time()  # CPU time: other processes on a shared machine do not count
     for _ in range(requests):
         down.data_received(request)
+    if tracer is not None:
+        await tracer.close(timeout=60)  # the export thread's encoding is part of the cost
     elapsed = time.process_time() - start
     if profiler:
         profiler.disable()
@@ -120,10 +154,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.hotpath")
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the loop")
+    parser.add_argument("--trace", type=float, action="append", metavar="SHARE",
+                        help="also measure the tiny profile with tracing at this sampled share "
+                             "(0.01 = 1%%), interleaved with tracing off; repeatable")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the tracing runs")
     args = parser.parse_args()
     for profile in ("tiny", "realistic"):
         us = uvloop.run(run(profile, args.requests, args.profile))
         print(f"{profile:10s} {us:6.2f} µs of Python per exchange (CPU time, no I/O)")
+    if args.trace:
+        # Tracing's cost is a few µs beside a wall of noise: off and each share are run in
+        # turn, several rounds, and compared by their medians. Tiny only: the realistic
+        # profile carries a sampled traceparent, which parent-based sampling follows.
+        shares: list[float | None] = [None, *args.trace]
+        runs: dict[float | None, list[float]] = {share: [] for share in shares}
+        for _ in range(args.rounds):
+            for share in shares:
+                runs[share].append(uvloop.run(run("tiny", args.requests // 2, False, share)))
+        off = statistics.median(runs[None])
+        print(f"tracing (tiny, median of {args.rounds} interleaved rounds): off {off:.2f} µs")
+        for share in args.trace:
+            traced = statistics.median(runs[share])
+            print(f"  sampled {share:.0%}: {traced:6.2f} µs per exchange, "
+                  f"+{traced - off:.2f} µs ({(traced - off) / off:+.1%})")
 
 
 if __name__ == "__main__":

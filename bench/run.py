@@ -31,6 +31,7 @@ import os
 import platform
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ PROFILES = ("tiny", "realistic")
 TARGET_RATIO = 0.6  # one sidecar hop req/s ÷ HAProxy one hop req/s
 TARGET_ADDED_P99_MS = 0.3  # per hop, open loop at 500 req/s
 TARGET_RSS_MB = 35.0  # per sidecar
+TARGET_TRACE_1PCT_COST = 5.0  # %: extra CPU per request of one hop with tracing at 1% (issue 10)
 BUSY_CORES = 0.1  # other processes' CPU during a measurement above which the output says so
 
 
@@ -421,6 +423,8 @@ def best_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                      "runs": 0, "rps_all": [], "closed": None, "open_loop": None})
         entry["runs"] += 1
         entry["rps_all"].append(run["closed_loop"]["rps"])
+        if run["proxies"] and all(p["cpu_us_per_req"] for p in run["proxies"]):
+            entry.setdefault("cpu_all", []).append(sum(p["cpu_us_per_req"] for p in run["proxies"]))
         if entry["closed"] is None or run["closed_loop"]["rps"] > entry["closed"]["closed_loop"]["rps"]:
             entry["closed"] = run
         ol = run.get("open_loop")
@@ -438,6 +442,9 @@ def best_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         entry["proxies"] = closed["proxies"]
         entry["cpu_us_per_req"] = (round(sum(p["cpu_us_per_req"] or 0 for p in closed["proxies"]), 1)
                                    if closed["proxies"] else None)
+        # the median over runs: a cost of a few % (tracing) is below the spread of best-of req/s
+        cpu_all = entry.pop("cpu_all", None)
+        entry["cpu_us_per_req_median"] = round(statistics.median(cpu_all), 1) if cpu_all else None
         # peak over every run of this path, not only the best one
         peaks = [p["peak_rss_mb"] for r in runs
                  if r["profile"] == entry["profile"] and r["path"] == entry["path"] for p in r["proxies"]]
@@ -482,13 +489,27 @@ def evaluate_targets(best: dict[str, dict[str, Any]], paths: list[PathSpec]) -> 
             if e and direct and "added_p99_ms_per_hop" in e:
                 add(f"{profile}: added p99 at {_rate_label(e)} req/s, {what}", e["added_p99_ms_per_hop"],
                     "<=", TARGET_ADDED_P99_MS, "ms", e, direct)
+        t1 = get("sidecar-1-trace-1")
+        if s1 and t1 and s1["cpu_us_per_req_median"] and t1["cpu_us_per_req_median"]:
+            # issue 10: 1% sampling costs under 5%; judged on CPU per request (median of the
+            # runs), which other load moves far less than req/s
+            cost = t1["cpu_us_per_req_median"] / s1["cpu_us_per_req_median"] - 1
+            add(f"{profile}: tracing at 1%, extra CPU µs/req (median of {t1['runs']} runs)",
+                round(cost * 100, 1), "<=", TARGET_TRACE_1PCT_COST, "%", s1, t1)
         sm, hm = get("sidecar-2-mtls"), get("haproxy-2-mtls")
         if sm and hm and hm["rps"]:
             add(f"{profile}: two-sidecar mTLS ÷ HAProxy mTLS pair, req/s", round(sm["rps"] / hm["rps"], 3),
                 ">=", TARGET_RATIO, "×", sm, hm)
-    rss = [e["peak_rss_mb"] for e in best.values() if e["kind"] == "sidecar" and e["peak_rss_mb"] is not None]
+    # tracing imports OpenTelemetry, which the target's plain sidecar does not pay for
+    rss = [e["peak_rss_mb"] for e in best.values()
+           if e["kind"] == "sidecar" and e["peak_rss_mb"] is not None and "trace" not in e["path"]]
     if rss:  # memory does not depend on other processes' load
-        add("sidecar peak RSS (VmHWM, any sidecar, any run)", max(rss), "<=", TARGET_RSS_MB, "MB")
+        add("sidecar peak RSS (VmHWM, any sidecar without tracing, any run)", max(rss), "<=",
+            TARGET_RSS_MB, "MB")
+    traced = [e["peak_rss_mb"] for e in best.values() if "trace" in e["path"] and e["peak_rss_mb"] is not None]
+    if traced:
+        targets.append({"target": "sidecar peak RSS with tracing on (OpenTelemetry loaded)", "value": max(traced),
+                        "unit": "MB", "status": "info", "noisy": False, "other_load_cores": 0.0})
     return targets
 
 
@@ -671,7 +692,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 MICRO = {
     # the Python cost of one exchange through the sidecar, no sockets (bench/hotpath.py)
-    "hot path, µs of Python per exchange": ["-m", "bench.hotpath", "--requests", "30000"],
+    "hot path, µs of Python per exchange": ["-m", "bench.hotpath", "--requests", "30000", "--trace", "0.01", "--trace", "1"],
     # issue 5: the circuit breaker's decision must cost <= 5 µs
     "circuit breaker decision": ["-m", "bench.breaker_bench", "--number", "100000", "--repeat", "3"],
     # issue 4: the JWT + RBAC + rate-limit chain per request

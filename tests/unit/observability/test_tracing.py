@@ -128,6 +128,10 @@ def test_new_traces_are_sampled_by_ratio_on_the_trace_id(spans: InMemorySpanExpo
             assert ex.trace_id is not None and len(ex.trace_id) == 32
             sampled += ex.trace is not None  # an unsampled exchange gets no trace object
             assert (ex.trace_header == b"") == (ex.trace is not None)
+            # the decision is the trace id's low 64 bits against the ratio, so every sidecar
+            # with the same ratio decides a trace alike (W3C's random trace-id part)
+            assert (ex.trace is not None) == (int(ex.trace_id[16:], 16) < tracer.bound)
+            assert ex.span_id is not None and ex.span_id != ex.trace_id[16:]
         assert low <= sampled <= high, (sample, sampled)
 
 
