@@ -1,12 +1,14 @@
 """The lifecycle helpers of issue 13, with real processes: ``pake-sidecar run -- APP`` (the app
 starts once the sidecar is ready, gets forwarded signals, stops before the sidecar drains, and
 its exit status is the process's), ``wait-ready``, and the admin's ``POST /drain`` and
-``POST /shutdown``. The app is a tiny Python script that reports what it saw as JSON lines on
-the shared stdout."""
+``POST /shutdown``. The app is a tiny Python script that reports what it saw as JSON lines in a
+file of its own (``$TEST_APP_LINES``, in the sidecar's directory): not on the stdout it shares
+with the sidecar, whose buffered log writes its lines could interleave with."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -24,6 +26,7 @@ from tests.integration.test_lifecycle import Client, slow_app
 
 _ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0
+APP_LINES = "app-lines.jsonl"  # the test app's own lines, in the sidecar's directory
 
 APP = r'''
 import http.client, json, os, signal, sys, time
@@ -40,7 +43,9 @@ def get(address, path, host="admin"):
         conn.close()
 
 def say(what, **extra):
-    print(json.dumps({"event": "test_app", "what": what, **extra}), flush=True)
+    line = json.dumps({"event": "test_app", "what": what, **extra}) + "\n"
+    with open(os.environ["TEST_APP_LINES"], "a") as f:  # one write per line, closed (flushed) each time
+        f.write(line)
 
 mode = sys.argv[1]
 say("started", readyz=get(os.environ["PAKE_SIDECAR_ADMIN"], "/readyz"),
@@ -90,7 +95,8 @@ class JoinedRunProcess(JoinedSidecarProcess):
 async def start_with(sc: SidecarProcess, run_args: list[str]) -> None:
     """SidecarProcess.start with more arguments: waits for the ``ready`` line."""
     sc.write_config()
-    env = {**os.environ, "PYTHONPATH": str(_ROOT)}
+    # the sidecar passes its environment to the app: this is where the app writes its lines
+    env = {**os.environ, "PYTHONPATH": str(_ROOT), "TEST_APP_LINES": str(sc.dir / APP_LINES)}
     sc.proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sidecar", "run", "-c", str(sc.config_path), *run_args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(sc.dir), env=env,
@@ -121,12 +127,33 @@ def static(tmp_path: Path, upstream: RecordingUpstream, run_args: list[str]) -> 
 
 def order(sc: SidecarProcess, *names: str) -> list[str]:
     """The sidecar's log events among ``names``, in the order it logged them. (The app's own
-    lines share stdout but not the sidecar's log queue: their order against it is not kept.)"""
+    lines are in a file of their own: their order against the sidecar's is not kept.)"""
     return [line["event"] for line in sc.lines if isinstance(line, dict) and line.get("event") in names]
 
 
+def app_events(sc: SidecarProcess) -> list[dict[str, Any]]:
+    """The app's lines so far, in the order it wrote them (only complete lines; no file: none)."""
+    try:
+        text = (sc.dir / APP_LINES).read_text()
+    except FileNotFoundError:
+        return []
+    complete = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+async def wait_app_lines(sc: SidecarProcess, count: int, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+    """Waits until the app has written at least ``count`` lines; returns them all."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(lines := app_events(sc)) < count:
+        if loop.time() >= deadline:
+            raise TimeoutError(f"{len(lines)} app lines after {timeout}s, wanted {count}: {lines}")
+        await asyncio.sleep(0.02)
+    return lines
+
+
 def app_line(sc: SidecarProcess, what: str) -> dict[str, Any]:
-    [line] = [e for e in sc.events("test_app") if e["what"] == what]
+    [line] = [e for e in app_events(sc) if e["what"] == what]
     return line
 
 
@@ -165,10 +192,10 @@ async def test_sigterm_stops_the_app_first_while_the_sidecar_serves_then_drains_
     async with RecordingUpstream() as upstream:
         sc = await static(tmp_path, upstream, app_args(tmp_path, "serve", "3")).start()
         try:
-            await sc.wait_for_event("test_app", count=2)  # started, serving
+            await wait_app_lines(sc, 2)  # started, serving
             sc.send_signal(signal.SIGUSR1)
-            await sc.wait_for_event("test_app", count=3)
-            assert sc.events("test_app")[-1]["what"] == "SIGUSR1", "signals are forwarded"
+            await wait_app_lines(sc, 3)
+            assert app_events(sc)[-1]["what"] == "SIGUSR1", "signals are forwarded"
             sc.send_signal(signal.SIGTERM)
             assert await sc.wait(TIMEOUT) == 3  # the app's status
         finally:
@@ -184,7 +211,7 @@ async def test_an_app_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: P
         sc = await static(tmp_path, upstream,
                           ["--grace", "300ms", *app_args(tmp_path, "stubborn")]).start()
         try:
-            await sc.wait_for_event("test_app", count=2)
+            await wait_app_lines(sc, 2)
             loop = asyncio.get_running_loop()
             sent = loop.time()
             sc.send_signal(signal.SIGTERM)
@@ -200,7 +227,7 @@ async def test_post_shutdown_stops_the_app_then_the_sidecar(tmp_path: Path) -> N
     async with RecordingUpstream() as upstream:
         sc = await static(tmp_path, upstream, app_args(tmp_path, "serve")).start()
         try:
-            await sc.wait_for_event("test_app", count=2)
+            await wait_app_lines(sc, 2)
             status, _, body = await admin(sc, "POST", "/shutdown")
             assert status == 202 and body["exiting"] is True
             assert await sc.wait(TIMEOUT) == 0
@@ -253,7 +280,7 @@ async def test_run_and_wait_ready_wait_until_the_control_plane_gives_a_config(tm
                 assert await probe.wait() == 0
             # (the job ends only now: had it ended at once, the sidecar could have drained
             # and gone between two of wait-ready's polls)
-            await sc.wait_for_event("test_app", TIMEOUT)  # its "started" line, read before it ends
+            await wait_app_lines(sc, 1)  # its "started" line, written before it ends
             (tmp_path / "done").touch()
             assert await sc.wait(TIMEOUT) == 0  # the batch app ran and exited 0
         finally:
