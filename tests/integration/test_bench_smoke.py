@@ -23,7 +23,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     cmd = [sys.executable, "-m", "bench.run", "--quick", "--duration", "1", "--warmup", "0",
            "--profiles", "tiny", "--rate", "200", "--open-loop-duration", "0.5", "--output", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "targets:" in proc.stdout
     return json.loads(out.read_text())

@@ -106,8 +106,9 @@ async def test_slowloris_connections_are_closed_by_the_header_timeout_and_others
     assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) == 1000, set(a[:20] for a in answers)
     assert elapsed < 1.5 + 2.0, f"the slow connections took {elapsed:.1f}s to be closed"
     print(f"\nslowloris: normal client p99 {baseline * 1e3:.2f} ms alone, {during * 1e3:.2f} ms during")
-    # 2x, with 1 ms for the scheduler of a shared 2-core machine
-    assert during < 2 * baseline + 0.001, f"p99 {during * 1e3:.2f} ms vs {baseline * 1e3:.2f} ms alone"
+    # 2x, with 5 ms for the scheduler of a shared 2-core VM (one 10 ms steal stall among 300
+    # requests is their p99); a sidecar that let slow clients hold up others would add far more
+    assert during < 2 * baseline + 0.005, f"p99 {during * 1e3:.2f} ms vs {baseline * 1e3:.2f} ms alone"
 
 
 async def test_slow_body_senders_and_slow_readers_leave_memory_flat(tmp_path: Path) -> None:
