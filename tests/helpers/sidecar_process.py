@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
 __all__ = ["SidecarProcess", "SidecarFailed", "decode_line"]
@@ -193,3 +194,21 @@ class JoinedSidecarProcess(SidecarProcess):
                         return event
                 self._new_line.clear()
                 await self._new_line.wait()
+
+    async def wait_endpoints(self, cluster: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+        """Wait until the config it serves gives ``cluster`` at least ``count`` endpoints.
+
+        ``config_applied`` is not enough before traffic: a service's sidecar registers when
+        its stream opens, after ``ready``, so a config applied meanwhile reaches the callers
+        first without that endpoint and the next push brings it (503 UH in between, which is
+        right for a service with no endpoint yet). Returns the addresses."""
+        addresses: list[str] = []
+        async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
+            while True:
+                async with http.get(self.admin + "/clusters") as r:
+                    clusters = (await r.json())["clusters"]
+                addresses = [e["address"] for c in clusters if c["name"] == cluster
+                             for e in c["endpoints"]]
+                if len(addresses) >= count:
+                    return addresses
+                await asyncio.sleep(0.05)

@@ -86,6 +86,7 @@ async def test_cert_and_ca_rotation_under_load_fail_no_request(tmp_path: Path) -
                 version = await apply(cp, tmp_path, mesh())
                 await orders.wait_config(f"{version}.")
                 await frontend.wait_config(f"{version}.")
+                await frontend.wait_endpoints("orders")
                 load = Load(frontend.url())
                 async with load.running(workers=4):
                     await load.until(20, timeout=30)

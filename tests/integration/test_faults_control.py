@@ -55,6 +55,7 @@ async def test_a_route_to_a_service_whose_endpoints_come_later_fails_no_other_re
             v1 = await apply(cp, tmp_path, mesh_with(payments=False, route_to_payments=False))
             await frontend.wait_config(f"{v1}.")
             await orders.wait_config(f"{v1}.")
+            await frontend.wait_endpoints("orders")
 
             load = Load(frontend.url())
             async with load.running(), aiohttp.ClientSession() as http:

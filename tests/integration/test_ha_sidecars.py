@@ -59,6 +59,7 @@ async def test_killing_the_replica_moves_its_sidecars_with_no_failed_request(
                 await sc.wait_config(f"{v1}.")
                 [connected] = sc.events("control_connected")
                 assert connected["address"] == a.listen
+            await frontend.wait_endpoints("orders")
 
             load = Load(frontend.url())
             async with load.running():

@@ -49,6 +49,7 @@ async def test_rotating_certificates_and_the_ca_under_load_fails_no_request(tmp_
             v1 = await apply(cp, tmp_path, mesh())
             for sc in sidecars:
                 await sc.wait_config(f"{v1}.")
+            await frontend.wait_endpoints("orders")
             before = {sc.bootstrap["service"]: await identity(sc) for sc in sidecars}
 
             load = Load(frontend.url())

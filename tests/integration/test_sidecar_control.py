@@ -150,6 +150,7 @@ async def test_joined_sidecars_through_the_whole_lifecycle(tmp_path: Path) -> No
             v1 = await apply(cp, tmp_path, mesh())
             await orders.wait_config(f"{v1}.")
             await frontend.wait_config(f"{v1}.")
+            await frontend.wait_endpoints("orders")
             code, ready = await admin(orders, "/readyz")
             assert code == 200 and ready["version"].startswith(f"{v1}.")
             _, config = await admin(frontend, "/config")

@@ -61,6 +61,7 @@ async def test_traffic_and_denials_reach_pakectl_top(tmp_path: Path) -> None:
             assert result.code == 0, result.stderr
             await orders.wait_config()
             await frontend.wait_config()
+            await frontend.wait_endpoints("orders")
             statuses = []
             async with aiohttp.ClientSession() as http:
                 for i in range(25):
