@@ -157,6 +157,10 @@ def main() -> None:
                              "(0.01 = 1%%), interleaved with tracing off; repeatable")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the tracing runs")
     args = parser.parse_args()
+    from sidecar import compiled, pipeline
+
+    print(f"the hot path runs as {compiled.loaded_form(pipeline)} (PAKE_PURE_PYTHON=1: Python; "
+          "`make compile`: compiled)")
     for profile in ("tiny", "realistic"):
         us = uvloop.run(run(profile, args.requests, args.profile))
         print(f"{profile:10s} {us:6.2f} µs of Python per exchange (CPU time, no I/O)")

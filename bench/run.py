@@ -41,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from sidecar import compiled
+
 from . import discovery, fanout, haproxy, sidecars
 from .loadgen import ClosedLoopResult, lua_headers, open_loop, python_closed_loop, run_wrk, wrk_version
 from .procs import CLK_TCK, Proc, Processes, StartError, cpu_ticks, memory_kb
@@ -532,7 +534,7 @@ def render(results: dict[str, Any]) -> str:
              f"{s['duration']:g}s")
     if s["repeat"] > 1:
         title += f"; best of {s['repeat']} runs (all runs' req/s in the last column)"
-    lines.append(title)
+    lines.append(title + f"; the sidecars' hot path: {results['machine'].get('hot_path', '?')}")
     header = ["profile", "path", "req/s", "p50 ms", "p99 ms", "proxy CPU µs/req", "peak RSS MB"]
     if s["repeat"] > 1:
         header.append("req/s, every run")
@@ -635,6 +637,8 @@ def machine_info() -> dict[str, Any]:
         "wrk": wrk_version(),
         "haproxy": haproxy.version(),
         "git_commit": commit,
+        # the sidecars' hot path: compiled with mypyc (`make compile`) or Python
+        "hot_path": "python" if os.environ.get(compiled.PURE_ENV) == "1" else compiled.form(),
         "git_dirty": dirty,
     }
 

@@ -41,6 +41,8 @@ from .observability.access_log import AccessLog
 from .observability.log_writer import LogOutputs
 from .observability.logging import log_control
 from .observability.metrics import Metrics
+from . import compiled
+from . import pipeline as pipeline_module
 from .pipeline import Pipeline
 from .audit import build_audit_log
 from .clock import MonotonicClock
@@ -287,8 +289,12 @@ class Sidecar:
         if self.server_tls is not None:
             self.server_tls.start()
         self.overload.start()
+        hot_path = compiled.loaded_form(pipeline_module)
+        if hot_path == "compiled" and (stale := compiled.stale()):
+            # an edit since the last build is not running: `make compile` rebuilds
+            log.warning("compiled_form_stale", sources=[str(p) for p in stale[:5]], count=len(stale))
         log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports(),
-                 config=self.origin.info() if self.origin else None)
+                 config=self.origin.info() if self.origin else None, hot_path=hot_path)
         if self._control_setup is not None:
             self.control = self._control_client(self._control_setup)
             self.control.start()

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import uvloop
@@ -122,7 +123,10 @@ class Listener:
         except OSError as exc:
             raise OSError(exc.errno, f"{self.config.name} listener {host}:{port}: "
                                      f"{exc.strerror or exc}") from None
-        self.port = self.server.sockets[0].getsockname()[1]
+        # uvloop's Server.sockets is a list where typeshed says tuple; read untyped, since the
+        # compiled form checks declared types at run time.
+        sockets: Sequence[socket.socket] = getattr(self.server, "sockets")
+        self.port = sockets[0].getsockname()[1]
 
     def stop_accepting(self) -> None:
         if self.server is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
 
 from ..config.breaker import BreakerConfig
 from ..errors import CircuitOpen, UpstreamOverflow
@@ -73,7 +72,10 @@ class Admission:
     generation: int
     trial: bool  # admitted as a HALF_OPEN trial
     retry: bool  # holds one of the ``max_retries`` slots
-    admitted: ClassVar[bool] = True
+
+    @property
+    def admitted(self) -> bool:  # a property, not a ClassVar: mypyc makes those read-only
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +84,10 @@ class Rejection:
     the breaker refuses, ``upstream_overflow`` when a concurrency limit is full."""
 
     reason: RejectReason
-    admitted: ClassVar[bool] = False
+
+    @property
+    def admitted(self) -> bool:  # a property, not a ClassVar: mypyc makes those read-only
+        return False
 
     @property
     def text(self) -> str:

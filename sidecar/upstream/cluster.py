@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..config.model import Address, PoolConfig, RouteConfig, ServiceTimeouts
+from ..config.model import Address, PoolConfig, RouteConfig, ServiceConfig, ServiceTimeouts
 from ..config.retries import RetryConfig
 from ..config.resilience import ServiceResilience
 from .circuit_breaker import CircuitBreaker
@@ -24,7 +24,11 @@ from .outlier import OutlierDetector
 from .pool import Pool
 from .retry import RetryPolicy
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "ClusterSource"]
+
+# What a cluster was built from (service config, endpoints, mTLS on, trust domain): equal
+# next snapshot, the same cluster is kept.
+ClusterSource = tuple[ServiceConfig | None, tuple[Address, ...], bool, str]
 
 
 @dataclass(slots=True, eq=False)
@@ -42,7 +46,7 @@ class Cluster:
     health: HealthChecker | None = None
     expected_identity: str | None = None  # the SPIFFE ID the upstream must present (mTLS)
     max_request_body: int | None = None  # the service's own body bound (local app: the local service's)
-    source: object = None  # the config it was built from: equal config, same cluster next snapshot
+    source: ClusterSource | None = None
 
     # Routes' own retry policies by route name, made on first use. The previous snapshot's are
     # looked at once, so a route's budget state outlives a reload that did not change it.

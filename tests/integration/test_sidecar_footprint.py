@@ -3,8 +3,10 @@ it never imports aiohttp, and a feature that is not configured is not imported."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from sidecar import compiled
 from tests.helpers.sidecar_process import SidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
 
@@ -21,3 +23,19 @@ async def test_a_plain_sidecar_loads_neither_aiohttp_nor_tls_nor_jwt_code(tmp_pa
     assert "cryptography" not in maps  # the rust bindings of cryptography (TLS identities, JWT)
     rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
     assert rss_kb < 35 * 1024, f"an idle plain sidecar uses {rss_kb} kB"
+
+
+async def test_the_ready_line_says_which_form_of_the_hot_path_runs(tmp_path: Path) -> None:
+    """Compiled when built (and not opted out with PAKE_PURE_PYTHON=1), and then the compiled
+    pipeline is what the process mapped; Python otherwise. The suite runs both ways."""
+    expected = "python" if os.environ.get(compiled.PURE_ENV) == "1" else compiled.form()
+    async with RecordingUpstream() as app:
+        boot = {"service": "orders", "app": app.address,
+                "listeners": {"inbound": {"address": "127.0.0.1:0", "tls": False}}}
+        async with SidecarProcess(tmp_path, bootstrap=boot, mesh={"services": {"orders": {}}}) as sc:
+            assert sc.proc is not None
+            maps = Path(f"/proc/{sc.proc.pid}/maps").read_text()
+            [ready] = sc.events("ready")
+    assert ready["hot_path"] == expected
+    assert ("pipeline.cpython" in maps) == (expected == "compiled")
+    assert not sc.events("compiled_form_stale")

@@ -1,0 +1,222 @@
+"""The hot path's compiled form: the data-plane modules built with mypyc beside their source.
+
+Why: the sidecar's cost per request is the Python of an exchange and the event loop's callbacks
+around it, spread over ~60 functions with no single hot spot (bench/README.md). mypyc compiles
+the typed modules unchanged into C extensions: about half the Python per exchange, and one hop
+goes from 0.23x to 0.39x of HAProxy's req/s (docs/benchmarks.md).
+
+How it is used: ``python -m sidecar.compiled build`` writes one extension module next to each
+module in ``HOT_MODULES`` (plus the group's shared library, ``sidecar/_compiled__mypyc*.so``).
+Python's import takes an extension module before a source file in the same directory, so every
+entry point (``pake-sidecar``, ``make demo``, ``make bench``) runs the compiled form once it is
+built, with nothing to configure. The ``.py`` files stay the fallback: without a C compiler the
+build says so and the sidecar runs as Python; ``PAKE_PURE_PYTHON=1`` makes ``sidecar`` load its
+sources even where extensions sit beside them (the tests run both forms; a traceback through
+source is easier to read).
+
+A compiled module older than its source would run code that is no longer there: ``stale()``
+finds them, ``build --if-stale`` rebuilds, the test session refuses to start with them and the
+sidecar logs ``compiled_form_stale``. The modules are compiled as one group, so they are always
+rebuilt together.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import sysconfig
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+__all__ = ["HOT_MODULES", "PURE_ENV", "SourceOnlyFinder", "clean", "compiled_modules", "extension_of",
+           "form", "group_library", "loaded_form", "main", "sources", "stale"]
+
+PURE_ENV = "PAKE_PURE_PYTHON"
+GROUP = "sidecar._compiled"
+
+# The exchange's path through the sidecar: what bench/hotpath.py measures. Everything else
+# (config, control client, filters, TLS set-up, admin) runs once per snapshot or off the hot path.
+HOT_MODULES = (
+    "http",
+    "listener",
+    "routing",
+    "upstream",
+    "pipeline.py",
+    "exchange.py",
+    "deadline.py",
+    "observability/metrics.py",
+)
+
+_PACKAGE = Path(__file__).resolve().parent
+_EXT_SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+
+
+def sources(package: Path = _PACKAGE) -> list[Path]:
+    """The source files compiled, in a stable order (packages' ``__init__`` stay Python)."""
+    out: list[Path] = []
+    for entry in HOT_MODULES:
+        path = package / entry
+        if path.suffix == ".py":
+            out.append(path)
+        else:
+            out.extend(p for p in sorted(path.glob("*.py")) if p.name != "__init__.py")
+    return out
+
+
+def extension_of(source: Path) -> Path:
+    return source.with_name(source.stem + _EXT_SUFFIX)
+
+
+def group_library(package: Path) -> Path:
+    return package / f"{GROUP.rpartition('.')[2]}__mypyc{_EXT_SUFFIX}"
+
+
+def compiled_modules(package: Path = _PACKAGE) -> list[Path]:
+    """The extension files present, the group library included."""
+    found = [extension_of(s) for s in sources(package) if extension_of(s).exists()]
+    library = group_library(package)
+    return found + [library] if library.exists() else found
+
+
+def stale(package: Path = _PACKAGE) -> list[Path]:
+    """Sources whose extension is missing or older than they are, when any extension exists
+    (none at all is the pure form, not a stale one)."""
+    if not compiled_modules(package):
+        return []
+    out = []
+    for source in sources(package):
+        ext = extension_of(source)
+        if not ext.exists() or ext.stat().st_mtime < source.stat().st_mtime:
+            out.append(source)
+    if not group_library(package).exists():
+        out.append(group_library(package))
+    return out
+
+
+def form(package: Path = _PACKAGE) -> str:
+    """What the files on disk give: ``compiled``, ``python`` or ``stale``."""
+    if not compiled_modules(package):
+        return "python"
+    return "stale" if stale(package) else "compiled"
+
+
+def loaded_form(module: ModuleType) -> str:
+    """What this process runs (``module``: one of the hot modules, already imported)."""
+    return "python" if str(getattr(module, "__file__", "")).endswith(".py") else "compiled"
+
+
+def clean(package: Path = _PACKAGE) -> int:
+    """Remove the compiled form; returns how many files went."""
+    files = compiled_modules(package)
+    for path in files:
+        path.unlink()
+    return len(files)
+
+
+class SourceOnlyFinder(importlib.abc.MetaPathFinder):
+    """Finds ``package``'s modules among their source files only (``PAKE_PURE_PYTHON=1``)."""
+
+    def __init__(self, package: str) -> None:
+        self.prefix = package + "."
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if path is None or not fullname.startswith(self.prefix):
+            return None
+        loaders = [(importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES)]
+        for entry in path:
+            spec = importlib.machinery.FileFinder(entry, *loaders).find_spec(fullname)
+            if spec is not None:
+                return spec
+        return None
+
+
+# === the build ==========================================================================
+
+class BuildFailed(Exception):
+    pass
+
+
+def build(package: Path = _PACKAGE) -> float:
+    """Compile every hot module (one mypyc group) into ``package``; seconds it took.
+    On failure nothing compiled is left behind: the sidecar then runs as Python."""
+    import tempfile  # (the build's imports stay out of a running sidecar)
+    import threading
+    import time
+
+    try:
+        from mypyc.build import mypycify
+        from setuptools import Distribution
+    except ImportError as exc:  # the dev extras bring mypy (and mypyc with it)
+        raise BuildFailed(f"mypyc is not installed ({exc})") from None
+    root = package.parent
+    paths = [str(s.relative_to(root)) for s in sources(package)]
+    started = time.monotonic()
+    done = threading.Event()
+
+    def ticker() -> None:  # a long build says it is still going
+        while not done.wait(15):
+            print(f"  ... {time.monotonic() - started:.0f} s", flush=True)
+
+    threading.Thread(target=ticker, daemon=True).start()
+    clean(package)
+    cwd = os.getcwd()
+    try:
+        with tempfile.TemporaryDirectory(prefix="pake-mypyc-") as tmp:
+            os.chdir(root)  # mypycify takes paths relative to the working directory
+            try:
+                extensions = mypycify(paths, opt_level="3", group_name=GROUP, target_dir=tmp)
+                dist = Distribution({"name": "pake-mesh-hot-path", "ext_modules": extensions})
+                cmd = dist.get_command_obj("build_ext")
+                cmd.inplace = True
+                cmd.build_temp = cmd.build_lib = tmp  # built there, then copied beside the source
+                cmd.ensure_finalized()
+                cmd.run()
+            except (SystemExit, Exception) as exc:  # mypy errors exit; a missing gcc raises
+                clean(package)
+                raise BuildFailed(str(exc) or type(exc).__name__) from None
+    finally:
+        os.chdir(cwd)
+        done.set()
+    return time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m sidecar.compiled",
+                                     description="The hot path's compiled form (mypyc).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="compile the hot path with mypyc, next to its source")
+    b.add_argument("--if-stale", action="store_true", help="only when missing or older than the source")
+    b.add_argument("--required", action="store_true",
+                   help="fail when it cannot be built (CI), instead of falling back to Python")
+    sub.add_parser("check", help="say which form is on disk; exit 1 when stale")
+    sub.add_parser("clean", help="remove the compiled form (the sidecar runs as Python)")
+    args = parser.parse_args(argv)
+    if args.command == "clean":
+        print(f"removed {clean()} compiled files")
+        return 0
+    current = form()
+    if args.command == "check":
+        print(current, *(f"  stale: {p}" for p in stale()), sep="\n")
+        return 1 if current == "stale" else 0
+    if args.if_stale and current == "compiled":
+        print(f"the hot path's compiled form is up to date ({len(sources())} modules)")
+        return 0
+    print(f"compiling the hot path with mypyc: {len(sources())} modules (about 90 s on 2 cores)...",
+          flush=True)
+    try:
+        took = build()
+    except BuildFailed as exc:
+        print(f"could not compile the hot path ({exc}): the sidecar runs as pure Python", file=sys.stderr)
+        return 1 if args.required else 0
+    print(f"compiled {len(sources())} modules in {took:.0f} s: {form()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

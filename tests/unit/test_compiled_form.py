@@ -1,0 +1,97 @@
+"""The hot path's compiled form (``sidecar/compiled.py``): which form is on disk, when it is
+stale, that ``PAKE_PURE_PYTHON=1`` runs the source, and that a failed build leaves the
+pure-Python sidecar behind, never a half-built one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar import compiled
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fake_package(tmp_path: Path) -> Path:
+    """A ``sidecar`` tree with every hot module as a tiny typed source."""
+    package = tmp_path / "sidecar"
+    for entry in compiled.HOT_MODULES:
+        path = package / entry
+        if path.suffix != ".py":
+            path.mkdir(parents=True)
+            (path / "__init__.py").write_text("")
+            path = path / "mod.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"def name() -> str:\n    return {str(path.relative_to(package))!r}\n")
+    (package / "__init__.py").write_text("")
+    return package
+
+
+def age(path: Path, seconds: float) -> None:
+    st = path.stat()
+    os.utime(path, (st.st_atime - seconds, st.st_mtime - seconds))
+
+
+def test_the_form_on_disk_is_python_until_built_and_stale_once_a_source_is_newer(tmp_path: Path) -> None:
+    package = fake_package(tmp_path)
+    sources = compiled.sources(package)
+    assert len(sources) == len(compiled.HOT_MODULES)
+    assert all(s.name != "__init__.py" for s in sources)
+    assert (compiled.form(package), compiled.stale(package)) == ("python", [])
+
+    for source in sources:  # what a build leaves: an extension beside each source, newer
+        age(source, 60)
+        compiled.extension_of(source).write_bytes(b"")
+    compiled.group_library(package).write_bytes(b"")
+    assert (compiled.form(package), compiled.stale(package)) == ("compiled", [])
+
+    edited = sources[3]
+    edited.write_text(edited.read_text() + "# an edit after the build\n")
+    assert compiled.form(package) == "stale"
+    assert compiled.stale(package) == [edited]
+
+    compiled.extension_of(sources[0]).unlink()  # half a build is stale too
+    assert compiled.stale(package) == [sources[0], edited]
+
+    assert compiled.clean(package) == len(sources)  # the other extensions and the group library
+    assert (compiled.form(package), list(package.rglob("*.so"))) == ("python", [])
+
+
+def run_python(code: str, **env: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=60, check=True)
+    return result.stdout.strip()
+
+
+WHICH = "import sidecar.pipeline as p, sidecar.upstream.pool as q; print(p.__file__, q.__file__)"
+
+
+def test_pake_pure_python_runs_the_source_even_beside_a_compiled_form() -> None:
+    files = run_python(WHICH, PAKE_PURE_PYTHON="1").split()
+    assert [Path(f).suffix for f in files] == [".py", ".py"]
+
+
+def test_a_built_hot_path_is_what_python_imports() -> None:
+    if compiled.form() != "compiled":
+        if os.environ.get("CI"):
+            pytest.fail("CI builds the compiled form (`make test` runs `sidecar.compiled build --required`)")
+        pytest.skip("the compiled form is not built here (no C compiler?)")
+    files = run_python(WHICH, PAKE_PURE_PYTHON="0").split()
+    assert all(f.endswith(".so") for f in files), files
+
+
+def test_a_build_that_fails_leaves_the_pure_python_form_and_says_so(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    package = fake_package(tmp_path)
+    stale_ext = compiled.extension_of(compiled.sources(package)[0])
+    stale_ext.write_bytes(b"an old build")
+    monkeypatch.setenv("CC", "/bin/false")  # the C compiler fails
+    cwd = os.getcwd()
+    with pytest.raises(compiled.BuildFailed, match="exit"):  # (gcc's: "exit status 1")
+        compiled.build(package)
+    assert os.getcwd() == cwd
+    assert compiled.form(package) == "python" and not list(package.rglob("*.so"))
