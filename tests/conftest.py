@@ -16,5 +16,5 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     stale = compiled.stale()
     if stale:
         raise pytest.UsageError(
-            f"the hot path's compiled form is older than its source ({stale[0]}, {len(stale)} in all): "
+            f"the hot path's compiled form does not match its source ({stale[0]}, {len(stale)} in all): "
             "`make compile` rebuilds it, `python -m sidecar.compiled clean` removes it")

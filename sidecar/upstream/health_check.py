@@ -235,6 +235,11 @@ class HealthChecker:
             try:
                 await self.check_once()
             except Exception:  # noqa: BLE001 - a bug in one round must not stop health checking
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # ... but a stop must: a probe that failed while the round was cancelled
+                    # turns the cancellation into the TaskGroup's error, caught here
+                    raise asyncio.CancelledError from None
                 log.exception("health_check_error", cluster=self.cluster)
             await asyncio.sleep(self.next_delay())
 

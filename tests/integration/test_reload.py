@@ -183,7 +183,8 @@ async def test_many_swaps_keep_pools_and_health_checkers_flat(tmp_path: Path, sl
             resp = await slow
             assert (resp.status, await resp.text()) == (200, "slow")  # from snapshot 0's cluster
             resp.release()
-        await sidecar.clusters.settled()  # the retired health checkers have stopped
+        async with asyncio.timeout(TIMEOUT):  # the retired health checkers have stopped
+            await sidecar.clusters.settled()
         assert not sidecar.clusters.retiring
         assert sidecar.clusters.live_pools() == 1
         assert sidecar.clusters.live_health_checkers() == 1

@@ -57,7 +57,12 @@ def test_the_form_on_disk_is_python_until_built_and_stale_once_a_source_is_newer
     compiled.extension_of(sources[0]).unlink()  # half a build is stale too
     assert compiled.stale(package) == [sources[0], edited]
 
-    assert compiled.clean(package) == len(sources)  # the other extensions and the group library
+    orphan = compiled.extension_of(package / "upstream" / "gone.py")
+    orphan.write_bytes(b"")  # a module an earlier build compiled and this one does not
+    assert compiled.stale(package) == [sources[0], edited, orphan]
+
+    # the other extensions, the group library and the orphan
+    assert compiled.clean(package) == len(sources) + 1
     assert (compiled.form(package), list(package.rglob("*.so"))) == ("python", [])
 
 
