@@ -37,8 +37,9 @@ __all__ = ["HOT_MODULES", "PURE_ENV", "SourceOnlyFinder", "clean", "compiled_mod
 PURE_ENV = "PAKE_PURE_PYTHON"
 GROUP = "sidecar._compiled"
 
-# The exchange's path through the sidecar: what bench/hotpath.py measures. Everything else
-# (config, control client, filters, TLS set-up, admin) runs once per snapshot or off the hot path.
+# The exchange's path through the sidecar: what bench/hotpath.py measures, then what a policy
+# and the logs add to it. Everything else (config, control client, TLS set-up, admin) runs
+# once per snapshot or off the hot path.
 HOT_MODULES = (
     "http",
     "listener",
@@ -48,12 +49,20 @@ HOT_MODULES = (
     "exchange.py",
     "deadline.py",
     "observability/metrics.py",
+    # per request when configured: the policy filters, the access log line, the audit record
+    "filters",
+    "observability/access_log.py",
+    "audit.py",
 )
 
-# Off the per-request path, and compiled it lost a cancellation: a health checker stopped in
+# health_check.py: off the per-request path, and compiled it lost a cancellation: a health checker stopped in
 # the middle of a probe went on probing (its probe coroutine ran past a cancelled await, to an
 # unbound local), so a retired cluster's checker never ended.
-_LEFT_AS_PYTHON = frozenset({"upstream/health_check.py"})
+_LEFT_AS_PYTHON = frozenset({
+    "upstream/health_check.py",
+    # its runtime_checkable Protocol is no protocol class once compiled (TypeError on import)
+    "filters/base.py",
+})
 
 _PACKAGE = Path(__file__).resolve().parent
 _EXT_SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
