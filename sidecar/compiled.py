@@ -31,33 +31,38 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["HOT_MODULES", "PURE_ENV", "SourceOnlyFinder", "clean", "compiled_modules", "extension_of",
-           "form", "group_library", "loaded_form", "main", "sources", "stale"]
+__all__ = ["GROUPS", "PURE_ENV", "SourceOnlyFinder", "clean", "compiled_modules", "extension_of",
+           "form", "group_libraries", "groups", "loaded_form", "main", "sources", "stale"]
 
 PURE_ENV = "PAKE_PURE_PYTHON"
-GROUP = "sidecar._compiled"
 
-# The exchange's path through the sidecar: what bench/hotpath.py measures, then what a policy
-# and the logs add to it. Everything else (config, control client, TLS set-up, admin) runs
-# once per snapshot or off the hot path.
-HOT_MODULES = (
-    "http",
-    "listener",
-    "routing",
-    "upstream",  # but its health_check.py: see _LEFT_AS_PYTHON
-    "pipeline.py",
-    "exchange.py",
-    "deadline.py",
-    "observability/metrics.py",
-    # per request when configured: the policy filters, the access log line, the audit record
-    "filters",
-    "observability/access_log.py",
-    "audit.py",
-)
+# Two libraries. The first holds what every sidecar imports: the exchange's path (what
+# bench/hotpath.py measures), the filter chain, the access log line and the audit record. The
+# second holds the policy filters, loaded only by a sidecar whose service has a policy: a
+# library initialises the constants of all its modules when it loads, and one library for all
+# put an idle plain sidecar 1 MB over its RSS bound. Everything else (config, control client,
+# TLS set-up, admin) runs once per snapshot or off the hot path.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "sidecar._compiled": (
+        "http",
+        "listener",
+        "routing",
+        "upstream",  # but its health_check.py: see _LEFT_AS_PYTHON
+        "pipeline.py",
+        "exchange.py",
+        "deadline.py",
+        "observability/metrics.py",
+        "observability/access_log.py",
+        "audit.py",
+        "filters/chain.py",
+        "filters/fault.py",
+    ),
+    "sidecar._compiled_policy": ("filters",),  # the rest of it
+}
 
-# health_check.py: off the per-request path, and compiled it lost a cancellation: a health checker stopped in
-# the middle of a probe went on probing (its probe coroutine ran past a cancelled await, to an
-# unbound local), so a retired cluster's checker never ended.
+# health_check.py: off the per-request path, and compiled it lost a cancellation: a health
+# checker stopped in the middle of a probe went on probing (its probe coroutine ran past a
+# cancelled await, to an unbound local), so a retired cluster's checker never ended.
 _LEFT_AS_PYTHON = frozenset({
     "upstream/health_check.py",
     # its runtime_checkable Protocol is no protocol class once compiled (TypeError on import)
@@ -68,25 +73,37 @@ _PACKAGE = Path(__file__).resolve().parent
 _EXT_SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
 
 
-def sources(package: Path = _PACKAGE) -> list[Path]:
-    """The source files compiled, in a stable order (packages' ``__init__`` stay Python)."""
-    out: list[Path] = []
-    for entry in HOT_MODULES:
-        path = package / entry
-        if path.suffix == ".py":
-            out.append(path)
-        else:
-            out.extend(p for p in sorted(path.glob("*.py")) if p.name != "__init__.py"
-                       and f"{entry}/{p.name}" not in _LEFT_AS_PYTHON)
+def groups(package: Path = _PACKAGE) -> dict[str, list[Path]]:
+    """The source files of each library, in a stable order; a file in the first group that
+    names it (packages' ``__init__`` stay Python)."""
+    seen: set[Path] = set()
+    out: dict[str, list[Path]] = {}
+    for group, entries in GROUPS.items():
+        files: list[Path] = []
+        for entry in entries:
+            path = package / entry
+            if path.suffix == ".py":
+                candidates = [path]
+            else:
+                candidates = [p for p in sorted(path.glob("*.py")) if p.name != "__init__.py"
+                              and f"{entry}/{p.name}" not in _LEFT_AS_PYTHON]
+            files.extend(p for p in candidates if p not in seen)
+            seen.update(candidates)
+        out[group] = files
     return out
+
+
+def sources(package: Path = _PACKAGE) -> list[Path]:
+    """Every source file compiled."""
+    return [path for files in groups(package).values() for path in files]
 
 
 def extension_of(source: Path) -> Path:
     return source.with_name(source.stem + _EXT_SUFFIX)
 
 
-def group_library(package: Path) -> Path:
-    return package / f"{GROUP.rpartition('.')[2]}__mypyc{_EXT_SUFFIX}"
+def group_libraries(package: Path) -> list[Path]:
+    return [package / f"{group.rpartition('.')[2]}__mypyc{_EXT_SUFFIX}" for group in GROUPS]
 
 
 def compiled_modules(package: Path = _PACKAGE) -> list[Path]:
@@ -103,14 +120,14 @@ def stale(package: Path = _PACKAGE) -> list[Path]:
     if not present:
         return []
     out = []
-    expected = {group_library(package)}
+    libraries = group_libraries(package)
+    expected = set(libraries)
     for source in sources(package):
         ext = extension_of(source)
         expected.add(ext)
         if not ext.exists() or ext.stat().st_mtime < source.stat().st_mtime:
             out.append(source)
-    if not group_library(package).exists():
-        out.append(group_library(package))
+    out.extend(library for library in libraries if not library.exists())
     return out + [p for p in present if p not in expected]
 
 
@@ -171,7 +188,8 @@ def build(package: Path = _PACKAGE) -> float:
     except ImportError as exc:  # the dev extras bring mypy (and mypyc with it)
         raise BuildFailed(f"mypyc is not installed ({exc})") from None
     root = package.parent
-    paths = [str(s.relative_to(root)) for s in sources(package)]
+    separate: list[tuple[list[str], str | None]] = [
+        ([str(s.relative_to(root)) for s in files], group) for group, files in groups(package).items()]
     started = time.monotonic()
     done = threading.Event()
 
@@ -186,7 +204,8 @@ def build(package: Path = _PACKAGE) -> float:
         with tempfile.TemporaryDirectory(prefix="pake-mypyc-") as tmp:
             os.chdir(root)  # mypycify takes paths relative to the working directory
             try:
-                extensions = mypycify(paths, opt_level="3", group_name=GROUP, target_dir=tmp)
+                paths = [path for files, _ in separate for path in files]
+                extensions = mypycify(paths, opt_level="3", separate=separate, target_dir=tmp)
                 dist = Distribution({"name": "pake-mesh-hot-path", "ext_modules": extensions})
                 cmd = dist.get_command_obj("build_ext")
                 cmd.inplace = True

@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def fake_package(tmp_path: Path) -> Path:
     """A ``sidecar`` tree with every hot module as a tiny typed source."""
     package = tmp_path / "sidecar"
-    for entry in compiled.HOT_MODULES:
+    for entry in (e for entries in compiled.GROUPS.values() for e in entries):
         path = package / entry
         if path.suffix != ".py":
-            path.mkdir(parents=True)
+            path.mkdir(parents=True, exist_ok=True)
             (path / "__init__.py").write_text("")
             path = path / "mod.py"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,14 +39,18 @@ def age(path: Path, seconds: float) -> None:
 def test_the_form_on_disk_is_python_until_built_and_stale_once_a_source_is_newer(tmp_path: Path) -> None:
     package = fake_package(tmp_path)
     sources = compiled.sources(package)
-    assert len(sources) == len(compiled.HOT_MODULES)
+    # one file per entry (a directory's: mod.py), each in one library only
+    assert len(sources) == len(set(sources)) == sum(len(e) for e in compiled.GROUPS.values())
+    assert [len(files) for files in compiled.groups(package).values()] == [
+        len(entries) for entries in compiled.GROUPS.values()]
     assert all(s.name != "__init__.py" for s in sources)
     assert (compiled.form(package), compiled.stale(package)) == ("python", [])
 
     for source in sources:  # what a build leaves: an extension beside each source, newer
         age(source, 60)
         compiled.extension_of(source).write_bytes(b"")
-    compiled.group_library(package).write_bytes(b"")
+    for library in compiled.group_libraries(package):
+        library.write_bytes(b"")
     assert (compiled.form(package), compiled.stale(package)) == ("compiled", [])
 
     edited = sources[3]
@@ -61,8 +65,8 @@ def test_the_form_on_disk_is_python_until_built_and_stale_once_a_source_is_newer
     orphan.write_bytes(b"")  # a module an earlier build compiled and this one does not
     assert compiled.stale(package) == [sources[0], edited, orphan]
 
-    # the other extensions, the group library and the orphan
-    assert compiled.clean(package) == len(sources) + 1
+    # the other extensions, the libraries and the orphan
+    assert compiled.clean(package) == len(sources) - 1 + len(compiled.group_libraries(package)) + 1
     assert (compiled.form(package), list(package.rglob("*.so"))) == ("python", [])
 
 
