@@ -638,7 +638,7 @@ def machine_info() -> dict[str, Any]:
         "haproxy": haproxy.version(),
         "git_commit": commit,
         # the sidecars' hot path: compiled with mypyc (`make compile`) or Python
-        "hot_path": "python" if os.environ.get(compiled.PURE_ENV) == "1" else compiled.form(),
+        "hot_path": compiled.expected_form(),
         "git_dirty": dirty,
     }
 

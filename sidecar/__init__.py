@@ -6,6 +6,8 @@ compiled form sits beside them (``sidecar/compiled.py``): the tests run against 
 
 import os as _os
 
+# (compiled.PURE_ENV, read without importing compiled: `python -m sidecar.compiled` would
+# otherwise find its own module imported before it runs)
 if _os.environ.get("PAKE_PURE_PYTHON") == "1":
     import sys as _sys
 

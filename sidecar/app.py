@@ -290,7 +290,8 @@ class Sidecar:
             self.server_tls.start()
         self.overload.start()
         hot_path = compiled.loaded_form(pipeline_module)
-        if hot_path == "compiled" and (stale := compiled.stale()):
+        # (a walk of the package's files: off the loop, which is already serving)
+        if hot_path == "compiled" and (stale := await asyncio.to_thread(compiled.stale)):
             # an edit since the last build is not running: `make compile` rebuilds
             log.warning("compiled_form_stale", sources=[str(p) for p in stale[:5]], count=len(stale))
         log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports(),

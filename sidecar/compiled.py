@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["GROUPS", "PURE_ENV", "SourceOnlyFinder", "clean", "compiled_modules", "extension_of",
-           "form", "group_libraries", "groups", "loaded_form", "main", "sources", "stale"]
+__all__ = ["GROUPS", "PURE_ENV", "SourceOnlyFinder", "clean", "compiled_modules", "expected_form",
+           "extension_of", "form", "group_libraries", "groups", "loaded_form", "main",
+           "pure_requested", "sources", "stale"]
 
 PURE_ENV = "PAKE_PURE_PYTHON"
 
@@ -136,6 +137,17 @@ def form(package: Path = _PACKAGE) -> str:
     if not compiled_modules(package):
         return "python"
     return "stale" if stale(package) else "compiled"
+
+
+def pure_requested() -> bool:
+    """``PAKE_PURE_PYTHON=1``: this process (and the sidecars it starts) load the source."""
+    return os.environ.get(PURE_ENV) == "1"
+
+
+def expected_form(package: Path = _PACKAGE) -> str:
+    """What a sidecar started from this environment runs: ``python`` when pure is requested,
+    else what the files on disk give."""
+    return "python" if pure_requested() else form(package)
 
 
 def loaded_form(module: ModuleType) -> str:

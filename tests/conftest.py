@@ -3,15 +3,13 @@ not the source just edited (``sidecar/compiled.py``)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from sidecar import compiled
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if os.environ.get(compiled.PURE_ENV) == "1":
+    if compiled.pure_requested():
         return
     stale = compiled.stale()
     if stale:

@@ -3,7 +3,6 @@ it never imports aiohttp, and a feature that is not configured is not imported."
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from sidecar import compiled
@@ -35,7 +34,7 @@ async def test_a_plain_sidecar_loads_neither_aiohttp_nor_tls_nor_jwt_code(tmp_pa
 async def test_the_ready_line_says_which_form_of_the_hot_path_runs(tmp_path: Path) -> None:
     """Compiled when built (and not opted out with PAKE_PURE_PYTHON=1), and then the compiled
     pipeline is what the process mapped; Python otherwise. The suite runs both ways."""
-    expected = "python" if os.environ.get(compiled.PURE_ENV) == "1" else compiled.form()
+    expected = compiled.expected_form()
     async with RecordingUpstream() as app:
         boot = {"service": "orders", "app": app.address,
                 "listeners": {"inbound": {"address": "127.0.0.1:0", "tls": False}}}
