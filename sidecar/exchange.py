@@ -50,3 +50,41 @@ class Exchange:
     # headers a filter adds to whatever response goes downstream (the rate limit's RateLimit-*);
     # they replace same-named ones from the upstream, so the client sees one value of each
     response_headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    # Written out because the dataclass-generated ``__init__`` is interpreted Python even when
+    # this module is compiled: one exchange per request made it 9k instructions of each
+    # exchange's ~116k (callgrind). The fields above stay the documentation, repr and eq.
+    def __init__(self, request: RequestHead, listener: str, downstream_address: str, request_id: str,
+                 start: float, peer_identity: str | None = None, principal: str | None = None,
+                 claims: dict[str, Any] | None = None, roles: frozenset[str] = frozenset(),
+                 trace_id: str | None = None, span_id: str | None = None,
+                 trace: ExchangeTrace | None = None, trace_header: bytes = b"", service: str = "",
+                 route: RouteConfig | None = None, cluster: str = "-", upstream: str = "-",
+                 attempts: int = 0, status: int = 0, flags: str = "-", reason: str = "",
+                 bytes_in: int = 0, bytes_out: int = 0, tags: dict[str, str] | None = None,
+                 response_headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        self.request = request
+        self.listener = listener
+        self.downstream_address = downstream_address
+        self.request_id = request_id
+        self.start = start
+        self.peer_identity = peer_identity
+        self.principal = principal
+        self.claims = claims
+        self.roles = roles
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.trace = trace
+        self.trace_header = trace_header
+        self.service = service
+        self.route = route
+        self.cluster = cluster
+        self.upstream = upstream
+        self.attempts = attempts
+        self.status = status
+        self.flags = flags
+        self.reason = reason
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        self.tags = {} if tags is None else tags
+        self.response_headers = response_headers

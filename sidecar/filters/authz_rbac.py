@@ -35,11 +35,19 @@ _NOT_NORMAL = re.compile(r"//|/\.\.?(?:/|$)|%2[eEfF]|%5[cC]|\\")
 _MAX_SHOWN = 200  # characters of a path shown in a reply
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RbacDecision:
+    """Read-only by convention: one per request, and a frozen dataclass's ``__init__`` is
+    interpreted Python even compiled (``object.__setattr__`` per field), so it is written out."""
+
     allowed: bool
     rule: str  # the rule that decided, "default", or "path"
     reason: str
+
+    def __init__(self, allowed: bool, rule: str, reason: str) -> None:
+        self.allowed = allowed
+        self.rule = rule
+        self.reason = reason
 
 
 def _glob(pattern: str, star: str) -> str:

@@ -27,12 +27,20 @@ from ..exchange import Exchange
 __all__ = ["RateLimitFilter", "RateLimiter", "Verdict", "build_rate_limit", "rate_limit_headers"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Verdict:
+    """Read-only by convention; ``__init__`` written out as in ``RbacDecision``."""
+
     allowed: bool
     remaining: int  # whole tokens left after this request
     retry_after: float  # seconds until one token (0 when allowed)
     reset: float  # seconds until the bucket is full again
+
+    def __init__(self, allowed: bool, remaining: int, retry_after: float, reset: float) -> None:
+        self.allowed = allowed
+        self.remaining = remaining
+        self.retry_after = retry_after
+        self.reset = reset
 
 
 # Refill adds rate * elapsed in floating point: 0.5 + 0.5 may come out as 0.9999999999.

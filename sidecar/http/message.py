@@ -34,6 +34,32 @@ class RequestHead:
     traceparent: bytes | None = None
     tracestate: bool = False
 
+    # Written out because the dataclass-generated ``__init__`` is interpreted Python even when
+    # this module is compiled (one head per request; see ``Exchange.__init__``).
+    def __init__(self, method: str, target: bytes, path: str, authority: str, host: str, version: str,
+                 headers: list[tuple[bytes, bytes]], content_length: int | None = None,
+                 chunked: bool = False, keep_alive: bool = True, upgrade: bytes | None = None,
+                 expect_continue: bool = False, forwarded_for: bytes | None = None,
+                 forwarded_proto: bytes | None = None, request_id: bytes | None = None,
+                 traceparent: bytes | None = None, tracestate: bool = False) -> None:
+        self.method = method
+        self.target = target
+        self.path = path
+        self.authority = authority
+        self.host = host
+        self.version = version
+        self.headers = headers
+        self.content_length = content_length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.expect_continue = expect_continue
+        self.forwarded_for = forwarded_for
+        self.forwarded_proto = forwarded_proto
+        self.request_id = request_id
+        self.traceparent = traceparent
+        self.tracestate = tracestate
+
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
@@ -64,3 +90,15 @@ class ResponseHead:
     keep_alive: bool = True
     upgrade: bytes | None = None  # the Upgrade header of a 101
     has_request_id: bool = False  # the upstream set x-request-id itself
+
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]] | None = None,
+                 content_length: int | None = None, chunked: bool = False, keep_alive: bool = True,
+                 upgrade: bytes | None = None, has_request_id: bool = False) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = [] if headers is None else headers
+        self.content_length = content_length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.has_request_id = has_request_id

@@ -4,6 +4,7 @@ pure-Python sidecar behind, never a half-built one."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -104,3 +105,41 @@ def test_a_build_that_fails_leaves_the_pure_python_form_and_says_so(tmp_path: Pa
         compiled.build(package)
     assert os.getcwd() == cwd
     assert compiled.form(package) == "python" and not list(package.rglob("*.so"))
+
+
+# Dataclasses of the compiled hot path that keep the generated (interpreted) ``__init__``: each
+# is made when a config or a breaker state changes (``FaultAction``: only when a configured
+# fault fires), never for every request. A class made per
+# request writes its ``__init__`` out (``Exchange``), or every request pays an interpreted call.
+MADE_AT_CONFIG_TIME = {
+    "sidecar.listener.connection.ServerState", "sidecar.listener.connection.ListenerContext",
+    "sidecar.routing.route_table.RouteTable", "sidecar.upstream.cluster.Cluster",
+    "sidecar.upstream.circuit_breaker.Admission", "sidecar.upstream.circuit_breaker.Rejection",
+    "sidecar.upstream.endpoint.EndpointState", "sidecar.upstream.retry.RetryDecision",
+    "sidecar.filters.fault.FaultAction",
+}
+
+INTERPRETED_INITS = """
+import dataclasses, importlib, inspect, json, sys
+from pathlib import Path
+from sidecar import compiled
+root = Path(compiled.__file__).parent.parent
+found, forms = [], set()
+for source in compiled.sources():
+    module = importlib.import_module(".".join(source.relative_to(root).with_suffix("").parts))
+    forms.add(Path(module.__file__).suffix)
+    for name, cls in vars(module).items():
+        if (inspect.isclass(cls) and cls.__module__ == module.__name__ and dataclasses.is_dataclass(cls)
+                and inspect.isfunction(cls.__init__)):
+            found.append(f"{module.__name__}.{name}")
+print(json.dumps({"forms": sorted(forms), "interpreted": sorted(found)}))
+"""
+
+
+def test_no_class_made_per_request_runs_an_interpreted_init_when_compiled() -> None:
+    if compiled.form() != "compiled":
+        pytest.skip("the compiled form is not built here")
+    seen = json.loads(run_python(INTERPRETED_INITS, PAKE_PURE_PYTHON="0"))
+    assert seen["forms"] == [".so"]
+    per_request = set(seen["interpreted"]) - MADE_AT_CONFIG_TIME
+    assert not per_request, f"{sorted(per_request)}: write the __init__ out (see Exchange.__init__)"
