@@ -22,7 +22,8 @@ from ..http.writer import LAST_CHUNK, chunk, local_reply, response_head
 
 if TYPE_CHECKING:
     from ..errors import ProxyError
-    from ..routing.routed import Driver, Tries
+    from ..routing.routed import Tries
+    from ..routing.router import Router
     from ..snapshot import Snapshot
     from ..upstream.upstream_connection import UpstreamConnection
     from .connection import DownstreamConnection
@@ -37,8 +38,7 @@ _MODE_NONE, _MODE_LENGTH, _MODE_CHUNKED, _MODE_CLOSE = 0, 1, 2, 3
 
 class Stream:
     """One exchange on a downstream connection. The router drives it (``driver``) and keeps
-    its own state of the exchange in ``tries``: see ``routing.routed``, which types this
-    class's side of the seam (``RoutedStream``) without importing it."""
+    its own state of the exchange in ``tries`` (``routing.routed``)."""
 
     __slots__ = (
         "conn", "head", "exchange", "snapshot", "pending", "pending_bytes",
@@ -70,7 +70,7 @@ class Stream:
         self.tunnel = False
         self.early_data = b""  # bytes after an upgrade request, for the tunnel
         # the router: it drives the exchange once routed, with its own state in ``tries``
-        self.driver: Driver[Stream] | None = None
+        self.driver: Router | None = None
         self.tries: Tries | None = None
         self.timeout = 0.0  # the route timeout, running on conn.route_deadline
         self.finished = False

@@ -25,7 +25,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING
 
 from ..config.model import RouteConfig
 from ..errors import (LocalReply, NoHealthyUpstream, NoRoute, PayloadTooLarge, ProxyError,
@@ -40,18 +40,19 @@ from ..upstream.endpoint import Outcome, isolated_failure, outcome_of_status
 from ..upstream.pool import Pool
 from ..upstream.retry import parse_retry_after
 from ..upstream.upstream_connection import UpstreamConnection
-from .routed import RoutedStream, Tries
+from .routed import Tries
+
+if TYPE_CHECKING:
+    from ..listener.stream import Stream
 
 __all__ = ["Router"]
 
-S = TypeVar("S", bound=RoutedStream)
+class Router:
+    """Drives the listener's ``Stream``, named for type checking only (no import at run time:
+    the listener imports the router). A concrete type, not a protocol: compiled, the router
+    reads and sets the stream's fields directly instead of by name (see ``routing.routed``)."""
 
-
-class Router(Generic[S]):
-    """Generic in the stream type ``S``: ``finish`` gets back the very stream it was given
-    (the listener's ``Stream``), while the router itself only uses ``RoutedStream``."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, finish: Callable[[S, LocalReply | None], None],
+    def __init__(self, loop: asyncio.AbstractEventLoop, finish: Callable[[Stream, LocalReply | None], None],
                  *, scheme: bytes = b"http", rng: random.Random | None = None) -> None:
         # No cluster registry here: an exchange's clusters are those of the snapshot it holds.
         self.loop = loop
@@ -59,7 +60,7 @@ class Router(Generic[S]):
         self.scheme = scheme
         self._rng = rng or random.Random()
 
-    def target(self, stream: S, route: RouteConfig) -> str:
+    def target(self, stream: Stream, route: RouteConfig) -> str:
         if stream.exchange.listener == "inbound":
             return LOCAL_APP
         targets = route.to
@@ -68,7 +69,7 @@ class Router(Generic[S]):
         return stream.snapshot.chooser(route).pick(self._rng.random()).service
 
     # === start ==============================================================================
-    def start(self, stream: S) -> None:
+    def start(self, stream: Stream) -> None:
         ex = stream.exchange
         route = ex.route
         assert route is not None
@@ -106,7 +107,7 @@ class Router(Generic[S]):
         else:
             self._after_fault(stream, action, route.name)
 
-    def _after_fault(self, stream: S, action: FaultAction | None, route: str) -> None:
+    def _after_fault(self, stream: Stream, action: FaultAction | None, route: str) -> None:
         """Go on after an injected delay (if any): abort as injected, or send the first try."""
         tries = stream.tries
         assert tries is not None  # (set by ``start``)
@@ -116,7 +117,7 @@ class Router(Generic[S]):
         else:
             self._attempt(stream)
 
-    def _head(self, stream: S) -> bytes:
+    def _head(self, stream: Stream) -> bytes:
         """The request head for upstream, without its blank line: each try appends its
         ``x-pake-attempts``."""
         head = stream.head
@@ -143,7 +144,7 @@ class Router(Generic[S]):
         return request_head(head, extra, end=False)
 
     # === tries ==============================================================================
-    def _attempt(self, stream: S, isolated: bool = False) -> None:
+    def _attempt(self, stream: Stream, isolated: bool = False) -> None:
         """Send a try. ``isolated``: it retries a failure that was its endpoint's alone, so it
         goes to an endpoint that answers and takes none of the breaker's ``max_retries`` slots
         (which, like the budget, guard a service failing as a whole against a retry storm)."""
@@ -187,7 +188,7 @@ class Router(Generic[S]):
         else:
             tries.connecting = self.loop.create_task(self._connect(stream, tries, pool, cluster))
 
-    async def _connect(self, stream: S, tries: Tries, pool: Pool, cluster: Cluster) -> None:
+    async def _connect(self, stream: Stream, tries: Tries, pool: Pool, cluster: Cluster) -> None:
         try:
             conn, reused = await pool.acquire(cluster.timeouts.connect)
         except ProxyError as exc:
@@ -201,7 +202,7 @@ class Router(Generic[S]):
             return
         self._send(stream, tries, pool, conn, reused)
 
-    def _send(self, stream: S, tries: Tries, pool: Pool, conn: UpstreamConnection,
+    def _send(self, stream: Stream, tries: Tries, pool: Pool, conn: UpstreamConnection,
               reused: bool) -> None:
         ex = stream.exchange
         expected = tries.cluster.expected_identity
@@ -219,7 +220,7 @@ class Router(Generic[S]):
                       again=tries.head_sent)
         tries.head_sent = True
 
-    def _release(self, stream: S, *, abort: bool = False) -> None:
+    def _release(self, stream: Stream, *, abort: bool = False) -> None:
         conn = stream.upstream
         tries = stream.tries
         pool = tries.pool if tries is not None else None
@@ -229,7 +230,7 @@ class Router(Generic[S]):
             stream.detach()
             pool.release(conn)
 
-    def _try_done(self, stream: S, outcome: Outcome) -> bool:
+    def _try_done(self, stream: Stream, outcome: Outcome) -> bool:
         """Exactly once per try: give the breaker its slot back and tell it (and the outlier
         detector) how the try went. True when the try failed and the failure is its endpoint's
         alone (``isolated_failure``): the breaker does not count it, a retry spends no budget."""
@@ -259,7 +260,7 @@ class Router(Generic[S]):
             cluster.outlier.record(now, endpoint, outcome, cluster.endpoints)
         return isolated
 
-    def _try_failed(self, stream: S, outcome: Outcome, reply: LocalReply, *,
+    def _try_failed(self, stream: Stream, outcome: Outcome, reply: LocalReply, *,
                     status: int | None = None, retry_after: float | None = None,
                     retry: bool = True) -> None:
         """A try ended without a response to forward: retry it, or answer with ``reply``."""
@@ -284,7 +285,7 @@ class Router(Generic[S]):
         self._end(stream, reply)
 
     # === upstream events (Driver) ============================================================
-    def on_response_head(self, stream: S, head: ResponseHead) -> bool:
+    def on_response_head(self, stream: Stream, head: ResponseHead) -> bool:
         """Forward this response (True), or drop it and retry (False)?"""
         status = head.status
         if stream.exchange.trace is not None:  # tracing: the try's status
@@ -316,14 +317,14 @@ class Router(Generic[S]):
         tries.timer = self.loop.call_later(decision.backoff, self._attempt, stream, isolated)
         return False
 
-    def on_response_end(self, stream: S) -> None:
+    def on_response_end(self, stream: Stream) -> None:
         self._release(stream)
         tries = stream.tries
         assert tries is not None and tries.outcome is not None  # (on_response_head came first)
         self._try_done(stream, tries.outcome)
         self._end(stream, None)
 
-    def on_upstream_error(self, stream: S, exc: ProxyError) -> None:
+    def on_upstream_error(self, stream: Stream, exc: ProxyError) -> None:
         conn = stream.upstream
         tries = stream.tries
         assert tries is not None  # (an error comes only to a try the router sent)
@@ -339,7 +340,7 @@ class Router(Generic[S]):
             return
         self._try_failed(stream, Outcome.RESET, exc.reply())
 
-    def on_try_timeout(self, stream: S) -> None:
+    def on_try_timeout(self, stream: Stream) -> None:
         tries = stream.tries
         assert tries is not None  # (the try deadline is armed only by ``_attempt``)
         per_try = tries.policy.config.per_try_timeout
@@ -349,7 +350,7 @@ class Router(Generic[S]):
         self._try_failed(stream, Outcome.TIMEOUT, UpstreamTimeout(
             f"no response from {stream.exchange.upstream} within the per-try timeout {per_try}s").reply())
 
-    def on_tunnel_open(self, stream: S) -> None:
+    def on_tunnel_open(self, stream: Stream) -> None:
         """101: from now on both connections carry raw bytes until either side closes."""
         stream.conn.route_deadline.clear()  # a tunnel lives as long as it is used:
         stream.conn.tunnel_opened()  # the tunnel idle timeout takes over
@@ -361,27 +362,27 @@ class Router(Generic[S]):
             stream.early_data = b""
         stream.conn.unblock_reading(stream.conn.BLOCK_BODY)
 
-    def on_tunnel_closed(self, stream: S) -> None:
+    def on_tunnel_closed(self, stream: Stream) -> None:
         stream.response_done = True
         stream.keep_alive = False
         self._end(stream, None)
 
-    def on_timeout(self, stream: S) -> None:
+    def on_timeout(self, stream: Stream) -> None:
         self._try_done(stream, Outcome.TIMEOUT)
         self._end(stream, UpstreamTimeout(
             f"no complete response from {stream.exchange.cluster} within {stream.timeout}s").reply())
 
     # === ending =============================================================================
-    def abort(self, stream: S) -> None:
+    def abort(self, stream: Stream) -> None:
         """The downstream went away: stop everything this exchange holds."""
         self.end(stream, None)
 
-    def end(self, stream: S, reply: LocalReply | None) -> None:
+    def end(self, stream: Stream, reply: LocalReply | None) -> None:
         """Finish the exchange now: release what it holds and answer with ``reply``."""
         self._try_done(stream, Outcome.CANCELLED)
         self._end(stream, reply)
 
-    def _end(self, stream: S, reply: LocalReply | None) -> None:
+    def _end(self, stream: Stream, reply: LocalReply | None) -> None:
         if stream.finished:
             return
         conn = stream.conn
