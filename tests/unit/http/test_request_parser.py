@@ -305,3 +305,19 @@ def test_refused(data: bytes, status: int, piece: int | None) -> None:
 def test_options_asterisk_is_accepted() -> None:
     head, _ = one(b"OPTIONS * HTTP/1.1\r\nHost: echo\r\n\r\n")
     assert (head.method, head.target) == ("OPTIONS", b"*")
+
+
+@pytest.mark.parametrize("piece", [None, 1])
+def test_trailing_whitespace_of_a_header_value_is_not_forwarded_and_inner_whitespace_is(piece: int | None) -> None:
+    # RFC 9110 §5.5: OWS around a field value is not part of it; llhttp keeps the trailing OWS
+    sink = parse(b"GET / HTTP/1.1\r\nHost: echo\r\nX-A: one two \t \r\nX-B: three\t\r\nX-C: \t\r\n"
+                 b"X-D: four\r\n\r\n", piece=piece)
+    assert [(n, v) for n, v in sink.heads[0].headers if n.startswith(b"x-")] == [
+        (b"x-a", b"one two"), (b"x-b", b"three"), (b"x-c", b""), (b"x-d", b"four")]
+
+
+def test_a_header_name_with_an_underscore_is_refused_unless_allowed() -> None:
+    data = b"GET / HTTP/1.1\r\nHost: echo\r\nX_Forwarded_User: admin\r\n\r\n"
+    assert refusal(data) == (400, "bad_request")
+    head, _ = one(data, Limits(allow_underscores_in_headers=True))
+    assert head.header(b"x_forwarded_user") == b"admin"
