@@ -24,7 +24,15 @@ _HOP_LENGTHS = frozenset(len(name) for name in HOP_BY_HOP)
 _MAX_HEADERS = 200
 # RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ). llhttp lets other control
 # characters (NUL among them) through, and we forward the reason as received.
-_REASON_CTL = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
+
+
+def _has_control(reason: bytes) -> bool:
+    """A loop by index, as ``headers.is_valid_request_id`` (and why)."""
+    for i in range(len(reason)):
+        c = reason[i]
+        if (c < 0x20 and c != 0x09) or c == 0x7F:
+            return True
+    return False
 
 
 class ResponseSink(Protocol):
@@ -105,7 +113,7 @@ class ResponseParser:
         if status < 100:
             # llhttp reads "099" as 99; forwarded as "99" it is not a status line (3 digits)
             raise UpstreamProtocolError(f"upstream status code {status} is not 100-999")
-        if len(self.reason) != len(self.reason.translate(None, _REASON_CTL)):
+        if _has_control(self.reason):
             raise UpstreamProtocolError("control character in upstream reason phrase")
         if 100 <= status < 200 and status != 101:
             return

@@ -9,6 +9,7 @@ import pytest
 
 from sidecar.config.model import Limits
 from sidecar.errors import DownstreamProtocolError
+from sidecar.http.headers import is_valid_request_id
 from sidecar.http.message import RequestHead
 from sidecar.http.request_parser import RequestParser
 
@@ -321,3 +322,11 @@ def test_a_header_name_with_an_underscore_is_refused_unless_allowed() -> None:
     assert refusal(data) == (400, "bad_request")
     head, _ = one(data, Limits(allow_underscores_in_headers=True))
     assert head.header(b"x_forwarded_user") == b"admin"
+
+
+@pytest.mark.parametrize(("value", "kept"), [
+    (b"req-123", True), (b"!~", True), (b"a" * 128, True), (b"a" * 129, False), (b"", False),
+    (b"has space", False), (b"tab\there", False), (b"del\x7f", False), (b"caf\xc3\xa9", False),
+    (b"line\n", False)])
+def test_a_callers_request_id_is_kept_only_when_short_and_printable(value: bytes, kept: bool) -> None:
+    assert is_valid_request_id(value) is kept
