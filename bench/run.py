@@ -119,7 +119,8 @@ class Ctx:
             d.mkdir(exist_ok=True)
             # intruder: an identity the policy path's rules do not allow (its enforcement check)
             self.shared["mtls"] = sidecars.make_mtls_material(d, services=("front", "up", "intruder"))
-        return self.shared["mtls"]
+        material: sidecars.MtlsMaterial = self.shared["mtls"]
+        return material
 
 
 @dataclass(frozen=True)
@@ -483,7 +484,9 @@ def measure_path(spec: PathSpec, ctx: Ctx, settings: Settings, profile: str, ups
                            connections=settings.open_loop_connections, headers=headers).to_json()
             ol_cpu = meter.stop()
             ol_spent = ol_cpu.pop("ticks")
-            ol["proxy_cpu_us_per_req"] = [_per_req(ol_spent[p.role], ol["completed"])  # 10 ms ticks: coarse
+            completed = ol["completed"]
+            assert isinstance(completed, int)
+            ol["proxy_cpu_us_per_req"] = [_per_req(ol_spent[p.role], completed)  # 10 ms ticks: coarse
                                           for p in started.proxies]
             ol.update(ol_cpu)
             run["open_loop"] = ol
@@ -817,7 +820,7 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"  ! {problem}")
 
     def load(r: dict[str, Any]) -> float:
-        return max(r["other_load_cores"], (r.get("open_loop") or {}).get("other_load_cores", 0.0))
+        return float(max(r["other_load_cores"], (r.get("open_loop") or {}).get("other_load_cores", 0.0)))
 
     busy = [r for r in results["runs"] if load(r) > BUSY_CORES]
     if busy:
