@@ -2,20 +2,23 @@
 
 Each hop is one ``haproxy -db`` process with ``nbthread 1``, HTTP mode, keep-alive on both sides
 (``http-reuse always``), no logging and no header rewriting (it does not add X-Forwarded-For or a
-request id as the sidecar does; that is HAProxy's plain forwarding cost).
+request id as the sidecar does; that is HAProxy's plain forwarding cost). ``new_connections``
+makes a hop open (and fully handshake) a new server connection per request, as the sidecar does
+with ``pool: {max_idle: 0}``; ``stats_socket`` gives a hop its runtime API, read by ``show_info``.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from .procs import Proc, Processes, free_port, wait_for_port
 
-__all__ = ["HaproxyTls", "available", "config", "start", "version"]
+__all__ = ["HaproxyTls", "available", "config", "show_info", "start", "version"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,17 @@ def version() -> str | None:
 
 
 def config(listen_port: int, server_port: int, *, bind_tls: HaproxyTls | None = None,
-           server_tls: HaproxyTls | None = None, maxconn: int = 4096) -> str:
+           server_tls: HaproxyTls | None = None, maxconn: int = 4096, new_connections: bool = False,
+           stats_socket: Path | None = None) -> str:
     """One hop: 127.0.0.1:listen_port → 127.0.0.1:server_port.
 
     bind_tls: terminate mTLS (client certificate required, verified against ca_file).
     server_tls: originate mTLS to the server (present crt, verify the server against ca_file;
     HAProxy cannot match a SPIFFE URI SAN, so only the chain is checked).
+    new_connections: close the server connection after each response (the client's stays
+    open) and never resume a TLS session to the server: a full handshake per request, as the
+    sidecar's ``max_idle: 0`` pool without ``resume_upstream_sessions`` does.
+    stats_socket: a Unix socket for HAProxy's runtime API (``show_info``).
     """
     bind = f"127.0.0.1:{listen_port}"
     if bind_tls is not None:
@@ -52,12 +60,16 @@ def config(listen_port: int, server_port: int, *, bind_tls: HaproxyTls | None = 
     server = f"127.0.0.1:{server_port} maxconn {maxconn}"
     if server_tls is not None:
         server += f" ssl crt {server_tls.crt} ca-file {server_tls.ca_file} verify required"
+        if new_connections:
+            server += " no-ssl-reuse"
+    backend = "    option http-server-close\n    http-reuse never\n" if new_connections else ""
+    stats = f"    stats socket {stats_socket}\n" if stats_socket is not None else ""
     return f"""\
 global
     nbthread 1
     maxconn {maxconn}
     tune.ssl.default-dh-param 2048
-
+{stats}
 defaults
     mode http
     option http-keep-alive
@@ -74,17 +86,19 @@ frontend fe
     default_backend be
 
 backend be
-    server s1 {server}
+{backend}    server s1 {server}
 """
 
 
 def start(procs: Processes, name: str, workdir: Path, server_port: int, *,
-          bind_tls: HaproxyTls | None = None, server_tls: HaproxyTls | None = None) -> tuple[Proc, int]:
+          bind_tls: HaproxyTls | None = None, server_tls: HaproxyTls | None = None,
+          new_connections: bool = False, stats_socket: Path | None = None) -> tuple[Proc, int]:
     """Start one HAProxy hop in front of server_port; returns the process and its listening port."""
     for attempt in range(3):  # free_port() can race with another program taking the port
         port = free_port()
         path = workdir / f"{name}.cfg"
-        path.write_text(config(port, server_port, bind_tls=bind_tls, server_tls=server_tls))
+        path.write_text(config(port, server_port, bind_tls=bind_tls, server_tls=server_tls,
+                               new_connections=new_connections, stats_socket=stats_socket))
         proc = procs.start(name, ["haproxy", "-db", "-f", str(path)], cwd=workdir)
         try:
             wait_for_port(proc, port)
@@ -94,3 +108,20 @@ def start(procs: Processes, name: str, workdir: Path, server_port: int, *,
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+def show_info(stats_socket: Path) -> dict[str, str]:
+    """HAProxy's ``show info`` (process counters: ``CumSslConns``, ``SslFrontendSessionReuse_pct``...)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(stats_socket))
+        s.sendall(b"show info\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    out = {}
+    for line in data.decode(errors="replace").splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out

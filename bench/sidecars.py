@@ -2,11 +2,14 @@
 
 ``plain_files`` makes the plain-HTTP configs; ``mtls_files`` is where the mTLS configs are made
 (certificates from ``pakectl``), so the mTLS variants of the paths in ``run.py`` are a matter of
-calling it instead.
+calling it instead. ``with_access_log`` and ``with_policy`` turn the features on that a path
+measures; ``check_mtls``, ``request_status`` and ``metric_values`` are how a path shows that
+what it measures is really on.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import socket
 import ssl
@@ -21,8 +24,9 @@ import yaml
 
 from .procs import Proc, Processes, json_event
 
-__all__ = ["MtlsMaterial", "SidecarFiles", "check_mtls", "make_mtls_material", "metrics_requests",
-           "mtls_files", "plain_files", "start"]
+__all__ = ["MtlsMaterial", "SidecarFiles", "check_mtls", "make_mtls_material", "metric_values",
+           "metrics_requests", "mtls_files", "plain_files", "request_status", "start", "with_access_log",
+           "with_policy"]
 
 TRUST_DOMAIN = "pake.local"
 
@@ -73,6 +77,26 @@ def plain_files(*, inbound_app_port: int | None = None, outbound_to_port: int | 
                       inbound_tls=False, with_inbound=inbound_app_port is not None,
                       with_outbound=outbound_to_port is not None, tls=None)
     return SidecarFiles(name, boot, _mesh("up", f"127.0.0.1:{endpoint}"))
+
+
+def with_access_log(files: SidecarFiles, path: Path | None) -> SidecarFiles:
+    """The access log on: to the file at path, or (None) the sidecar's default, which is what
+    the quickstart runs with: on, to stdout."""
+    boot = {k: v for k, v in files.bootstrap.items() if k != "access_log"}
+    if path is not None:
+        boot["access_log"] = {"enabled": True, "path": str(path)}
+    return SidecarFiles(files.name, boot, files.mesh)
+
+
+def with_policy(files: SidecarFiles, policy: dict[str, Any], audit: Path) -> SidecarFiles:
+    """An RBAC policy on the sidecar's own service (its inbound enforces it), with the audit
+    records (one per decision, allow and deny alike: a policy's default) to the file at audit."""
+    service = files.bootstrap["service"]
+    mesh = {**files.mesh, "services": {name: ({**node, "policy": policy} if name == service else node)
+                                       for name, node in files.mesh["services"].items()}}
+    if service not in mesh["services"]:
+        raise ValueError(f"{files.name}: no service {service!r} in its mesh to put the policy on")
+    return SidecarFiles(files.name, {**files.bootstrap, "audit": {"path": str(audit)}}, mesh)
 
 
 # === mTLS (issue 3) ======================================================================
@@ -136,17 +160,41 @@ def mtls_files(material: MtlsMaterial, *, inbound_app_port: int | None = None,
     return SidecarFiles(name, boot, files.mesh)
 
 
-def check_mtls(material: MtlsMaterial, port: int, client: str = "front") -> str:
-    """Handshake with the mTLS listener on port as ``client``, to show that the benchmarked hop
-    really is mTLS; returns the TLS version and cipher. Raises if it is not TLS."""
+def _client_context(material: MtlsMaterial, client: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # mesh peers are checked by SPIFFE ID, not host name
     ctx.load_verify_locations(material.bundle)
     ctx.load_cert_chain(*material.certs[client])
+    return ctx
+
+
+def check_mtls(material: MtlsMaterial, port: int, client: str = "front") -> str:
+    """Handshake with the mTLS listener on port as ``client``, to show that the benchmarked hop
+    really is mTLS; returns the TLS version and cipher. Raises if it is not TLS."""
+    ctx = _client_context(material, client)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with ctx.wrap_socket(raw) as tls:
             cipher = tls.cipher()
             return f"{tls.version()} {cipher[0] if cipher else ''}".strip()
+
+
+def request_status(port: int, *, material: MtlsMaterial | None = None, client: str = "front",
+                   path: str = "/") -> int:
+    """The status of one ``GET path`` to 127.0.0.1:port: plain HTTP, or with material over mTLS
+    as ``client`` (a workload with that service's certificate)."""
+    conn: http.client.HTTPConnection
+    if material is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5,
+                                           context=_client_context(material, client))
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
 
 
 # === processes ==========================================================================
@@ -181,17 +229,30 @@ def start(procs: Processes, files: SidecarFiles, workdir: Path,
     return proc, ports
 
 
-def metrics_requests(admin_port: int) -> int | None:
-    """Requests the sidecar counted (sum of pake_requests_total), a cross-check that traffic passed
-    through it with metrics on; None if /metrics could not be read."""
+def metric_values(admin_port: int) -> dict[str, float] | None:
+    """Every sample of the sidecar's /metrics, keyed by its series as written
+    (``pake_audit_records_total{fate="written"}``); None if /metrics could not be read."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore HTTP_PROXY
     try:
         with opener.open(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as r:
             text = r.read().decode()
     except OSError:
         return None
-    total = 0.0
+    out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("pake_requests_total{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return int(total)
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            try:
+                out[series] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+def metrics_requests(admin_port: int) -> int | None:
+    """Requests the sidecar counted (sum of pake_requests_total), a cross-check that traffic passed
+    through it with metrics on; None if /metrics could not be read."""
+    values = metric_values(admin_port)
+    if values is None:
+        return None
+    return int(sum(v for k, v in values.items() if k.startswith("pake_requests_total{")))

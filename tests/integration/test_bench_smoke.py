@@ -1,7 +1,10 @@
 """`python -m bench.run` end to end in a tiny mode, against the real sidecar (and HAProxy if installed).
 
-One harness run (1 s of wrk per path, 0.5 s of open loop) shared by the tests below; it checks
-the results JSON has a measurement for every path, not what the numbers are.
+One harness run (1 s of wrk per path, 0.5 s of open loop, the tiny profile) over a selection of
+paths: the plain ones, the access log to a file, tracing at 1%, and issue 11's mTLS pair with
+an RBAC policy (beside HAProxy's mTLS pair). The tests below check that each path was measured
+and showed what it measures (the policy enforced and audited, the log lines written), and that
+the targets a user reads are there; not what the numbers are.
 """
 
 from __future__ import annotations
@@ -16,50 +19,100 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+PATHS = ["direct", "sidecar-1", "sidecar-2", "sidecar-1-log", "sidecar-1-trace-1", "haproxy-1", "haproxy-2",
+         "sidecar-2-mtls-policy", "haproxy-2-mtls"]
+needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     cmd = [sys.executable, "-m", "bench.run", "--quick", "--duration", "1", "--warmup", "0",
-           "--profiles", "tiny", "--rate", "200", "--open-loop-duration", "0.5", "--output", str(out)]
+           "--profiles", "tiny", "--rate", "200", "--open-loop-duration", "0.5", "--paths", ",".join(PATHS),
+           "--output", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "targets:" in proc.stdout
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def results(bench: tuple[dict[str, Any], str]) -> dict[str, Any]:
+    return bench[0]
 
 
 def runs_by_path(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {run["path"]: run for run in results["runs"]}
 
 
+def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {t["target"]: t for t in results["targets"]}
+
+
 def test_every_sidecar_path_measured(results: dict[str, Any]) -> None:
     assert results["errors"] == []
     assert results["machine"]["nproc"] >= 1 and results["machine"]["python"]
     runs = runs_by_path(results)
-    for path in ("direct", "sidecar-1", "sidecar-2"):
+    sidecar_paths = ("sidecar-1", "sidecar-2", "sidecar-1-log", "sidecar-1-trace-1", "sidecar-2-mtls-policy")
+    for path in ("direct", *sidecar_paths):
         run = runs[path]
         assert run["closed_loop"]["rps"] > 0, path
         assert run["closed_loop"]["errors"] == 0, path
         assert run["open_loop"]["completed"] > 0 and run["open_loop"]["errors"] == 0, path
     assert [p["kind"] for p in runs["sidecar-1"]["proxies"]] == ["sidecar"]
     assert [p["kind"] for p in runs["sidecar-2"]["proxies"]] == ["sidecar", "sidecar"]
-    for run in (runs["sidecar-1"], runs["sidecar-2"]):
+    for run in (runs[path] for path in sidecar_paths):
         for proxy in run["proxies"]:
             assert proxy["cpu_us_per_req"] > 0
             assert proxy["peak_rss_mb"] > 0
             # the traffic went through the sidecar, which counted it (metrics on)
             assert proxy["metrics_requests_total"] >= run["closed_loop"]["requests"]
     assert results["best"]["tiny/sidecar-1"]["added_p99_ms_per_hop"] is not None
-    assert any(t["target"].startswith("sidecar peak RSS") for t in results["targets"])
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+def test_policy_path_enforced_audited_and_logged(bench: tuple[dict[str, Any], str]) -> None:
+    results, stdout = bench
+    run = runs_by_path(results)["sidecar-2-mtls-policy"]
+    checks, requests = run["checks"], run["closed_loop"]["requests"]
+    assert run["variant"] == "mtls" and len(run["proxies"]) == 2
+    assert checks["inbound_tls"].startswith("TLS")
+    # checked before the load: an identity no rule allows is refused, the caller is served
+    assert "service/intruder -> 403" in checks["policy"] and "service/front -> 200" in checks["policy"]
+    # after it: every decision audited, every request logged on both sides, none dropped
+    audit = checks["audit, sidecar B"]
+    assert audit["decisions"] >= requests and audit["written"] == audit["decisions"] and audit["dropped"] == 0
+    for side in ("A", "B"):
+        log = checks[f"access log, sidecar {side}"]
+        assert log["lines"] >= requests and log["dropped"] == 0
+    assert "tiny/sidecar-2-mtls-policy: policy: spiffe://" in stdout
+
+
+def test_access_log_path_writes_a_line_per_request(results: dict[str, Any]) -> None:
+    run = runs_by_path(results)["sidecar-1-log"]
+    log = run["checks"]["access log"]
+    assert log["lines"] >= run["closed_loop"]["requests"] and log["dropped"] == 0
+
+
+def test_targets_a_user_reads(bench: tuple[dict[str, Any], str]) -> None:
+    results, stdout = bench
+    names = targets(results)
+    for name in ("tiny: access log to a file, extra CPU µs/req of one hop (median of 1 runs)",
+                 "tiny: tracing at 1%, extra CPU µs/req (median of 1 runs)",
+                 "plain sidecar peak RSS under load (VmHWM, any plain path without tracing)",
+                 "mTLS sidecar peak RSS under load (VmHWM, sidecar-2-mtls and -policy)"):
+        assert names[name]["status"] in ("PASS", "MISS"), name
+        assert name in stdout
+    assert "targets:" in stdout and "checks" in stdout
+
+
+@needs_haproxy
 def test_haproxy_paths_measured(results: dict[str, Any]) -> None:
     runs = runs_by_path(results)
-    for path, hops in (("haproxy-1", 1), ("haproxy-2", 2)):
+    for path, hops in (("haproxy-1", 1), ("haproxy-2", 2), ("haproxy-2-mtls", 2)):
         run = runs[path]
         assert run["closed_loop"]["rps"] > 0, path
         assert len(run["proxies"]) == hops
         assert all(p["cpu_us_per_req"] > 0 for p in run["proxies"])
-    assert any("HAProxy one hop" in t["target"] for t in results["targets"])
+    names = targets(results)
+    assert names["tiny: one sidecar hop ÷ HAProxy one hop, req/s"]["status"] in ("PASS", "MISS")
+    policy = "tiny: two-sidecar mTLS + RBAC, audit and access logs on ÷ HAProxy mTLS pair, req/s"
+    assert names[policy]["status"] in ("PASS", "MISS")
