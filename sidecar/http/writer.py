@@ -18,16 +18,24 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
+def _add_lines(lines: list[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+    # four appends, not ``lines += (name, b": ", value, b"\r\n")``: compiled, an append is a
+    # primitive, and ``+=`` made a tuple per header and extended the list through the C API
+    for name, value in headers:
+        lines.append(name)
+        lines.append(b": ")
+        lines.append(value)
+        lines.append(b"\r\n")
+
+
 def request_head(head: RequestHead, extra: list[tuple[bytes, bytes]], *, end: bool = True) -> bytes:
     """The request line and headers for upstream: HTTP/1.1, Host from the authority,
     end-to-end headers, then ``extra`` (framing and mesh headers). ``end=False`` leaves off
     the blank line so a caller can add per-try headers."""
     lines = [head.method.encode(), b" ", head.target, b" HTTP/1.1\r\nhost: ",
              head.authority.encode(), b"\r\n"]
-    for name, value in head.headers:
-        lines += (name, b": ", value, b"\r\n")
-    for name, value in extra:
-        lines += (name, b": ", value, b"\r\n")
+    _add_lines(lines, head.headers)
+    _add_lines(lines, extra)
     if end:
         lines.append(b"\r\n")
     return b"".join(lines)
@@ -36,10 +44,8 @@ def request_head(head: RequestHead, extra: list[tuple[bytes, bytes]], *, end: bo
 def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                   extra: list[tuple[bytes, bytes]]) -> bytes:
     lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
-    for name, value in headers:
-        lines += (name, b": ", value, b"\r\n")
-    for name, value in extra:
-        lines += (name, b": ", value, b"\r\n")
+    _add_lines(lines, headers)
+    _add_lines(lines, extra)
     lines.append(b"\r\n")
     return b"".join(lines)
 
