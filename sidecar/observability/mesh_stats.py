@@ -34,8 +34,8 @@ class StatsReporter:
         self._clusters = clusters  # the live snapshot's clusters, by name
         self._clock = clock
         self._since = clock()
-        self._latency: dict[tuple[str, str, str], list[float]] = {}  # as last sent
-        self._errors: dict[tuple[str, str, str], int] = {}
+        # (listener, route, cluster) -> (count, errors, latency buckets) as last sent
+        self._sent: dict[tuple[str, str, str], tuple[int, int, list[int]]] = {}
         self._trips: dict[str, int] = {}  # breaker trips by cluster, as last sent
         self._denied = self._counts.denied
 
@@ -44,17 +44,18 @@ class StatsReporter:
         now = self._clock()
         c = self._counts
         merged: dict[tuple[str, str], list[Any]] = {}  # (route, destination) -> [requests, errors, latency]
-        for key, values in list(c.latency.items()):
+        for key, one in list(c.series.items()):
             listener, route, cluster = key
             if listener not in _CALLERS or cluster in _NOT_DESTINATIONS:
                 continue
-            before = self._latency.get(key)
-            requests = int(values[-1] - (before[-1] if before else 0))
+            before = self._sent.get(key)
+            requests = one.count - (before[0] if before else 0)
             if requests <= 0:
                 continue
-            self._latency[key] = list(values)
-            errors = self._error_count(key)
-            latency = [int(v - (before[i] if before else 0)) for i, v in enumerate(values[:-2])]
+            buckets, all_errors = list(one.buckets), one.errors
+            self._sent[key] = (one.count, all_errors, buckets)
+            errors = all_errors - (before[1] if before else 0)
+            latency = [v - (before[2][i] if before else 0) for i, v in enumerate(buckets)]
             entry = merged.get((route, cluster))
             if entry is None:
                 if len(merged) >= MAX_STATS_ROUTES:
@@ -77,15 +78,6 @@ class StatsReporter:
         self._since = now
         return Stats(interval=interval, routes=tuple(routes), denials=denials,
                      denials_dropped=denied - len(denials))
-
-    def _error_count(self, key: tuple[str, str, str]) -> int:
-        """5xx responses and failed exchanges under 500, since last sent, for one key."""
-        listener, route, cluster = key
-        errors = self._counts.requests.get((listener, route, cluster, "5xx"), 0) + \
-            self._counts.failed.get(key, 0)
-        before = self._errors.get(key, 0)
-        self._errors[key] = errors
-        return errors - before
 
     def _entry(self, route: str, destination: str, requests: int, errors: int,
                latency: list[int]) -> RouteStats:

@@ -23,13 +23,12 @@ from .exposition import (Collector, CollectorRegistry, Counter, CounterMetricFam
 if TYPE_CHECKING:
     from ..exchange import Exchange
 
-__all__ = ["DENIAL_FLAGS", "Metrics"]
+__all__ = ["DENIAL_FLAGS", "Metrics", "Series"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0, 30.0)
 _BOUNDS = (*_LATENCY_BUCKETS, float("inf"))
 _BOUND_LABELS = tuple("+Inf" if b == float("inf") else repr(b) for b in _BOUNDS)
-_STATUS_CLASS = {n: f"{n}xx" for n in range(1, 6)}
 # Flags of a refusal by policy (authn, RBAC, rate limit): a denial for the control plane.
 DENIAL_FLAGS = frozenset({"UAEX", "RBAC", "RL"})
 _RECENT_DENIALS = 32  # the protocol's MAX_DENIALS: a stats message carries no more
@@ -40,18 +39,38 @@ def _cut(text: str) -> str:
     return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT - 3] + "..."
 
 
-class _ExchangeCollector(Collector):
-    """Per-exchange counters and latency histograms as plain ints in dicts, turned into
-    Prometheus families only when scraped. The event loop is single-threaded, so per-value
-    locks (as prometheus-client's metrics take) would buy nothing on this path."""
+_CLASS_LABELS = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")  # by status // 100 (0: other)
+
+
+class Series:
+    """What the exchanges of one (listener, route, cluster) added up to. One object per key,
+    its counts native fields and lists of ints: an exchange's end does one dict lookup and a
+    few increments (compiled, no tuple per status class and no boxed float per bucket)."""
+
+    __slots__ = ("by_class", "buckets", "sum", "count", "failed")
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.by_class = [0] * len(_CLASS_LABELS)  # requests by status class, _CLASS_LABELS' order
+        self.buckets = [0] * len(_BOUNDS)  # latency counts per bucket (not cumulative)
+        self.sum = 0.0  # seconds
+        self.count = 0
+        self.failed = 0  # exchanges under 500 that still failed (a flag, not DC)
+
+    @property
+    def errors(self) -> int:
+        """5xx responses and failed exchanges under 500."""
+        return self.by_class[5] + self.failed
+
+
+class _ExchangeCollector(Collector):
+    """Per-exchange counters and latency histograms as plain ints, turned into Prometheus
+    families only when scraped. The event loop is single-threaded, so per-value locks (as
+    prometheus-client's metrics take) would buy nothing on this path."""
+
+    def __init__(self) -> None:
+        # (listener, route, cluster) -> its counts (scraped per listener, cluster for latency)
+        self.series: dict[tuple[str, str, str], Series] = {}
         self.local: dict[tuple[str, str], int] = {}
-        # (listener, route, cluster) -> bucket counts..., sum, count (scraped per listener, cluster)
-        self.latency: dict[tuple[str, str, str], list[float]] = {}
-        # (listener, route, cluster) -> exchanges under 500 that still failed (a flag, not DC)
-        self.failed: dict[tuple[str, str, str], int] = {}
         # (unix time, reason, flag, status, source, method, path), newest last; ``denied``
         # counts them all, so a reader can tell how many the deque no longer holds
         self.denials: deque[tuple[float, str, str, int, str | None, str, str]] = deque(
@@ -61,8 +80,11 @@ class _ExchangeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("pake_requests", "Requests by listener, route, cluster and status class",
                                        labels=["listener", "route", "cluster", "status_class"])
-        for key, value in list(self.requests.items()):
-            requests.add_metric(list(key), value)
+        series = list(self.series.items())
+        for (listener, route, cluster), one in series:
+            for label, value in zip(_CLASS_LABELS, one.by_class):
+                if value:
+                    requests.add_metric([listener, route, cluster, label], value)
         yield requests
         local = CounterMetricFamily("pake_local_replies", "Replies the sidecar made itself, by flag",
                                     labels=["listener", "flag"])
@@ -71,20 +93,21 @@ class _ExchangeCollector(Collector):
         yield local
         latency = HistogramMetricFamily("pake_request_duration_seconds",
                                         "Time from request head to response end", labels=["listener", "cluster"])
-        by_cluster: dict[tuple[str, str], list[float]] = {}
-        for (listener, _, cluster), values in list(self.latency.items()):
+        by_cluster: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        for (listener, _, cluster), one in series:
             total = by_cluster.get((listener, cluster))
             if total is None:
-                by_cluster[(listener, cluster)] = list(values)
+                by_cluster[(listener, cluster)] = (list(one.buckets), [one.sum])
             else:
-                for i, v in enumerate(values):
-                    total[i] += v
-        for latency_key, values in by_cluster.items():
+                for i, v in enumerate(one.buckets):
+                    total[0][i] += v
+                total[1][0] += one.sum
+        for latency_key, (counts, total_sum) in by_cluster.items():
             cumulative, buckets = 0.0, []
-            for bound, count in zip(_BOUND_LABELS, values):
+            for bound, count in zip(_BOUND_LABELS, counts):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            latency.add_metric(list(latency_key), buckets, values[-2])
+            latency.add_metric(list(latency_key), buckets, total_sum[0])
         yield latency
 
 
@@ -124,22 +147,21 @@ class Metrics:
         c = self._exchanges
         listener, cluster, status = ex.listener, ex.cluster, ex.status
         route = ex.route.name if ex.route is not None else "-"
-        key = (listener, route, cluster, _STATUS_CLASS.get(status // 100, "other"))
-        requests = c.requests
-        requests[key] = requests.get(key, 0) + 1
-        lkey = (listener, route, cluster)
-        values = c.latency.get(lkey)
-        if values is None:
-            values = c.latency[lkey] = [0.0] * (len(_BOUNDS) + 2)
-        values[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        values[-2] += seconds
-        values[-1] += 1
+        key = (listener, route, cluster)
+        one = c.series.get(key)
+        if one is None:
+            one = c.series[key] = Series()
+        status_class = status // 100
+        one.by_class[status_class if 0 < status_class < 6 else 0] += 1
+        one.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        one.sum += seconds
+        one.count += 1
         flag = ex.flags
         if flag != "-":
             fkey = (listener, flag)
             c.local[fkey] = c.local.get(fkey, 0) + 1
             if status < 500 and flag != "DC":  # (5xx are counted as such; DC is the caller's doing)
-                c.failed[lkey] = c.failed.get(lkey, 0) + 1
+                one.failed += 1
             if flag in DENIAL_FLAGS:
                 c.denied += 1
                 head = ex.request

@@ -65,12 +65,14 @@ def test_a_stats_message_holds_what_happened_since_the_last_one() -> None:
     assert stats.interval == 5.0 and stats.denials == ()
 
     done(metrics, seconds=0.2)
+    done(metrics, seconds=45.0)  # past the last bound: the +Inf bucket, the protocol's last count
     now[0] = 110.0
     again = reporter.take()
-    assert again is not None
+    assert again is not None and decode(encode(again)) == again
     [entry] = again.routes
-    assert (entry.requests, entry.errors, entry.breaker_opens) == (1, 0, 0)  # deltas, not totals
+    assert (entry.requests, entry.errors, entry.breaker_opens) == (2, 0, 0)  # deltas, not totals
     assert entry.latency[LATENCY_BUCKETS.index(0.25)] == 1
+    assert len(entry.latency) == len(LATENCY_BUCKETS) + 1 and entry.latency[-1] == 1
 
 
 def test_denials_are_bounded_and_the_overflow_counted() -> None:
