@@ -1,7 +1,7 @@
 """Prometheus metrics of one sidecar, in a registry of its own (no process globals).
 
-The hot path calls ``exchange_done`` once per exchange: a few dict updates and one bisect,
-no locks and no label validation (about 0.3 µs instead of 1.1 µs with prometheus-client's
+The hot path calls ``exchange_done`` once per exchange: one dict lookup (its ``Series``), a
+few increments and one bisect, no locks and no label validation (about 0.3 µs instead of 1.1 µs with prometheus-client's
 labelled metrics). Everything else (rare events) uses the labelled ``Counter`` and ``Gauge``
 of ``exposition``, the sidecar's own small stand-in for prometheus-client (same text out).
 The same counts feed the control plane's ``stats`` messages (``mesh_stats``, which takes
