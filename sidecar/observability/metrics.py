@@ -1,9 +1,10 @@
 """Prometheus metrics of one sidecar, in a registry of its own (no process globals).
 
 The hot path calls ``exchange_done`` once per exchange: one dict lookup (its ``Series``), a
-few increments and one bisect, no locks and no label validation (about 0.3 µs instead of 1.1 µs with prometheus-client's
-labelled metrics). Everything else (rare events) uses the labelled ``Counter`` and ``Gauge``
-of ``exposition``, the sidecar's own small stand-in for prometheus-client (same text out).
+few increments and one bisect, no locks and no label validation (about 0.3 µs instead of
+1.1 µs with prometheus-client's labelled metrics). Everything else (rare events) uses the
+labelled ``Counter`` and ``Gauge`` of ``exposition``, the sidecar's own small stand-in for
+prometheus-client (same text out).
 The same counts feed the control plane's ``stats`` messages (``mesh_stats``, which takes
 deltas of them): the latency counts are kept per route too and summed when scraped, and an
 exchange with a flag (rare) also counts as a route's error or as a denial.
@@ -93,21 +94,20 @@ class _ExchangeCollector(Collector):
         yield local
         latency = HistogramMetricFamily("pake_request_duration_seconds",
                                         "Time from request head to response end", labels=["listener", "cluster"])
-        by_cluster: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        by_cluster: dict[tuple[str, str], Series] = {}  # the routes' series summed
         for (listener, _, cluster), one in series:
             total = by_cluster.get((listener, cluster))
             if total is None:
-                by_cluster[(listener, cluster)] = (list(one.buckets), [one.sum])
-            else:
-                for i, v in enumerate(one.buckets):
-                    total[0][i] += v
-                total[1][0] += one.sum
-        for latency_key, (counts, total_sum) in by_cluster.items():
+                total = by_cluster[(listener, cluster)] = Series()
+            for i, v in enumerate(one.buckets):
+                total.buckets[i] += v
+            total.sum += one.sum
+        for latency_key, total in by_cluster.items():
             cumulative, buckets = 0.0, []
-            for bound, count in zip(_BOUND_LABELS, counts):
+            for bound, count in zip(_BOUND_LABELS, total.buckets):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            latency.add_metric(list(latency_key), buckets, total_sum[0])
+            latency.add_metric(list(latency_key), buckets, total.sum)
         yield latency
 
 
