@@ -35,6 +35,19 @@ _SPECIAL: dict[bytes, int] = {
     b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION, b"upgrade": _UPGRADE,
     b"expect": _EXPECT, b"traceparent": _TRACEPARENT, b"tracestate": _TRACESTATE,
 }
+# Header names as clients commonly spell them (lower case, or capitalised as curl, Go and
+# browsers do), mapped to one lower-case object: a dict look-up instead of a ``lower()`` call
+# and a fresh object to hash for ``_SPECIAL`` (compiled, ~250 instructions less a header).
+# Fixed at import; any other spelling is lowered as before.
+_COMMON_NAMES = (
+    *_SPECIAL, b"accept", b"accept-encoding", b"accept-language", b"authorization", b"baggage",
+    b"cache-control", b"content-type", b"cookie", b"if-none-match", b"if-modified-since",
+    b"origin", b"pragma", b"referer", b"user-agent", b"x-api-key", b"x-real-ip",
+)
+_LOWER: dict[bytes, bytes] = {
+    **{name: name for name in _COMMON_NAMES},
+    **{name.title(): name for name in _COMMON_NAMES},
+}
 _MAX_CHUNK_OVERHEAD = 4096  # bytes of chunk-size line + extensions allowed per chunk
 _HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")
 
@@ -284,8 +297,11 @@ class RequestParser:
         keep = kept.append
         special = _SPECIAL
         underscores_ok = limits.allow_underscores_in_headers
+        lower = _LOWER
         for raw_name, value in headers:
-            name = raw_name.lower()
+            name = lower.get(raw_name)
+            if name is None:
+                name = raw_name.lower()
             code = special.get(name)
             if code is None:
                 # find, not ``in``: bytes.__contains__ first tries the operand as an int and

@@ -11,7 +11,7 @@ from sidecar.config.model import Limits
 from sidecar.errors import DownstreamProtocolError
 from sidecar.http.headers import is_valid_request_id
 from sidecar.http.message import RequestHead
-from sidecar.http.request_parser import RequestParser
+from sidecar.http.request_parser import _LOWER, RequestParser
 
 
 @dataclass
@@ -330,3 +330,17 @@ def test_a_header_name_with_an_underscore_is_refused_unless_allowed() -> None:
     (b"line\n", False)])
 def test_a_callers_request_id_is_kept_only_when_short_and_printable(value: bytes, kept: bool) -> None:
     assert is_valid_request_id(value) is kept
+
+
+def test_the_common_name_table_only_ever_lowers_a_name() -> None:
+    # a wrong entry would turn one header into another on the way upstream
+    assert _LOWER and all(raw.lower() == name for raw, name in _LOWER.items())
+
+
+@pytest.mark.parametrize("spelling", [b"X-Forwarded-Proto", b"x-forwarded-proto", b"X-FORWARDED-PROTO",
+                                      b"x-Forwarded-proto"])
+def test_a_header_name_is_recognised_in_any_spelling(spelling: bytes) -> None:
+    head, _ = one(b"GET / HTTP/1.1\r\nHost: echo\r\n" + spelling + b": https\r\nAccept: */*\r\n"
+                  b"ACCEPT-LANGUAGE: en\r\n\r\n")
+    assert head.forwarded_proto == b"https"
+    assert [n for n, _ in head.headers] == [b"x-forwarded-proto", b"accept", b"accept-language"]
