@@ -18,7 +18,8 @@ import structlog
 
 from .config.model import ServiceConfig
 from .errors import LocalReply, NoRoute, PayloadTooLarge, ProxyError, rescue
-from .filters.base import BodyFilter, run_filters
+from .filters.base import BodyFilter
+from .filters.chain import run_filters
 from .listener.stream import Stream
 from .observability.access_log import AccessLog
 from .observability.metrics import Metrics

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 from ..errors import LocalReply
 from ..exchange import Exchange
 
-__all__ = ["BodyFilter", "Filter", "FilterChain", "run_filters"]
+__all__ = ["BodyFilter", "Filter", "FilterChain"]
 
 
 @runtime_checkable
@@ -36,12 +36,3 @@ class BodyFilter(Filter, Protocol):
 
 
 FilterChain = tuple[Filter, ...]
-
-
-def run_filters(chain: FilterChain, exchange: Exchange) -> LocalReply | None:
-    for f in chain:
-        reply = f.on_request(exchange)
-        if reply is not None:
-            exchange.tags.setdefault("filter", f.name)
-            return reply
-    return None
