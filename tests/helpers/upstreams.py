@@ -55,7 +55,11 @@ class RecordingUpstream:
 
     async def __aenter__(self) -> RecordingUpstream:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _Conn(self), "127.0.0.1", 0)
+        # The backlog is a production server's, not asyncio's 100: this upstream shares its loop
+        # with the test's own clients, and a test that opens hundreds of TLS connections at once
+        # can keep it from accepting for a while. With a full accept queue the kernel drops the
+        # sidecar's SYN, and its retransmission (1 s) comes after the 1 s connect timeout.
+        self.server = await loop.create_server(lambda: _Conn(self), "127.0.0.1", 0, backlog=4096)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 

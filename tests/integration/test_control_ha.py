@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,25 @@ def replica(tmp_path: Path, etcd: EtcdServer, name: str, *extra: str) -> Control
         "--endpoint-grace", "30s", *extra)
 
 
-@pytest.fixture
-async def replicas(tmp_path: Path, etcd: EtcdServer) -> AsyncIterator[tuple[ControlProcess, ControlProcess]]:
+@asynccontextmanager
+async def running_replicas(tmp_path: Path, etcd: EtcdServer) -> AsyncIterator[tuple[ControlProcess, ControlProcess]]:
     a, b = replica(tmp_path, etcd, "a"), replica(tmp_path, etcd, "b")
-    # Started together: both find no CA in the store, exactly one import wins.
-    await asyncio.gather(a.start(), b.start())
     try:
+        # Started together: both find no CA in the store, exactly one import wins. (A task
+        # group: when one fails to start, the other's start is cancelled and it is stopped
+        # below, not left running after the test.)
+        async with asyncio.TaskGroup() as starting:
+            starting.create_task(a.start())
+            starting.create_task(b.start())
         yield a, b
     finally:
         await asyncio.gather(*(cp.stop() for cp in (a, b) if cp.proc and cp.proc.returncode is None))
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path, etcd: EtcdServer) -> AsyncIterator[tuple[ControlProcess, ControlProcess]]:
+    async with running_replicas(tmp_path, etcd) as pair:
+        yield pair
 
 
 async def admin(cp: ControlProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:

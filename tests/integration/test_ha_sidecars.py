@@ -22,19 +22,14 @@ from tests.helpers.control_process import ControlProcess
 from tests.helpers.etcd import EtcdServer
 from tests.helpers.sidecar_process import JoinedSidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
-from tests.integration.test_control_ha import LEASE_TTL, replica
+from tests.integration.test_control_ha import LEASE_TTL, running_replicas
 from tests.integration.test_sidecar_control import Load, apply, mesh, orders_sidecar
 
 
 @pytest.fixture
 async def replicas(tmp_path: Path) -> AsyncIterator[tuple[ControlProcess, ControlProcess]]:
-    async with EtcdServer(tmp_path) as etcd:
-        a, b = replica(tmp_path, etcd, "a"), replica(tmp_path, etcd, "b")
-        await asyncio.gather(a.start(), b.start())
-        try:
-            yield a, b
-        finally:
-            await asyncio.gather(*(cp.stop() for cp in (a, b) if cp.proc and cp.proc.returncode is None))
+    async with EtcdServer(tmp_path) as etcd, running_replicas(tmp_path, etcd) as pair:
+        yield pair
 
 
 def frontend_sidecar(tmp_path: Path, addresses: list[str], token: str) -> JoinedSidecarProcess:

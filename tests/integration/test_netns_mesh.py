@@ -296,9 +296,13 @@ async def test_three_hosts_call_over_mtls_and_route_around_a_cut_link(tmp_path: 
                 running.append(await proc.start())
             await asyncio.gather(*(app.wait_event("listening") for app in apps),
                                  *(sc.wait_event("config_applied", timeout=30) for sc in sidecars))
-            # The orders sidecars registered the addresses peers reach them on: their hosts'.
-            registered = {e["address"] for e in control.events("stream_open") if e["service"] == "orders"}
-            assert registered == {f"{HOSTS['b']}:15006", f"{HOSTS['c']}:15006"}
+            # The orders sidecars registered the addresses peers reach them on: their hosts'. The
+            # control plane's line comes down another pipe than the sidecars', so it may be read later.
+            def registered() -> set[str]:
+                return {e["address"] for e in control.events("stream_open") if e["service"] == "orders"}
+
+            await control.wait_for(lambda: len(registered()) >= 2, "both orders streams open")
+            assert registered() == {f"{HOSTS['b']}:15006", f"{HOSTS['c']}:15006"}
             load = await NsProcess(ns["a"], py, str(tmp_path / "load.py")).start()
             running.append(load)
 
