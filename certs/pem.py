@@ -159,11 +159,14 @@ def check_validity(cert: x509.Certificate, source: Path | str, now: datetime) ->
 # === writing ===
 
 
-def write_atomic(path: Path | str, data: bytes, mode: int) -> None:
+def write_atomic(path: Path | str, data: bytes, mode: int, *, exclusive: bool = False) -> None:
     """Replace `path` with `data` in one rename; the file has exactly `mode`.
 
     The temp file is created 0600 by mkstemp and only then chmod-ed to
     `mode`, so a key never exists with wider permissions, whatever the umask.
+    `exclusive`: create `path` only if it does not exist (a hard link, which
+    fails with FileExistsError), so that of two processes creating the same
+    file at once one wins and the other reads the winner's whole file.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -173,7 +176,11 @@ def write_atomic(path: Path | str, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -18,6 +18,7 @@ roots while a rotation overlaps them. ``ca/rotation`` holds a rotation in progre
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -63,7 +64,11 @@ def load_store_key(path: Path, *, create: bool) -> bytes:
     if not path.exists():
         if not create:
             raise CAStateError(f"{path}: no store key here (copy the first replica's key file)")
-        pem.write_atomic(path, secrets.token_hex(_STORE_KEY_BYTES).encode() + b"\n", 0o600)
+        # Replicas started at once on one shared key file: the first key written is everyone's
+        # (replacing it would leave a replica holding a key no longer in the file).
+        with contextlib.suppress(FileExistsError):
+            pem.write_atomic(path, secrets.token_hex(_STORE_KEY_BYTES).encode() + b"\n", 0o600,
+                             exclusive=True)
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise CAStateError(f"{path}: the store key must be readable by its owner only "

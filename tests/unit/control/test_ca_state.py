@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,3 +41,29 @@ def test_a_store_key_readable_by_others_is_refused(tmp_path: Path) -> None:
         load_store_key(path, create=False)
     with pytest.raises(CAStateError, match="no store key here"):
         load_store_key(tmp_path / "missing.key", create=False)
+
+
+def test_replicas_creating_one_shared_store_key_at_once_all_get_the_same_key(tmp_path: Path) -> None:
+    # Two replicas started together on a shared key file: each must end up with the key the
+    # file holds, or one seals the CA with a key the other cannot open (seen in CI).
+    for attempt in range(20):
+        path = tmp_path / f"store-{attempt}.key"
+        start = multiprocessing.get_context("fork").Barrier(6)
+        with concurrent.futures.ProcessPoolExecutor(
+                6, mp_context=multiprocessing.get_context("fork"),
+                initializer=_share_barrier, initargs=(start,)) as pool:
+            keys = list(pool.map(_load_after_barrier, [path] * 6))
+        assert set(keys) == {load_store_key(path, create=False)}, attempt
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp file left
+
+
+_barrier: list[Any] = []
+
+
+def _share_barrier(barrier: Any) -> None:
+    _barrier.append(barrier)
+
+
+def _load_after_barrier(path: Path) -> bytes:
+    _barrier[0].wait()
+    return load_store_key(path, create=True)
