@@ -147,13 +147,23 @@ class TlsMetrics:
 
 
 def _observed_sslobject(metrics: TlsMetrics, side: Side) -> type[ssl.SSLObject]:
-    """An SSLObject class that counts its handshake's outcome; only ``do_handshake`` differs,
-    so reads and writes of an established connection cost nothing extra."""
+    """An SSLObject class that counts its handshake's outcome. Its ``read``, ``write`` and
+    ``pending`` are the C object's own: uvloop calls them for every TLS record, and
+    ``ssl.SSLObject``'s are Python wrappers around them (an interpreted frame each; binding
+    them saved 3.4k of 58.7k instructions per round trip of a bare uvloop TLS echo). uvloop
+    always passes ``read`` a size, which the C method requires."""
     fresh = metrics.handshakes.labels(side, "false")
     resumed = metrics.handshakes.labels(side, "true")
     failures = metrics.failures
 
     class ObservedSSLObject(ssl.SSLObject):
+        @classmethod
+        def _create(cls, *args: Any, **kwargs: Any) -> Any:  # what SSLContext.wrap_bio calls
+            obj = super()._create(*args, **kwargs)  # type: ignore[misc]  # not in typeshed
+            inner = obj._sslobj  # the _ssl._SSLSocket it wraps
+            obj.read, obj.write, obj.pending = inner.read, inner.write, inner.pending
+            return obj
+
         def do_handshake(self) -> None:
             try:
                 super().do_handshake()

@@ -66,6 +66,43 @@ async def test_mutual_tls_identifies_both_sides(pki: MeshPki, handshake: Handsha
     assert workload_identity(out.server_peer_der, TD, "server") == SpiffeId(TD, "orders")
 
 
+async def test_a_mesh_server_sends_one_session_ticket_per_handshake(pki: MeshPki) -> None:
+    """One TLS 1.3 ticket per handshake (OpenSSL sends two; each costs both sides ~1.9M
+    instructions): enough for a client that keeps one session per endpoint to resume
+    (``tests/integration/test_tls_resumption.py``)."""
+    server, _ = contexts(pki.services["orders"])
+    _, client = contexts(pki.services["frontend"])
+    tickets: list[int] = []
+
+    def on_message(conn: object, direction: str, version: object, content_type: object,
+                   msg_type: object, data: bytes) -> None:
+        if direction == "read" and msg_type == ssl._TLSMessageType.NEWSESSION_TICKET:
+            tickets.append(1)
+
+    client._msg_callback = on_message  # type: ignore[attr-defined]  # OpenSSL's message hook
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.readexactly(4))
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=server)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client,
+                                                       server_hostname="orders")
+        ssl_object = writer.get_extra_info("ssl_object")
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        await reader.read()  # the server closes: every post-handshake message is read
+        assert ssl_object.version() == "TLSv1.3" and tickets == [1]
+        assert ssl_object.session is not None and ssl_object.session.has_ticket
+        writer.close()
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
 async def test_tls12_only_client_still_works(pki: MeshPki, handshake: Handshake) -> None:
     server, _ = contexts(pki.services["orders"])
     _, client = contexts(pki.services["frontend"])
