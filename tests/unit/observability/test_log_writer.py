@@ -10,7 +10,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -125,6 +125,33 @@ def test_lines_wake_an_idle_writer_and_are_written_in_batches() -> None:
         channel.put(f"{i}\n")
     assert writer.close()
     assert len(sink.lines) == 1001 and sink.writes <= 3
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return condition()
+
+
+@pytest.mark.parametrize("bound", ["lines", "chars"])
+def test_a_quarter_of_a_bound_queued_ends_the_writers_linger(bound: str) -> None:
+    """A busy writer gathers lines for ``linger`` (one GIL hand-off per batch), but never
+    until its log's queue overflows: a quarter of either bound wakes it."""
+    sink = ListSink()
+    writer = LogWriter(sink, name="test", linger=60).start()
+    channel = (writer.channel("access", max_lines=100) if bound == "lines"
+               else writer.channel("access", max_chars=400))
+    channel.put("first\n")
+    assert _wait_until(lambda: sink.lines == ["first\n"] and writer.lingering)
+    for i in range(24):  # 24 lines of 4 characters: below a quarter of either bound
+        channel.put(f"{i:03d}\n")
+    time.sleep(0.2)
+    assert len(sink.lines) == 1  # still gathering
+    channel.put("024\n")  # the 25th: a quarter of 100 lines, of 400 characters
+    assert _wait_until(lambda: len(sink.lines) == 26, timeout=5)  # not 60 s
+    assert (channel.dropped, sink.writes) == (0, 2)
+    assert writer.close()
 
 
 def test_logs_sharing_an_output_are_counted_apart_and_never_split() -> None:

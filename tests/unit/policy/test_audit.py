@@ -82,6 +82,23 @@ async def test_one_record_per_decision_through_the_filters() -> None:
     assert (audit.written, audit.dropped) == (3, 0) and sink.closed
 
 
+def test_what_a_caller_shapes_is_escaped_in_every_record_also_when_repeated() -> None:
+    """The principal, rule and path come from callers and config: each record stays one JSON
+    object with exactly those values, the second time too (repeated values are quoted once)."""
+    sink = ListSink()
+    writer = LogWriter(sink, name="test").start()
+    audit = AuditLog(writer.channel("audit"))
+    principal, rule, path = 'alice","decision":"allow', 'r\\"1', '/o/"x"\\é'
+    for request_id in ('a"1', "a\\2"):
+        ex = exchange(request("GET", path), request_id=request_id, principal=principal)
+        audit.record(ex, "authz", "deny", rule, f"no rule allows {path}")
+    assert writer.close()
+    records = [json.loads(line) for line in sink.lines]
+    assert [(r["request_id"], r["principal"], r["rule"], r["path"], r["decision"]) for r in records] == [
+        ('a"1', principal, rule, path, "deny"), ("a\\2", principal, rule, path, "deny")]
+    assert all(line.isascii() and line.count("\n") == 1 for line in sink.lines)
+
+
 async def test_blocked_sink_drops_are_counted_and_warned_once_per_interval() -> None:
     sink = BlockedSink()
     clock = FakeClock()

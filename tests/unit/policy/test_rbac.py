@@ -80,6 +80,11 @@ MATRIX = [
     (BATCH, "GET", "/orders/%2e%2e/admin", 403, "path"),
     (BATCH, "GET", "/orders/a%2Fb", 403, "path"),
     (FRONTEND, "OPTIONS", "*", 403, "path"),
+    (BATCH, "GET", "/orders/a\\b", 403, "path"),
+    (BATCH, "GET", "/orders/.", 403, "path"),
+    (BATCH, "GET", "/orders/.hidden", None, "batch-orders"),  # a dot starting a name is normal
+    (BATCH, "GET", "/orders/a%20b", None, "batch-orders"),  # so is an encoded space
+    (BATCH, "GET", "/orders/%5c", 403, "path"),
 ]
 
 
@@ -162,6 +167,11 @@ def test_default_allow_is_a_blocklist() -> None:
      {"roles": frozenset({"deployer"}), "tags": {"authn": "jwt"}}, False),
     ({"headers": {"X-Tenant": "acme"}}, {"headers": [(b"x-tenant", b"acme")]}, True),
     ({"headers": {"x-tenant": "acme"}}, {"headers": [(b"x-tenant", b"other")]}, False),
+    ({"principals": ["alice", "svc-*"]}, {"principal": "alice"}, True),  # exact names and patterns mixed
+    ({"from": ["frontend", "batch-*"]}, {"peer": FRONTEND}, True),
+    ({"from": ["frontend", "batch-*"]}, {"peer": BATCH}, True),
+    ({"from": ["frontend", "batch-*"]}, {"peer": OTHER}, False),
+    ({"from": ["frontend"]}, {"peer": FOREIGN}, False),  # a name is the mesh's own trust domain
     ({"from": ["*"]}, {"peer": OTHER}, True),
     ({"from": ["*"]}, {}, False),
     ({"methods": ["GET"], "paths": ["/a"]}, {}, False),  # AND across fields

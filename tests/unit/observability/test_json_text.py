@@ -1,0 +1,26 @@
+"""Log lines' JSON strings: a repeated value is quoted once, exactly as json.dumps quotes it,
+and the cache stays bounded whatever a client sends."""
+
+from __future__ import annotations
+
+import json
+
+from sidecar.observability.json_text import QuoteCache
+
+
+def test_a_cached_value_is_quoted_as_json_dumps_quotes_it_every_time() -> None:
+    cache = QuoteCache()
+    hostile = ['orders:8080', 'a"b', 'back\\slash', 'new\nline', 'tab\t', 'é€😀', '\x00\x1f', '']
+    for _ in range(2):  # the second round comes from the cache
+        assert [cache.get(v) for v in hostile] == [json.dumps(v) for v in hostile]
+    assert cache.get_or_null(None) == "null" and cache.get_or_null('a"b') == '"a\\"b"'
+
+
+def test_the_cache_is_bounded_in_entries_and_in_what_it_keeps() -> None:
+    cache = QuoteCache(limit=100)
+    for i in range(1000):  # a client sending a new authority with every request
+        assert cache.get(f"host-{i}:80") == f'"host-{i}:80"'
+        assert len(cache) <= 100
+    cache = QuoteCache()
+    long_value = "x" * 10_000
+    assert cache.get(long_value) == f'"{long_value}"' and len(cache) == 0  # quoted, not kept
