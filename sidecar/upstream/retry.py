@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime
+from typing import Final
 
 from ..config.retries import RetryBudgetConfig, RetryConfig
 from .circuit_breaker import RollingCounts
@@ -27,14 +27,15 @@ __all__ = [
     "RetryBudget",
     "RetryDecision",
     "RetryPolicy",
+    "parse_http_date",
     "parse_retry_after",
     "retry_outcomes",
 ]
 
 # RFC 9110 §9.2.2. A retry of anything else may do the thing twice.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
-_RETRIABLE_4XX = 409  # Envoy's retriable-4xx: a conflict may resolve on its own
+_RETRIABLE_4XX: Final = 409  # Envoy's retriable-4xx: a conflict may resolve on its own
 
 
 def retry_outcomes(names: frozenset[str]) -> frozenset[Outcome]:
@@ -62,14 +63,14 @@ class RetryDecision:
 
 
 # The refusals are constants: most tries succeed, and a "no" must not allocate.
-_NOT_RETRIABLE = RetryDecision(False, 0.0, "not_retriable")
-_RESPONSE_STARTED = RetryDecision(False, 0.0, "response_started")
-_EXHAUSTED = RetryDecision(False, 0.0, "attempts_exhausted")
-_NON_IDEMPOTENT = RetryDecision(False, 0.0, "non_idempotent")
-_BODY = RetryDecision(False, 0.0, "body_not_replayable")
-_RETRY_AFTER = RetryDecision(False, 0.0, "retry_after_too_long")
-_DEADLINE = RetryDecision(False, 0.0, "deadline")
-_BUDGET = RetryDecision(False, 0.0, "budget_exhausted")
+_NOT_RETRIABLE: Final = RetryDecision(False, 0.0, "not_retriable")
+_RESPONSE_STARTED: Final = RetryDecision(False, 0.0, "response_started")
+_EXHAUSTED: Final = RetryDecision(False, 0.0, "attempts_exhausted")
+_NON_IDEMPOTENT: Final = RetryDecision(False, 0.0, "non_idempotent")
+_BODY: Final = RetryDecision(False, 0.0, "body_not_replayable")
+_RETRY_AFTER: Final = RetryDecision(False, 0.0, "retry_after_too_long")
+_DEADLINE: Final = RetryDecision(False, 0.0, "deadline")
+_BUDGET: Final = RetryDecision(False, 0.0, "budget_exhausted")
 
 
 class RetryBudget:
@@ -198,10 +199,43 @@ def parse_retry_after(value: bytes | str | None, wall_now: float) -> float | Non
     if text.isdigit() and text.isascii():
         # A huge number is just "long": do not parse thousands of digits.
         return float(text) if len(text) <= 9 else 1e9
+    when = parse_http_date(text, wall_now)
+    return None if when is None else max(0.0, when - wall_now)
+
+
+_MONTHS: Final = {name: number for number, name in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+
+
+def parse_http_date(text: str, wall_now: float) -> float | None:
+    """An HTTP date (RFC 9110 §5.6.7) as unix seconds, in any of the three forms a recipient
+    must accept: ``Sun, 06 Nov 1994 08:49:37 GMT``, ``Sunday, 06-Nov-94 08:49:37 GMT`` and
+    ``Sun Nov  6 08:49:37 1994``; None for anything else. Not ``email.utils``: it would add
+    ~0.6 MB of modules (``email``, ``calendar``, ``quopri``...) to every sidecar for a header
+    few upstreams send as a date. ``wall_now`` places a two-digit year."""
+    parts = text.split()
     try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+        if len(parts) == 6 and parts[5] == "GMT" and parts[0].endswith(","):  # IMF-fixdate
+            day, month, full, clock = parts[1], parts[2], parts[3], parts[4]
+            year = int(full) if len(full) == 4 else -1
+        elif len(parts) == 4 and parts[3] == "GMT" and parts[0].endswith(","):  # RFC 850
+            day, month, short = parts[1].split("-")
+            if len(short) != 2:
+                return None
+            # §5.6.7: a two-digit year that looks more than 50 years ahead is in the past
+            this_year = datetime.fromtimestamp(wall_now, UTC).year
+            year = this_year - this_year % 100 + int(short)
+            if year > this_year + 50:
+                year -= 100
+            clock = parts[2]
+        elif len(parts) == 5:  # asctime
+            month, day, clock, full = parts[1], parts[2], parts[3], parts[4]
+            year = int(full) if len(full) == 4 else -1
+        else:
+            return None
+        hour, minute, second = clock.split(":")
+        # (a year of another length than its form's is not a date: datetime refuses -1)
+        return datetime(year, _MONTHS[month], int(day), int(hour), int(minute), int(second),
+                        tzinfo=UTC).timestamp()
+    except (KeyError, ValueError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)  # HTTP dates are GMT
-    return max(0.0, when.timestamp() - wall_now)

@@ -11,7 +11,7 @@ import pytest
 
 from sidecar.config.retries import RetryBudgetConfig, RetryConfig
 from sidecar.upstream.endpoint import Outcome, outcome_of_status
-from sidecar.upstream.retry import RetryBudget, RetryPolicy, parse_retry_after
+from sidecar.upstream.retry import RetryBudget, RetryPolicy, parse_http_date, parse_retry_after
 
 NOW = 1000.0
 
@@ -164,6 +164,35 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(b"soon", wall) is None
     assert parse_retry_after(b"-5", wall) is None
     assert parse_retry_after(None, wall) is None
+
+
+# RFC 9110 §5.6.7's example instant, 1994-11-06 08:49:37 UTC, in the three forms a recipient
+# must accept; the two-digit year of the obsolete RFC 850 form is placed by the clock.
+NOV_1994 = 784111777.0
+
+
+@pytest.mark.parametrize("text", ["Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT",
+                                  "Sun Nov  6 08:49:37 1994", "  Sun, 06 Nov 1994 08:49:37 GMT "])
+def test_an_http_date_is_read_in_each_of_its_three_forms(text: str) -> None:
+    assert parse_http_date(text, 1_700_000_000.0) == NOV_1994
+
+
+def test_a_two_digit_year_more_than_fifty_years_ahead_is_in_the_past_century() -> None:
+    in_2026 = 1_790_000_000.0
+    assert parse_http_date("Monday, 06-Nov-76 08:49:37 GMT", in_2026) == parse_http_date(
+        "Sat, 06 Nov 2076 08:49:37 GMT", in_2026)  # 50 years ahead: still ahead
+    assert parse_http_date("Tuesday, 06-Nov-77 08:49:37 GMT", in_2026) == parse_http_date(
+        "Sun, 06 Nov 1977 08:49:37 GMT", in_2026)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "Sun, 06 Nov 1994 08:49:37 UTC", "Sun, 06 Foo 1994 08:49:37 GMT",
+                                  "Sun, 31 Feb 1994 08:49:37 GMT", "Sun, 06 Nov 1994 25:49:37 GMT",
+                                  "Sun, 06 Nov 1994 08:49 GMT", "Sunday, 06-Nov-1994 08:49:37",
+                                  "Sun Nov  6 08:49:37", "Sun, 06 Nov 99999999999999999999 08:49:37 GMT",
+                                  "06 Nov 1994 08:49:37 GMT +0000", "Sun, 06 Nov 94 08:49:37 GMT",
+                                  "Sunday, 06-Nov-1994 08:49:37 GMT", "Sun Nov  6 08:49:37 94"])
+def test_anything_else_is_not_a_date(text: str) -> None:
+    assert parse_http_date(text, 1_700_000_000.0) is None
 
 
 # --- budget ---------------------------------------------------------------------------
