@@ -43,7 +43,7 @@ from .observability.logging import log_control
 from .observability.metrics import Metrics
 from . import compiled
 from . import pipeline as pipeline_module
-from .pipeline import Pipeline
+from .pipeline import Pipeline, SnapshotSlot
 from .audit import build_audit_log
 from .clock import MonotonicClock
 from .filters.chain import build_chains
@@ -131,7 +131,8 @@ class Sidecar:
         self._started = False
         self._applying = asyncio.Lock()  # one apply at a time: each builds on the one before
         self._reloading = asyncio.Lock()
-        self.snapshot: Snapshot = self._swap(mesh, *self._compile(bootstrap, mesh))
+        self._snapshots = SnapshotSlot()
+        self._swap(mesh, *self._compile(bootstrap, mesh))
         self.metrics.registry.register(StateCollector(
             clusters=lambda: self.snapshot.clusters.values(),
             filters=lambda: {id(f): f for chain in self.snapshot.filters.values() for f in chain}.values(),
@@ -176,7 +177,7 @@ class Sidecar:
         """Everything of a snapshot but its clusters; touches nothing live, so it may run in a
         worker thread (the caller holds ``_applying``, so ``self.jwks`` and the previous
         filters it reuses do not change meanwhile). Raises ConfigError."""
-        previous = getattr(self, "snapshot", None)
+        previous = self._snapshots.current  # None: the first compile
         caches: dict[str, JwksCache] = {}
         local = mesh.services.get(bootstrap.service)
         wanted = local.authn.jwt if local is not None and local.authn is not None else ()
@@ -202,7 +203,7 @@ class Sidecar:
         weakref.finalize(snapshot, retire_later, self.loop, self.clusters.retire, clusters).atexit = False
         if self.tls is not None:
             self.tls.use_trust_domain(mesh.trust_domain)
-        self.snapshot = snapshot
+        self._snapshots.current = snapshot
         self.clusters.activate(clusters)
         self._swap_caches(caches)
         if bootstrap is not self.bootstrap:
@@ -212,11 +213,16 @@ class Sidecar:
             self.overload.configure(bootstrap.overload)
         return snapshot
 
+    @property
+    def snapshot(self) -> Snapshot:
+        """The snapshot new exchanges run under."""
+        snapshot = self._snapshots.current
+        assert snapshot is not None  # (set by the constructor's first swap)
+        return snapshot
+
     def hold_snapshot(self) -> Snapshot:
         """The snapshot a new exchange runs under, held until ``Pipeline.finish``."""
-        snapshot = self.snapshot
-        snapshot.clusters.hold()
-        return snapshot
+        return self._snapshots.hold()
 
     def _upstream_counts(self) -> dict[str, int]:
         return {"pools": self.clusters.live_pools(),
@@ -264,9 +270,8 @@ class Sidecar:
                                 tracer=self.tracer)
             ctx = ListenerContext(
                 name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
-                state=self.state, start=self.overload.gate(pipeline.start, pipeline.finish),
-                abort=pipeline.abort, refuse=pipeline.refuse,
-                current_snapshot=self.hold_snapshot,
+                state=self.state, start=pipeline.start, abort=pipeline.abort, refuse=pipeline.refuse,
+                current_snapshot=self._snapshots.hold,
                 on_protocol_error=self._protocol_error, scheme=scheme,
                 peer_identity=self.tls.peer_identity if lc.tls and self.tls else None)
             self._contexts.append(ctx)

@@ -4,7 +4,7 @@
 Sampled on a timer (``overload.interval``), never per request: resident memory from
 ``/proc/self/statm`` (one ``pread`` on a descriptor kept open: procfs never blocks on a disk)
 and the loop lag as how late that same timer fired. The decision is the pure ``overloaded``;
-the hot path reads one attribute, ``ServerState.overloaded``, through ``gate``. A refusal
+the hot path reads one attribute, ``ServerState.overload`` (the reply, or None). A refusal
 costs no upstream, no filter and no buffer, and ``connection: close`` sheds the connection
 too, so a spike of connections or requests cannot drive the process into the OOM killer.
 """
@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
 from .observability.exposition import CollectorRegistry, Gauge
 
 from .config.model import OverloadConfig
-from .errors import LocalReply, ProxyError
+from .errors import ProxyError
 
 if TYPE_CHECKING:
     from .listener.connection import ServerState
-    from .listener.stream import Stream
 
 __all__ = ["OverloadMonitor", "Overloaded", "overloaded", "read_rss"]
 
@@ -55,7 +53,7 @@ def overloaded(config: OverloadConfig, rss: int, lag: float) -> str | None:
 
 
 class OverloadMonitor:
-    """Samples, decides and sets ``state.overloaded``; ``configure`` applies a reload."""
+    """Samples, decides and sets ``state.overload``; ``configure`` applies a reload."""
 
     def __init__(self, config: OverloadConfig, state: ServerState, loop: asyncio.AbstractEventLoop,
                  registry: CollectorRegistry) -> None:
@@ -68,7 +66,6 @@ class OverloadMonitor:
         self._fd: int | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
-        self._reply = self._make_reply(None)
         Gauge("pake_overload_active", "1 while new requests get 503 OL (memory or loop lag past "
               "its threshold)", registry=registry).set_function(lambda: self.reason is not None)
         Gauge("pake_process_resident_memory_bytes", "Resident memory, as the overload monitor "
@@ -114,24 +111,7 @@ class OverloadMonitor:
         else:
             log.info("overload_ended", rss=self.rss, loop_lag_s=round(self.lag, 4))
         self.reason = reason
-        self._reply = self._make_reply(reason)
-        self.state.overloaded = reason is not None  # read by every new request, via gate
-
-    def _make_reply(self, reason: str | None) -> LocalReply:
-        detail = ("the sidecar is over its loop-lag threshold" if reason == "loop_lag"
-                  else "the sidecar is over its memory threshold")
-        return Overloaded(detail).reply()
-
-    def gate(self, start: Callable[[Stream], None],
-             finish: Callable[[Stream, LocalReply | None], None]) -> Callable[[Stream], None]:
-        """``start`` for a listener: while overloaded, the request is answered 503 ``OL``
-        (with ``connection: close``) before any filter, route or upstream sees it."""
-        state = self.state
-
-        def start_unless_overloaded(stream: Stream) -> None:
-            if state.overloaded:
-                finish(stream, self._reply)
-            else:
-                start(stream)
-
-        return start_unless_overloaded
+        # read by every new request (DownstreamConnection._advance)
+        self.state.overload = None if reason is None else Overloaded(
+            "the sidecar is over its loop-lag threshold" if reason == "loop_lag"
+            else "the sidecar is over its memory threshold").reply()

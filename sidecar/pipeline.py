@@ -30,9 +30,27 @@ from .snapshot import Snapshot
 if TYPE_CHECKING:
     from .observability.tracing import Tracer
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "SnapshotSlot"]
 
 log = structlog.get_logger("pake.pipeline")
+
+
+class SnapshotSlot:
+    """Where the snapshot new exchanges run under lives; a reload swaps ``current`` whole.
+    Compiled, because ``hold`` runs for every request: as a method of the (interpreted)
+    ``Sidecar`` it cost an interpreted call each time."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current: Snapshot | None = None  # set before the first listener starts
+
+    def hold(self) -> Snapshot:
+        """The snapshot a new exchange runs under, held until ``Pipeline.finish``."""
+        snapshot = self.current
+        assert snapshot is not None
+        snapshot.clusters.hold()
+        return snapshot
 
 
 class Pipeline:
@@ -60,7 +78,7 @@ class Pipeline:
                     head = stream.head
                     reply = NoRoute(f"no route for {head.method} {head.authority}{head.path}").reply()
                 else:
-                    body_filter = snap.body_filter(ex.listener)
+                    body_filter = snap.body_filters.get(ex.listener)
                     if body_filter is not None and body_filter.wants_body(ex):
                         # waiting for a body is a phase like any other: the route timeout,
                         # counted from the exchange's start, bounds it (408 when it fires)
@@ -131,7 +149,7 @@ class Pipeline:
         if stream.finished:
             return
         stream.finished = True
-        stream.snapshot.clusters.release()  # held since the head was parsed (Sidecar.hold_snapshot)
+        stream.snapshot.clusters.release()  # held since the head was parsed (SnapshotSlot.hold)
         conn = stream.conn
         if reply is not None and not conn.closed:
             stream.send_local_reply(reply, self.service)

@@ -29,13 +29,14 @@ The YAML shape; the values shown are the defaults, except where a comment says o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from .reader import Fields
 from .values import bounded_size, secs, status_code
 
 __all__ = ["RETRY_CONDITIONS", "RetryBudgetConfig", "RetryConfig", "parse_retries"]
 
-RETRY_CONDITIONS = ("connect-failure", "reset", "timeout", "5xx", "gateway-error", "retriable-4xx")
+RETRY_CONDITIONS: Final = ("connect-failure", "reset", "timeout", "5xx", "gateway-error", "retriable-4xx")
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
+from typing import Final
 
 from ..audit import AuditRecorder
 from ..config.api_keys import ApiKey
@@ -24,8 +25,8 @@ from .claims_headers import PRINCIPAL_HEADER, ROLES_HEADER, set_identity_headers
 
 __all__ = ["ApiKeyAuthnFilter", "build_api_key_authn", "hash_api_key"]
 
-MAX_KEY = 512  # bytes; a longer "key" is refused before hashing
-_SCHEME = b"apikey "
+MAX_KEY: Final = 512  # bytes; a longer "key" is refused before hashing
+_SCHEME: Final = b"apikey "
 
 
 def hash_api_key(key: str | bytes) -> str:

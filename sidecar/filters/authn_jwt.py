@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Mapping
+from typing import Final
 
 from ..audit import AuditRecorder
 from ..config.jwt_providers import JwtProvider, TokenHeader
@@ -30,7 +31,7 @@ from .claims_headers import PRINCIPAL_HEADER, ROLES_HEADER, claim_header_value, 
 
 __all__ = ["JwtAuthnFilter", "bearer_challenge", "build_jwt_authn"]
 
-_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
+_UNSAFE: Final = re.compile(r'[^\x20-\x7e]|["\\]')
 
 
 def bearer_challenge(realm: str, error: str | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from ..config.jwt_providers import JwtProvider
 from ..errors import LocalReply
@@ -31,11 +31,11 @@ __all__ = [
     "set_identity_headers",
 ]
 
-PEER_IDENTITY_HEADER = b"x-pake-peer-identity"  # set by the mTLS side, stripped here first
-PRINCIPAL_HEADER = b"x-pake-principal"
-ROLES_HEADER = b"x-pake-roles"
-MAX_VALUE = 4096
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB: CR/LF would inject
+PEER_IDENTITY_HEADER: Final = b"x-pake-peer-identity"  # set by the mTLS side, stripped here first
+PRINCIPAL_HEADER: Final = b"x-pake-principal"
+ROLES_HEADER: Final = b"x-pake-roles"
+MAX_VALUE: Final = 4096
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CTLs but HTAB: CR/LF would inject
 
 
 def claim_header_value(value: Any) -> bytes | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from ..config.reader import parse_duration
 from ..config.resilience import FaultConfig
@@ -26,10 +27,10 @@ __all__ = [
     "decide",
 ]
 
-DELAY_HEADER = b"x-pake-fault-delay"  # "300ms", "2s", or whole milliseconds ("300")
-ABORT_HEADER = b"x-pake-fault-abort"  # a status code 400..599
+DELAY_HEADER: Final = b"x-pake-fault-delay"  # "300ms", "2s", or whole milliseconds ("300")
+ABORT_HEADER: Final = b"x-pake-fault-abort"  # a status code 400..599
 # Mesh-internal: the data plane strips them before the request goes upstream.
-FAULT_HEADERS = (DELAY_HEADER, ABORT_HEADER)
+FAULT_HEADERS: Final = (DELAY_HEADER, ABORT_HEADER)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +43,7 @@ class FaultAction:
         return self.delay > 0.0 or self.abort_status is not None
 
 
-NO_FAULT = FaultAction()
+NO_FAULT: Final = FaultAction()
 
 
 def decide(config: FaultConfig | None, headers: Sequence[tuple[bytes, bytes]],

@@ -29,7 +29,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -55,10 +55,10 @@ __all__ = [
     "build_mesh_token_verify",
 ]
 
-_ALGORITHMS = frozenset({"ES256"})
-MAX_TOKEN_SIZE = 8 * 1024
-MINT_CACHE_SIZE = 4096  # distinct (user, roles) pairs kept; the oldest is dropped past it
-REFRESH_FRACTION = 0.25  # a cached token is re-minted after this share of the ttl
+_ALGORITHMS: Final = frozenset({"ES256"})
+MAX_TOKEN_SIZE: Final = 8 * 1024
+MINT_CACHE_SIZE: Final = 4096  # distinct (user, roles) pairs kept; the oldest is dropped past it
+REFRESH_FRACTION: Final = 0.25  # a cached token is re-minted after this share of the ttl
 
 
 class MeshTokenStrip:

@@ -18,6 +18,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from ..clock import Clock
 from ..config.rate_limit import RateLimitConfig
@@ -45,7 +46,7 @@ class Verdict:
 
 # Refill adds rate * elapsed in floating point: 0.5 + 0.5 may come out as 0.9999999999.
 # Without this tolerance a client pacing itself exactly at the rate would lose tokens.
-_EPSILON = 1e-9
+_EPSILON: Final = 1e-9
 
 
 class _Bucket:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..config.validation import ValidationConfig, check_json_schema
 from ..config.reader import ConfigError
@@ -24,10 +24,10 @@ from ..strict_json import DuplicateMember, strict_json
 
 __all__ = ["FLAG", "SCHEMA_BODY_LIMIT", "ValidationFilter", "build_validation"]
 
-FLAG = "IV"
-SCHEMA_BODY_LIMIT = 1024 * 1024  # a schema route without max_body buffers at most this
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_MAX_DETAIL = 300
+FLAG: Final = "IV"
+SCHEMA_BODY_LIMIT: Final = 1024 * 1024  # a schema route without max_body buffers at most this
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+_MAX_DETAIL: Final = 300
 
 
 class _Route:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Final
 
 __all__ = [
     "DEFAULT_MESH_TOKEN_HEADER",
@@ -16,24 +17,24 @@ __all__ = [
 
 # RFC 9110 §5.1: a field name is a token. Matched against the lower-cased name, the form in
 # which the mesh keeps header names (config, matchers, the parser's output).
-HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+HEADER_NAME: Final = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
 # RFC 9110 §7.6.1: meaningful for one hop only; framing is re-done by us on each side.
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"content-length", b"host", b"expect",
 })
 
 # Headers only the mesh may set. Stripped from anything arriving from outside the sidecar,
 # so an app can trust them.
-MESH_INTERNAL = frozenset({b"x-pake-peer-identity", b"x-pake-attempts", b"x-pake-principal",
-                           b"x-pake-roles"})
+MESH_INTERNAL: Final = frozenset({b"x-pake-peer-identity", b"x-pake-attempts", b"x-pake-principal",
+                                  b"x-pake-roles"})
 # Headers the sidecar sets for the app after authentication; never taken from outside.
-RESERVED_HEADERS = ("x-pake-peer-identity", "x-pake-principal", "x-pake-roles")
+RESERVED_HEADERS: Final = ("x-pake-peer-identity", "x-pake-principal", "x-pake-roles")
 # Where the gateway's mesh token (the end user, signed) travels. Not in MESH_INTERNAL: it
 # must pass the outbound and inbound sidecars when an app forwards it; the gateway strips it
 # from outside callers and an inbound sidecar ignores it without an mTLS peer.
-DEFAULT_MESH_TOKEN_HEADER = "x-pake-user"
+DEFAULT_MESH_TOKEN_HEADER: Final = "x-pake-user"
 
 
 def connection_tokens(values: list[bytes]) -> set[bytes]:

@@ -14,7 +14,7 @@ No asyncio here: the connection feeds bytes and receives calls on a ``RequestSin
 from __future__ import annotations
 
 import functools
-from typing import Protocol
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -25,10 +25,24 @@ from .message import RequestHead
 
 __all__ = ["RequestParser", "RequestSink"]
 
-(_HOST, _REQUEST_ID, _FORWARDED_FOR, _FORWARDED_PROTO, _CONTENT_LENGTH, _TRANSFER_ENCODING,
- _CONNECTION, _UPGRADE, _EXPECT, _DROP, _TRACEPARENT, _TRACESTATE) = range(12)
+# Final, so that the compiled form compares with constants: names bound by unpacking
+# ``range(12)`` were read from the module's dict at each comparison (34 look-ups, ~4.7k
+# instructions a realistic head, callgrind).
+_HOST: Final = 0
+_REQUEST_ID: Final = 1
+_FORWARDED_FOR: Final = 2
+_FORWARDED_PROTO: Final = 3
+_CONTENT_LENGTH: Final = 4
+_TRANSFER_ENCODING: Final = 5
+_CONNECTION: Final = 6
+_UPGRADE: Final = 7
+_EXPECT: Final = 8
+_DROP: Final = 9
+_TRACEPARENT: Final = 10
+_TRACESTATE: Final = 11
+_PLAIN: Final = -1  # an end-to-end header: forwarded as it is
 # One dict look-up per header decides everything that is not a plain end-to-end header.
-_SPECIAL: dict[bytes, int] = {
+_SPECIAL: Final[dict[bytes, int]] = {
     **{name: _DROP for name in HOP_BY_HOP | MESH_INTERNAL},
     b"host": _HOST, b"x-request-id": _REQUEST_ID, b"x-forwarded-for": _FORWARDED_FOR,
     b"x-forwarded-proto": _FORWARDED_PROTO, b"content-length": _CONTENT_LENGTH,
@@ -36,20 +50,24 @@ _SPECIAL: dict[bytes, int] = {
     b"expect": _EXPECT, b"traceparent": _TRACEPARENT, b"tracestate": _TRACESTATE,
 }
 # Header names as clients commonly spell them (lower case, or capitalised as curl, Go and
-# browsers do), mapped to one lower-case object: a dict look-up instead of a ``lower()`` call
-# and a fresh object to hash for ``_SPECIAL`` (compiled, ~250 instructions less a header).
-# Fixed at import; any other spelling is lowered as before.
-_COMMON_NAMES = (
+# browsers do), mapped to one lower-case object and its ``_SPECIAL`` code: one dict look-up
+# instead of a ``lower()`` call and a second look-up of a fresh object to hash (compiled,
+# ~250 instructions less a header, and the second look-up ~100 more). Fixed at import; any
+# other spelling is lowered and looked up in ``_SPECIAL`` as before. None of them has an
+# underscore, so only names outside the table are searched for one.
+_COMMON_NAMES: Final = (
     *_SPECIAL, b"accept", b"accept-encoding", b"accept-language", b"authorization", b"baggage",
     b"cache-control", b"content-type", b"cookie", b"if-none-match", b"if-modified-since",
     b"origin", b"pragma", b"referer", b"user-agent", b"x-api-key", b"x-real-ip",
 )
-_LOWER: dict[bytes, bytes] = {
-    **{name: name for name in _COMMON_NAMES},
-    **{name.title(): name for name in _COMMON_NAMES},
+# (the lower-case name, its code, whether the spelling is already the lower-case name)
+_KNOWN: Final[dict[bytes, tuple[bytes, int, bool]]] = {
+    spelling: (name, _SPECIAL.get(name, _PLAIN), spelling == name)
+    for name in _COMMON_NAMES for spelling in (name, name.title())
 }
-_MAX_CHUNK_OVERHEAD = 4096  # bytes of chunk-size line + extensions allowed per chunk
-_HOST_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")
+_NO_HOST: Final = b"\x00"  # never a Host that passes ``_check_host``
+_MAX_CHUNK_OVERHEAD: Final = 4096  # bytes of chunk-size line + extensions allowed per chunk
+_HOST_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")
 
 
 class RequestSink(Protocol):
@@ -63,7 +81,7 @@ class RequestParser:
         "_sink", "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
         "_chunked", "_chunks", "_overhead", "_body_bytes", "_max_body", "_max_head", "upgraded",
         "_body_total", "_head_rest", "_head_done_here", "_fed_now", "_account", "_held",
-        "_length",
+        "_length", "_host", "_authority", "_hostname",
     )
 
     def __init__(self, sink: RequestSink, limits: Limits) -> None:
@@ -82,6 +100,12 @@ class RequestParser:
         self._overhead = 0
         self._body_bytes = 0
         self._length = 0  # the Content-Length of the body being read (not chunked)
+        # The last Host header and what it checked out as: a keep-alive client names the same
+        # host on every request, and a bytes compare is cheaper than the checks (~1.7k
+        # instructions a request, callgrind). Starts as a value no Host can equal.
+        self._host = _NO_HOST
+        self._authority = ""
+        self._hostname = ""
         self._body_total = 0  # body bytes of all messages: never reset, for per-read deltas
         self._head_rest = 0  # estimated head bytes in the read where the head completed
         self._head_done_here = False
@@ -117,6 +141,12 @@ class RequestParser:
             if heads == 0:
                 return 1 if buf[0] == 10 else 2
         at = pos - 2 if pos >= 2 else 0
+        # Most reads hold fewer heads than there is room for: one count (a generic call once
+        # compiled, ~1k instructions) instead of a find per head and one more that fails.
+        # ``count`` skips overlapping matches, but two head ends are at least a request line
+        # apart, so it never counts fewer than the heads that can end here.
+        if buf.count(b"\n\r\n", at, end) < heads:
+            return end
         while True:
             at = buf.find(b"\n\r\n", at, end)
             if at < 0:
@@ -273,10 +303,12 @@ class RequestParser:
         if self._head_bytes > limits.max_headers_size and \
                 sum(len(n) + len(v) + 4 for n, v in headers) > limits.max_headers_size:
             raise DownstreamProtocolError("request headers too large", 431, "headers_too_large")
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise DownstreamProtocolError(f"HTTP version {version} is not supported", 505,
-                                          "http_version_not_supported")
+        # llhttp keeps an HTTP/1.1 request alive unless it says ``Connection: close``, and any
+        # other version only with a ``Connection: keep-alive`` (RFC 9112 §9.3). So a request
+        # kept alive with no Connection header is 1.1, and ``get_http_version`` (a string
+        # format, ~2.2k instructions) runs only for the others: here, or after the headers.
+        keep_alive = parser.should_keep_alive()
+        version = "1.1" if keep_alive else _version(parser)
         method = parser.get_method().decode("ascii")
         if method == "CONNECT":
             raise DownstreamProtocolError("CONNECT is not supported", 405, "method_not_allowed")
@@ -293,42 +325,50 @@ class RequestParser:
         request_id: bytes | None = None
         traceparent: bytes | None = None
         tracestate = False
-        kept: list[tuple[bytes, bytes]] = []
-        keep = kept.append
-        special = _SPECIAL
+        # ``kept.append``, not a bound ``keep = kept.append``: compiled, the method is a direct
+        # list append; the bound one is a generic call (~200 instructions each).
+        # ``tuple[bytes, ...]``, not ``tuple[bytes, bytes]``: compiled, a fixed-length tuple is
+        # unpacked into a C struct and boxed again into a new tuple when stored, and a header
+        # whose name is already lower case is forwarded as the pair llhttp's callback made.
+        kept: list[tuple[bytes, ...]] = []
         underscores_ok = limits.allow_underscores_in_headers
-        lower = _LOWER
-        for raw_name, value in headers:
-            name = lower.get(raw_name)
-            if name is None:
+        known = _KNOWN
+        for pair in cast("list[tuple[bytes, ...]]", headers):
+            raw_name = pair[0]
+            value = pair[1]
+            entry = known.get(raw_name)
+            if entry is None:
                 name = raw_name.lower()
-            code = special.get(name)
-            if code is None:
+                as_received = name == raw_name
+                # Only here: no name in ``_KNOWN`` has an underscore, and a ``find`` is a
+                # generic method call once compiled (~1k instructions a header, callgrind).
                 # find, not ``in``: bytes.__contains__ first tries the operand as an int and
-                # raises and clears a TypeError, ~1.8k instructions a header (callgrind)
+                # raises and clears a TypeError, ~1.8k instructions a header.
                 if not underscores_ok and name.find(b"_") >= 0:
                     raise DownstreamProtocolError(
                         f"header name with underscore refused: {name.decode('latin-1')}")
-                keep((name, value))
+                code = _SPECIAL.get(name, _PLAIN)
+            else:
+                name, code, as_received = entry
+            if code == _PLAIN:
+                kept.append(pair if as_received else (name, value))
             elif code == _HOST:
                 host = value
                 hosts += 1
             elif code == _REQUEST_ID:
                 request_id = value
-                keep((name, value))
+                kept.append((name, value))
             elif code == _FORWARDED_FOR:
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
             elif code == _FORWARDED_PROTO:
                 forwarded_proto = value
-                keep((name, value))
+                kept.append((name, value))
             elif code == _CONTENT_LENGTH:
                 content_length = int(value)  # llhttp checked the digits and duplicates
             elif code == _TRANSFER_ENCODING:
                 if value.strip().lower() != b"chunked":
                     raise DownstreamProtocolError(
                         "Transfer-Encoding other than a single chunked is refused")
-                if version == "1.0":  # HTTP/1.0 has no chunked coding (RFC 9112 §6.1)
-                    raise DownstreamProtocolError("Transfer-Encoding in an HTTP/1.0 request")
                 chunked = True
             elif code == _CONNECTION:
                 if connection is None:
@@ -342,20 +382,24 @@ class RequestParser:
                 expect = True
             elif code == _TRACEPARENT:  # kept: forwarded as is when tracing is off
                 traceparent = value if traceparent is None else b""  # two: neither is believed
-                keep((name, value))
+                kept.append((name, value))
             elif code == _TRACESTATE:
                 tracestate = True
-                keep((name, value))
+                kept.append((name, value))
             # else: hop-by-hop or mesh-internal: dropped
 
         if connection is not None:
+            if keep_alive:  # perhaps an HTTP/1.0 (or 2.0) request with Connection: keep-alive
+                version = _version(parser)
             tokens = connection_tokens(connection)
             # headers the client named in Connection are hop-by-hop too
-            kept = [(n, v) for n, v in kept if n not in tokens]
+            kept = [pair for pair in kept if pair[0] not in tokens]
             if upgrade is not None and b"upgrade" not in tokens:
                 upgrade = None
         else:
             upgrade = None
+        if chunked and version == "1.0":  # HTTP/1.0 has no chunked coding (RFC 9112 §6.1)
+            raise DownstreamProtocolError("Transfer-Encoding in an HTTP/1.0 request")
 
         target, authority = self._target(method)
         if hosts > 1:  # RFC 9112 §3.2: a 400 whatever the target's form
@@ -364,16 +408,22 @@ class RequestParser:
             if host is None:
                 if version == "1.1":
                     raise DownstreamProtocolError("HTTP/1.1 request without Host")
-                authority = ""
+                authority = hostname = ""
+            elif host == self._host:
+                authority, hostname = self._authority, self._hostname
             else:
-                authority = _check_host(host)
-        elif host is not None:
-            _check_host(host)  # an invalid Host is refused even where the target's authority wins
+                authority = self._authority = _check_host(host)
+                hostname = self._hostname = _strip_port(authority)
+                self._host = host
+        else:
+            if host is not None:
+                _check_host(host)  # an invalid Host is refused even where the target's authority wins
+            hostname = _strip_port(authority)
         query = target.find(b"?")
         path = (target if query < 0 else target[:query]).decode("latin-1")
         return RequestHead(
-            method, target, path, authority, _strip_port(authority), version, kept,
-            content_length, chunked, parser.should_keep_alive(), upgrade, expect,
+            method, target, path, authority, hostname, version, cast("list[tuple[bytes, bytes]]", kept),
+            content_length, chunked, keep_alive, upgrade, expect,
             forwarded_for, forwarded_proto, request_id, traceparent, tracestate,
         )
 
@@ -401,6 +451,14 @@ class RequestParser:
                 target = b"/" + target
             return target, _check_host(authority)
         raise DownstreamProtocolError("malformed request target")
+
+
+def _version(parser: httptools.HttpRequestParser) -> str:
+    version: str = parser.get_http_version()
+    if version != "1.1" and version != "1.0":
+        raise DownstreamProtocolError(f"HTTP version {version} is not supported", 505,
+                                      "http_version_not_supported")
+    return version
 
 
 @functools.lru_cache(maxsize=256)  # a pure function; a sidecar sees few distinct hosts

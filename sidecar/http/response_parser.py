@@ -9,7 +9,7 @@ answers ``Expect: 100-continue`` itself and never forwards Expect.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -19,9 +19,37 @@ from .message import ResponseHead
 
 __all__ = ["ResponseParser", "ResponseSink"]
 
-_MAX_HEAD = 96 * 1024
-_HOP_LENGTHS = frozenset(len(name) for name in HOP_BY_HOP)
-_MAX_HEADERS = 200
+_MAX_HEAD: Final = 96 * 1024
+_PLAIN: Final = 0
+_REQUEST_ID: Final = 1
+_HOP: Final = 2
+_UPGRADE: Final = 3
+_CONTENT_LENGTH: Final = 4
+_TRANSFER_ENCODING: Final = 5
+_CONNECTION: Final = 6
+# What a response header is, by its name as servers commonly spell it (lower case or
+# capitalised): one dict look-up a header instead of a ``lower()`` call for every name as
+# long as a hop-by-hop one (compiled, a generic method call of ~700 instructions). A name
+# not in the table is lowered only when its length is one of the table's special names'.
+_SPECIAL_CODES: Final[dict[bytes, int]] = {
+    **{name: _HOP for name in HOP_BY_HOP}, b"x-request-id": _REQUEST_ID, b"upgrade": _UPGRADE,
+    b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+}
+_COMMON_PLAIN: Final = (b"content-type", b"cache-control", b"date", b"server", b"vary", b"etag",
+                        b"last-modified", b"location", b"set-cookie", b"content-encoding")
+_RESPONSE_NAMES: Final[dict[bytes, int]] = {
+    **{name: _PLAIN for name in _COMMON_PLAIN}, **{name.title(): _PLAIN for name in _COMMON_PLAIN},
+    **_SPECIAL_CODES, **{name.title(): code for name, code in _SPECIAL_CODES.items()},
+    b"X-Request-ID": _REQUEST_ID, b"TE": _HOP,
+}
+_LONGEST_SPECIAL: Final = max(len(name) for name in _SPECIAL_CODES)
+# by a name's length, 1 when a special name is that long: most plain names (date, vary,
+# cache-control, the x- ones) are not, and skip the look-up and its hash of a fresh object
+# (~350 instructions a header, callgrind); indexing bytes is a compiled primitive
+_SPECIAL_LENGTHS: Final = bytes(
+    1 if any(len(name) == n for name in _SPECIAL_CODES) else 0 for n in range(_LONGEST_SPECIAL + 1))
+_MAX_HEADERS: Final = 200
 # RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ). llhttp lets other control
 # characters (NUL among them) through, and we forward the reason as received.
 
@@ -43,7 +71,7 @@ class ResponseSink(Protocol):
 
 class ResponseParser:
     __slots__ = ("sink", "_parser", "_headers", "_head_bytes", "_in_head", "head_only",
-                 "reason", "started", "done", "upgraded")
+                 "reason", "started", "done", "upgraded", "_interim")
 
     def __init__(self, sink: ResponseSink) -> None:
         self.sink = sink
@@ -66,6 +94,7 @@ class ResponseParser:
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._in_head = True
+        self._interim = False  # a 1xx other than 101: its end is not the response's
         self.reason = b""
 
     def feed(self, data: bytes | memoryview) -> bytes:
@@ -116,39 +145,47 @@ class ResponseParser:
         if _has_control(self.reason):
             raise UpstreamProtocolError("control character in upstream reason phrase")
         if 100 <= status < 200 and status != 101:
+            self._interim = True
             return
         content_length = None
         chunked = False
         connection: list[bytes] = []
         upgrade: bytes | None = None
-        kept: list[tuple[bytes, bytes]] = []
+        kept: list[tuple[bytes, ...]] = []  # the pairs on_header made (see request_parser)
         has_request_id = False
-        for raw_name, value in self._headers:
-            # names are forwarded as received; only possible hop-by-hop ones are lower-cased
-            if len(raw_name) not in _HOP_LENGTHS:
-                if len(raw_name) == 12 and raw_name.lower() == b"x-request-id":
-                    has_request_id = True
-                kept.append((raw_name, value))
-                continue
-            name = raw_name.lower()
-            if name in HOP_BY_HOP:
-                if name == b"upgrade":
-                    upgrade = value
-                elif name == b"content-length":
-                    content_length = int(value)
-                elif name == b"transfer-encoding":
-                    if value.strip().lower() != b"chunked":  # we re-frame: another coding would be lost
-                        raise UpstreamProtocolError("upstream Transfer-Encoding other than chunked")
-                    chunked = True
-                elif name == b"connection":
-                    connection.append(value)
-                continue
-            kept.append((raw_name, value))
+        names = _RESPONSE_NAMES
+        lengths = _SPECIAL_LENGTHS
+        for pair in cast("list[tuple[bytes, ...]]", self._headers):
+            raw_name = pair[0]
+            value = pair[1]
+            # names are forwarded as received; only possible special ones are lower-cased
+            n = len(raw_name)
+            if n > _LONGEST_SPECIAL or not lengths[n]:
+                code = _PLAIN
+            else:
+                found = names.get(raw_name)
+                code = names.get(raw_name.lower(), _PLAIN) if found is None else found
+            if code == _PLAIN:
+                kept.append(pair)
+            elif code == _REQUEST_ID:
+                has_request_id = True
+                kept.append(pair)
+            elif code == _CONTENT_LENGTH:
+                content_length = int(value)
+            elif code == _TRANSFER_ENCODING:
+                if value.strip().lower() != b"chunked":  # we re-frame: another coding would be lost
+                    raise UpstreamProtocolError("upstream Transfer-Encoding other than chunked")
+                chunked = True
+            elif code == _CONNECTION:
+                connection.append(value)
+            elif code == _UPGRADE:
+                upgrade = value
+            # else: another hop-by-hop header, dropped
         if connection:
             tokens = connection_tokens(connection)
-            kept = [(n, v) for n, v in kept if n.lower() not in tokens]
+            kept = [pair for pair in kept if pair[0].lower() not in tokens]
         head = ResponseHead(
-            status=status, reason=self.reason or b"-", headers=kept,
+            status=status, reason=self.reason or b"-", headers=cast("list[tuple[bytes, bytes]]", kept),
             content_length=content_length, chunked=chunked,
             keep_alive=self._parser.should_keep_alive(),
             upgrade=upgrade if status == 101 else None, has_request_id=has_request_id,
@@ -163,8 +200,7 @@ class ResponseParser:
             self.sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if self._interim:  # known from the head: no second call into the parser for the status
             self._reset()  # an interim response; the final one follows
             return
         if not self.done:

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from ..config.model import DownstreamTimeouts, Limits
 from ..errors import DownstreamProtocolError, LocalReply
@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
 
-LINGER_SECONDS = 2.0  # how long a closing connection keeps reading what the client still sends
-LINGER_BYTES = 64 * 1024 * 1024  # ... and how much of it, at most (time is the real bound)
-MIN_HEAD = len(b"GET / HTTP/1.0\r\n\r\n")  # the shortest request head llhttp accepts
+LINGER_SECONDS: Final = 2.0  # how long a closing connection keeps reading what the client still sends
+LINGER_BYTES: Final = 64 * 1024 * 1024  # ... and how much of it, at most (time is the real bound)
+MIN_HEAD: Final = len(b"GET / HTTP/1.0\r\n\r\n")  # the shortest request head llhttp accepts
 
 
 @dataclass(slots=True)
@@ -45,7 +45,9 @@ class ServerState:
 
     connections: set[DownstreamConnection] = field(default_factory=set)
     draining: bool = False
-    overloaded: bool = False  # sidecar.overload: new requests get 503 OL, keep-alive is off
+    # sidecar.overload: while set, every new request gets this reply (503 OL) before any
+    # filter, route or upstream sees it, and keep-alive is off
+    overload: LocalReply | None = None
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -111,7 +113,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
     def draining(self) -> bool:
         """No keep-alive: the sidecar drains, or is overloaded (sidecar.overload)."""
         state = self.ctx.state
-        return state.draining or state.overloaded
+        return state.draining or state.overload is not None
 
     # === asyncio.Protocol ===============================================================
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -222,8 +224,12 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         try:
             while not self.closed:
                 if streams and streams[0] is not self._started:
-                    self._started = streams[0]
-                    self.ctx.start(streams[0])
+                    stream = self._started = streams[0]
+                    overload = self.ctx.state.overload
+                    if overload is None:
+                        self.ctx.start(stream)
+                    else:
+                        self.ctx.refuse(stream, overload)  # (before any filter or route)
                     continue
                 held = self._unparsed
                 if held and len(streams) <= self.ctx.limits.max_pipelined:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..errors import LocalReply
 from ..exchange import Exchange
@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Stream", "HIGH_WATER"]
 
-HIGH_WATER = 64 * 1024
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_NO_BODY = frozenset({204, 304})
-_MODE_NONE, _MODE_LENGTH, _MODE_CHUNKED, _MODE_CLOSE = 0, 1, 2, 3
+HIGH_WATER: Final = 64 * 1024
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY: Final = frozenset({204, 304})
+_MODE_NONE: Final = 0
+_MODE_LENGTH: Final = 1
+_MODE_CHUNKED: Final = 2
+_MODE_CLOSE: Final = 3
 
 
 class Stream:

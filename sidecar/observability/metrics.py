@@ -16,7 +16,7 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .exposition import (Collector, CollectorRegistry, Counter, CounterMetricFamily, Gauge,
                          HistogramMetricFamily, Metric, generate_latest)
@@ -26,21 +26,23 @@ if TYPE_CHECKING:
 
 __all__ = ["DENIAL_FLAGS", "Metrics", "Series"]
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                    2.5, 5.0, 10.0, 30.0)
-_BOUNDS = (*_LATENCY_BUCKETS, float("inf"))
-_BOUND_LABELS = tuple("+Inf" if b == float("inf") else repr(b) for b in _BOUNDS)
+# Typed: a bare ``Final`` tuple of float literals compiles to a constant that the module's own
+# initialiser then cannot read ("value for final name ... was not set", mypyc 1.x).
+_LATENCY_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BOUNDS: Final = (*_LATENCY_BUCKETS, float("inf"))
+_BOUND_LABELS: Final = tuple("+Inf" if b == float("inf") else repr(b) for b in _BOUNDS)
 # Flags of a refusal by policy (authn, RBAC, rate limit): a denial for the control plane.
-DENIAL_FLAGS = frozenset({"UAEX", "RBAC", "RL"})
-_RECENT_DENIALS = 32  # the protocol's MAX_DENIALS: a stats message carries no more
-_MAX_TEXT = 256  # the protocol's bound on a string
+DENIAL_FLAGS: Final = frozenset({"UAEX", "RBAC", "RL"})
+_RECENT_DENIALS: Final = 32  # the protocol's MAX_DENIALS: a stats message carries no more
+_MAX_TEXT: Final = 256  # the protocol's bound on a string
 
 
 def _cut(text: str) -> str:
     return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT - 3] + "..."
 
 
-_CLASS_LABELS = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")  # by status // 100 (0: other)
+_CLASS_LABELS: Final = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")  # by status // 100 (0: other)
 
 
 class Series:

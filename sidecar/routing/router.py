@@ -25,7 +25,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..config.model import RouteConfig
 from ..errors import (LocalReply, NoHealthyUpstream, NoRoute, PayloadTooLarge, ProxyError,
@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Router"]
 
+# the last line of a try's head, for the counts a route's retries reach (no formatting per try)
+_ATTEMPT_LINES: Final = tuple(b"x-pake-attempts: %d\r\n\r\n" % n for n in range(16))
+
+
 class Router:
     """Drives the listener's ``Stream``, named for type checking only (no import at run time:
     the listener imports the router). A concrete type, not a protocol: compiled, the router
@@ -66,7 +70,7 @@ class Router:
         targets = route.to
         if len(targets) == 1:
             return targets[0].service
-        return stream.snapshot.chooser(route).pick(self._rng.random()).service
+        return stream.snapshot.choosers[id(route)].pick(self._rng.random()).service
 
     # === start ==============================================================================
     def start(self, stream: Stream) -> None:
@@ -216,8 +220,11 @@ class Router:
         tries.reused = reused
         conn.start(stream, stream.head.method == "HEAD")
         trace = ex.trace_header if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
-        stream.attach(conn, tries.head_bytes + trace + b"x-pake-attempts: %d\r\n\r\n" % ex.attempts,
-                      again=tries.head_sent)
+        attempts = ex.attempts
+        last = _ATTEMPT_LINES[attempts] if attempts < len(_ATTEMPT_LINES) else \
+            b"x-pake-attempts: %d\r\n\r\n" % attempts
+        # one join: two ``+`` copied the whole head twice
+        stream.attach(conn, b"".join((tries.head_bytes, trace, last)), again=tries.head_sent)
         tries.head_sent = True
 
     def _release(self, stream: Stream, *, abort: bool = False) -> None:

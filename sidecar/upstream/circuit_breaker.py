@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from ..config.breaker import BreakerConfig
 from ..errors import CircuitOpen, UpstreamOverflow
@@ -51,7 +52,7 @@ class RejectReason(enum.IntEnum):
     MAX_CONNECTIONS = 5
 
 
-_REASON_TEXT = {
+_REASON_TEXT: Final = {
     RejectReason.OPEN: "circuit breaker open",
     RejectReason.HALF_OPEN_BUSY: "circuit breaker half-open, trial requests in flight",
     RejectReason.MAX_REQUESTS: "max active requests reached",
@@ -100,7 +101,7 @@ class Rejection:
 
 
 # One immutable instance per reason: a rejection must be as cheap as possible.
-REJECTIONS = {reason: Rejection(reason) for reason in RejectReason}
+REJECTIONS: Final = {reason: Rejection(reason) for reason in RejectReason}
 
 
 def failure_outcomes(names: Iterable[str]) -> frozenset[Outcome]:

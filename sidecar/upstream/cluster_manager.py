@@ -19,7 +19,7 @@ import contextlib
 import functools
 import ssl
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 
@@ -36,8 +36,8 @@ from .retry import RetryPolicy
 
 __all__ = ["ClusterManager", "ClusterSet", "LOCAL_APP", "retire_later"]
 
-LOCAL_APP = "local-app"
-UPSTREAM_READ_SIZE = 64 * 1024
+LOCAL_APP: Final = "local-app"
+UPSTREAM_READ_SIZE: Final = 64 * 1024
 log = structlog.get_logger("pake.cluster")
 
 PoolKey = tuple[str, Address, PoolConfig, bool]

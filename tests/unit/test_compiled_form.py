@@ -4,6 +4,7 @@ pure-Python sidecar behind, never a half-built one."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -149,3 +150,28 @@ def test_no_class_made_per_request_runs_an_interpreted_init_when_compiled() -> N
     per_request = {name for name in seen["interpreted"]
                    if name not in MADE_AT_CONFIG_TIME and not name.startswith("sidecar.config.")}
     assert not per_request, f"{sorted(per_request)}: write the __init__ out (see Exchange.__init__)"
+
+
+# Module-level names of compiled modules that are not constants: type aliases and loggers.
+NOT_CONSTANTS = {"log", "Stage", "Decision", "TransitionCallback", "EjectionCallback",
+                 "ClusterSource", "_Handed", "PoolKey", "Address", "Mode", "T", "SSLProtocolClass",
+                 "__all__"}
+
+
+def test_every_module_constant_of_the_compiled_form_is_final() -> None:
+    # Compiled, a module-level name without ``Final`` is a look-up in the module's dict each
+    # time it is read (~130 instructions; 34 of them a request head when the header codes were
+    # unpacked from ``range``); a Final one is a C constant or static.
+    loose = []
+    for source in compiled.sources():
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.Assign):
+                names = [e.id for t in node.targets
+                         for e in (t.elts if isinstance(t, ast.Tuple) else [t]) if isinstance(e, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                    and "Final" not in ast.unparse(node.annotation):
+                names = [node.target.id]
+            else:
+                continue
+            loose += [f"{source.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n not in NOT_CONSTANTS]
+    assert not loose, f"declare these Final: {loose}"

@@ -11,7 +11,7 @@ from sidecar.config.model import Limits
 from sidecar.errors import DownstreamProtocolError
 from sidecar.http.headers import is_valid_request_id
 from sidecar.http.message import RequestHead
-from sidecar.http.request_parser import _LOWER, RequestParser
+from sidecar.http.request_parser import _KNOWN, _PLAIN, _SPECIAL, RequestParser
 
 
 @dataclass
@@ -116,6 +116,14 @@ def test_http10_defaults_to_close_and_needs_no_host() -> None:
 def test_connection_close_is_honoured() -> None:
     head, _ = one(b"GET / HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
     assert not head.keep_alive
+
+
+@pytest.mark.parametrize("piece", [None, 1])
+def test_names_are_forwarded_in_lower_case_however_the_client_spelled_them(piece: int | None) -> None:
+    sink = parse(b"GET / HTTP/1.1\r\nHost: echo\r\nAccept: a\r\naccept-language: b\r\nUSER-AGENT: c\r\n"
+                 b"X-Custom: d\r\nx-lower: e\r\nCookie: f\r\n\r\n", piece=piece)
+    assert sink.heads[0].headers == [(b"accept", b"a"), (b"accept-language", b"b"), (b"user-agent", b"c"),
+                                     (b"x-custom", b"d"), (b"x-lower", b"e"), (b"cookie", b"f")]
 
 
 def test_value_bytes_are_kept_as_received() -> None:
@@ -334,7 +342,13 @@ def test_a_callers_request_id_is_kept_only_when_short_and_printable(value: bytes
 
 def test_the_common_name_table_only_ever_lowers_a_name() -> None:
     # a wrong entry would turn one header into another on the way upstream
-    assert _LOWER and all(raw.lower() == name for raw, name in _LOWER.items())
+    assert _KNOWN and all(raw.lower() == name for raw, (name, _, _) in _KNOWN.items())
+    # and decides what the name is as the table of special names would
+    assert all(code == _SPECIAL.get(name, _PLAIN) for name, code, _ in _KNOWN.values())
+    # a spelling is forwarded as received only when it is the lower-case name itself
+    assert all(as_received is (raw == name) for raw, (name, _, as_received) in _KNOWN.items())
+    # names found in it skip the underscore check, so none may have one
+    assert not any(b"_" in raw for raw in _KNOWN)
 
 
 @pytest.mark.parametrize("spelling", [b"X-Forwarded-Proto", b"x-forwarded-proto", b"X-FORWARDED-PROTO",
@@ -344,3 +358,46 @@ def test_a_header_name_is_recognised_in_any_spelling(spelling: bytes) -> None:
                   b"ACCEPT-LANGUAGE: en\r\n\r\n")
     assert head.forwarded_proto == b"https"
     assert [n for n, _ in head.headers] == [b"x-forwarded-proto", b"accept", b"accept-language"]
+
+
+VERSIONS = [b"1.0", b"1.1", b"2.0", b"0.9"]  # the ones llhttp reads (it refuses 3.0 itself)
+CONNECTIONS = [b"", b"Connection: close\r\n", b"Connection: keep-alive\r\n",
+               b"Connection: Keep-Alive, x-a\r\nX-A: 1\r\n", b"Connection: upgrade\r\nUpgrade: ws\r\n"]
+
+
+@pytest.mark.parametrize("connection", CONNECTIONS)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_version_is_the_request_lines_whatever_its_connection_header(version: bytes, connection: bytes) -> None:
+    # A kept-alive request without Connection is taken for 1.1 without asking llhttp for the
+    # version string; every other one must still be read as what its request line says.
+    data = b"GET / HTTP/" + version + b"\r\nHost: echo\r\n" + connection + b"\r\n"
+    if version not in (b"1.0", b"1.1"):
+        assert refusal(data) == (505, "http_version_not_supported")
+        return
+    head, _ = one(data)
+    assert head.version == version.decode()
+    assert head.keep_alive is (b"close" not in connection and (version == b"1.1" or b"eep-" in connection))
+
+
+@pytest.mark.parametrize("connection", CONNECTIONS[:3])
+def test_a_chunked_http10_request_is_refused_whatever_its_connection_header(connection: bytes) -> None:
+    data = (b"POST / HTTP/1.0\r\nHost: echo\r\n" + connection + b"Transfer-Encoding: chunked\r\n\r\n"
+            b"1\r\na\r\n0\r\n\r\n")
+    assert refusal(data) == (400, "bad_request")
+
+
+def test_each_request_on_a_connection_gets_its_own_host() -> None:
+    # the parser remembers the last Host it checked; a different one must be checked anew
+    hosts = [b"Echo", b"Echo", b"b:8080", b"Echo", b"[::1]:9", b"b:8080"]
+    data = b"".join(b"GET / HTTP/1.1\r\nHost: " + h + b"\r\n\r\n" for h in hosts)
+    data += b"GET http://c:1/x HTTP/1.1\r\nHost: b:8080\r\n\r\nGET / HTTP/1.0\r\n\r\n"
+    sink = parse(data)
+    assert [(h.authority, h.host) for h in sink.heads] == [
+        ("echo", "echo"), ("echo", "echo"), ("b:8080", "b"), ("echo", "echo"), ("[::1]:9", "[::1]"),
+        ("b:8080", "b"), ("c:1", "c"), ("", "")]
+    sink = Sink()
+    parser = RequestParser(sink, Limits())
+    parser.feed(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+    with pytest.raises(DownstreamProtocolError, match="invalid Host"):
+        parser.feed(b"GET / HTTP/1.1\r\nHost: ec ho\r\n\r\n")
+    assert [h.authority for h in sink.heads] == ["echo"]

@@ -3,11 +3,13 @@ headers gone, and whether the connection may carry the next request."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from sidecar.errors import UpstreamProtocolError
+from sidecar.http.headers import HOP_BY_HOP
 from sidecar.http.message import ResponseHead
 from sidecar.http.response_parser import ResponseParser
 
@@ -74,6 +76,33 @@ def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
     sink, _, _ = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: X-Private, keep-alive\r\n"
                        b"x-private: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: x\r\n"
                        b"Trailer: X-T\r\nUpgrade: h2c\r\nX-Kept: 2\r\n\r\n")
+    assert sink.heads[0].headers == [(b"X-Kept", b"2")]
+
+
+@pytest.mark.parametrize("spell", [bytes.lower, bytes.title, bytes.upper, bytes.swapcase],
+                         ids=["lower", "title", "upper", "mixed"])
+def test_special_response_headers_are_recognised_in_any_spelling(spell: Callable[[bytes], bytes]) -> None:
+    # the parser knows common spellings by a table and lowers only the rest: any spelling of a
+    # hop-by-hop name is still dropped, and the upstream's request id still noticed
+    names = [b"Content-Length", b"Connection", b"Keep-Alive", b"Proxy-Connection", b"te",
+             b"Trailer", b"Upgrade", b"X-Request-Id", b"Content-Type", b"Vary"]
+    n = [spell(name) for name in names]
+    sink, _, _ = parse(b"HTTP/1.1 200 OK\r\n%s: 2\r\n%s: x-private\r\n%s: timeout=5\r\n"
+                       b"%s: keep-alive\r\n%s: x\r\n%s: X-T\r\n%s: h2c\r\n%s: r-1\r\n%s: text/plain\r\n"
+                       b"%s: accept\r\nX-Private: 1\r\n\r\nok" % tuple(n))
+    head = sink.heads[0]
+    assert head.headers == [(n[7], b"r-1"), (n[8], b"text/plain"), (n[9], b"accept")]
+    assert (head.content_length, head.has_request_id, sink.body) == (2, True, b"ok")
+    sink, _, _ = parse(b"HTTP/1.1 200 OK\r\n%s: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n" % spell(b"Transfer-Encoding"))
+    assert sink.heads[0].chunked and sink.heads[0].headers == [] and sink.body == b"ok"
+
+
+@pytest.mark.parametrize("spell", [bytes.lower, bytes.title, bytes.upper, bytes.swapcase],
+                         ids=["lower", "title", "upper", "mixed"])
+def test_every_hop_by_hop_name_is_dropped_in_any_spelling(spell: Callable[[bytes], bytes]) -> None:
+    # the parser skips the name table for lengths no special name has: none may be missed
+    lines = b"".join(b"%s: x\r\n" % spell(name) for name in sorted(HOP_BY_HOP - {b"transfer-encoding", b"content-length"}))
+    sink, _, _ = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + lines + b"X-Kept: 2\r\n\r\n")
     assert sink.heads[0].headers == [(b"X-Kept", b"2")]
 
 
