@@ -24,8 +24,8 @@ from sidecar.config.model import Bootstrap, ListenerConfig, MeshConfig
 from sidecar.config.load import parse_mesh
 from sidecar.listener.connection import DownstreamConnection, ListenerContext, ServerState
 from sidecar.observability.metrics import Metrics
-from sidecar.pipeline import Pipeline
-from sidecar.snapshot import Snapshot, build_snapshot
+from sidecar.pipeline import Pipeline, SnapshotSlot
+from sidecar.snapshot import build_snapshot
 from sidecar.upstream.cluster_manager import ClusterManager
 from sidecar.upstream.upstream_connection import UpstreamConnection
 
@@ -111,13 +111,11 @@ async def run(profile: str, requests: int, do_profile: bool, trace: float | None
     snapshot = build_snapshot(bootstrap, mesh, clusters=cluster_set)
     pipeline = Pipeline(service="up", metrics=Metrics(), access_log=None, loop=loop, tracer=tracer)
 
-    def hold() -> Snapshot:  # as Sidecar.hold_snapshot: the exchange holds its clusters
-        cluster_set.hold()
-        return snapshot
-
+    snapshots = SnapshotSlot()  # as the sidecar's: the exchange holds its clusters
+    snapshots.current = snapshot
     ctx = ListenerContext(name="inbound", service="up", limits=bootstrap.limits,
                           timeouts=bootstrap.timeouts, state=ServerState(), start=pipeline.start,
-                          abort=pipeline.abort, refuse=pipeline.refuse, current_snapshot=hold,
+                          abort=pipeline.abort, refuse=pipeline.refuse, current_snapshot=snapshots.hold,
                           on_protocol_error=lambda c, e: None)
     first, rest = response_for(profile)
     response = first + b"x-request-id: 7f3c9a2e\r\n" + rest if first else rest
