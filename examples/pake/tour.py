@@ -3,9 +3,9 @@
 Brings up the same mesh as ``make demo`` and then shows, with a printed narrative, what the
 mesh does: a call with a valid JWT; one without (401, and why); a service calling one it
 may not (403, naming the rule); a rate limit (429); ``ai`` failing: retries, the breaker
-opening, fast 503s, recovery; the canary split measured; ``pakectl certs rotate`` under
-traffic with no failed request; the trace of the first call and where the dashboard shows
-it; the audit service's view. Each step checks its outcome: the exit status is 0 only when
+opening, fast 503s, recovery; the trace of the first call and where the dashboard shows
+it; the canary split measured; ``pakectl certs rotate`` under traffic with no failed
+request; the audit service's view. Each step checks its outcome: the exit status is 0 only when
 every step showed what it says, and the mesh is shut down either way.
 """
 
@@ -147,9 +147,34 @@ class Tour:
         say(f"   -> {status} after {time.monotonic() - started:.1f} s: {body.get('answer', body)}")
         self.check({"v1", "v2"} <= models, "the breakers closed again: answers are back from both models")
 
+    async def trace(self, trace_id: str) -> None:
+        say("\n6. The trace of step 1's call, from the control plane's own collector (every sidecar exports at 100%)")
+        admin = self.mesh.address("control", "admin")
+        wanted = {"gateway", "knowledge", "data"}
+        models = {"ai", "ai-canary"}  # the canary split sends a tenth of calls to ai-canary
+
+        def whole(services: set[str]) -> bool:
+            return wanted <= services and bool(models & services)
+
+        body: dict[str, Any] = {}
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            async with self.http.get(f"http://{admin}/api/traces/{trace_id}") as r:
+                body = await r.json() if r.status == 200 else {}
+            if whole(set(body.get("services", ()))) or not self.mesh.tracing:
+                break
+            await asyncio.sleep(0.3)
+        for span in body.get("spans", []):
+            say(f"   {'  ' * span['depth']}{span['service']}: {span['name']} ({span['kind']}) "
+                f"{span['duration_ms']:.1f} ms")
+        say(f"   JSON:      http://{admin}/api/traces/{trace_id}")
+        say(f"   dashboard: http://{admin}/dashboard -> Traces -> {trace_id[:16]}...")
+        self.check(whole(set(body.get("services", ())))
+                   or (not self.mesh.tracing and not body), "one trace across gateway, knowledge, data and ai")
+
     async def canary(self) -> None:
         n = 200
-        say(f"\n6. The canary split: ai's route sends 90% to ai (model v1), 10% to ai-canary (v2); {n} questions "
+        say(f"\n7. The canary split: ai's route sends 90% to ai (model v1), 10% to ai-canary (v2); {n} questions "
             "through knowledge's sidecar")
         url = f"http://{self.mesh.address('knowledge', 'outbound')}/answer?q=canary"
         gate = asyncio.Semaphore(25)
@@ -166,7 +191,7 @@ class Tour:
                    "every question answered, about a tenth by the canary")
 
     async def rotate(self) -> None:
-        say("\n7. pakectl certs rotate while traffic flows (frontend -> echo, knowledge -> data, over mTLS)")
+        say("\n8. pakectl certs rotate while traffic flows (frontend -> echo, knowledge -> data, over mTLS)")
         assert self.mesh.control is not None
         ok, failures = 0, []
         stop = asyncio.Event()
@@ -198,31 +223,6 @@ class Tour:
             f"{ok + len(failures)} requests meanwhile, {len(failures)} failed {failures[:3]}")
         self.check(bool(final) and final.get("renewed") == final.get("total") and not final.get("failed")
                    and ok > 0 and not failures, "every sidecar renewed, 0 failed requests")
-
-    async def trace(self, trace_id: str) -> None:
-        say("\n8. The trace of call 1, from the control plane's own collector (every sidecar exports at 100%)")
-        admin = self.mesh.address("control", "admin")
-        wanted = {"gateway", "knowledge", "data"}
-        models = {"ai", "ai-canary"}  # the canary split sends a tenth of calls to ai-canary
-
-        def whole(services: set[str]) -> bool:
-            return wanted <= services and bool(models & services)
-
-        body: dict[str, Any] = {}
-        started = time.monotonic()
-        while time.monotonic() - started < 10:
-            async with self.http.get(f"http://{admin}/api/traces/{trace_id}") as r:
-                body = await r.json() if r.status == 200 else {}
-            if whole(set(body.get("services", ()))) or not self.mesh.tracing:
-                break
-            await asyncio.sleep(0.3)
-        for span in body.get("spans", []):
-            say(f"   {'  ' * span['depth']}{span['service']}: {span['name']} ({span['kind']}) "
-                f"{span['duration_ms']:.1f} ms")
-        say(f"   JSON:      http://{admin}/api/traces/{trace_id}")
-        say(f"   dashboard: http://{admin}/dashboard -> Traces -> {trace_id[:16]}...")
-        self.check(whole(set(body.get("services", ())))
-                   or (not self.mesh.tracing and not body), "one trace across gateway, knowledge, data and ai")
 
     async def audit(self, request_id: str) -> None:
         say("\n9. The audit service: every sidecar's authn/authz decisions, shipped to it")
@@ -260,9 +260,11 @@ async def run(args: argparse.Namespace) -> int:
             denied = await tour.forbidden()
             await tour.rate_limit()
             await tour.ai_fails()
+            # Before the canary split and the rotation: the collector keeps the newest 1,000
+            # traces (CollectorLimits.max_traces), and the rotation's traffic alone can make more.
+            await tour.trace(trace)
             await tour.canary()
             await tour.rotate()
-            await tour.trace(trace)
             await tour.audit(denied)
             say("")
             if tour.failed:
