@@ -258,6 +258,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.transport = None  # the TLS state goes now, not with this object's cycles (see UpstreamConnection)
         self._deadline.cancel()
         self.route_deadline.cancel()
         self.try_deadline.cancel()

@@ -51,7 +51,6 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.tunnel = False
         self.requests = 0
         self._idle = Deadline(loop, self.close)  # pool idle timeout
-        self.ssl_object: object | None = None
         self.peer_identity: str | None = None  # what the upstream proved in the TLS handshake
         self.limit: object = None  # the cluster connection-limit slot this connection holds
         self.head: ResponseHead | None = None
@@ -115,7 +114,6 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         # A stream connection's transport is a Transport; asyncio types it as the base class.
         transport = self.transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=64 * 1024)
-        self.ssl_object = transport.get_extra_info("ssl_object")
         if self.pool.identify is not None:
             self.peer_identity = self.pool.identify(transport)
 
@@ -153,6 +151,11 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._idle.cancel()
         self.closed = True
+        # This connection and its parser are in reference cycles (llhttp's callbacks, the
+        # transport's bound methods) that only the cyclic GC frees; let go of the transport
+        # now, and with it uvloop's TLS protocol, its 256 KB buffer and OpenSSL's state.
+        # Kept until the GC, a new connection per request held 100+ MB of dead connections.
+        self.transport = None
         self.pool.on_connection_lost(self)
         listener = self.listener
         if listener is None:

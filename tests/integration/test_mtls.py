@@ -9,6 +9,7 @@ request is read); the sidecar counts the reason; the upstream app saw nothing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import re
 import shutil
@@ -22,11 +23,17 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
+import yaml
 from cryptography import x509
 
 from certs import pem
 from certs.ca import CertificateAuthority
 from certs.ssl_context import TlsContextSource, TlsFiles, server_context
+from sidecar.app import Sidecar
+from sidecar.config.load import load_bootstrap, parse_mesh
+from sidecar.config.model import Bootstrap
+from sidecar.observability.log_writer import LogOutputs
 from tests.helpers.pki import MeshPki, make_test_pki, unchecked_context
 from tests.helpers.sidecar_process import SidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
@@ -221,6 +228,69 @@ async def test_outbound_refuses_a_valid_mesh_peer_with_the_wrong_identity(tmp_pa
     assert access["flags"] == "UPE" and access["status"] == 503
     assert "spiffe://pake.local/service/billing" in access["reason"] and ECHO_ID in access["reason"]
     assert billing_app.connections == 0  # the request never left the frontend
+
+
+def test_a_closed_mtls_connection_frees_its_tls_state_when_it_closes(tmp_path: Path) -> None:
+    """With a new connection per request (``pool: {max_idle: 0}``), each closed connection's
+    TLS state (uvloop's TLS protocol with its 256 KB buffer, OpenSSL's SSL object) is freed
+    when the connection closes, on both sides, not at the next full garbage collection: held
+    until then, a pair under such load kept 100+ MB of dead connections (132 / 109 MB of RSS
+    after 8,000 requests). Both sidecars run in this process, on uvloop as in production, with
+    the cyclic GC off: only reference counting frees anything."""
+    pki = make_test_pki(tmp_path / "pki", services=["echo", "frontend"])
+
+    def bootstrap(name: str, boot: dict[str, Any]) -> Bootstrap:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "sidecar.yaml").write_text(yaml.safe_dump({**boot, "mesh": "mesh.yaml"}))
+        return load_bootstrap(d / "sidecar.yaml")
+
+    def live_tls_objects() -> int:
+        return sum(isinstance(o, ssl.SSLObject) for o in gc.get_objects())
+
+    async def scenario() -> tuple[int, int, int]:
+        async with RecordingUpstream() as app:
+            echo = Sidecar(bootstrap("echo", {
+                "service": "echo", "app": app.address, "tls": tls_config(pki.services["echo"]),
+                "listeners": {"inbound": {"address": "127.0.0.1:0", "tls": True}}}),
+                parse_mesh({"services": {"echo": {"endpoints": []}}}), logs=LogOutputs())
+            await echo.start()
+            front = Sidecar(bootstrap("front", {
+                "service": "frontend", "tls": tls_config(pki.services["frontend"]),
+                "listeners": {"outbound": "127.0.0.1:0"}}),
+                parse_mesh({"services": {"echo": {"endpoints": [f"127.0.0.1:{echo.ports()['inbound']}"],
+                                                  "pool": {"max_idle": 0}}}}), logs=LogOutputs())
+            await front.start()
+            reader, writer = await asyncio.open_connection("127.0.0.1", front.ports()["outbound"])
+            try:
+                before = live_tls_objects()
+                for _ in range(100):
+                    writer.write(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    assert head.startswith(b"HTTP/1.1 200"), head
+                    await reader.readexactly(2)
+                for _ in range(500):  # up to 5 s for the last connections to finish closing
+                    if live_tls_objects() <= before:
+                        break
+                    await asyncio.sleep(0.01)
+                handshakes = re.search(rb'pake_tls_handshakes_total\{resumed="false",side="server"\} (\S+)',
+                                       echo.metrics.render())
+                assert handshakes is not None
+                return before, live_tls_objects(), int(float(handshakes.group(1)))
+            finally:
+                writer.close()
+                for sidecar in (front, echo):
+                    sidecar.stopping.set()
+                    await sidecar.drain()
+
+    gc.collect()
+    gc.disable()
+    try:
+        before, after, connections = uvloop.run(scenario())
+    finally:
+        gc.enable()
+    assert connections == 100  # each request had its own mTLS connection to echo's sidecar
+    assert after <= before, f"{after - before} TLS objects of closed connections still held"
 
 
 async def test_megabytes_cross_an_mtls_hop_intact_both_ways(tmp_path: Path) -> None:

@@ -420,6 +420,7 @@ async def test_close_fails_waiters_closes_idle_and_frees_every_limit_once() -> N
     # both slots taken again, so the next ones wait
     again, reused = await s.pool.acquire(5.0)
     assert again is idle and reused
+    busy_transport, again_transport = transport_of(busy), transport_of(again)
     waiters = await s.waiting(2)
     s.pool.close()
     for waiter in waiters:
@@ -430,13 +431,15 @@ async def test_close_fails_waiters_closes_idle_and_frees_every_limit_once() -> N
     serve(again)
     s.pool.release(again)
     await settle()
-    assert transport_of(busy).lost and transport_of(again).lost
+    assert busy_transport.lost and again_transport.lost
+    assert busy.transport is None and again.transport is None  # let go of once lost
     assert s.pool.connections == 0 and s.breaker.connections.current == 0 and not s.pool.idle
 
 
 async def test_close_in_the_tick_a_waiter_was_handed_a_connection() -> None:
     s = Setup(breaker=True)
     conn = await s.open_one()
+    transport = transport_of(conn)
     waiter, = await s.waiting()
     serve(conn)
     s.pool.release(conn)
@@ -446,7 +449,7 @@ async def test_close_in_the_tick_a_waiter_was_handed_a_connection() -> None:
     serve(got)
     s.pool.release(got)
     await settle()
-    assert transport_of(conn).lost and s.pool.connections == 0
+    assert transport.lost and s.pool.connections == 0
     assert s.breaker is not None and s.breaker.connections.current == 0 and s.breaker.pending.current == 0
 
 
