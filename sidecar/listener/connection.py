@@ -108,6 +108,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self._plain = True
         self._lingering = False  # replied and half-closed: reading (and dropping) what is left
         self._linger_left = 0
+        self._client_done = False  # the client half-closed: its last response out, we close
 
     @property
     def draining(self) -> bool:
@@ -244,16 +245,23 @@ class DownstreamConnection(asyncio.BufferedProtocol):
             return
         if not self._unparsed and len(streams) <= self.ctx.limits.max_pipelined:
             self.unblock_reading(self.BLOCK_PIPELINE)
-        if not streams and not self.parser.mid_head:
-            self._arm_idle()
+        if not streams:
+            if self._client_done and not self._unparsed:
+                self.close()  # nothing more will come: not even the rest of a head begun
+            elif not self.parser.mid_head:
+                self._arm_idle()
 
     def eof_received(self) -> bool | None:
-        # A half-closed client gets its in-flight responses; then we close. (TLS transports
+        # A half-closed client gets its in-flight responses (and those of requests it
+        # pipelined before its FIN); then we close (``_advance``), not after the idle timeout.
+        # A client that closed outright is one too: its FIN looks the same. (TLS transports
         # cannot stay half-open: uvloop warns when asked to.)
         if self._lingering:
             return False  # the client has stopped sending: the transport closes now
         if not self.streams:
             self.close()
+        else:
+            self._client_done = True
         return self._plain
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -383,6 +383,25 @@ async def test_pipelined_requests_are_answered_in_order(env: Env) -> None:
     assert paths[4]["body"] == "pipelined body"
 
 
+@pytest.mark.parametrize("after", [b"", b"GET /p/never HTTP/1.1\r\nHost: ec"])
+async def test_a_client_that_half_closes_gets_its_responses_then_the_connection_closes(
+        env: Env, after: bytes) -> None:
+    """A client that sends its requests and then its FIN (``shutdown(SHUT_WR)``, or a plain
+    close) gets every response it asked for, and then the sidecar closes at once, not after
+    the idle timeout (60 s): a client gone mid-request holds no connection slot and no
+    descriptor. A head begun before the FIN will never end: it is dropped."""
+    async with await Client.open(env.port) as client:
+        await client.send(request("GET", "/stream?bytes=300000") + request("GET", "/p/after") + after)
+        client.writer.write_eof()
+        started = time.monotonic()
+        first, second = await client.response(), await client.response()
+        assert first.status == 200 and len(first.body) == 300000
+        assert second.json()["path"] == "/p/after"
+        assert await asyncio.wait_for(client.reader.read(), TIMEOUT) == b""
+        assert time.monotonic() - started < 5
+    assert not env.access("/p/never")
+
+
 async def test_a_large_pipelined_head_after_a_chunked_request_is_answered(env: Env) -> None:
     """The next request's bytes in the same read are not chunk extensions of the one before."""
     data = (b"POST /p/chunked HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
