@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,13 +107,20 @@ class SidecarProcess:
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines if isinstance(line, dict) and line.get("event") == name]
 
-    async def wait_for_event(self, name: str, timeout: float = 10.0, count: int = 1) -> list[dict[str, Any]]:
-        """Wait until at least ``count`` log lines with ``event == name`` were printed."""
+    async def wait_for_event(self, name: str, timeout: float = 10.0, count: int = 1,
+                             where: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` log lines with ``event == name`` (and, with ``where``,
+        for which it holds) were printed; those lines. A sidecar writes its log lines from a
+        thread that gathers them for up to 50 ms under load: an access line can come after
+        its response, so a test waits for the one it needs."""
+        def matching() -> list[dict[str, Any]]:
+            return [e for e in self.events(name) if where is None or where(e)]
+
         async with asyncio.timeout(timeout):
-            while len(self.events(name)) < count:
+            while len(matching()) < count:
                 self._new_line.clear()
                 await self._new_line.wait()
-        return self.events(name)
+        return matching()
 
     def send_signal(self, sig: int) -> None:
         assert self.proc is not None

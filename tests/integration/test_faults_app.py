@@ -113,6 +113,7 @@ async def test_the_local_app_restarting_flips_readiness_and_recovers_without_a_s
                         await asyncio.sleep(0.05)
                 recovered_in = time.monotonic() - back_at
                 after = [await get(f"/after/{i}") for i in range(5)]
+                await echo.wait_for_event("access", where=lambda a: a["path"] == "/after/4")
             echo_access = echo.events("access")
     finally:
         await app.kill()
