@@ -250,19 +250,23 @@ def test_a_closed_mtls_connection_frees_its_tls_state_when_it_closes(tmp_path: P
 
     async def scenario() -> tuple[int, int, int]:
         async with RecordingUpstream() as app:
-            echo = Sidecar(bootstrap("echo", {
-                "service": "echo", "app": app.address, "tls": tls_config(pki.services["echo"]),
-                "listeners": {"inbound": {"address": "127.0.0.1:0", "tls": True}}}),
-                parse_mesh({"services": {"echo": {"endpoints": []}}}), logs=LogOutputs())
-            await echo.start()
-            front = Sidecar(bootstrap("front", {
-                "service": "frontend", "tls": tls_config(pki.services["frontend"]),
-                "listeners": {"outbound": "127.0.0.1:0"}}),
-                parse_mesh({"services": {"echo": {"endpoints": [f"127.0.0.1:{echo.ports()['inbound']}"],
-                                                  "pool": {"max_idle": 0}}}}), logs=LogOutputs())
-            await front.start()
-            reader, writer = await asyncio.open_connection("127.0.0.1", front.ports()["outbound"])
+            started: list[Sidecar] = []  # drained at the end, whatever happened
+            writer: asyncio.StreamWriter | None = None
             try:
+                echo = Sidecar(bootstrap("echo", {
+                    "service": "echo", "app": app.address, "tls": tls_config(pki.services["echo"]),
+                    "listeners": {"inbound": {"address": "127.0.0.1:0", "tls": True}}}),
+                    parse_mesh({"services": {"echo": {"endpoints": []}}}), logs=LogOutputs())
+                await echo.start()
+                started.append(echo)
+                front = Sidecar(bootstrap("front", {
+                    "service": "frontend", "tls": tls_config(pki.services["frontend"]),
+                    "listeners": {"outbound": "127.0.0.1:0"}}),
+                    parse_mesh({"services": {"echo": {"endpoints": [f"127.0.0.1:{echo.ports()['inbound']}"],
+                                                      "pool": {"max_idle": 0}}}}), logs=LogOutputs())
+                await front.start()
+                started.append(front)
+                reader, writer = await asyncio.open_connection("127.0.0.1", front.ports()["outbound"])
                 before = live_tls_objects()
                 for _ in range(100):
                     writer.write(b"GET / HTTP/1.1\r\nHost: echo\r\n\r\n")
@@ -278,8 +282,9 @@ def test_a_closed_mtls_connection_frees_its_tls_state_when_it_closes(tmp_path: P
                 assert handshakes is not None
                 return before, live_tls_objects(), int(float(handshakes.group(1)))
             finally:
-                writer.close()
-                for sidecar in (front, echo):
+                if writer is not None:
+                    writer.close()
+                for sidecar in reversed(started):
                     sidecar.stopping.set()
                     await sidecar.drain()
 
