@@ -131,7 +131,7 @@ class Sidecar:
         self._started = False
         self._applying = asyncio.Lock()  # one apply at a time: each builds on the one before
         self._reloading = asyncio.Lock()
-        self._snapshots = SnapshotSlot()
+        self.snapshots = SnapshotSlot()  # its hold() is every listener's current_snapshot
         self._swap(mesh, *self._compile(bootstrap, mesh))
         self.metrics.registry.register(StateCollector(
             clusters=lambda: self.snapshot.clusters.values(),
@@ -177,7 +177,7 @@ class Sidecar:
         """Everything of a snapshot but its clusters; touches nothing live, so it may run in a
         worker thread (the caller holds ``_applying``, so ``self.jwks`` and the previous
         filters it reuses do not change meanwhile). Raises ConfigError."""
-        previous = self._snapshots.current  # None: the first compile
+        previous = self.snapshots.current  # None: the first compile
         caches: dict[str, JwksCache] = {}
         local = mesh.services.get(bootstrap.service)
         wanted = local.authn.jwt if local is not None and local.authn is not None else ()
@@ -203,7 +203,7 @@ class Sidecar:
         weakref.finalize(snapshot, retire_later, self.loop, self.clusters.retire, clusters).atexit = False
         if self.tls is not None:
             self.tls.use_trust_domain(mesh.trust_domain)
-        self._snapshots.current = snapshot
+        self.snapshots.current = snapshot
         self.clusters.activate(clusters)
         self._swap_caches(caches)
         if bootstrap is not self.bootstrap:
@@ -216,13 +216,9 @@ class Sidecar:
     @property
     def snapshot(self) -> Snapshot:
         """The snapshot new exchanges run under."""
-        snapshot = self._snapshots.current
+        snapshot = self.snapshots.current
         assert snapshot is not None  # (set by the constructor's first swap)
         return snapshot
-
-    def hold_snapshot(self) -> Snapshot:
-        """The snapshot a new exchange runs under, held until ``Pipeline.finish``."""
-        return self._snapshots.hold()
 
     def _upstream_counts(self) -> dict[str, int]:
         return {"pools": self.clusters.live_pools(),
@@ -271,7 +267,7 @@ class Sidecar:
             ctx = ListenerContext(
                 name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
                 state=self.state, start=pipeline.start, abort=pipeline.abort, refuse=pipeline.refuse,
-                current_snapshot=self._snapshots.hold,
+                current_snapshot=self.snapshots.hold,
                 on_protocol_error=self._protocol_error, scheme=scheme,
                 peer_identity=self.tls.peer_identity if lc.tls and self.tls else None)
             self._contexts.append(ctx)

@@ -306,7 +306,7 @@ async def test_a_snapshot_whose_exchange_was_dropped_unfinished_is_still_retired
     bootstrap = load_bootstrap(tmp_path / "sidecar.yaml")
     sidecar = Sidecar(bootstrap, parse_mesh({"services": {"a": {"endpoints": ["127.0.0.1:1"]}}}),
                       logs=LogOutputs())
-    held = sidecar.hold_snapshot()  # as a parsed request does; never released
+    held = sidecar.snapshots.hold()  # as a parsed request does; never released
     pool = next(iter(held.clusters.pools.values()))
     await sidecar.apply(parse_mesh({"services": {"b": {"endpoints": ["127.0.0.1:1"]}}}))
     assert len(sidecar.clusters.retiring) == 1 and not pool.closed
