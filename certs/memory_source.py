@@ -6,9 +6,8 @@ operator replaces. ``MemoryTlsSource`` validates PEM bytes with the same checks 
 builds both contexts and swaps them in with one assignment: handshakes started later use the
 new identity, connections already open keep theirs, so a renewal drops nothing.
 
-Blocking: building a context loads the chain through OpenSSL, which in Python reads it only
-from a file; the bytes go to a private temporary directory (0700, file 0600) for the moment
-of the load and are removed at once. Call ``update``/``update_bundle`` off the event loop.
+Blocking: building a context loads the chain and key through OpenSSL, which in Python reads
+them only from a file (``load_identity``: a private temporary file, removed at once). Call ``update``/``update_bundle`` off the event loop.
 ``files`` names where the caller persists the material (shown by ``info()``); this source
 never reads them.
 """
@@ -16,11 +15,8 @@ never reads them.
 from __future__ import annotations
 
 import hashlib
-import os
 import ssl
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from certs import pem
@@ -34,6 +30,7 @@ from certs.ssl_context import (
     _Generation,
     _own_identity,
     _utcnow,
+    load_identity,
 )
 from certs.ssl_context import TlsContextSource
 
@@ -67,16 +64,11 @@ def material_from_pem(held: PemMaterial, files: TlsPaths, now: Any = None) -> Tl
 
 def _context(side: Side, material: TlsMaterial, held: PemMaterial) -> ssl.SSLContext:
     ctx = _configure(side, material)
-    with tempfile.TemporaryDirectory(prefix="pake-tls-") as tmp:  # created 0700
-        path = Path(tmp) / "identity.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(held.chain.rstrip(b"\n") + b"\n" + held.key)
-        try:
-            ctx.load_cert_chain(path)
-        except ssl.SSLError as exc:  # not reachable after material_from_pem's checks
-            raise pem.PemError(material.files.cert,
-                               f"OpenSSL refused the certificate/key pair: {exc.reason or exc}") from None
+    try:
+        load_identity(ctx, material, held.key)
+    except ssl.SSLError as exc:  # not reachable after material_from_pem's checks
+        raise pem.PemError(material.files.cert,
+                           f"OpenSSL refused the certificate/key pair: {exc.reason or exc}") from None
     return ctx
 
 
