@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from certs.bundle import TrustBundle
 from certs.identity import IdentityError, SpiffeId, workload_identity
+from certs.memory_source import MemoryTlsSource, PemMaterial
 from certs.pem import PemError
 from certs.ssl_context import (
     TlsContextSource,
@@ -213,9 +214,9 @@ def _pem_certs(path: Path) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(path.read_bytes())
 
 
-def test_a_leaf_alone_is_presented_with_its_root(pki: MeshPki) -> None:
-    """Loaded as leaf and root, so OpenSSL does not build the chain from the trust store on
-    every handshake (9% of a new connection's instructions)."""
+def test_without_the_mode_a_leaf_alone_is_presented_with_its_root(pki: MeshPki) -> None:
+    """Where OpenSSL cannot be told not to build a chain, it is loaded as leaf and root, what
+    OpenSSL would otherwise build from the trust store on every handshake."""
     files = pki.services["orders"]
     (leaf,) = _pem_certs(files.cert)
     (root,) = _pem_certs(files.bundle)
@@ -251,11 +252,8 @@ def test_a_leaf_whose_issuer_is_not_in_the_bundle_is_presented_alone(tmp_path: P
     assert presented_chain(material) == tuple(_pem_certs(files.cert))
 
 
-async def test_both_sides_send_leaf_and_root_over_the_wire(pki: MeshPki) -> None:
-    """What the peer receives is what OpenSSL built before (leaf, then root), both ways."""
-    server, _ = contexts(pki.services["orders"])
-    _, client = contexts(pki.services["frontend"])
-    (root,) = _pem_certs(pki.bundle)
+async def _chains_sent(server: ssl.SSLContext, client: ssl.SSLContext) -> dict[str, list[bytes]]:
+    """The certificates each side received from the other in one handshake, as DER."""
     got: dict[str, list[bytes]] = {}
 
     def der_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
@@ -280,10 +278,46 @@ async def test_both_sides_send_leaf_and_root_over_the_wire(pki: MeshPki) -> None
     finally:
         srv.close()
         await srv.wait_closed()
-    root_der = root.public_bytes(serialization.Encoding.DER)
-    for side, name in (("server sent", "orders"), ("client sent", "frontend")):
-        (leaf,) = _pem_certs(pki.services[name].cert)
-        assert got[side] == [leaf.public_bytes(serialization.Encoding.DER), root_der], side
+    return got
+
+
+def _der(path: Path) -> list[bytes]:
+    return [c.public_bytes(serialization.Encoding.DER) for c in _pem_certs(path)]
+
+
+async def test_both_sides_send_their_leaf_alone(pki: MeshPki) -> None:
+    """The peer holds the root: OpenSSL neither builds a chain from the trust store at every
+    handshake nor sends the root (a quarter of a new connection's instructions)."""
+    got = await _chains_sent(server_context(*_files(pki, "orders")),
+                             client_context(*_files(pki, "frontend")))
+    assert got["server sent"] == _der(pki.services["orders"].cert)
+    assert got["client sent"] == _der(pki.services["frontend"].cert)
+    assert len(got["server sent"]) == 1
+
+
+async def test_a_dispatcher_and_a_memory_source_send_the_leaf_alone(pki: MeshPki) -> None:
+    """The listener's dispatcher (its mode is the connection's: OpenSSL copies it before the
+    SNI callback switches contexts) and a joined sidecar's contexts, built from PEM bytes."""
+    files = pki.services["orders"]
+    dispatcher = TlsContextSource(files).server_dispatcher()
+    got = await _chains_sent(dispatcher, client_context(*_files(pki, "frontend")))
+    assert got["server sent"] == _der(files.cert)
+    held = PemMaterial(files.cert.read_bytes(), files.key.read_bytes(), files.bundle.read_bytes())
+    memory = MemoryTlsSource(held, files)
+    got = await _chains_sent(memory.server_dispatcher(), memory.client())
+    assert got["server sent"] == got["client sent"] == _der(files.cert)
+
+
+async def test_a_chain_with_an_intermediate_is_sent_as_given(pki_intermediate: MeshPki) -> None:
+    got = await _chains_sent(server_context(*_files(pki_intermediate, "orders")),
+                             client_context(*_files(pki_intermediate, "frontend")))
+    sent = got["server sent"]
+    assert sent == _der(pki_intermediate.services["orders"].cert) and len(sent) == 2
+
+
+def _files(pki: MeshPki, name: str) -> tuple[Path, Path, Path]:
+    files = pki.services[name]
+    return files.cert, files.key, files.bundle
 
 
 # === loading errors name the file ===
