@@ -156,14 +156,16 @@ def _build(side: Side, material: TlsMaterial) -> ssl.SSLContext:
 MAX_PRESENTED_CHAIN = 8
 
 
-def presented_chain(material: TlsMaterial) -> tuple[x509.Certificate, ...]:
-    """What a context loads where ``stop_chain_building`` cannot stop OpenSSL from building
-    the chain it sends: a leaf alone completed with its issuers from the bundle, up to a
-    self-issued root; a chain that came with intermediates as given.
+def presented_chain(material: TlsMaterial, *, root: bool = True) -> tuple[x509.Certificate, ...]:
+    """The chain a context loads: a leaf alone completed with its issuers from the bundle, up
+    to a self-issued root (without it when ``root`` is false); a chain that came with
+    intermediates as given.
 
-    Why: OpenSSL would build that same chain from the trust store on every handshake
-    (``X509_verify_cert``, with a signature check) and send it (leaf and root). Loaded, the
-    wire is the same and the building is gone: 1.8M of 19.4M instructions per mesh connection.
+    Why: given a leaf alone, OpenSSL would build that same chain from the trust store on
+    every handshake (``X509_verify_cert``, with a signature check) and send it, root
+    included. Loaded, the building is gone (1.8M of 19.4M instructions per mesh connection);
+    where ``stop_chain_building`` holds, the root is left out as well, since the peer holds it
+    (3.2M more), while intermediates the bundle holds are still sent, as OpenSSL sent them.
     """
     chain = list(material.chain)
     if len(chain) != 1:
@@ -172,6 +174,8 @@ def presented_chain(material: TlsMaterial) -> tuple[x509.Certificate, ...]:
         issuer = next((ca for ca in material.bundle.roots
                        if ca not in chain and _directly_issued(chain[-1], ca)), None)
         if issuer is None:  # not ours to fix: the peer's verification will say so
+            break
+        if not root and issuer.issuer == issuer.subject:
             break
         chain.append(issuer)
     return tuple(chain)
@@ -186,16 +190,15 @@ def _directly_issued(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def load_identity(ctx: ssl.SSLContext, material: TlsMaterial, key: Path | bytes) -> None:
-    """Load our certificate chain and key into ``ctx``, so that it sends our chain as loaded:
-    a leaf alone is sent alone (the peer holds the root; see ``certs.chain_building``), or,
-    where OpenSSL cannot be told so, with its root (``presented_chain``).
+    """Load our certificate chain (``presented_chain``) and key into ``ctx``: without the root
+    where OpenSSL can be told to send only what it was given (``certs.chain_building``).
 
     key: the key file's path, or the key's PEM. OpenSSL reads a chain only from a file, so the
     certificates (and a key given as PEM) go to a private temporary directory (0700, file
     0600) for the moment of the load and are removed at once. Blocking: a context build.
     Raises ssl.SSLError if OpenSSL refuses the pair, OSError if the key file cannot be read.
     """
-    chain = material.chain if stop_chain_building(ctx) else presented_chain(material)
+    chain = presented_chain(material, root=not stop_chain_building(ctx))
     chain_pem = pem.certificates_to_pem(chain)
     with tempfile.TemporaryDirectory(prefix="pake-tls-") as tmp:
         path = Path(tmp) / "identity.pem"

@@ -315,6 +315,21 @@ async def test_a_chain_with_an_intermediate_is_sent_as_given(pki_intermediate: M
     assert sent == _der(pki_intermediate.services["orders"].cert) and len(sent) == 2
 
 
+async def test_intermediates_from_the_bundle_are_still_sent_the_root_is_not(
+    pki_intermediate: MeshPki, tmp_path: Path
+) -> None:
+    """A leaf alone whose intermediate is in our bundle: OpenSSL used to find it there and send
+    it (with the root); a peer whose bundle holds only the root still needs it."""
+    files = pki_intermediate.services["orders"]
+    leaf, intermediate = _pem_certs(files.cert)
+    leaf_only, ours = tmp_path / "leaf.pem", tmp_path / "ours.pem"
+    leaf_only.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    TrustBundle.merge_files([pki_intermediate.bundle, pki_intermediate.ca_dir / "ca.pem"]).write(ours)
+    root_only = _files(pki_intermediate, "frontend")  # the root alone
+    got = await _chains_sent(server_context(leaf_only, files.key, ours), client_context(*root_only))
+    assert got["server sent"] == _der(files.cert)  # leaf and intermediate
+
+
 def _files(pki: MeshPki, name: str) -> tuple[Path, Path, Path]:
     files = pki.services[name]
     return files.cert, files.key, files.bundle
