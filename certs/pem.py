@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -162,14 +161,17 @@ def check_validity(cert: x509.Certificate, source: Path | str, now: datetime) ->
 def write_atomic(path: Path | str, data: bytes, mode: int, *, exclusive: bool = False) -> None:
     """Replace `path` with `data` in one rename; the file has exactly `mode`.
 
-    The temp file is created 0600 by mkstemp and only then chmod-ed to
-    `mode`, so a key never exists with wider permissions, whatever the umask.
+    The temp file is created 0600 (as ``tempfile.mkstemp`` would: a random name, O_EXCL,
+    O_NOFOLLOW; not imported, since its ``shutil`` brings zlib, bz2 and lzma into every
+    sidecar, 0.55 MB) and only then chmod-ed to `mode`, so a key never exists with wider
+    permissions, whatever the umask.
     `exclusive`: create `path` only if it does not exist (a hard link, which
     fails with FileExistsError), so that of two processes creating the same
     file at once one wins and the other reads the winner's whole file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.urandom(8).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -170,12 +169,11 @@ def presented_chain(material: TlsMaterial, *, root: bool = True) -> tuple[x509.C
     chain = list(material.chain)
     if len(chain) != 1:
         return material.chain
+    candidates = [ca for ca in material.bundle.roots if root or ca.issuer != ca.subject]
     while len(chain) < MAX_PRESENTED_CHAIN and chain[-1].issuer != chain[-1].subject:
-        issuer = next((ca for ca in material.bundle.roots
+        issuer = next((ca for ca in candidates
                        if ca not in chain and _directly_issued(chain[-1], ca)), None)
-        if issuer is None:  # not ours to fix: the peer's verification will say so
-            break
-        if not root and issuer.issuer == issuer.subject:
+        if issuer is None:  # none (left) in the bundle: the peer's own bundle completes it
             break
         chain.append(issuer)
     return tuple(chain)
@@ -193,22 +191,44 @@ def load_identity(ctx: ssl.SSLContext, material: TlsMaterial, key: Path | bytes)
     """Load our certificate chain (``presented_chain``) and key into ``ctx``: without the root
     where OpenSSL can be told to send only what it was given (``certs.chain_building``).
 
-    key: the key file's path, or the key's PEM. OpenSSL reads a chain only from a file, so the
-    certificates (and a key given as PEM) go to a private temporary directory (0700, file
-    0600) for the moment of the load and are removed at once. Blocking: a context build.
-    Raises ssl.SSLError if OpenSSL refuses the pair, OSError if the key file cannot be read.
+    key: the key file's path, or the key's PEM. OpenSSL reads a chain only from a file: the
+    certificates (and a key given as PEM) go to an anonymous memory file (Linux, /proc
+    mounted), or else to a private temporary directory (0700, file 0600) for the moment of
+    the load. Blocking:
+    a context build. Raises ssl.SSLError if OpenSSL refuses the pair, OSError if the key file
+    cannot be read.
     """
     chain = presented_chain(material, root=not stop_chain_building(ctx))
-    chain_pem = pem.certificates_to_pem(chain)
+    data = pem.certificates_to_pem(chain)
+    if isinstance(key, bytes):
+        data = data.rstrip(b"\n") + b"\n" + key
+    keyfile = key if isinstance(key, Path) else None
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        # Never on a file system, and no ``tempfile``, whose ``shutil`` brings zlib, bz2 and
+        # lzma into the sidecar (0.55 MB of its memory).
+        fd = os.memfd_create("pake-tls-identity", os.MFD_CLOEXEC)
+        try:
+            _write_all(fd, data)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}", keyfile)
+        finally:
+            os.close(fd)
+        return
+    import tempfile  # noqa: PLC0415 - only where there is no memfd_create
+
     with tempfile.TemporaryDirectory(prefix="pake-tls-") as tmp:
         path = Path(tmp) / "identity.pem"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(chain_pem if isinstance(key, Path) else chain_pem.rstrip(b"\n") + b"\n" + key)
-        if isinstance(key, Path):
-            ctx.load_cert_chain(path, key)
-        else:
-            ctx.load_cert_chain(path)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        ctx.load_cert_chain(path, keyfile)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _configure(side: Side, material: TlsMaterial) -> ssl.SSLContext:
