@@ -7,7 +7,8 @@ builds both contexts and swaps them in with one assignment: handshakes started l
 new identity, connections already open keep theirs, so a renewal drops nothing.
 
 Blocking: building a context loads the chain and key through OpenSSL, which in Python reads
-them only from a file (``load_identity``: a private temporary file, removed at once). Call ``update``/``update_bundle`` off the event loop.
+them only from a file (``load_identity``: an anonymous memory file where Linux has one, so
+the key never reaches a file system). Call ``update``/``update_bundle`` off the event loop.
 ``files`` names where the caller persists the material (shown by ``info()``); this source
 never reads them.
 """

@@ -194,9 +194,8 @@ def load_identity(ctx: ssl.SSLContext, material: TlsMaterial, key: Path | bytes)
     key: the key file's path, or the key's PEM. OpenSSL reads a chain only from a file: the
     certificates (and a key given as PEM) go to an anonymous memory file (Linux, /proc
     mounted), or else to a private temporary directory (0700, file 0600) for the moment of
-    the load. Blocking:
-    a context build. Raises ssl.SSLError if OpenSSL refuses the pair, OSError if the key file
-    cannot be read.
+    the load. Blocking: a context build. Raises ssl.SSLError if OpenSSL refuses the pair,
+    OSError if the key file cannot be read.
     """
     chain = presented_chain(material, root=not stop_chain_building(ctx))
     data = pem.certificates_to_pem(chain)

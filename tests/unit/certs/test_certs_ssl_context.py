@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -328,6 +329,31 @@ async def test_intermediates_from_the_bundle_are_still_sent_the_root_is_not(
     root_only = _files(pki_intermediate, "frontend")  # the root alone
     got = await _chains_sent(server_context(leaf_only, files.key, ours), client_context(*root_only))
     assert got["server sent"] == _der(files.cert)  # leaf and intermediate
+
+
+async def test_without_memfd_the_identity_loads_through_a_private_temporary_file(
+    pki: MeshPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where there is no ``os.memfd_create`` (not Linux), chain and key go through a private
+    temporary directory, removed after the load; the contexts work the same."""
+    import tempfile
+
+    made: list[Path] = []
+    real = tempfile.TemporaryDirectory
+
+    def recording(*args: Any, **kwargs: Any) -> tempfile.TemporaryDirectory[str]:
+        directory = real(*args, **kwargs)
+        made.append(Path(directory.name))
+        return directory
+
+    monkeypatch.delattr(os, "memfd_create")
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", recording)
+    files = pki.services["orders"]
+    held = PemMaterial(files.cert.read_bytes(), files.key.read_bytes(), files.bundle.read_bytes())
+    memory = MemoryTlsSource(held, files)  # the key goes to the file too
+    got = await _chains_sent(server_context(*_files(pki, "orders")), memory.client())
+    assert got["server sent"] == got["client sent"] == _der(files.cert)
+    assert made and not any(d.exists() for d in made)
 
 
 def _files(pki: MeshPki, name: str) -> tuple[Path, Path, Path]:
