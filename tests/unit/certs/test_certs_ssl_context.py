@@ -85,7 +85,22 @@ async def test_a_mesh_server_sends_one_session_ticket_per_handshake(pki: MeshPki
 
     client._msg_callback = on_message  # type: ignore[attr-defined]  # OpenSSL's message hook
 
+    def client_saw(ssl_object: ssl.SSLObject) -> None:
+        assert ssl_object.version() == "TLSv1.3" and tickets == [1]
+        assert ssl_object.session is not None and ssl_object.session.has_ticket
+
+    await _ping(server, client, client_saw=client_saw)
+
+
+async def _ping(server: ssl.SSLContext, client: ssl.SSLContext, *,
+                server_saw: Callable[[ssl.SSLObject], None] | None = None,
+                client_saw: Callable[[ssl.SSLObject], None] | None = None) -> None:
+    """One handshake and a 4-byte echo over it. The client reads on until the server closes,
+    so every post-handshake message (a ticket) has arrived when ``client_saw`` looks."""
+
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if server_saw is not None:
+            server_saw(writer.get_extra_info("ssl_object"))
         writer.write(await reader.readexactly(4))
         await writer.drain()
         writer.close()
@@ -95,12 +110,11 @@ async def test_a_mesh_server_sends_one_session_ticket_per_handshake(pki: MeshPki
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client,
                                                        server_hostname="orders")
-        ssl_object = writer.get_extra_info("ssl_object")
         writer.write(b"ping")
         assert await reader.readexactly(4) == b"ping"
-        await reader.read()  # the server closes: every post-handshake message is read
-        assert ssl_object.version() == "TLSv1.3" and tickets == [1]
-        assert ssl_object.session is not None and ssl_object.session.has_ticket
+        await reader.read()
+        if client_saw is not None:
+            client_saw(writer.get_extra_info("ssl_object"))
         writer.close()
     finally:
         srv.close()
@@ -261,24 +275,9 @@ async def _chains_sent(server: ssl.SSLContext, client: ssl.SSLContext) -> dict[s
         sent = ssl_object._sslobj.get_unverified_chain()  # type: ignore[attr-defined]  # 3.13: public
         return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in sent]  # type: ignore[attr-defined]
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        got["client sent"] = der_chain(writer.get_extra_info("ssl_object"))
-        writer.write(await reader.readexactly(4))
-        await writer.drain()
-        writer.close()
-
-    srv = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server)
-    port = srv.sockets[0].getsockname()[1]
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client,
-                                                       server_hostname="orders")
-        got["server sent"] = der_chain(writer.get_extra_info("ssl_object"))
-        writer.write(b"ping")
-        assert await reader.readexactly(4) == b"ping"
-        writer.close()
-    finally:
-        srv.close()
-        await srv.wait_closed()
+    await _ping(server, client,
+                server_saw=lambda ssl_object: got.update({"client sent": der_chain(ssl_object)}),
+                client_saw=lambda ssl_object: got.update({"server sent": der_chain(ssl_object)}))
     return got
 
 
