@@ -57,9 +57,11 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def _terminal_columns() -> int:
-    """As ``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
+    """As ``shutil.get_terminal_size().columns``: a positive $COLUMNS, else the terminal's,
+    else 80."""
     try:
-        return int(os.environ["COLUMNS"])
+        if (columns := int(os.environ["COLUMNS"])) > 0:
+            return columns
     except (KeyError, ValueError):
         pass
     try:

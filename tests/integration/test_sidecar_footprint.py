@@ -9,16 +9,21 @@ import sys
 from pathlib import Path
 
 from sidecar import compiled
+from tests.helpers.pki import make_test_pki
+from tests.integration.test_mtls import inbound_sidecar
 from tests.helpers.sidecar_process import SidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
 
 # Loaded by nothing a sidecar needs: a Retry-After date is read without email.utils (email,
-# calendar, quopri...), and the hot path's form is told without importlib.abc (which brings
-# importlib.resources, tempfile, shutil and the compression modules). ~1.1 MB of RSS together.
+# calendar, quopri...), the hot path's form is told without importlib.abc (which brings
+# importlib.resources, tempfile, shutil and the compression modules), the command line reads
+# the terminal's width without shutil, and certificates load without tempfile.
 NOT_LOADED = ("email", "calendar", "importlib.resources", "tempfile", "shutil", "bz2", "lzma")
 SIDECAR_IMPORTS = """
 import json, sys
 import uvloop
+from sidecar.__main__ import build_parser
+build_parser().parse_args(["run", "-c", "sidecar.yaml"])
 from sidecar.config.load import load_bootstrap, load_mesh
 from sidecar.observability.log_writer import LogOutputs
 from sidecar.observability.logging import configure_logging
@@ -46,6 +51,19 @@ async def test_a_plain_sidecar_loads_neither_aiohttp_nor_tls_nor_jwt_code(tmp_pa
     # All of it: 34.5 MB as Python, 36.2 MB compiled (+2.1 MB of library code mapped, -0.4 MB
     # written: compiled modules hold no bytecode).
     assert kb["Rss"] < 37 * 1024, f"an idle plain sidecar uses {kb['Rss']} kB"
+
+
+async def test_an_mtls_sidecar_maps_no_compression_module(tmp_path: Path) -> None:
+    """Its contexts load our identity from memory (a memfd), not through ``tempfile``, whose
+    ``shutil`` brings bz2 and lzma: 0.55 MB of each mTLS sidecar's memory."""
+    pki = make_test_pki(tmp_path / "pki", services=["echo"])
+    async with RecordingUpstream() as app, \
+            inbound_sidecar(tmp_path, pki.services["echo"], app.address) as sc:
+        assert sc.proc is not None
+        maps = Path(f"/proc/{sc.proc.pid}/maps").read_text()
+        modules = {line.rsplit("/", 1)[-1].split(".")[0] for line in maps.splitlines() if ".so" in line}
+    assert "_ssl" in modules and "_rust" in modules  # TLS and cryptography are loaded here
+    assert not modules & {"_bz2", "_lzma"}, sorted(modules & {"_bz2", "_lzma"})
 
 
 def test_a_sidecar_imports_no_module_it_has_no_use_for() -> None:
