@@ -715,9 +715,18 @@ def evaluate_targets(best: dict[str, dict[str, Any]], paths: list[PathSpec]) -> 
             if e and direct and "added_p99_ms_per_hop" in e:
                 add(f"{profile}: added p99 at {_rate_label(e)} req/s, {what}", e["added_p99_ms_per_hop"],
                     "<=", TARGET_ADDED_P99_MS, "ms", e, direct)
-        # issue 10: 1% sampling costs under 5%
-        cpu_cost(f"{profile}: tracing at 1%, extra CPU µs/req", get("sidecar-1-trace-1"), s1,
-                 TARGET_TRACE_1PCT_COST)
+        # issue 10: 1% sampling costs under 5%. Judged on tiny only: the realistic profile's
+        # requests carry a sampled traceparent, which parent-based sampling follows, so at
+        # "1%" every one of them is traced (as bench.hotpath --trace says too).
+        trace_1 = get("sidecar-1-trace-1")
+        if profile == "tiny":
+            cpu_cost(f"{profile}: tracing at 1%, extra CPU µs/req", trace_1, s1, TARGET_TRACE_1PCT_COST)
+        elif trace_1 and s1 and trace_1["cpu_us_per_req_median"] and s1["cpu_us_per_req_median"]:
+            cost = trace_1["cpu_us_per_req_median"] / s1["cpu_us_per_req_median"] - 1
+            targets.append({"target": f"{profile}: tracing at 1% with the profile's sampled traceparent "
+                                      "(every request traced: parent-based), extra CPU µs/req",
+                            "value": round(cost * 100, 1), "unit": "%", "status": "info", "noisy": False,
+                            "other_load_cores": 0.0})
 
     # memory does not depend on other processes' load; peaks over every profile and run
     def peak(pick: Callable[[dict[str, Any]], bool]) -> float | None:

@@ -1,0 +1,27 @@
+"""How ``make bench`` judges its figures (bench.run.evaluate_targets), on measured entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.run import MTLS_PATHS, PATHS, evaluate_targets
+
+
+def entry(profile: str, path: str, cpu: float) -> dict[str, Any]:
+    """A path's best-of-runs entry as ``best_runs`` makes it, one sidecar, no other load."""
+    return {"profile": profile, "path": path, "kind": "sidecar", "hops": 1, "variant": "plain",
+            "runs": 3, "rps": 1e6 / cpu, "cpu_us_per_req": cpu, "cpu_us_per_req_median": cpu,
+            "other_load_cores": 0.0, "peak_rss_mb": 35.0}
+
+
+def test_tracing_at_1pct_is_judged_on_tiny_and_only_shown_for_the_parent_sampled_profile() -> None:
+    """The realistic profile's requests carry a sampled traceparent: at "1%" every one of them
+    is traced (parent-based), so its cost is shown as information, not held to the 5% target."""
+    best = {f"{p}/{path}": entry(p, path, cpu) for p in ("tiny", "realistic")
+            for path, cpu in (("sidecar-1", 25.0), ("sidecar-1-trace-1", 30.0))}
+    targets = {t["target"]: t for t in evaluate_targets(best, PATHS + MTLS_PATHS)}
+    tiny = targets["tiny: tracing at 1%, extra CPU µs/req (median of 3 runs)"]
+    assert (tiny["status"], tiny["value"], tiny["limit"]) == ("MISS", 20.0, 5.0)
+    [realistic] = [t for t in targets.values() if t["target"].startswith("realistic: tracing at 1%")]
+    assert realistic["status"] == "info" and realistic["value"] == 20.0
+    assert "sampled traceparent" in realistic["target"]
