@@ -205,29 +205,18 @@ def load_identity(ctx: ssl.SSLContext, material: TlsMaterial, key: Path | bytes)
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         # Never on a file system, and no ``tempfile``, whose ``shutil`` brings zlib, bz2 and
         # lzma into the sidecar (0.55 MB of its memory).
-        fd = os.memfd_create("pake-tls-identity", os.MFD_CLOEXEC)
-        try:
-            _write_all(fd, data)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}", keyfile)
-        finally:
-            os.close(fd)
+        with os.fdopen(os.memfd_create("pake-tls-identity", os.MFD_CLOEXEC), "wb") as f:
+            f.write(data)
+            f.flush()
+            ctx.load_cert_chain(f"/proc/self/fd/{f.fileno()}", keyfile)
         return
     import tempfile  # noqa: PLC0415 - only where there is no memfd_create
 
     with tempfile.TemporaryDirectory(prefix="pake-tls-") as tmp:
         path = Path(tmp) / "identity.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(data)
         ctx.load_cert_chain(path, keyfile)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _configure(side: Side, material: TlsMaterial) -> ssl.SSLContext:

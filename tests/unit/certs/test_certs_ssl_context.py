@@ -288,8 +288,8 @@ def _der(path: Path) -> list[bytes]:
 async def test_both_sides_send_their_leaf_alone(pki: MeshPki) -> None:
     """The peer holds the root: OpenSSL neither builds a chain from the trust store at every
     handshake nor sends the root (a quarter of a new connection's instructions)."""
-    got = await _chains_sent(server_context(*_files(pki, "orders")),
-                             client_context(*_files(pki, "frontend")))
+    got = await _chains_sent(contexts(pki.services["orders"])[0],
+                             contexts(pki.services["frontend"])[1])
     assert got["server sent"] == _der(pki.services["orders"].cert)
     assert got["client sent"] == _der(pki.services["frontend"].cert)
     assert len(got["server sent"]) == 1
@@ -300,7 +300,7 @@ async def test_a_dispatcher_and_a_memory_source_send_the_leaf_alone(pki: MeshPki
     SNI callback switches contexts) and a joined sidecar's contexts, built from PEM bytes."""
     files = pki.services["orders"]
     dispatcher = TlsContextSource(files).server_dispatcher()
-    got = await _chains_sent(dispatcher, client_context(*_files(pki, "frontend")))
+    got = await _chains_sent(dispatcher, contexts(pki.services["frontend"])[1])
     assert got["server sent"] == _der(files.cert)
     held = PemMaterial(files.cert.read_bytes(), files.key.read_bytes(), files.bundle.read_bytes())
     memory = MemoryTlsSource(held, files)
@@ -309,8 +309,8 @@ async def test_a_dispatcher_and_a_memory_source_send_the_leaf_alone(pki: MeshPki
 
 
 async def test_a_chain_with_an_intermediate_is_sent_as_given(pki_intermediate: MeshPki) -> None:
-    got = await _chains_sent(server_context(*_files(pki_intermediate, "orders")),
-                             client_context(*_files(pki_intermediate, "frontend")))
+    got = await _chains_sent(contexts(pki_intermediate.services["orders"])[0],
+                             contexts(pki_intermediate.services["frontend"])[1])
     sent = got["server sent"]
     assert sent == _der(pki_intermediate.services["orders"].cert) and len(sent) == 2
 
@@ -325,8 +325,8 @@ async def test_intermediates_from_the_bundle_are_still_sent_the_root_is_not(
     leaf_only, ours = tmp_path / "leaf.pem", tmp_path / "ours.pem"
     leaf_only.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
     TrustBundle.merge_files([pki_intermediate.bundle, pki_intermediate.ca_dir / "ca.pem"]).write(ours)
-    root_only = _files(pki_intermediate, "frontend")  # the root alone
-    got = await _chains_sent(server_context(leaf_only, files.key, ours), client_context(*root_only))
+    _, root_only = contexts(pki_intermediate.services["frontend"])  # its bundle: the root alone
+    got = await _chains_sent(server_context(leaf_only, files.key, ours), root_only)
     assert got["server sent"] == _der(files.cert)  # leaf and intermediate
 
 
@@ -350,14 +350,9 @@ async def test_without_memfd_the_identity_loads_through_a_private_temporary_file
     files = pki.services["orders"]
     held = PemMaterial(files.cert.read_bytes(), files.key.read_bytes(), files.bundle.read_bytes())
     memory = MemoryTlsSource(held, files)  # the key goes to the file too
-    got = await _chains_sent(server_context(*_files(pki, "orders")), memory.client())
+    got = await _chains_sent(contexts(pki.services["orders"])[0], memory.client())
     assert got["server sent"] == got["client sent"] == _der(files.cert)
     assert made and not any(d.exists() for d in made)
-
-
-def _files(pki: MeshPki, name: str) -> tuple[Path, Path, Path]:
-    files = pki.services[name]
-    return files.cert, files.key, files.bundle
 
 
 # === loading errors name the file ===
