@@ -27,7 +27,7 @@ import structlog
 from .clock import Clock, MonotonicClock
 from .config.audit import AuditConfig
 from .exchange import Exchange
-from .observability.json_text import THREE_DIGITS, QuoteCache, id_or_null, quote
+from .observability.json_text import THREE_DIGITS, QuoteCache, id_or_null, printable_text, quote
 from .observability.log_writer import LogChannel, LogOutputs
 
 __all__ = [
@@ -139,7 +139,7 @@ class AuditLog:
         # method, stage and decision come from fixed lists, trace and span ids are hex we made
         # or checked (``tracing``), the client an address from the socket: never quoted
         line = (f'{{"event":"audit","time":"{self._stamp}.{THREE_DIGITS[min(int((now - second) * 1000), 999)]}Z",'
-                f'"request_id":{quote(exchange.request_id)},"trace_id":{id_or_null(exchange.trace_id)},'
+                f'"request_id":"{printable_text(exchange.request_id)}","trace_id":{id_or_null(exchange.trace_id)},'
                 f'"span_id":{id_or_null(exchange.span_id)},'
                 f'"source":{repeated.get_or_null(exchange.peer_identity)},'
                 f'"client":"{exchange.downstream_address}",'

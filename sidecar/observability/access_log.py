@@ -5,16 +5,21 @@ of its pieces (mypyc's string build), where ``%`` with a template parsed the tem
 each value and formatted the duration as a float on every call (19.6k against 10.2k
 instructions a line, callgrind). Strings are quoted as ``json.dumps`` quotes them
 (``json_text``), those that repeat (route, cluster, authority...) once per value; the
-timestamp is formatted once per second. The line goes on the log's channel (``log_writer``):
-no I/O on the loop, dropped and counted when the output cannot keep up.
+timestamp is formatted once per second, and the wall clock read only then: the exchange's end
+on the monotonic clock (which the pipeline read for the duration) says when the second is
+over. Numbers below 1000 come from a table and a request id is quoted only when it holds a
+quote or a backslash (``json_text``): with the clock, 8.9k → 7k instructions a line. The line
+goes on the log's channel (``log_writer``): no I/O on the loop, dropped and counted when the
+output cannot keep up.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from ..exchange import Exchange
-from .json_text import THREE_DIGITS, QuoteCache, id_or_null, quote
+from .json_text import THREE_DIGITS, QuoteCache, id_or_null, int_text, printable_text, quote
 from .log_writer import LogChannel
 
 __all__ = ["AccessLog"]
@@ -25,17 +30,20 @@ __all__ = ["AccessLog"]
 
 
 class AccessLog:
-    def __init__(self, channel: LogChannel) -> None:
+    def __init__(self, channel: LogChannel, *, wall: Callable[[], float] = time.time) -> None:
         self.channel = channel
-        self._second = -1
+        self.wall = wall
+        self._until = float("-inf")  # monotonic time at which ``_stamp``'s second is over
         self._stamp = ""
         self._repeated = QuoteCache()  # values that repeat from line to line
 
     def log(self, ex: Exchange, duration: float) -> None:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        ended = ex.start + duration  # monotonic, as the pipeline measured the duration
+        if ended >= self._until:
+            now = self.wall()
+            second = int(now)
+            self._until = ended + (second + 1 - now)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
         head = ex.request
         route = ex.route
         micros = int(duration * 1_000_000)  # to the microsecond, truncated
@@ -56,10 +64,11 @@ class AccessLog:
         self.channel.put(
             f'{{"event":"access","timestamp":"{self._stamp}","listener":"{ex.listener}",'
             f'"method":"{head.method}","authority":{repeated.get(head.authority)},"path":{quote(head.path)},'
-            f'"status":{ex.status},"bytes_in":{ex.bytes_in},"bytes_out":{ex.bytes_out},'
-            f'"duration_ms":{micros // 1000}.{THREE_DIGITS[micros % 1000]},'
+            f'"status":{int_text(ex.status)},"bytes_in":{int_text(ex.bytes_in)},'
+            f'"bytes_out":{int_text(ex.bytes_out)},'
+            f'"duration_ms":{int_text(micros // 1000)}.{THREE_DIGITS[micros % 1000]},'
             f'"route":{route_name},"cluster":{repeated.get(ex.cluster)},'
-            f'"upstream":{repeated.get(ex.upstream)},"attempts":{ex.attempts},"flags":"{ex.flags}",'
-            f'"request_id":{quote(ex.request_id)},"trace_id":{id_or_null(ex.trace_id)},'
+            f'"upstream":{repeated.get(ex.upstream)},"attempts":{int_text(ex.attempts)},"flags":"{ex.flags}",'
+            f'"request_id":"{printable_text(ex.request_id)}","trace_id":{id_or_null(ex.trace_id)},'
             f'"span_id":{id_or_null(ex.span_id)},'
             f'"client":"{ex.downstream_address}"{optional}}}\n')

@@ -66,6 +66,41 @@ def test_access_line_has_every_field_and_only_the_optional_ones_set() -> None:
     assert all(line.endswith("}\n") and line.isascii() for line in sink.lines)
 
 
+def test_a_request_id_holding_a_quote_or_a_backslash_keeps_the_line_valid_json() -> None:
+    sink = ListSink()
+    writer = LogWriter(sink, name="test").start()
+    access = AccessLog(writer.channel("access"))
+    hostile = exchange()
+    hostile.request_id = 'id"},"status":200,"x":"\\'  # printable: a caller's id the listener keeps
+    access.log(hostile, 0.001)
+    assert writer.close()
+    line = json.loads(sink.lines[0])
+    assert (line["request_id"], line["status"]) == (hostile.request_id, 0) and "x" not in line
+
+
+def test_the_timestamp_follows_the_wall_clock_read_once_a_second() -> None:
+    """The wall clock is read when the second of the last stamp is over by the monotonic
+    clock, so a step of the wall clock (NTP, a VM resumed) shows from the next second on."""
+    sink = ListSink()
+    writer = LogWriter(sink, name="test").start()
+    walls = iter([1_700_000_000.75, 1_700_000_001.25, 1_800_000_000.0])
+    reads: list[float] = []
+
+    def wall() -> float:
+        reads.append(next(walls))
+        return reads[-1]
+
+    access = AccessLog(writer.channel("access"), wall=wall)
+    for end in (10.0, 10.2, 10.24, 10.26, 10.5, 11.3):  # monotonic ends: 10.0 is at wall .75
+        ex = exchange()
+        ex.start = end - 0.001
+        access.log(ex, 0.001)
+    assert writer.close()
+    stamps = [json.loads(line)["timestamp"] for line in sink.lines]
+    assert stamps == ["2023-11-14T22:13:20Z"] * 3 + ["2023-11-14T22:13:21Z"] * 2 + ["2027-01-15T08:00:00Z"]
+    assert len(reads) == 3  # once per second, not once per line
+
+
 @pytest.fixture
 def _restore_structlog() -> Iterator[None]:
     saved = structlog.get_config()

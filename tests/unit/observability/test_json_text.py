@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from sidecar.observability.json_text import QuoteCache
+from sidecar.observability.json_text import QuoteCache, int_text, printable_text
 
 
 def test_a_cached_value_is_quoted_as_json_dumps_quotes_it_every_time() -> None:
@@ -24,3 +24,14 @@ def test_the_cache_is_bounded_in_entries_and_in_what_it_keeps() -> None:
     cache = QuoteCache()
     long_value = "x" * 10_000
     assert cache.get(long_value) == f'"{long_value}"' and len(cache) == 0  # quoted, not kept
+
+
+def test_small_and_large_numbers_read_as_str_writes_them() -> None:
+    for n in (0, 1, 9, 10, 200, 999, 1000, 1001, 65_536, 10**12, -1, -1000):
+        assert int_text(n) == str(n)
+
+
+def test_a_request_id_with_a_quote_or_a_backslash_is_escaped_and_others_are_kept_as_they_are() -> None:
+    for rid in ("4bf92f3577b34da6a3ce929d0e0e4736", "3f2a9c1e-1b7d-4b8e", 'a"b', "c\\d", '\\"', "~!#$%&'()*+"):
+        assert json.loads(f'"{printable_text(rid)}"') == rid
+    assert printable_text('a"b\\c') == 'a\\"b\\\\c'
