@@ -12,6 +12,7 @@ __all__ = [
     "MESH_INTERNAL",
     "RESERVED_HEADERS",
     "connection_tokens",
+    "content_length_value",
     "is_valid_request_id",
 ]
 
@@ -61,3 +62,20 @@ def is_valid_request_id(value: bytes) -> bool:
         if c < 0x21 or c > 0x7E:
             return False
     return True
+
+
+def content_length_value(value: bytes) -> int:
+    """A Content-Length value llhttp accepted, as an int: ``int(value)`` gives the same.
+    Up to 18 digits (below 2**63), read by a loop by index: compiled, a few instructions a
+    digit, where ``int(bytes)`` costs ~460 (callgrind; once per request and per response with
+    a body). Anything else (whitespace, more digits) goes to ``int``, and so do its errors."""
+    n = len(value)
+    if n == 0 or n > 18:
+        return int(value)
+    total = 0
+    for i in range(n):
+        c = value[i]
+        if c < 0x30 or c > 0x39:
+            return int(value)
+        total = total * 10 + (c - 0x30)
+    return total

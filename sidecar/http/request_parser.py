@@ -20,7 +20,7 @@ import httptools
 
 from ..config.model import Limits
 from ..errors import DownstreamProtocolError
-from .headers import HOP_BY_HOP, MESH_INTERNAL, connection_tokens
+from .headers import HOP_BY_HOP, MESH_INTERNAL, connection_tokens, content_length_value
 from .message import RequestHead
 
 __all__ = ["RequestParser", "RequestSink"]
@@ -364,7 +364,7 @@ class RequestParser:
                 forwarded_proto = value
                 kept.append((name, value))
             elif code == _CONTENT_LENGTH:
-                content_length = int(value)  # llhttp checked the digits and duplicates
+                content_length = content_length_value(value)  # llhttp checked the digits and duplicates
             elif code == _TRANSFER_ENCODING:
                 if value.strip().lower() != b"chunked":
                     raise DownstreamProtocolError(

@@ -14,7 +14,7 @@ from typing import Final, Protocol, cast
 import httptools
 
 from ..errors import UpstreamProtocolError
-from .headers import HOP_BY_HOP, connection_tokens
+from .headers import HOP_BY_HOP, connection_tokens, content_length_value
 from .message import ResponseHead
 
 __all__ = ["ResponseParser", "ResponseSink"]
@@ -171,7 +171,7 @@ class ResponseParser:
                 has_request_id = True
                 kept.append(pair)
             elif code == _CONTENT_LENGTH:
-                content_length = int(value)
+                content_length = content_length_value(value)
             elif code == _TRANSFER_ENCODING:
                 if value.strip().lower() != b"chunked":  # we re-frame: another coding would be lost
                     raise UpstreamProtocolError("upstream Transfer-Encoding other than chunked")

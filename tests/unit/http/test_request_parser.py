@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.config.model import Limits
 from sidecar.errors import DownstreamProtocolError
-from sidecar.http.headers import is_valid_request_id
+from sidecar.http.headers import content_length_value, is_valid_request_id
 from sidecar.http.message import RequestHead
 from sidecar.http.request_parser import _KNOWN, _PLAIN, _SPECIAL, RequestParser
 
@@ -338,6 +338,21 @@ def test_a_header_name_with_an_underscore_is_refused_unless_allowed() -> None:
     (b"line\n", False)])
 def test_a_callers_request_id_is_kept_only_when_short_and_printable(value: bytes, kept: bool) -> None:
     assert is_valid_request_id(value) is kept
+
+
+@pytest.mark.parametrize("value", [
+    b"0", b"7", b"0012", b"1024", b"999999999999999999", b"1000000000000000000",
+    b"123456789012345678901234567890", b" 42 ", b"+5", b"1_000"])
+def test_a_content_length_reads_as_int_reads_it(value: bytes) -> None:
+    assert content_length_value(value) == int(value)
+
+
+@pytest.mark.parametrize("value", [b"", b"12a", b"-", b"0x10", b"1.5", b"\xd9\xa3"])
+def test_a_content_length_int_refuses_is_refused_the_same_way(value: bytes) -> None:
+    with pytest.raises(ValueError):
+        int(value)
+    with pytest.raises(ValueError):
+        content_length_value(value)
 
 
 def test_the_common_name_table_only_ever_lowers_a_name() -> None:
