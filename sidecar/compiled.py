@@ -55,6 +55,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "observability/access_log.py",
         "observability/json_text.py",
         "observability/log_writer.py",  # a channel's put, once per log line
+        "observability/trace_context.py",  # every exchange's trace ids while tracing is on
         "audit.py",
         "filters/chain.py",
         "filters/fault.py",

@@ -28,6 +28,7 @@ from .routing.router import Router
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
+    from .observability.trace_context import TraceStart
     from .observability.tracing import Tracer
 
 __all__ = ["Pipeline", "SnapshotSlot"]
@@ -58,7 +59,8 @@ class Pipeline:
                  access_log: AccessLog | None, loop: asyncio.AbstractEventLoop,
                  scheme: bytes = b"http", tracer: Tracer | None = None) -> None:
         self.service = service
-        self.tracer = tracer  # None: tracing is off (and not imported)
+        # None: tracing is off (and not imported); the tracer's compiled part, called directly
+        self.trace_start: TraceStart | None = tracer.context if tracer is not None else None
         self.scheme = scheme
         self.metrics = metrics
         self.access_log = access_log  # replaced by a reload that changes the access log
@@ -66,8 +68,8 @@ class Pipeline:
 
     def start(self, stream: Stream) -> None:
         ex = stream.exchange
-        if self.tracer is not None:  # tracing: before any filter logs the exchange
-            self.tracer.start(ex, self.scheme)
+        if self.trace_start is not None:  # tracing: before any filter logs the exchange
+            self.trace_start.start(ex, self.scheme)
         snap = stream.snapshot
         try:
             service = self._route(stream, snap)

@@ -1,8 +1,8 @@
 """Distributed tracing: W3C trace context in and out, spans to an OTLP/HTTP collector.
 
 Imported only when ``sidecar.yaml`` has a ``tracing`` section: it pulls in opentelemetry-sdk
-and protobuf, which a sidecar without tracing does not pay for. Per exchange: ``Tracer.start``
-continues the caller's ``traceparent`` (a missing or malformed one starts a new trace; a
+and protobuf, which a sidecar without tracing does not pay for. Per exchange: ``trace_context``
+(compiled with the hot path) continues the caller's ``traceparent`` (a missing or malformed one starts a new trace; a
 malformed one is dropped with its ``tracestate``, never forwarded) and decides sampling
 (parent-based; a new trace by the ratio, on its id). Inbound and gateway exchanges get a
 SERVER span; each upstream try of an outbound or gateway exchange gets a CLIENT span, so
@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from random import getrandbits, randbytes
+from random import getrandbits
 from typing import TYPE_CHECKING
 
 import structlog
@@ -39,37 +38,20 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from ..config.tracing import TracingConfig
 from ..upstream.endpoint import Outcome
 from .exposition import Collector, CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, Metric
+from .trace_context import TraceStart
 
 if TYPE_CHECKING:
     from ..exchange import Exchange
 
-__all__ = ["ExchangeTrace", "ExportCounts", "Tracer", "parse_traceparent"]
+__all__ = ["ExchangeTrace", "ExportCounts", "Tracer"]
 
 log = structlog.get_logger("pake.tracing")
 
 _WARN_EVERY = 10.0  # seconds between two "trace export failed" warnings
-# version-traceid-parentid-flags, lower-case hex; a later version may append "-..." fields
-_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[\x21-\x7e]*)?")
 _HEADER_PREFIX = b"traceparent: 00-"
-_ZERO_TRACE = b"0" * 32
-_ZERO_SPAN = b"0" * 16
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _OK = Status(StatusCode.UNSET)
 _ERROR = Status(StatusCode.ERROR)
-
-
-def parse_traceparent(value: bytes) -> tuple[str, str, bool] | None:
-    """``(trace_id, parent_span_id, sampled)`` of a W3C ``traceparent``, or None when it is
-    not one (a wrong shape, version ``ff``, all-zero ids, version 00 with extra fields)."""
-    m = _TRACEPARENT.fullmatch(value)
-    if m is None:
-        return None
-    version, trace_id, parent_id, flags, _ = m.groups()
-    if version == b"ff" or (version == b"00" and len(value) != 55):
-        return None
-    if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
-        return None
-    return trace_id.decode(), parent_id.decode(), bool(int(flags, 16) & 1)
 
 
 def _new_span_id() -> str:
@@ -151,7 +133,7 @@ class Tracer:
                  registry: CollectorRegistry | None = None,
                  exporter: SpanExporter | None = None) -> None:
         self.config = config
-        self.bound = int(config.sample * (1 << 64))  # sampled: the id's low 64 bits below this
+        self.context = TraceStart(config.sample, self._sampled)  # every exchange's start (compiled)
         self.resource = Resource.create({"service.name": config.service_name or service})
         self.scope = InstrumentationScope("pake-sidecar")
         self.counts = ExportCounts()
@@ -170,41 +152,12 @@ class Tracer:
 
     # --- hot path --------------------------------------------------------------------
     def start(self, ex: Exchange, scheme: bytes = b"http") -> None:
-        """The exchange's trace: the caller's, continued, or a new one. Strips the incoming
-        ``traceparent`` (each try sends its own) and, when that was unusable, ``tracestate``.
+        """The exchange's trace (``TraceStart.start``, which the pipeline calls directly)."""
+        self.context.start(ex, scheme)
 
-        The parser picked both headers out in its own pass; an unsampled exchange gets its
-        ids and its ``traceparent`` line (``ex.trace_header``) and no trace object."""
-        head = ex.request
-        found = head.traceparent
-        if found is None:
-            parent = None
-            if head.tracestate:
-                head.remove_headers(b"tracestate")  # a state without its trace means nothing
-        else:
-            parent = parse_traceparent(found) if found else None
-            if parent is None:
-                head.remove_headers(b"traceparent", b"tracestate")
-            else:
-                try:
-                    head.headers.remove((b"traceparent", found))
-                except ValueError:
-                    pass  # (the caller named it in Connection: already gone)
-        # one draw and one hex conversion for both ids (a zero id, which W3C forbids, has
-        # odds 2^-64); bytes.hex costs about half of formatting a 192-bit int
-        ids = randbytes(24).hex()
-        span_id = ids[32:]
-        if parent is not None:
-            trace_id, parent_id, sampled = parent
-        else:
-            trace_id, parent_id = ids[:32], None
-            sampled = int(ids[16:32], 16) < self.bound  # the trace id's low 64 bits
-        ex.trace_id = trace_id
-        ex.span_id = span_id
-        if sampled:
-            ex.trace = ExchangeTrace(self, ex.listener, trace_id, span_id, parent_id, True, scheme)
-        else:
-            ex.trace_header = b"%s%s-%s-00\r\n" % (_HEADER_PREFIX, trace_id.encode(), span_id.encode())
+    def _sampled(self, ex: Exchange, trace_id: str, span_id: str, parent_id: str | None,
+                 scheme: bytes) -> None:
+        ex.trace = ExchangeTrace(self, ex.listener, trace_id, span_id, parent_id, True, scheme)
 
     def export(self, spans: list[ReadableSpan]) -> None:
         """Queue finished spans for the export thread; a full queue drops them (counted)."""

@@ -21,7 +21,8 @@ from sidecar.exchange import Exchange
 from sidecar.config.model import Limits
 from sidecar.http.message import RequestHead
 from sidecar.http.request_parser import RequestParser
-from sidecar.observability.tracing import Tracer, parse_traceparent
+from sidecar.observability.trace_context import parse_traceparent
+from sidecar.observability.tracing import Tracer
 from sidecar.upstream.endpoint import Outcome
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -130,7 +131,7 @@ def test_new_traces_are_sampled_by_ratio_on_the_trace_id(spans: InMemorySpanExpo
             assert (ex.trace_header == b"") == (ex.trace is not None)
             # the decision is the trace id's low 64 bits against the ratio, so every sidecar
             # with the same ratio decides a trace alike (W3C's random trace-id part)
-            assert (ex.trace is not None) == (int(ex.trace_id[16:], 16) < tracer.bound)
+            assert (ex.trace is not None) == (int(ex.trace_id[16:], 16) < tracer.context.bound)
             assert ex.span_id is not None and ex.span_id != ex.trace_id[16:]
         assert low <= sampled <= high, (sample, sampled)
 
