@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from ..exchange import Exchange
-from .json_text import THREE_DIGITS, QuoteCache, id_or_null, int_text, printable_text, quote
+from .json_text import MAX_CACHED, THREE_DIGITS, QuoteCache, id_or_null, int_text, printable_text, quote
 from .log_writer import LogChannel
 
 __all__ = ["AccessLog"]
@@ -36,6 +36,9 @@ class AccessLog:
         self._until = float("-inf")  # monotonic time at which ``_stamp``'s second is over
         self._stamp = ""
         self._repeated = QuoteCache()  # values that repeat from line to line
+        self._peer = QuoteCache(prefix=',"peer":')  # the optional fields, as whole fragments
+        self._principal = QuoteCache(prefix=',"principal":')
+        self._tags: dict[str, QuoteCache] = {}  # by tag name (a filter's fixed names: few)
 
     def log(self, ex: Exchange, duration: float) -> None:
         ended = ex.start + duration  # monotonic, as the pipeline measured the duration
@@ -53,13 +56,18 @@ class AccessLog:
         if ex.peer_identity or ex.principal or ex.reason or ex.tags:
             parts: list[str] = []
             if ex.peer_identity:
-                parts.append(',"peer":' + repeated.get(ex.peer_identity))
+                parts.append(self._peer.get(ex.peer_identity))
             if ex.principal:
-                parts.append(',"principal":' + repeated.get(ex.principal))
+                parts.append(self._principal.get(ex.principal))
             if ex.reason:
                 parts.append(',"reason":' + quote(ex.reason))
             for key, value in ex.tags.items():
-                parts.append(f",{repeated.get(key)}:{repeated.get(value)}")
+                tag = self._tags.get(key)
+                if tag is None:
+                    if len(self._tags) >= MAX_CACHED:
+                        self._tags.clear()
+                    tag = self._tags[key] = QuoteCache(prefix="," + quote(key) + ":")
+                parts.append(tag.get(value))
             optional = "".join(parts)
         self.channel.put(
             f'{{"event":"access","timestamp":"{self._stamp}","listener":"{ex.listener}",'

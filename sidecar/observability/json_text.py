@@ -44,19 +44,23 @@ def id_or_null(value: str | None) -> str:
 
 class QuoteCache:
     """``quote`` with a memory: bounded in entries and in the length of what it keeps, so a
-    client sending a new authority per request costs a re-quote, never memory."""
+    client sending a new authority per request costs a re-quote, never memory. With a
+    ``prefix``, what it keeps is the prefix and the quoted value: a whole ``,"key":"value"``
+    fragment of a line, looked up where it was built (a concatenation, or an f-string of
+    four pieces, ~500 instructions) on every line."""
 
-    __slots__ = ("_quoted", "limit")
+    __slots__ = ("_quoted", "limit", "prefix")
 
-    def __init__(self, limit: int = MAX_CACHED) -> None:
+    def __init__(self, limit: int = MAX_CACHED, prefix: str = "") -> None:
         self._quoted: dict[str, str] = {}
         self.limit = limit
+        self.prefix = prefix
 
     def get(self, value: str) -> str:
         quoted = self._quoted.get(value)
         if quoted is not None:
             return quoted
-        quoted = quote(value)
+        quoted = self.prefix + quote(value) if self.prefix else quote(value)
         if len(value) <= _MAX_CACHED_LENGTH:
             if len(self._quoted) >= self.limit:
                 self._quoted.clear()

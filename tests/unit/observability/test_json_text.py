@@ -35,3 +35,11 @@ def test_a_request_id_with_a_quote_or_a_backslash_is_escaped_and_others_are_kept
     for rid in ("4bf92f3577b34da6a3ce929d0e0e4736", "3f2a9c1e-1b7d-4b8e", 'a"b', "c\\d", '\\"', "~!#$%&'()*+"):
         assert json.loads(f'"{printable_text(rid)}"') == rid
     assert printable_text('a"b\\c') == 'a\\"b\\\\c'
+
+
+def test_a_prefixed_cache_keeps_whole_fragments_and_stays_bounded() -> None:
+    cache = QuoteCache(limit=10, prefix=',"peer":')
+    for _ in range(2):
+        assert cache.get('spiffe://pake.local/service/"web"') == ',"peer":"spiffe://pake.local/service/\\"web\\""'
+    for i in range(100):
+        assert cache.get(f"p{i}") == f',"peer":"p{i}"' and len(cache) <= 10
