@@ -1,12 +1,14 @@
 """Distributed tracing: W3C trace context in and out, spans to an OTLP/HTTP collector.
 
 Imported only when ``sidecar.yaml`` has a ``tracing`` section: it pulls in opentelemetry-sdk
-and protobuf, which a sidecar without tracing does not pay for. Per exchange: ``trace_context``
-(compiled with the hot path) continues the caller's ``traceparent`` (a missing or malformed one starts a new trace; a
-malformed one is dropped with its ``tracestate``, never forwarded) and decides sampling
-(parent-based; a new trace by the ratio, on its id). Inbound and gateway exchanges get a
-SERVER span; each upstream try of an outbound or gateway exchange gets a CLIENT span, so
-retries are sibling tries; the ``traceparent`` sent upstream names the span of that try.
+and protobuf, which a sidecar without tracing does not pay for. Per exchange,
+``trace_context`` (compiled with the hot path) continues the caller's ``traceparent`` (a
+missing or malformed one starts a new trace; a malformed one is dropped with its
+``tracestate``, never forwarded) and decides sampling (parent-based; a new trace by the
+ratio, on its id); a sampled exchange comes back to the ``Tracer`` for its spans. Inbound
+and gateway exchanges get a SERVER span; each upstream try of an outbound or gateway exchange
+gets a CLIENT span, so retries are sibling tries; the ``traceparent`` sent upstream names the
+span of that try.
 
 Cost: an unsampled exchange gets ids and one ``traceparent`` line, nothing else: no trace
 object, no per-try span ids (nobody records its spans), and no look at its headers (the
@@ -150,11 +152,7 @@ class Tracer:
         if registry is not None:
             registry.register(_TraceCollector(self.counts))
 
-    # --- hot path --------------------------------------------------------------------
-    def start(self, ex: Exchange, scheme: bytes = b"http") -> None:
-        """The exchange's trace (``TraceStart.start``, which the pipeline calls directly)."""
-        self.context.start(ex, scheme)
-
+    # --- hot path (called by ``self.context`` for a sampled exchange) --------------------
     def _sampled(self, ex: Exchange, trace_id: str, span_id: str, parent_id: str | None,
                  scheme: bytes) -> None:
         ex.trace = ExchangeTrace(self, ex.listener, trace_id, span_id, parent_id, True, scheme)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Collection, Iterable, Sequence
+
 from ..config.model import Address
 from ..config.load_balancing import LoadBalancerConfig
 from .endpoint import EndpointState

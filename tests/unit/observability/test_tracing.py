@@ -82,7 +82,7 @@ def test_a_caller_trace_is_continued_and_its_traceparent_replaced_per_try(spans:
     tracer = tracer_for(spans, sample=0.0)
     ex = exchange("outbound", [(b"traceparent", f"00-{TRACE}-{PARENT}-01".encode()),
                                (b"tracestate", b"v=1"), (b"accept", b"*/*")])
-    tracer.start(ex)
+    tracer.context.start(ex, b"http")
     assert ex.request.headers == [(b"tracestate", b"v=1"), (b"accept", b"*/*")]  # each try sends its own
     trace = ex.trace
     assert trace is not None and ex.trace_id == TRACE and trace.sampled  # the caller's flag wins over 0%
@@ -113,7 +113,7 @@ def test_an_unusable_trace_context_is_replaced_and_never_forwarded(headers: list
                                                                   spans: InMemorySpanExporter) -> None:
     tracer = tracer_for(spans, sample=0.0)
     ex = exchange("inbound", headers)
-    tracer.start(ex)
+    tracer.context.start(ex, b"http")
     assert ex.request.headers == []
     assert ex.trace is None and ex.trace_id is not None and ex.trace_id != TRACE  # a new, unsampled trace
     assert ex.trace_header == f"traceparent: 00-{ex.trace_id}-{ex.span_id}-00\r\n".encode()
@@ -125,7 +125,7 @@ def test_new_traces_are_sampled_by_ratio_on_the_trace_id(spans: InMemorySpanExpo
         sampled = 0
         for _ in range(2000):
             ex = exchange()
-            tracer.start(ex)
+            tracer.context.start(ex, b"http")
             assert ex.trace_id is not None and len(ex.trace_id) == 32
             sampled += ex.trace is not None  # an unsampled exchange gets no trace object
             assert (ex.trace_header == b"") == (ex.trace is not None)
@@ -140,7 +140,7 @@ def test_an_inbound_exchange_is_one_server_span_with_the_mesh_attributes(spans: 
     tracer = tracer_for(spans)
     ex = exchange("inbound", [(b"traceparent", f"00-{TRACE}-{PARENT}-01".encode())])
     ex.peer_identity = "spiffe://pake.local/service/web"
-    tracer.start(ex, b"https")
+    tracer.context.start(ex, b"https")
     assert ex.trace is not None
     ex.trace.try_start(ex)  # tries to the local app have no span: the app continues the SERVER one
     assert ex.trace.header() == f"traceparent: 00-{TRACE}-{ex.span_id}-01\r\n".encode()
@@ -177,7 +177,7 @@ def test_a_full_queue_drops_spans_and_counts_them_without_blocking() -> None:
     tracer = tracer_for(exporter, queue=4)
     for _ in range(50):
         ex = exchange()
-        tracer.start(ex)
+        tracer.context.start(ex, b"http")
         assert ex.trace is not None
         ex.status = 200
         ex.trace.finish(ex)  # never waits for the blocked export thread
@@ -214,7 +214,7 @@ def test_an_unsampled_caller_trace_is_continued_without_a_trace_object(spans: In
     tracer = tracer_for(spans, sample=1.0)  # the caller's "not sampled" wins over 100%
     ex = exchange("outbound", [(b"traceparent", f"00-{TRACE}-{PARENT}-00".encode()),
                                (b"tracestate", b"v=1")])
-    tracer.start(ex)
+    tracer.context.start(ex, b"http")
     assert ex.trace is None and ex.trace_id == TRACE and ex.span_id not in (None, PARENT)
     assert ex.request.headers == [(b"tracestate", b"v=1")]
     assert ex.trace_header == f"traceparent: 00-{TRACE}-{ex.span_id}-00\r\n".encode()
