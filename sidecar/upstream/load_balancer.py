@@ -40,7 +40,20 @@ class LoadBalancer:
     def pick(self, endpoints: Sequence[EndpointState], now: float,
              exclude: Collection[Address] = ()) -> EndpointState | None:
         """The endpoint for the next try, or ``None`` when there is none to use (answer 503
-        ``UH``). ``exclude``: addresses tried already by this request."""
+        ``UH``). ``exclude``: addresses tried already by this request.
+
+        One available endpoint (an inbound sidecar's local app, always) is the choice of
+        every policy, tried before or not (a retry falls back to it), and leaves no state to
+        keep: it is returned without the policy's walk (~700 instructions, callgrind)."""
+        if len(endpoints) == 1:
+            only = endpoints[0]
+            if only.healthy and only.ejected_until <= now:
+                return only
+        return self.choose(endpoints, now, exclude)
+
+    def choose(self, endpoints: Sequence[EndpointState], now: float,
+               exclude: Collection[Address]) -> EndpointState | None:
+        """The policy's own choice (``pick``'s contract)."""
         raise NotImplementedError
 
 
@@ -72,8 +85,8 @@ class RoundRobin(LoadBalancer):
 
     __slots__ = ()
 
-    def pick(self, endpoints: Sequence[EndpointState], now: float,
-             exclude: Collection[Address] = ()) -> EndpointState | None:
+    def choose(self, endpoints: Sequence[EndpointState], now: float,
+               exclude: Collection[Address]) -> EndpointState | None:
         pool, panic = candidates(endpoints, now, exclude, self.panic_threshold)
         if panic:
             self.panics += 1
@@ -102,8 +115,8 @@ class LeastRequest(LoadBalancer):
         super().__init__(panic_threshold)
         self._rand = rand if rand is not None else random.Random().random
 
-    def pick(self, endpoints: Sequence[EndpointState], now: float,
-             exclude: Collection[Address] = ()) -> EndpointState | None:
+    def choose(self, endpoints: Sequence[EndpointState], now: float,
+               exclude: Collection[Address]) -> EndpointState | None:
         pool, panic = candidates(endpoints, now, exclude, self.panic_threshold)
         if panic:
             self.panics += 1

@@ -118,6 +118,23 @@ def test_empty_cluster() -> None:
     assert LeastRequest().pick([], NOW) is None
 
 
+def test_one_endpoint_is_every_policys_answer_in_every_state() -> None:
+    # An inbound sidecar's local app: the only endpoint, tried already or not; down, it is
+    # still used in panic mode and refused with the panic threshold at 0.
+    for lb in (RoundRobin(), LeastRequest()):
+        [only] = eps = cluster(1)
+        assert lb.pick(eps, NOW) is only and lb.pick(eps, NOW, exclude={only.address}) is only
+        assert (only.current_weight, lb.panics) == (0, 0)  # nothing left behind by a pick
+        only.ejected_until = NOW + 5
+        assert lb.pick(eps, NOW) is only and lb.panics == 1
+        only.ejected_until, only.healthy = 0.0, False
+        assert lb.pick(eps, NOW) is only and lb.panics == 2
+    for lb in (RoundRobin(panic_threshold=0.0), LeastRequest(panic_threshold=0.0)):
+        [only] = eps = cluster(1)
+        only.healthy = False
+        assert lb.pick(eps, NOW) is None
+
+
 # --- a retry prefers another endpoint -------------------------------------------------
 
 
