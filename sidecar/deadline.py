@@ -15,17 +15,20 @@ __all__ = ["Deadline"]
 
 
 class Deadline:
-    __slots__ = ("_loop", "_callback", "when", "_handle", "_armed_for")
+    __slots__ = ("_loop", "_time", "_callback", "when", "_handle", "_armed_for")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
         self._loop = loop
+        # bound once: compiled, ``self._loop.time()`` looks the method up by name on every
+        # call (~290 instructions, callgrind; three deadlines are set an exchange)
+        self._time = loop.time
         self._callback = callback
         self.when: float | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = 0.0
 
     def set_in(self, seconds: float) -> None:
-        when = self.when = self._loop.time() + seconds
+        when = self.when = self._time() + seconds
         if self._handle is None or when < self._armed_for:
             self._arm(when)
 
@@ -55,7 +58,7 @@ class Deadline:
         when = self.when
         if when is None:
             return
-        if self._loop.time() < when:
+        if self._time() < when:
             self._armed_for = when
             self._handle = self._loop.call_at(when, self._fire)
             return

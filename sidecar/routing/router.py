@@ -60,6 +60,7 @@ class Router:
                  *, scheme: bytes = b"http", rng: random.Random | None = None) -> None:
         # No cluster registry here: an exchange's clusters are those of the snapshot it holds.
         self.loop = loop
+        self._time = loop.time  # bound once: ``self.loop.time()`` looks the method up by name each call
         self.finish = finish
         self.scheme = scheme
         self._rng = rng or random.Random()
@@ -99,7 +100,7 @@ class Router:
                 stream.body_limit = limit  # checked as the rest of the body arrives
         stream.timeout = timeout = route.timeout or cluster.timeouts.route
         stream.conn.route_deadline.set_in(timeout)
-        policy.record_request(self.loop.time())
+        policy.record_request(self._time())
         action = None
         if route.fault is not None:
             action = decide(route.fault, stream.head.headers, self._rng.random)
@@ -159,7 +160,7 @@ class Router:
             return
         cluster = tries.cluster
         ex = stream.exchange
-        now = self.loop.time()
+        now = self._time()
         admission = cluster.breaker.try_acquire(now, retry=tries.retries > 0 and not isolated)
         if not isinstance(admission, Admission):
             last = tries.last_reply
@@ -255,7 +256,7 @@ class Router:
             stream.exchange.trace.try_end(stream.exchange, outcome)
         endpoint.active_requests -= 1
         cluster = tries.cluster
-        now = self.loop.time()
+        now = self._time()
         isolated = False
         if outcome is not Outcome.CANCELLED:
             failed = outcome is not Outcome.SUCCESS
@@ -280,7 +281,7 @@ class Router:
             decision = tries.policy.should_retry(
                 tries.retries + 1, outcome, status, stream.head.method,
                 body_replayable=stream.replayable(), response_started=False,
-                now=self.loop.time(), retry_after=retry_after,
+                now=self._time(), retry_after=retry_after,
                 deadline=stream.conn.route_deadline.when, isolated=isolated)
             if decision.retry:
                 tries.retries += 1
@@ -307,7 +308,7 @@ class Router:
             for name, value in head.headers:
                 if len(name) == 11 and name.lower() == b"retry-after":
                     retry_after = parse_retry_after(value, time.time())
-        now = self.loop.time()
+        now = self._time()
         endpoint = tries.endpoint
         isolated = endpoint is not None and isolated_failure(endpoint, tries.cluster.endpoints, now)
         decision = tries.policy.should_retry(
