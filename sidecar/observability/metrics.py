@@ -1,7 +1,7 @@
 """Prometheus metrics of one sidecar, in a registry of its own (no process globals).
 
 The hot path calls ``exchange_done`` once per exchange: one dict lookup (its ``Series``), a
-few increments and one bisect, no locks and no label validation (about 0.3 µs instead of
+few increments and a bucket search, no locks and no label validation (about 0.3 µs instead of
 1.1 µs with prometheus-client's labelled metrics). Everything else (rare events) uses the
 labelled ``Counter`` and ``Gauge`` of ``exposition``, the sidecar's own small stand-in for
 prometheus-client (same text out).
@@ -13,7 +13,6 @@ exchange with a flag (rare) also counts as a route's error or as a denial.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final
@@ -24,7 +23,7 @@ from .exposition import (Collector, CollectorRegistry, Counter, CounterMetricFam
 if TYPE_CHECKING:
     from ..exchange import Exchange
 
-__all__ = ["DENIAL_FLAGS", "Metrics", "Series"]
+__all__ = ["DENIAL_FLAGS", "Metrics", "Series", "latency_bucket"]
 
 # Typed: a bare ``Final`` tuple of float literals compiles to a constant that the module's own
 # initialiser then cannot read ("value for final name ... was not set", mypyc 1.x).
@@ -36,6 +35,17 @@ _BOUND_LABELS: Final = tuple("+Inf" if b == float("inf") else repr(b) for b in _
 DENIAL_FLAGS: Final = frozenset({"UAEX", "RBAC", "RL"})
 _RECENT_DENIALS: Final = 32  # the protocol's MAX_DENIALS: a stats message carries no more
 _MAX_TEXT: Final = 256  # the protocol's bound on a string
+
+
+def latency_bucket(seconds: float) -> int:
+    """``bisect_left(_LATENCY_BUCKETS, seconds)``: the first bound at or above it, or the +Inf
+    bucket. A loop from the smallest: most exchanges end in the first buckets, and compiled
+    it compares unboxed floats, where ``bisect_left`` compares objects (~750 instructions)."""
+    buckets = _LATENCY_BUCKETS
+    for i in range(len(buckets)):
+        if seconds <= buckets[i]:
+            return i
+    return len(buckets)
 
 
 def _cut(text: str) -> str:
@@ -155,7 +165,7 @@ class Metrics:
             one = c.series[key] = Series()
         status_class = status // 100
         one.by_class[status_class if 0 < status_class < 6 else 0] += 1
-        one.buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        one.buckets[latency_bucket(seconds)] += 1
         one.sum += seconds
         one.count += 1
         flag = ex.flags

@@ -4,6 +4,7 @@ so a scraper, a dashboard or a test that parses /metrics cannot tell them apart.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 
 import prometheus_client
 import pytest
@@ -13,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.exchange import Exchange
 from sidecar.http.message import RequestHead
 from sidecar.observability import exposition as ours
-from sidecar.observability.metrics import Metrics
+from sidecar.observability.metrics import _LATENCY_BUCKETS, Metrics, latency_bucket
 
 _CREATED = re.compile(rb"(_created(?:\{[^}]*\})?) [0-9.e+]+\n")
 
@@ -107,3 +108,13 @@ def test_the_sidecar_metrics_parse_as_prometheus_text() -> None:
     assert count == 2.0
     refused = families["pake_downstream_connections_refused"].samples
     assert [s.value for s in refused if s.name.endswith("_total")] == [1.0]
+
+
+def test_an_exchange_lands_in_the_latency_bucket_bisect_gives() -> None:
+    # every bound, just under and just over it, zero, negative and past the last: the
+    # histogram's ``le`` buckets as prometheus defines them (a value equal to a bound is in it)
+    values = [0.0, -1.0, 1e-9, 100.0, float("inf")]
+    for bound in _LATENCY_BUCKETS:
+        values += [bound, bound * 0.999, bound * 1.001]
+    for seconds in values:
+        assert latency_bucket(seconds) == bisect_left(_LATENCY_BUCKETS, seconds), seconds
