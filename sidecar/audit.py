@@ -27,7 +27,7 @@ import structlog
 from .clock import Clock, MonotonicClock
 from .config.audit import AuditConfig
 from .exchange import Exchange
-from .observability.json_text import THREE_DIGITS, QuoteCache, id_or_null, printable_text, quote
+from .observability.json_text import DECIMALS, QuoteCache, printable_text, quote, trace_ids
 from .observability.log_writer import LogChannel, LogOutputs
 
 __all__ = [
@@ -138,9 +138,8 @@ class AuditLog:
         repeated = self._repeated
         # method, stage and decision come from fixed lists, trace and span ids are hex we made
         # or checked (``tracing``), the client an address from the socket: never quoted
-        line = (f'{{"event":"audit","time":"{self._stamp}.{THREE_DIGITS[min(int((now - second) * 1000), 999)]}Z",'
-                f'"request_id":"{printable_text(exchange.request_id)}","trace_id":{id_or_null(exchange.trace_id)},'
-                f'"span_id":{id_or_null(exchange.span_id)},'
+        line = (f'{{"event":"audit","time":"{self._stamp}{DECIMALS[min(int((now - second) * 1000), 999)]}Z",'
+                f'"request_id":"{printable_text(exchange.request_id)}"{trace_ids(exchange.trace_id, exchange.span_id)},'
                 f'"source":{repeated.get_or_null(exchange.peer_identity)},'
                 f'"client":"{exchange.downstream_address}",'
                 f'"principal":{repeated.get_or_null(exchange.principal)},"service":{repeated.get(exchange.service)},'

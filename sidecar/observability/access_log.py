@@ -8,9 +8,11 @@ instructions a line, callgrind). Strings are quoted as ``json.dumps`` quotes the
 timestamp is formatted once per second, and the wall clock read only then: the exchange's end
 on the monotonic clock (which the pipeline read for the duration) says when the second is
 over. Numbers below 1000 come from a table and a request id is quoted only when it holds a
-quote or a backslash (``json_text``): with the clock, 8.9k → 5.7k instructions a line. The line
-goes on the log's channel (``log_writer``): no I/O on the loop, dropped and counted when the
-output cannot keep up.
+quote or a backslash (``json_text``): with the clock, 8.9k → 5.7k instructions a line. The
+string build itself costs ~75 instructions a piece it joins, so what repeats comes as whole
+fragments, key and value (the stamp with the line's opening, the cached fields, the status,
+the trace ids when off): 41 pieces → 32. The line goes on the log's channel
+(``log_writer``): no I/O on the loop, dropped and counted when the output cannot keep up.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from ..exchange import Exchange
-from .json_text import MAX_CACHED, THREE_DIGITS, QuoteCache, id_or_null, int_text, printable_text, quote
+from .json_text import DECIMALS, MAX_CACHED, QuoteCache, int_text, printable_text, quote, status_field, trace_ids
 from .log_writer import LogChannel
 
 __all__ = ["AccessLog"]
@@ -33,10 +35,14 @@ class AccessLog:
     def __init__(self, channel: LogChannel, *, wall: Callable[[], float] = time.time) -> None:
         self.channel = channel
         self.wall = wall
-        self._until = float("-inf")  # monotonic time at which ``_stamp``'s second is over
-        self._stamp = ""
-        self._repeated = QuoteCache()  # values that repeat from line to line
-        self._peer = QuoteCache(prefix=',"peer":')  # the optional fields, as whole fragments
+        self._until = float("-inf")  # monotonic time at which the stamp in ``_opening`` is over
+        self._opening = ""  # the line up to the listener's value: its stamp changes once a second
+        # values that repeat from line to line, as whole ``,"key":"value"`` fragments
+        self._authority = QuoteCache(prefix=',"authority":')
+        self._route = QuoteCache(prefix=',"route":')
+        self._cluster = QuoteCache(prefix=',"cluster":')
+        self._upstream = QuoteCache(prefix=',"upstream":')
+        self._peer = QuoteCache(prefix=',"peer":')  # the optional fields
         self._principal = QuoteCache(prefix=',"principal":')
         self._tags: dict[str, QuoteCache] = {}  # by tag name (a filter's fixed names: few)
 
@@ -46,12 +52,12 @@ class AccessLog:
             now = self.wall()
             second = int(now)
             self._until = ended + (second + 1 - now)
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+            self._opening = f'{{"event":"access","timestamp":"{stamp}","listener":"'
         head = ex.request
         route = ex.route
         micros = int(duration * 1_000_000)  # to the microsecond, truncated
-        repeated = self._repeated
-        route_name = repeated.get(route.name) if route is not None else '"-"'
+        route_field = self._route.get(route.name) if route is not None else ',"route":"-"'
         optional = ""  # the fields set only on some exchanges; most have none
         if ex.peer_identity or ex.principal or ex.reason or ex.tags:
             parts: list[str] = []
@@ -70,13 +76,9 @@ class AccessLog:
                 parts.append(tag.get(value))
             optional = "".join(parts)
         self.channel.put(
-            f'{{"event":"access","timestamp":"{self._stamp}","listener":"{ex.listener}",'
-            f'"method":"{head.method}","authority":{repeated.get(head.authority)},"path":{quote(head.path)},'
-            f'"status":{int_text(ex.status)},"bytes_in":{int_text(ex.bytes_in)},'
-            f'"bytes_out":{int_text(ex.bytes_out)},'
-            f'"duration_ms":{int_text(micros // 1000)}.{THREE_DIGITS[micros % 1000]},'
-            f'"route":{route_name},"cluster":{repeated.get(ex.cluster)},'
-            f'"upstream":{repeated.get(ex.upstream)},"attempts":{int_text(ex.attempts)},"flags":"{ex.flags}",'
-            f'"request_id":"{printable_text(ex.request_id)}","trace_id":{id_or_null(ex.trace_id)},'
-            f'"span_id":{id_or_null(ex.span_id)},'
-            f'"client":"{ex.downstream_address}"{optional}}}\n')
+            f'{self._opening}{ex.listener}","method":"{head.method}"{self._authority.get(head.authority)}'
+            f',"path":{quote(head.path)}{status_field(ex.status)},"bytes_in":{int_text(ex.bytes_in)}'
+            f',"bytes_out":{int_text(ex.bytes_out)},"duration_ms":{int_text(micros // 1000)}{DECIMALS[micros % 1000]}'
+            f'{route_field}{self._cluster.get(ex.cluster)}{self._upstream.get(ex.upstream)}'
+            f',"attempts":{int_text(ex.attempts)},"flags":"{ex.flags}","request_id":"{printable_text(ex.request_id)}"'
+            f'{trace_ids(ex.trace_id, ex.span_id)},"client":"{ex.downstream_address}"{optional}}}\n')

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from sidecar.observability.json_text import QuoteCache, int_text, printable_text
+from sidecar.observability.json_text import DECIMALS, QuoteCache, int_text, printable_text, status_field, trace_ids
 
 
 def test_a_cached_value_is_quoted_as_json_dumps_quotes_it_every_time() -> None:
@@ -43,3 +43,14 @@ def test_a_prefixed_cache_keeps_whole_fragments_and_stays_bounded() -> None:
         assert cache.get('spiffe://pake.local/service/"web"') == ',"peer":"spiffe://pake.local/service/\\"web\\""'
     for i in range(100):
         assert cache.get(f"p{i}") == f',"peer":"p{i}"' and len(cache) <= 10
+
+
+def test_fragments_read_as_the_json_of_their_fields() -> None:
+    """A status in or out of the table, trace ids present or null, three decimals."""
+    for status in (0, 99, 100, 200, 404, 599, 600, 999, 1000):
+        assert json.loads("{" + status_field(status)[1:] + "}") == {"status": status}
+    for trace_id, span_id in (("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"), (None, None),
+                              ("", ""), ("4bf92f3577b34da6a3ce929d0e0e4736", None)):
+        assert json.loads("{" + trace_ids(trace_id, span_id)[1:] + "}") == {
+            "trace_id": trace_id or None, "span_id": span_id or None}
+    assert [float("1" + DECIMALS[i]) for i in (0, 7, 42, 999)] == [1.0, 1.007, 1.042, 1.999]
