@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import core
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.config.model import RouteConfig, RouteMatch
 from sidecar.exchange import Exchange
 from sidecar.http.message import RequestHead
 from sidecar.observability import exposition as ours
@@ -118,3 +119,21 @@ def test_an_exchange_lands_in_the_latency_bucket_bisect_gives() -> None:
         values += [bound, bound * 0.999, bound * 1.001]
     for seconds in values:
         assert latency_bucket(seconds) == bisect_left(_LATENCY_BUCKETS, seconds), seconds
+
+
+def test_exchanges_count_in_their_own_series_whether_their_names_are_the_same_objects_or_equal() -> None:
+    """The collector remembers the last series by the identity of its names: equal names
+    built afresh, and alternating series, still count where they belong."""
+    metrics = Metrics()
+    route = RouteConfig(name="reads", match=RouteMatch(), to=())
+    for i in range(6):
+        head = RequestHead("GET", b"/", "/", "orders", "orders", "1.1", [])
+        cluster = "".join(["orders", "-v1"]) if i % 3 else "orders-v1"  # equal, not always the same object
+        ex = Exchange(request=head, listener="inbound", downstream_address="127.0.0.1", request_id="r",
+                      start=0.0, cluster=cluster if i % 2 else "payments", status=200,
+                      route=route if i < 4 else None)
+        metrics.exchange_done(ex, 0.001)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    counts = {(s.labels["route"], s.labels["cluster"]): s.value for s in families["pake_requests"].samples}
+    assert counts == {("reads", "payments"): 2.0, ("reads", "orders-v1"): 2.0, ("-", "payments"): 1.0,
+                      ("-", "orders-v1"): 1.0}
