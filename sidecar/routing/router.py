@@ -127,7 +127,8 @@ class Router:
         ``x-pake-attempts``."""
         head = stream.head
         ex = stream.exchange
-        client = ex.downstream_address.encode()
+        conn = stream.conn
+        client = conn.client_bytes
         xff = head.forwarded_for
         extra = [(b"x-forwarded-for", xff + b", " + client if xff is not None else client)]
         if ex.listener == "gateway":
@@ -137,8 +138,8 @@ class Router:
             extra.append((b"x-forwarded-proto", self.scheme))
         elif head.forwarded_proto is None:
             extra.append((b"x-forwarded-proto", self.scheme))
-        if ex.peer_identity is not None:
-            extra.append((b"x-pake-peer-identity", ex.peer_identity.encode()))
+        if conn.peer_identity_bytes is not None:
+            extra.append((b"x-pake-peer-identity", conn.peer_identity_bytes))
         if head.chunked:
             extra.append((b"transfer-encoding", b"chunked"))
         elif head.content_length is not None:

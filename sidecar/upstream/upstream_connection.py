@@ -11,6 +11,7 @@ callback: no task or future per request.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ..deadline import Deadline
@@ -44,6 +45,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.pool = pool
         self._loop = loop
         self.transport: asyncio.Transport | None = None
+        self._send: Callable[[bytes], object] | None = None  # transport.write, bound once (as downstream)
         self.parser: ResponseParser | None = None
         self.listener: UpstreamListener | None = None
         self.closed = False
@@ -78,9 +80,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         parser.begin(head_only)
 
     def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None:
-            transport.write(data)
+        send = self._send
+        if send is not None:
+            send(data)
 
     def response_started(self) -> bool:
         return self.parser is not None and self.parser.started
@@ -113,6 +115,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream connection's transport is a Transport; asyncio types it as the base class.
         transport = self.transport = cast(asyncio.Transport, transport)
+        self._send = transport.write
         transport.set_write_buffer_limits(high=64 * 1024)
         if self.pool.identify is not None:
             self.peer_identity = self.pool.identify(transport)
@@ -155,7 +158,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         # transport's bound methods) that only the cyclic GC frees; let go of the transport
         # now, and with it uvloop's TLS protocol, its 256 KB buffer and OpenSSL's state.
         # Kept until the GC, a new connection per request held 100+ MB of dead connections.
-        self.transport = None
+        self.transport = self._send = None
         self.pool.on_connection_lost(self)
         listener = self.listener
         if listener is None:
