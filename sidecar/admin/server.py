@@ -217,9 +217,8 @@ class _AdminConnection(asyncio.Protocol):
             return
         headers = [(b"content-type", ctype), (b"content-length", b"%d" % len(body)),
                    (b"cache-control", b"no-store"), *(extra or ())]
-        if close:
-            headers.append((b"connection", b"close"))
-        transport.write(response_head(status, reason_phrase(status), [], headers) + body)
+        lines = [b"connection: close\r\n"] if close else []
+        transport.write(response_head(status, reason_phrase(status), headers, lines) + body)
         if close:
             self._close_after_write()
 

@@ -25,7 +25,7 @@ from ..exchange import Exchange
 from ..http.headers import is_valid_request_id
 from ..http.message import RequestHead
 from ..http.request_parser import RequestParser
-from ..http.writer import local_reply
+from ..http.writer import header_line, local_reply
 from ..deadline import Deadline
 from .stream import Stream
 
@@ -91,10 +91,11 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self.parser = RequestParser(self, ctx.limits)
         self.client = "-"
         self.peer_identity: str | None = None
-        # as they go upstream in x-forwarded-for and x-pake-peer-identity: encoded once a
-        # connection, not once a request
+        # what goes upstream in x-forwarded-for and x-pake-peer-identity (whole header lines
+        # when they are the header's whole value), encoded once a connection, not once a request
         self.client_bytes = b"-"
-        self.peer_identity_bytes: bytes | None = None
+        self.forwarded_for_line = b"x-forwarded-for: -\r\n"
+        self.peer_identity_line: bytes | None = None
         self.streams: deque[Stream] = deque()  # answered in this order
         self.receiving: Stream | None = None  # the request whose body is arriving
         self._started: Stream | None = None  # the head of the queue, once handed to the pipeline
@@ -136,13 +137,14 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else "-"
         self.client_bytes = self.client.encode()
+        self.forwarded_for_line = header_line(b"x-forwarded-for", self.client_bytes)
         transport.set_write_buffer_limits(high=64 * 1024)
         if ctx.peer_identity is not None:
             self.peer_identity = ctx.peer_identity(transport)
             if self.peer_identity is None:
                 self.abort()  # not a valid workload identity: refused before any request
                 return
-            self.peer_identity_bytes = self.peer_identity.encode()
+            self.peer_identity_line = header_line(b"x-pake-peer-identity", self.peer_identity.encode())
         self._arm_idle()
 
     def get_buffer(self, sizehint: int) -> bytearray:
@@ -513,6 +515,6 @@ class DownstreamConnection(asyncio.BufferedProtocol):
                 return
             self.abort()  # a response is under way: cutting the connection is all that is left
             return
-        data, _ = local_reply(exc.reply(), self.ctx.service, [(b"connection", b"close")])
+        data, _ = local_reply(exc.reply(), self.ctx.service, [b"connection: close\r\n"])
         self.write(data)
         self.close(linger=True)

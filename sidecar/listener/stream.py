@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 from ..errors import LocalReply
 from ..exchange import Exchange
 from ..http.message import RequestHead, ResponseHead
-from ..http.writer import LAST_CHUNK, chunk, local_reply, response_head
+from ..http.writer import LAST_CHUNK, chunk, header_line, local_reply, response_head
 
 if TYPE_CHECKING:
     from ..errors import ProxyError
@@ -172,24 +172,24 @@ class Stream:
         self.response_started = True
         self.exchange.status = head.status
         status = head.status
-        extra: list[tuple[bytes, bytes]] = []
+        extra: list[bytes] = []  # whole header lines (``header_line``)
         if status == 101:
             self.mode = _MODE_NONE
-            extra.append((b"connection", b"upgrade"))
+            extra.append(b"connection: upgrade\r\n")
             if head.upgrade is not None:
-                extra.append((b"upgrade", head.upgrade))
+                extra.append(header_line(b"upgrade", head.upgrade))
             self.tunnel = True
             self.keep_alive = False
         elif self.head.method == "HEAD" or status in _NO_BODY:
             self.mode = _MODE_NONE
             if head.content_length is not None and status != 204:
-                extra.append((b"content-length", b"%d" % head.content_length))
+                extra.append(b"content-length: %d\r\n" % head.content_length)
         elif head.content_length is not None:
             self.mode = _MODE_LENGTH
-            extra.append((b"content-length", b"%d" % head.content_length))
+            extra.append(b"content-length: %d\r\n" % head.content_length)
         elif self.head.version == "1.1":
             self.mode = _MODE_CHUNKED
-            extra.append((b"transfer-encoding", b"chunked"))
+            extra.append(b"transfer-encoding: chunked\r\n")
         else:
             self.mode = _MODE_CLOSE
             self.keep_alive = False
@@ -202,23 +202,23 @@ class Stream:
         if status != 101:
             self._connection_header(extra)
         if not head.has_request_id:
-            extra.append((b"x-request-id", self.exchange.request_id.encode()))
+            extra.append(f"x-request-id: {self.exchange.request_id}\r\n".encode())  # printable ASCII
         headers = head.headers
         if added := self.exchange.response_headers:  # a filter's (RateLimit-*): they win
             names = {name for name, _ in added}
             headers = [h for h in headers if h[0].lower() not in names]
-            extra += added
+            extra += [header_line(name, value) for name, value in added]
         self.conn.write(response_head(status, head.reason, headers, extra))
         if status == 101 and self.driver is not None:
             self.driver.on_tunnel_open(self)
 
-    def _connection_header(self, extra: list[tuple[bytes, bytes]]) -> None:
+    def _connection_header(self, extra: list[bytes]) -> None:
         keep = self.keep_alive and not self.conn.draining
         if not keep:
             self.keep_alive = False
-            extra.append((b"connection", b"close"))
+            extra.append(b"connection: close\r\n")
         elif self.head.version == "1.0":
-            extra.append((b"connection", b"keep-alive"))
+            extra.append(b"connection: keep-alive\r\n")
 
     def on_response_body(self, data: bytes) -> None:
         self.exchange.bytes_out += len(data)
@@ -269,7 +269,8 @@ class Stream:
         self.response_done = True
         if reply.close or not self.body_done:
             self.keep_alive = False
-        extra = [(b"x-request-id", ex.request_id.encode()), *ex.response_headers]
+        extra = [f"x-request-id: {ex.request_id}\r\n".encode(),
+                 *[header_line(name, value) for name, value in ex.response_headers]]
         self._connection_header(extra)
         data, body_bytes = local_reply(reply, service, extra, head_only=self.head.method == "HEAD")
         ex.bytes_out += body_bytes

@@ -32,7 +32,7 @@ from ..errors import (LocalReply, NoHealthyUpstream, NoRoute, PayloadTooLarge, P
                       UpstreamConnectError, UpstreamIdentityError, UpstreamReset, UpstreamTimeout)
 from ..filters.fault import FAULT_HEADERS, FaultAction, abort_reply, decide
 from ..http.message import ResponseHead
-from ..http.writer import request_head
+from ..http.writer import header_line, request_head
 from ..upstream.circuit_breaker import Admission
 from ..upstream.cluster import Cluster
 from ..upstream.cluster_manager import LOCAL_APP
@@ -63,6 +63,7 @@ class Router:
         self._time = loop.time  # bound once: ``self.loop.time()`` looks the method up by name each call
         self.finish = finish
         self.scheme = scheme
+        self._proto_line = header_line(b"x-forwarded-proto", scheme)
         self._rng = rng or random.Random()
 
     def target(self, stream: Stream, route: RouteConfig) -> str:
@@ -128,25 +129,25 @@ class Router:
         head = stream.head
         ex = stream.exchange
         conn = stream.conn
-        client = conn.client_bytes
         xff = head.forwarded_for
-        extra = [(b"x-forwarded-for", xff + b", " + client if xff is not None else client)]
+        extra = [conn.forwarded_for_line if xff is None
+                 else header_line(b"x-forwarded-for", xff + b", " + conn.client_bytes)]
         if ex.listener == "gateway":
             # the edge: outside callers do not get to say how they connected
             if head.forwarded_proto is not None:
                 head.remove_headers(b"x-forwarded-proto")
-            extra.append((b"x-forwarded-proto", self.scheme))
+            extra.append(self._proto_line)
         elif head.forwarded_proto is None:
-            extra.append((b"x-forwarded-proto", self.scheme))
-        if conn.peer_identity_bytes is not None:
-            extra.append((b"x-pake-peer-identity", conn.peer_identity_bytes))
+            extra.append(self._proto_line)
+        if conn.peer_identity_line is not None:
+            extra.append(conn.peer_identity_line)
         if head.chunked:
-            extra.append((b"transfer-encoding", b"chunked"))
+            extra.append(b"transfer-encoding: chunked\r\n")
         elif head.content_length is not None:
-            extra.append((b"content-length", b"%d" % head.content_length))
+            extra.append(b"content-length: %d\r\n" % head.content_length)
         if head.upgrade is not None:
-            extra.append((b"connection", b"upgrade"))
-            extra.append((b"upgrade", head.upgrade))
+            extra.append(b"connection: upgrade\r\n")
+            extra.append(header_line(b"upgrade", head.upgrade))
         return request_head(head, extra, end=False)
 
     # === tries ==============================================================================

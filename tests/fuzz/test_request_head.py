@@ -18,7 +18,7 @@ from sidecar.config.model import Limits
 from sidecar.errors import DownstreamProtocolError
 from sidecar.http.message import RequestHead
 from sidecar.http.request_parser import RequestParser
-from sidecar.http.writer import LAST_CHUNK, chunk, request_head
+from sidecar.http.writer import LAST_CHUNK, chunk, header_line, request_head
 
 from .settings import fuzz_settings
 from .strategies import HEADER_NAMES, body_framing, header_values, mutated, reads, splits_of
@@ -60,7 +60,7 @@ def parse(pieces: list[bytes]) -> tuple[Sink, DownstreamProtocolError | None, bo
     return sink, None, parser.upgraded
 
 
-def forwarded(head: RequestHead, body: bytes) -> bytes:
+def forwarded(head: RequestHead, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """What the router sends upstream for this request (its framing rules, router._head)."""
     extra: list[tuple[bytes, bytes]] = []
     if head.chunked:
@@ -71,7 +71,7 @@ def forwarded(head: RequestHead, body: bytes) -> bytes:
         framed = body
     else:
         framed = b""
-    return request_head(head, extra) + framed, extra
+    return request_head(head, [header_line(name, value) for name, value in extra]) + framed, extra
 
 
 def view(head: RequestHead) -> tuple[object, ...]:

@@ -19,7 +19,7 @@ from sidecar.errors import UpstreamProtocolError
 from sidecar.http.headers import HOP_BY_HOP, connection_tokens
 from sidecar.http.message import ResponseHead
 from sidecar.http.response_parser import ResponseParser
-from sidecar.http.writer import LAST_CHUNK, chunk, response_head
+from sidecar.http.writer import LAST_CHUNK, chunk, header_line, response_head
 
 from .settings import fuzz_settings
 from .strategies import HEADER_NAMES, body_framing, header_values, mutated, reads, splits_of
@@ -96,7 +96,8 @@ def reframed(head: ResponseHead, body: bytes) -> bytes:
     else:
         extra.append((b"transfer-encoding", b"chunked"))
         framed = (chunk(body) if body else b"") + LAST_CHUNK
-    return response_head(head.status, head.reason, head.headers, extra) + framed
+    return response_head(head.status, head.reason, head.headers,
+                         [header_line(name, value) for name, value in extra]) + framed
 
 
 def check(sink: Sink) -> None:

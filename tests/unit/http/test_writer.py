@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.http.writer import response_head
+from sidecar.http.writer import header_line, response_head
 
 
 @pytest.mark.parametrize(("status", "reason", "line"), [
@@ -17,5 +17,5 @@ from sidecar.http.writer import response_head
     (200, b"-", b"HTTP/1.1 200 -\r\n"),
 ])
 def test_the_status_line_carries_the_status_and_the_reason_given(status: int, reason: bytes, line: bytes) -> None:
-    head = response_head(status, reason, [(b"x-a", b"1")], [(b"content-length", b"0")])
+    head = response_head(status, reason, [(b"x-a", b"1")], [header_line(b"content-length", b"0")])
     assert head == line + b"x-a: 1\r\ncontent-length: 0\r\n\r\n"
