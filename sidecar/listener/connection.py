@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, cast
@@ -96,7 +95,10 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self.client_bytes = b"-"
         self.forwarded_for_line = b"x-forwarded-for: -\r\n"
         self.peer_identity_line: bytes | None = None
-        self.streams: deque[Stream] = deque()  # answered in this order
+        # answered in this order. A list, not a deque: compiled, a list's append, [0] and pop(0)
+        # are direct calls, a deque's are looked up by name (~200 instructions each); it holds
+        # at most max_pipelined + 1
+        self.streams: list[Stream] = []
         self.receiving: Stream | None = None  # the request whose body is arriving
         self._started: Stream | None = None  # the head of the queue, once handed to the pipeline
         self._unparsed = b""  # bytes past the pipelining bound, parsed as exchanges finish
@@ -346,7 +348,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         """The pipeline finished ``stream``: answer the next pipelined request, or idle."""
         if not self.streams or self.streams[0] is not stream:
             return
-        self.streams.popleft()
+        self.streams.pop(0)
         self._started = None
         if self.closed:
             return
@@ -503,7 +505,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self.ctx.on_protocol_error(self, exc)
         self._unparsed = b""
         if self.streams and self.streams[0] is not self._started:
-            self.streams.popleft()  # refused before it was forwarded anywhere
+            self.streams.pop(0)  # refused before it was forwarded anywhere
         if self.streams:
             stream = self.streams[0]
             if stream is self.receiving and not stream.response_started and not stream.finished:

@@ -53,7 +53,8 @@ class Pool:
         # upstream connections read into one buffer (one callback at a time on the loop)
         self.read_buffer = read_buffer if read_buffer is not None else bytearray(64 * 1024)
         self._on_connect_failure = on_connect_failure
-        self.idle: deque[UpstreamConnection] = deque()
+        # newest last; a list, not a deque: compiled, its pop and append are direct calls
+        self.idle: list[UpstreamConnection] = []
         self.connections = 0  # slots: open, opening, or handed to a waiter (see the rules above)
         self._members: set[UpstreamConnection] = set()  # open connections whose slot they hold
         self.waiters: deque[asyncio.Future[_Handed]] = deque()
