@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .observability.tracing import Tracer
 
 __all__ = ["Pipeline", "SnapshotSlot"]
+
+_MONOTONIC: Final = time.monotonic  # a C static once compiled, not the module's attribute at each call
 
 log = structlog.get_logger("pake.pipeline")
 
@@ -87,7 +89,7 @@ class Pipeline:
                         assert service is not None  # (a route was found in it)
                         stream.timeout = ex.route.timeout or service.timeouts.route
                         stream.conn.route_deadline.set_in(
-                            stream.timeout - (time.monotonic() - ex.start))
+                            stream.timeout - (_MONOTONIC() - ex.start))
                         stream.collect(body_filter.max_body,
                                        lambda ok: self._body_collected(stream, body_filter, ok))
                         return
@@ -161,7 +163,7 @@ class Pipeline:
             ex.flags = "URX" if ex.flags == "-" else ex.flags + ",URX"
         if ex.trace is not None:  # tracing: the exchange's spans are complete
             ex.trace.finish(ex)
-        duration = time.monotonic() - ex.start
+        duration = _MONOTONIC() - ex.start
         self.metrics.exchange_done(ex, duration)
         if self.access_log is not None:
             self.access_log.log(ex, duration)

@@ -36,6 +36,10 @@ __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
 LINGER_SECONDS: Final = 2.0  # how long a closing connection keeps reading what the client still sends
 LINGER_BYTES: Final = 64 * 1024 * 1024  # ... and how much of it, at most (time is the real bound)
 MIN_HEAD: Final = len(b"GET / HTTP/1.0\r\n\r\n")  # the shortest request head llhttp accepts
+# Bound once: compiled, ``time.monotonic()`` reads the module's attribute at every call
+# (~190 instructions); a Final is a C static.
+_MONOTONIC: Final = time.monotonic
+_RANDOM_BITS: Final = random.getrandbits
 
 
 @dataclass(slots=True)
@@ -320,12 +324,12 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         else:
             # 32 hex digits; to_bytes().hex() rather than "%032x" % ..., which formats a
             # 128-bit int the slow way (compiled: 319 vs 752 ns)
-            request_id = random.getrandbits(128).to_bytes(16, "big").hex()
+            request_id = _RANDOM_BITS(128).to_bytes(16, "big").hex()
             if rid is not None:
                 head.remove_headers(b"x-request-id")  # unusable: replaced, not duplicated
             head.headers.append((b"x-request-id", request_id.encode()))
         exchange = Exchange(request=head, listener=self.ctx.name, downstream_address=self.client,
-                            request_id=request_id, start=time.monotonic(),
+                            request_id=request_id, start=_MONOTONIC(),
                             peer_identity=self.peer_identity)
         stream = Stream(self, head, exchange, self.ctx.current_snapshot())
         self.receiving = stream
