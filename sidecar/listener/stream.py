@@ -11,7 +11,6 @@ close-delimited.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -57,7 +56,7 @@ class Stream:
         self.head = head
         self.exchange = exchange
         self.snapshot = snapshot
-        self.pending: deque[bytes] = deque()
+        self.pending: list[bytes] = []  # a list: compiled, deque() and its methods are calls by name
         self.pending_bytes = 0
         self.body_done = not head.has_body
         self.replay: list[bytes] | None = []

@@ -124,7 +124,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         return self.pool.read_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(memoryview(self.pool.read_buffer)[:nbytes])
+        self.data_received(self.pool.read_view[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
         """``data`` may be a view of the shared read buffer (see ``Pool.read_buffer``)."""
