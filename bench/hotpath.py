@@ -112,7 +112,7 @@ async def run(profile: str, requests: int, do_profile: bool, trace: float | None
     pipeline = Pipeline(service="up", metrics=Metrics(), access_log=None, loop=loop, tracer=tracer)
 
     snapshots = SnapshotSlot()  # as the sidecar's: the exchange holds its clusters
-    snapshots.current = snapshot
+    snapshots.set(snapshot)
     ctx = ListenerContext(name="inbound", service="up", limits=bootstrap.limits,
                           timeouts=bootstrap.timeouts, state=ServerState(), start=pipeline.start,
                           abort=pipeline.abort, refuse=pipeline.refuse, current_snapshot=snapshots.hold,

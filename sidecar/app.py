@@ -203,7 +203,7 @@ class Sidecar:
         weakref.finalize(snapshot, retire_later, self.loop, self.clusters.retire, clusters).atexit = False
         if self.tls is not None:
             self.tls.use_trust_domain(mesh.trust_domain)
-        self.snapshots.current = snapshot
+        self.snapshots.set(snapshot)
         self.clusters.activate(clusters)
         self._swap_caches(caches)
         if bootstrap is not self.bootstrap:

@@ -29,7 +29,7 @@ from ..deadline import Deadline
 from .stream import Stream
 
 if TYPE_CHECKING:
-    from ..snapshot import Snapshot
+    from ..pipeline import SnapshotView
 
 __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
 
@@ -66,7 +66,7 @@ class ListenerContext:
     start: Callable[[Stream], None]  # the pipeline: takes the exchange from here
     abort: Callable[[Stream], None]  # the downstream went away mid-exchange
     refuse: Callable[[Stream, LocalReply], None]  # end an exchange in flight with this reply
-    current_snapshot: Callable[[], Snapshot]  # held by the exchange until it finishes
+    current_snapshot: Callable[[], SnapshotView]  # held by the exchange until it finishes
     on_protocol_error: Callable[[DownstreamConnection, DownstreamProtocolError], None]
     scheme: bytes = b"http"
     peer_identity: Callable[[asyncio.Transport], str | None] | None = None

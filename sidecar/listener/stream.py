@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..errors import ProxyError
     from ..routing.routed import Tries
     from ..routing.router import Router
-    from ..snapshot import Snapshot
+    from ..pipeline import SnapshotView
     from ..upstream.upstream_connection import UpstreamConnection
     from .connection import DownstreamConnection
 
@@ -51,7 +51,7 @@ class Stream:
     )
 
     def __init__(self, conn: DownstreamConnection, head: RequestHead, exchange: Exchange,
-                 snapshot: Snapshot, replay_limit: int = 64 * 1024) -> None:
+                 snapshot: SnapshotView, replay_limit: int = 64 * 1024) -> None:
         self.conn = conn
         self.head = head
         self.exchange = exchange

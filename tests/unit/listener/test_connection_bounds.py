@@ -15,11 +15,14 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from sidecar.config.model import DownstreamTimeouts, Limits
+from sidecar.config.model import DownstreamTimeouts, Limits, MeshConfig
 from sidecar.errors import DownstreamProtocolError, LocalReply
 from sidecar.http.request_parser import RequestParser
 from sidecar.listener.connection import DownstreamConnection, ListenerContext, ServerState
 from sidecar.listener.stream import Stream
+from sidecar.pipeline import SnapshotView
+from sidecar.routing.route_table import RouteTable
+from sidecar.snapshot import Snapshot
 
 
 class FakeTransport(asyncio.Transport):
@@ -101,12 +104,15 @@ async def make() -> AsyncIterator[Any]:
     loop = asyncio.get_running_loop()
     made: list[DownstreamConnection] = []
 
+    mesh = MeshConfig(trust_domain="pake.local")
+    view = SnapshotView(Snapshot(version="t", mesh=mesh, routes=RouteTable.build(mesh), local_service=None))
+
     def build(max_pipelined: int = 16) -> Conn:
         pipeline = FakePipeline()
         ctx = ListenerContext(
             name="outbound", service="svc", limits=Limits(max_pipelined=max_pipelined),
             timeouts=DownstreamTimeouts(), state=ServerState(), start=pipeline.start,
-            abort=lambda stream: None, refuse=pipeline.refuse, current_snapshot=lambda: None,
+            abort=lambda stream: None, refuse=pipeline.refuse, current_snapshot=lambda: view,
             on_protocol_error=lambda conn, exc: pipeline.errors.append(exc))
         conn = DownstreamConnection(ctx, loop)
         transport = FakeTransport()
