@@ -181,7 +181,7 @@ class Router:
         endpoint.active_requests += 1
         tries.tried.append(endpoint.address)
         ex.attempts += 1  # a try counts whether or not it got a connection (as in Envoy)
-        pool = cluster.pools[endpoint.address]
+        pool = cluster.pool_of[endpoint]
         tries.pool = pool
         ex.upstream = pool.address_text
         if ex.trace is not None:  # tracing: a CLIENT span per try
