@@ -20,7 +20,7 @@ import httptools
 
 from ..config.model import Limits
 from ..errors import DownstreamProtocolError
-from .headers import HOP_BY_HOP, MESH_INTERNAL, connection_tokens, content_length_value
+from .headers import HOP_BY_HOP, MESH_INTERNAL, NameTable, connection_tokens, content_length_value
 from .message import RequestHead
 
 __all__ = ["RequestParser", "RequestSink"]
@@ -65,6 +65,7 @@ _KNOWN: Final[dict[bytes, tuple[bytes, int, bool]]] = {
     spelling: (name, _SPECIAL.get(name, _PLAIN), spelling == name)
     for name in _COMMON_NAMES for spelling in (name, name.title())
 }
+_KNOWN_TABLE: Final = NameTable(_KNOWN)  # the same, looked up without hashing a name
 _NO_HOST: Final = b"\x00"  # never a Host that passes ``_check_host``
 _MAX_CHUNK_OVERHEAD: Final = 4096  # bytes of chunk-size line + extensions allowed per chunk
 _HOST_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")
@@ -332,7 +333,7 @@ class RequestParser:
         # whose name is already lower case is forwarded as the pair llhttp's callback made.
         kept: list[tuple[bytes, ...]] = []
         underscores_ok = limits.allow_underscores_in_headers
-        known = _KNOWN
+        known = _KNOWN_TABLE
         for pair in cast("list[tuple[bytes, ...]]", headers):
             raw_name = pair[0]
             value = pair[1]

@@ -14,7 +14,7 @@ from typing import Final, Protocol, cast
 import httptools
 
 from ..errors import UpstreamProtocolError
-from .headers import HOP_BY_HOP, connection_tokens, content_length_value
+from .headers import HOP_BY_HOP, NameTable, connection_tokens, content_length_value
 from .message import ResponseHead
 
 __all__ = ["ResponseParser", "ResponseSink"]
@@ -43,6 +43,7 @@ _RESPONSE_NAMES: Final[dict[bytes, int]] = {
     **_SPECIAL_CODES, **{name.title(): code for name, code in _SPECIAL_CODES.items()},
     b"X-Request-ID": _REQUEST_ID, b"TE": _HOP,
 }
+_RESPONSE_TABLE: Final = NameTable(_RESPONSE_NAMES)  # the same, looked up without hashing a name
 _LONGEST_SPECIAL: Final = max(len(name) for name in _SPECIAL_CODES)
 # by a name's length, 1 when a special name is that long: most plain names (date, vary,
 # cache-control, the x- ones) are not, and skip the look-up and its hash of a fresh object
@@ -153,7 +154,7 @@ class ResponseParser:
         upgrade: bytes | None = None
         kept: list[tuple[bytes, ...]] = []  # the pairs on_header made (see request_parser)
         has_request_id = False
-        names = _RESPONSE_NAMES
+        names = _RESPONSE_TABLE
         lengths = _SPECIAL_LENGTHS
         for pair in cast("list[tuple[bytes, ...]]", self._headers):
             raw_name = pair[0]
@@ -164,7 +165,9 @@ class ResponseParser:
                 code = _PLAIN
             else:
                 found = names.get(raw_name)
-                code = names.get(raw_name.lower(), _PLAIN) if found is None else found
+                if found is None:
+                    found = names.get(raw_name.lower())
+                code = _PLAIN if found is None else found
             if code == _PLAIN:
                 kept.append(pair)
             elif code == _REQUEST_ID:
