@@ -11,7 +11,7 @@ from __future__ import annotations
 from json.encoder import encode_basestring_ascii
 from typing import Final
 
-__all__ = ["DECIMALS", "MAX_CACHED", "QuoteCache", "int_text", "printable_text", "quote", "status_field",
+__all__ = ["DECIMALS", "MAX_CACHED", "NumberField", "QuoteCache", "int_text", "printable_text", "quote",
            "trace_ids"]
 
 MAX_CACHED: Final = 1024  # values a cache holds before it starts over
@@ -19,7 +19,6 @@ _MAX_CACHED_LENGTH: Final = 256  # longer values are quoted each time: the cache
 # ".000"..".999": a duration's or a time's three decimals by index, not float formatting
 DECIMALS: Final = tuple(f".{i:03d}" for i in range(1000))
 _SMALL_INTS: Final = tuple(str(i) for i in range(1000))
-_STATUS_FIELDS: Final = tuple(f',"status":{i}' for i in range(100, 600))
 _NO_TRACE_IDS: Final = ',"trace_id":null,"span_id":null'
 _ENCODE: Final = encode_basestring_ascii  # Final: compiled, a C static, not a dict look-up at each call
 
@@ -47,12 +46,6 @@ def printable_text(value: str) -> str:
     return value
 
 
-def status_field(status: int) -> str:
-    """``,"status":N`` whole: a line is one string build, and each piece it joins costs
-    ~75 instructions (compiled, callgrind), so fields that repeat come as whole fragments."""
-    return _STATUS_FIELDS[status - 100] if 100 <= status < 600 else ',"status":' + int_text(status)
-
-
 def trace_ids(trace_id: str | None, span_id: str | None) -> str:
     """``,"trace_id":…,"span_id":…``: hex we made or checked (``trace_context``), so nothing
     to escape; null when tracing is off, as one constant fragment."""
@@ -60,6 +53,21 @@ def trace_ids(trace_id: str | None, span_id: str | None) -> str:
         return _NO_TRACE_IDS
     return (',"trace_id":' + ('"' + trace_id + '"' if trace_id else "null")
             + ',"span_id":' + ('"' + span_id + '"' if span_id else "null"))
+
+
+class NumberField:
+    """``,"name":N`` whole, from a table below ``size``: a line is one string build, and each
+    piece it joins costs ~75 instructions (compiled, callgrind), so a field whose small
+    values repeat (a status, a try count, an empty body) is one piece, not two."""
+
+    __slots__ = ("_prefix", "_table")
+
+    def __init__(self, name: str, size: int) -> None:
+        self._prefix = f',"{name}":'
+        self._table = tuple(self._prefix + str(i) for i in range(size))
+
+    def text(self, n: int) -> str:
+        return self._table[n] if 0 <= n < len(self._table) else self._prefix + int_text(n)
 
 
 class QuoteCache:

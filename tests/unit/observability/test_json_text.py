@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from sidecar.observability.json_text import DECIMALS, QuoteCache, int_text, printable_text, status_field, trace_ids
+from sidecar.observability.json_text import DECIMALS, NumberField, QuoteCache, int_text, printable_text, trace_ids
 
 
 def test_a_cached_value_is_quoted_as_json_dumps_quotes_it_every_time() -> None:
@@ -46,9 +46,10 @@ def test_a_prefixed_cache_keeps_whole_fragments_and_stays_bounded() -> None:
 
 
 def test_fragments_read_as_the_json_of_their_fields() -> None:
-    """A status in or out of the table, trace ids present or null, three decimals."""
-    for status in (0, 99, 100, 200, 404, 599, 600, 999, 1000):
-        assert json.loads("{" + status_field(status)[1:] + "}") == {"status": status}
+    """A number in or out of its table, trace ids present or null, three decimals."""
+    status = NumberField("status", 600)
+    for n in (0, 99, 100, 200, 404, 599, 600, 999, 1000, 10**12, -1):
+        assert json.loads("{" + status.text(n)[1:] + "}") == {"status": n}
     for trace_id, span_id in (("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"), (None, None),
                               ("", ""), ("4bf92f3577b34da6a3ce929d0e0e4736", None)):
         assert json.loads("{" + trace_ids(trace_id, span_id)[1:] + "}") == {
