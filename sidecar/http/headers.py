@@ -104,8 +104,9 @@ class NameTable(Generic[T]):
         for name, value in entries.items():
             if not name or name[0] > 127:
                 raise ValueError(f"header name {name!r}: must be non-empty ASCII")
-            names[_slot(name)].append(name)
-            values[_slot(name)].append(value)
+            at = _slot(len(name), name[0])
+            names[at].append(name)
+            values[at].append(value)
         self._names = [tuple(row) for row in names]
         self._values = [tuple(row) for row in values]
 
@@ -116,7 +117,7 @@ class NameTable(Generic[T]):
         first = name[0]
         if first > 127:
             return None
-        at = _slot(name)
+        at = _slot(n, first)
         names = self._names[at]
         for i in range(len(names)):
             if names[i] == name:
@@ -124,5 +125,6 @@ class NameTable(Generic[T]):
         return None
 
 
-def _slot(name: bytes) -> int:
-    return len(name) * 128 + name[0]
+def _slot(length: int, first: int) -> int:
+    """Where the names of this length and first byte (ASCII) are kept."""
+    return length * 128 + first
