@@ -39,7 +39,9 @@ async def test_lifecycle_with_the_cli_and_a_restart(tmp_path: Path) -> None:
         assert dry.code == 0 and "+services:" in dry.stdout
         applied = await cp.pakectl("apply", "-f", str(mesh_file))
         assert (applied.code, applied.stdout) == (0, "applied version 1 (2 services)\n")
-        snap = await frontend.wait_snapshot()
+        # orders' hello may reach the plane after the apply (connect() does not wait for it):
+        # version 1 is pushed again once orders registers, and that push lists its endpoint
+        snap = await frontend.wait_snapshot(lambda s: s.version.startswith("1.") and bool(endpoints_of(s, "orders")))
         assert endpoints_of(snap, "orders") == ["127.0.0.1:16001"]
 
         # apply's own validation: every error with its path, nothing applied, exit 1.
