@@ -71,11 +71,14 @@ class ResponseSink(Protocol):
 
 
 class ResponseParser:
-    __slots__ = ("sink", "_parser", "_headers", "_head_bytes", "_in_head", "head_only",
+    __slots__ = ("_on_head", "_on_body", "_on_end", "_parser", "_headers", "_head_bytes", "_in_head", "head_only",
                  "reason", "started", "done", "upgraded", "_interim")
 
     def __init__(self, sink: ResponseSink) -> None:
-        self.sink = sink
+        # the sink's methods, bound once (as the request parser's)
+        self._on_head = sink.on_response_head
+        self._on_body = sink.on_response_body
+        self._on_end = sink.on_response_end
         self._parser = httptools.HttpResponseParser(self)
         self.upgraded = False
         self.begin(False)
@@ -193,14 +196,14 @@ class ResponseParser:
             keep_alive=self._parser.should_keep_alive(),
             upgrade=upgrade if status == 101 else None, has_request_id=has_request_id,
         )
-        self.sink.on_response_head(head)
+        self._on_head(head)
         if self.head_only or status == 101:
             self.done = True
-            self.sink.on_response_end()
+            self._on_end()
 
     def on_body(self, body: bytes) -> None:
         if not self.done:
-            self.sink.on_response_body(body)
+            self._on_body(body)
 
     def on_message_complete(self) -> None:
         if self._interim:  # known from the head: no second call into the parser for the status
@@ -208,4 +211,4 @@ class ResponseParser:
             return
         if not self.done:
             self.done = True
-            self.sink.on_response_end()
+            self._on_end()
