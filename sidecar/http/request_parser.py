@@ -79,7 +79,7 @@ class RequestSink(Protocol):
 
 class RequestParser:
     __slots__ = (
-        "_on_request", "_on_body", "_on_request_end", "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
+        "_on_request", "_on_body", "_on_request_end", "_feed", "_keep_alive", "_method", "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
         "_chunked", "_chunks", "_overhead", "_body_bytes", "_max_body", "_max_head", "upgraded",
         "_body_total", "_head_rest", "_head_done_here", "_fed_now", "_account", "_held",
         "_length", "_host", "_authority", "_hostname",
@@ -92,7 +92,11 @@ class RequestParser:
         self._on_body = sink.on_body
         self._on_request_end = sink.on_request_end
         self._limits = limits
-        self._parser = httptools.HttpRequestParser(self)
+        parser = self._parser = httptools.HttpRequestParser(self)
+        # and the parser's, for the same reason: called for every request
+        self._feed = parser.feed_data
+        self._keep_alive = parser.should_keep_alive
+        self._method = parser.get_method
         self._max_body = limits.max_request_body
         self._max_head = limits.max_request_line + limits.max_headers_size
         self.upgraded = False
@@ -170,7 +174,7 @@ class RequestParser:
         self._fed_now = len(data)
         self._account = self._chunked
         try:
-            self._parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self.upgraded = True
             self._release_held()
@@ -311,9 +315,9 @@ class RequestParser:
         # other version only with a ``Connection: keep-alive`` (RFC 9112 §9.3). So a request
         # kept alive with no Connection header is 1.1, and ``get_http_version`` (a string
         # format, ~2.2k instructions) runs only for the others: here, or after the headers.
-        keep_alive = parser.should_keep_alive()
+        keep_alive = self._keep_alive()
         version = "1.1" if keep_alive else _version(parser)
-        method = parser.get_method().decode("ascii")
+        method = self._method().decode("ascii")
         if method == "CONNECT":
             raise DownstreamProtocolError("CONNECT is not supported", 405, "method_not_allowed")
 

@@ -71,7 +71,7 @@ class ResponseSink(Protocol):
 
 
 class ResponseParser:
-    __slots__ = ("_on_head", "_on_body", "_on_end", "_parser", "_headers", "_head_bytes", "_in_head", "head_only",
+    __slots__ = ("_on_head", "_on_body", "_on_end", "_feed", "_status_code", "_keep_alive", "_headers", "_head_bytes", "_in_head", "head_only",
                  "reason", "started", "done", "upgraded", "_interim")
 
     def __init__(self, sink: ResponseSink) -> None:
@@ -79,7 +79,10 @@ class ResponseParser:
         self._on_head = sink.on_response_head
         self._on_body = sink.on_response_body
         self._on_end = sink.on_response_end
-        self._parser = httptools.HttpResponseParser(self)
+        parser = httptools.HttpResponseParser(self)
+        self._feed = parser.feed_data  # and the parser's, called for every response
+        self._status_code = parser.get_status_code
+        self._keep_alive = parser.should_keep_alive
         self.upgraded = False
         self.begin(False)
 
@@ -107,7 +110,7 @@ class ResponseParser:
         if self._in_head:
             self._head_bytes += len(data)
         try:
-            self._parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self.upgraded = True
             return bytes(data[exc.args[0]:])
@@ -142,7 +145,7 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        status = self._parser.get_status_code()
+        status = self._status_code()
         if status < 100:
             # llhttp reads "099" as 99; forwarded as "99" it is not a status line (3 digits)
             raise UpstreamProtocolError(f"upstream status code {status} is not 100-999")
@@ -193,7 +196,7 @@ class ResponseParser:
         head = ResponseHead(
             status=status, reason=self.reason or b"-", headers=cast("list[tuple[bytes, bytes]]", kept),
             content_length=content_length, chunked=chunked,
-            keep_alive=self._parser.should_keep_alive(),
+            keep_alive=self._keep_alive(),
             upgrade=upgrade if status == 101 else None, has_request_id=has_request_id,
         )
         self._on_head(head)
