@@ -150,11 +150,13 @@ class RequestParser:
             if heads == 0:
                 return 1 if buf[0] == 10 else 2
         at = pos - 2 if pos >= 2 else 0
-        # Most reads hold fewer heads than there is room for: one count (a generic call once
-        # compiled, ~1k instructions) instead of a find per head and one more that fails.
-        # ``count`` skips overlapping matches, but two head ends are at least a request line
-        # apart, so it never counts fewer than the heads that can end here.
-        if buf.count(b"\n\r\n", at, end) < heads:
+        # Most reads hold fewer heads than there is room for, and a count of the newlines says
+        # so: every head that can end here ends with its own "\n\r\n" (two head ends are at
+        # least a request line apart), so fewer than two newlines a head means fewer heads.
+        # One count of a byte, where a count of "\n\r\n" took twice as long (574 vs 321 ns
+        # for a realistic 754-byte head; the byte count runs more instructions, ~4.6k vs
+        # ~2.5k, in a loop without branches to mispredict) and a find per head costs a call.
+        if buf.count(b"\n", at, end) < 2 * heads:
             return end
         while True:
             at = buf.find(b"\n\r\n", at, end)
