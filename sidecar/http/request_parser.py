@@ -79,7 +79,8 @@ class RequestSink(Protocol):
 
 class RequestParser:
     __slots__ = (
-        "_on_request", "_on_body", "_on_request_end", "_feed", "_keep_alive", "_method", "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
+        "_sink_request", "_sink_body", "_sink_end", "_feed", "_keep_alive", "_method",
+        "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
         "_chunked", "_chunks", "_overhead", "_body_bytes", "_max_body", "_max_head", "upgraded",
         "_body_total", "_head_rest", "_head_done_here", "_fed_now", "_account", "_held",
         "_length", "_host", "_authority", "_hostname",
@@ -88,9 +89,9 @@ class RequestParser:
     def __init__(self, sink: RequestSink, limits: Limits) -> None:
         # the sink's methods, bound once: compiled, a call through the ``RequestSink`` protocol
         # looks the method up by name each time (~100 instructions of ~200)
-        self._on_request = sink.on_request
-        self._on_body = sink.on_body
-        self._on_request_end = sink.on_request_end
+        self._sink_request = sink.on_request
+        self._sink_body = sink.on_body
+        self._sink_end = sink.on_request_end
         self._limits = limits
         parser = self._parser = httptools.HttpRequestParser(self)
         # and the parser's, for the same reason: called for every request
@@ -210,11 +211,11 @@ class RequestParser:
         if held:
             for item in held:
                 if item is None:
-                    self._on_request_end()
+                    self._sink_end()
                 elif isinstance(item, bytes):
-                    self._on_body(item)
+                    self._sink_body(item)
                 else:
-                    self._on_request(item)
+                    self._sink_request(item)
 
     def _account_chunk_overhead(self, fed: int, body: int) -> None:
         """Bytes of a chunked body that are not data: size lines, extensions, CRLFs. llhttp
@@ -273,7 +274,7 @@ class RequestParser:
         if self._held is not None:
             self._held.append(head)  # behind a held chunked request of this read
         else:
-            self._on_request(head)
+            self._sink_request(head)
 
     def on_chunk_header(self) -> None:
         self._chunks += 1
@@ -290,7 +291,7 @@ class RequestParser:
                 self._held = []
             self._held.append(body)
         else:
-            self._on_body(body)
+            self._sink_body(body)
 
     def on_message_complete(self) -> None:
         self._chunked = False  # (a chunked body that ended in this read is still accounted)
@@ -299,7 +300,7 @@ class RequestParser:
         if self._held is not None:
             self._held.append(None)
         else:
-            self._on_request_end()
+            self._sink_end()
 
     # --- validation -----------------------------------------------------------------------
     def _build_head(self) -> RequestHead:

@@ -71,14 +71,15 @@ class ResponseSink(Protocol):
 
 
 class ResponseParser:
-    __slots__ = ("_on_head", "_on_body", "_on_end", "_feed", "_status_code", "_keep_alive", "_headers", "_head_bytes", "_in_head", "head_only",
-                 "reason", "started", "done", "upgraded", "_interim")
+    __slots__ = ("_sink_head", "_sink_body", "_sink_end", "_feed", "_status_code", "_keep_alive",
+                 "_headers", "_head_bytes", "_in_head", "head_only", "reason", "started", "done",
+                 "upgraded", "_interim")
 
     def __init__(self, sink: ResponseSink) -> None:
         # the sink's methods, bound once (as the request parser's)
-        self._on_head = sink.on_response_head
-        self._on_body = sink.on_response_body
-        self._on_end = sink.on_response_end
+        self._sink_head = sink.on_response_head
+        self._sink_body = sink.on_response_body
+        self._sink_end = sink.on_response_end
         parser = httptools.HttpResponseParser(self)
         self._feed = parser.feed_data  # and the parser's, called for every response
         self._status_code = parser.get_status_code
@@ -199,14 +200,14 @@ class ResponseParser:
             keep_alive=self._keep_alive(),
             upgrade=upgrade if status == 101 else None, has_request_id=has_request_id,
         )
-        self._on_head(head)
+        self._sink_head(head)
         if self.head_only or status == 101:
             self.done = True
-            self._on_end()
+            self._sink_end()
 
     def on_body(self, body: bytes) -> None:
         if not self.done:
-            self._on_body(body)
+            self._sink_body(body)
 
     def on_message_complete(self) -> None:
         if self._interim:  # known from the head: no second call into the parser for the status
@@ -214,4 +215,4 @@ class ResponseParser:
             return
         if not self.done:
             self.done = True
-            self._on_end()
+            self._sink_end()
