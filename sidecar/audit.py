@@ -20,7 +20,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final, Literal, Protocol, TextIO
+from typing import BinaryIO, Final, Literal, Protocol
 
 import structlog
 
@@ -63,14 +63,14 @@ class RotatingFileSink:
         self.keep = keep
         self._file = self._open()
 
-    def _open(self) -> TextIO:
+    def _open(self) -> BinaryIO:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # 0o600: the audit log says who called what; not for every local user to read.
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         # a device or a pipe (/dev/null, a FIFO to a shipper) is written, never rotated: renaming
         # it would move the device node itself, and the next open would make a regular file
         self._rotates = stat.S_ISREG(os.fstat(fd).st_mode)
-        f = os.fdopen(fd, "a", encoding="utf-8")
+        f = os.fdopen(fd, "ab")
         self._size = f.tell()
         return f
 
@@ -87,12 +87,20 @@ class RotatingFileSink:
         self._file = self._open()
 
     def write(self, lines: list[str]) -> None:
-        for line in lines:
-            size = len(line.encode("utf-8"))
-            if self._rotates and self._size and self._size + size > self.max_size:
-                self._rotate()
-            self._file.write(line)
-            self._size += size
+        # A batch that fits is encoded and written whole: line by line, an encode and a
+        # buffered write each cost the writer thread ~650 instructions a record (callgrind).
+        # One that would pass ``max_size`` goes line by line, to rotate between the same lines.
+        data = "".join(lines).encode("utf-8")
+        if not self._rotates or self._size + len(data) <= self.max_size:
+            self._file.write(data)
+            self._size += len(data)
+        else:
+            for line in lines:
+                encoded = line.encode("utf-8")
+                if self._size and self._size + len(encoded) > self.max_size:
+                    self._rotate()
+                self._file.write(encoded)
+                self._size += len(encoded)
         self._file.flush()
 
     def close(self) -> None:

@@ -143,6 +143,28 @@ def test_rotating_file_sink(tmp_path: Path) -> None:
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
+def test_rotating_file_sink_rotates_a_batch_between_the_same_lines(tmp_path: Path) -> None:
+    """The writer hands over many records at once: a batch that would pass the size is split
+    where single records would have been, and no file ends up over ``max_size``."""
+    lines = [json.dumps({"n": i, "pad": "x" * 30}) + "\n" for i in range(7)]  # 39-40 bytes each
+    one_by_one, batched = tmp_path / "one" / "audit.log", tmp_path / "batch" / "audit.log"
+    sink = RotatingFileSink(one_by_one, max_size=100, keep=3)
+    for line in lines:
+        sink.write([line])
+    sink.close()
+    sink = RotatingFileSink(batched, max_size=100, keep=3)
+    sink.write(lines[:1])
+    sink.write(lines[1:])  # 6 records at once, from 40 bytes in: crosses the limit twice
+    sink.close()
+    assert sorted(p.name for p in batched.parent.iterdir()) == [
+        "audit.log", "audit.log.1", "audit.log.2", "audit.log.3"]
+    for name in ("audit.log", "audit.log.1", "audit.log.2", "audit.log.3"):
+        assert (batched.parent / name).read_text() == (one_by_one.parent / name).read_text()
+        assert (batched.parent / name).stat().st_size <= 100
+    assert [json.loads(x)["n"] for x in (batched.parent / "audit.log.3").read_text().splitlines()] \
+        == [0, 1]
+
+
 def test_rotation_keep_zero_truncates(tmp_path: Path) -> None:
     sink = RotatingFileSink(tmp_path / "a.log", max_size=10, keep=0)
     sink.write(["0123456789\n", "abc\n"])
