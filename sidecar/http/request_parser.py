@@ -66,6 +66,11 @@ _KNOWN: Final[dict[bytes, tuple[bytes, int, bool]]] = {
     for name in _COMMON_NAMES for spelling in (name, name.title())
 }
 _KNOWN_TABLE: Final = NameTable(_KNOWN)  # the same, looked up without hashing a name
+# the methods requests name most, as the one str object each: the bytes llhttp gives are
+# looked up rather than decoded, and the str's hash is kept for the look-ups after
+# (``writer.request_head``, the method checks of routes and policies)
+_METHODS: Final = {method.encode(): method for method in (
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 _NO_HOST: Final = b"\x00"  # never a Host that passes ``_check_host``
 _MAX_CHUNK_OVERHEAD: Final = 4096  # bytes of chunk-size line + extensions allowed per chunk
 _HOST_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")
@@ -320,7 +325,10 @@ class RequestParser:
         # format, ~2.2k instructions) runs only for the others: here, or after the headers.
         keep_alive = self._keep_alive()
         version = "1.1" if keep_alive else _version(parser)
-        method = self._method().decode("ascii")
+        raw_method = self._method()
+        method = _METHODS.get(raw_method)
+        if method is None:
+            method = raw_method.decode("ascii")
         if method == "CONNECT":
             raise DownstreamProtocolError("CONNECT is not supported", 405, "method_not_allowed")
 

@@ -18,6 +18,12 @@ _STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {
     status: (reason, b"HTTP/1.1 %d %b\r\n" % (status, reason)) for status, reason in _REASONS.items()}
 
 
+# the start of a request line for the methods requests name most ("GET "): one piece of the
+# head's join, where encoding the method and a separate space were two (~250 instructions)
+_METHOD_STARTS: Final = {method: method.encode() + b" " for method in (
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+
+
 def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
@@ -40,12 +46,18 @@ def _add_lines(lines: list[bytes], headers: list[tuple[bytes, bytes]]) -> None:
         lines.append(b"\r\n")
 
 
-def request_head(head: RequestHead, extra: list[bytes], *, end: bool = True) -> bytes:
+def request_head(head: RequestHead, extra: list[bytes], *, end: bool = True,
+                 host_line: bytes | None = None) -> bytes:
     """The request line and headers for upstream: HTTP/1.1, Host from the authority,
     end-to-end headers, then ``extra`` (framing and mesh headers, whole lines). ``end=False``
-    leaves off the blank line so a caller can add per-try headers."""
-    lines = [head.method.encode(), b" ", head.target, b" HTTP/1.1\r\nhost: ",
-             head.authority.encode(), b"\r\n"]
+    leaves off the blank line so a caller can add per-try headers. ``host_line``: the Host
+    line of ``head.authority``, when the caller kept one made earlier."""
+    start = _METHOD_STARTS.get(head.method)
+    if start is None:
+        start = head.method.encode() + b" "
+    if host_line is None:
+        host_line = header_line(b"host", head.authority.encode())
+    lines = [start, head.target, b" HTTP/1.1\r\n", host_line]
     _add_lines(lines, head.headers)
     lines.extend(extra)
     if end:

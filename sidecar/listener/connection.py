@@ -103,6 +103,12 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self.client_bytes = b"-"
         self.forwarded_for_line = b"x-forwarded-for: -\r\n"
         self.peer_identity_line: bytes | None = None
+        # the x-forwarded-for line for a request that came with one: the last value relayed
+        # and its line. A client (another sidecar, a load balancer) sends the same value on
+        # every request of a connection; a compare of bytes is cheaper than two concatenations
+        # and a line made again (~550 instructions a request, callgrind)
+        self._relayed_for = b""
+        self._relayed_for_line = b""
         # answered in this order. A list, not a deque: compiled, a list's append, [0] and pop(0)
         # are direct calls, a deque's are looked up by name (~200 instructions each); it holds
         # at most max_pipelined + 1
@@ -127,6 +133,16 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         self._lingering = False  # replied and half-closed: reading (and dropping) what is left
         self._linger_left = 0
         self._client_done = False  # the client half-closed: its last response out, we close
+
+    def forwarded_for(self, received: bytes | None) -> bytes:
+        """The x-forwarded-for line for upstream: the client's address after what the request
+        said (``received``), or alone."""
+        if received is None:
+            return self.forwarded_for_line
+        if received != self._relayed_for:
+            self._relayed_for = received
+            self._relayed_for_line = header_line(b"x-forwarded-for", received + b", " + self.client_bytes)
+        return self._relayed_for_line
 
     @property
     def draining(self) -> bool:

@@ -64,6 +64,10 @@ class Router:
         self.finish = finish
         self.scheme = scheme
         self._proto_line = header_line(b"x-forwarded-proto", scheme)
+        # the Host line last made, and its authority: most requests name the same one as the
+        # request before, and a compare is cheaper than encoding it and making the line
+        self._host_of = ""
+        self._host_line = header_line(b"host", b"")
         self._rng = rng or random.Random()
 
     def target(self, stream: Stream, route: RouteConfig) -> str:
@@ -129,9 +133,7 @@ class Router:
         head = stream.head
         ex = stream.exchange
         conn = stream.conn
-        xff = head.forwarded_for
-        extra = [conn.forwarded_for_line if xff is None
-                 else header_line(b"x-forwarded-for", xff + b", " + conn.client_bytes)]
+        extra = [conn.forwarded_for(head.forwarded_for)]
         if ex.listener == "gateway":
             # the edge: outside callers do not get to say how they connected
             if head.forwarded_proto is not None:
@@ -148,7 +150,11 @@ class Router:
         if head.upgrade is not None:
             extra.append(b"connection: upgrade\r\n")
             extra.append(header_line(b"upgrade", head.upgrade))
-        return request_head(head, extra, end=False)
+        authority = head.authority
+        if authority != self._host_of:
+            self._host_of = authority
+            self._host_line = header_line(b"host", authority.encode())
+        return request_head(head, extra, end=False, host_line=self._host_line)
 
     # === tries ==============================================================================
     def _attempt(self, stream: Stream, isolated: bool = False) -> None:

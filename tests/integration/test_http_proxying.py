@@ -575,6 +575,22 @@ async def test_forwarded_headers_are_appended_and_set(env: Env) -> None:
         sent = upstream_headers(env.rec.received[before:])
         assert [v for n, v in sent if n == "x-forwarded-proto"] == ["https"]
         assert [v for n, v in sent if n == "x-forwarded-for"] == ["127.0.0.1"]
+        # each request of a connection gets its own x-forwarded-for, and each its own Host
+        # line, whatever the one before said (the sidecar keeps the last line made of each)
+        for value, host in (("10.0.0.3", "rec"), ("10.0.0.3", "echo"), ("10.0.0.1, 10.0.0.2", "rec"),
+                            (None, "rec"), ("10.0.0.3", "rec")):
+            before = len(env.rec.received)
+            response = await client.exchange(request(
+                "GET", "/xff/again", host=host, headers=[("X-Forwarded-For", value)] if value else []))
+            assert response.status == 200
+            relayed = f"{value}, 127.0.0.1" if value else "127.0.0.1"
+            if host == "echo":
+                assert response.echoed_headers()["x-forwarded-for"] == relayed
+                assert response.echoed_headers()["host"] == "echo"
+                continue
+            sent = upstream_headers(env.rec.received[before:])
+            assert [v for n, v in sent if n == "x-forwarded-for"] == [relayed]
+            assert [v for n, v in sent if n == "host"] == ["rec"]
 
 
 async def test_mesh_identity_headers_from_outside_are_stripped(env: Env) -> None:
