@@ -177,6 +177,27 @@ def _observed_sslobject(metrics: TlsMetrics, side: Side) -> type[ssl.SSLObject]:
     return ObservedSSLObject
 
 
+def _observed_sslsocket(metrics: TlsMetrics, side: Side) -> type[ssl.SSLSocket]:
+    """The same count for an ``SSLSocket``: the pool's connections, whose socket OpenSSL
+    reads and writes itself (``upstream.tls_transport``)."""
+    fresh = metrics.handshakes.labels(side, "false")
+    resumed = metrics.handshakes.labels(side, "true")
+    failures = metrics.failures
+
+    class ObservedSSLSocket(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            try:
+                super().do_handshake(block)
+            except _AGAIN:
+                raise
+            except ssl.SSLError as exc:
+                failures.labels(side, handshake_failure_reason(exc)).inc()
+                raise
+            (resumed if self.session_reused else fresh).inc()
+
+    return ObservedSSLSocket
+
+
 class SidecarTls:
     """The TLS state of one sidecar: the context source, identity rules, sessions, watcher."""
 
@@ -194,6 +215,7 @@ class SidecarTls:
         self.metrics = TlsMetrics(registry, self.seconds_to_expiry, self.expiry_alarm_seconds)
         self._server_class = _observed_sslobject(self.metrics, "server")
         self._client_class = _observed_sslobject(self.metrics, "client")
+        self._client_socket_class = _observed_sslsocket(self.metrics, "client")
         # The last connection per upstream address: its TLS 1.3 ticket arrives after the
         # handshake, so the session is collected when the pool opens the next connection.
         self._last_upstream: OrderedDict[Address, ssl.SSLObject] = OrderedDict()
@@ -213,6 +235,7 @@ class SidecarTls:
         ctx = self.source.client()
         if ctx.sslobject_class is not self._client_class:  # a new context after a reload
             ctx.sslobject_class = self._client_class
+            ctx.sslsocket_class = self._client_socket_class
         return ctx
 
     def context_for(self, address: Address) -> Callable[[], ClientContext]:
