@@ -1,19 +1,22 @@
-"""TLS to an upstream on a socket that OpenSSL reads and writes itself.
+"""TLS on a socket that OpenSSL reads and writes itself: the pool's connections to
+upstreams, and the connections a TLS listener accepts.
 
 uvloop's TLS layer passes every record through two memory BIOs, its own write backlog and
 two calls into the protocol (``get_buffer``, ``buffer_updated``), and asks OpenSSL what it
 holds twice a read: a TLS echo round trip costs a uvloop server 32.3k instructions, and
-20.2k with an ``SSLSocket`` on the socket whose C ``read`` decrypts straight into the
+21.9k with an ``SSLSocket`` on the socket whose C ``read`` decrypts straight into the
 protocol's buffer and whose ``write`` encrypts straight onto the socket (callgrind, a
 100-byte message, ``bench/tls_echo.py``). On the mTLS pair that is one read and one write
-of each exchange on each side of the pool's connections.
+of each exchange on each side of each sidecar.
 
-``open_tls`` connects, runs the handshake on the loop's readiness callbacks and hands the
-protocol a ``TlsTransport``: the asyncio ``Transport`` the pool's ``UpstreamConnection``
-already speaks (``write``, flow control both ways, ``close`` after what is written,
-``abort``, and ``get_extra_info("ssl_object")`` for the peer's certificate and session).
+``open_tls`` connects, runs the ``Handshake`` on the loop's readiness callbacks and hands
+the protocol a ``TlsTransport``: the asyncio ``Transport`` that ``UpstreamConnection`` and
+``DownstreamConnection`` already speak (``write``, flow control both ways, ``close`` after
+what is written, ``abort``, and ``get_extra_info("ssl_object")`` for the peer's certificate
+and session). A TLS listener takes each accepted socket from the loop and does the same
+(``listener.listener``).
 
-What it does not do: a half-close (TLS has none; EOF closes, as with uvloop), and waiting for
+What it does not do: a half-close (EOF from the peer closes, as on uvloop's TLS), and waiting for
 the peer's close_notify after sending ours (HTTP/1.1 frames its messages, RFC 9112 §9.8).
 """
 
@@ -25,7 +28,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-__all__ = ["TlsTransport", "open_tls"]
+__all__ = ["Handshake", "TlsTransport", "open_tls"]
 
 _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # EOF from the peer: a close_notify (SSL_read gives 0, or ZeroReturn once shut down), or
@@ -266,7 +269,7 @@ async def open_tls(loop: asyncio.AbstractEventLoop, protocol: asyncio.BufferedPr
     sock = await _connect(loop, host, port)
     tls = context.wrap_socket(sock, server_side=False, do_handshake_on_connect=False,
                               server_hostname=server_hostname)
-    handshake = _Handshake(loop, tls)
+    handshake = Handshake(loop, tls)
     try:
         await handshake.done
     except BaseException:
@@ -298,8 +301,9 @@ async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> soc
     raise error
 
 
-class _Handshake:
-    """``do_handshake`` again each time the socket is ready for what OpenSSL waits for."""
+class Handshake:
+    """``do_handshake`` again each time the socket is ready for what OpenSSL waits for;
+    ``done`` resolves when it completes or fails. The owner closes the socket on a failure."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
         self.loop = loop
@@ -317,6 +321,11 @@ class _Handshake:
         if self.writing:
             self.writing = False
             self.loop.remove_writer(self.fd)
+
+    def cancel(self) -> None:
+        """Stop waiting (a timeout): ``done`` is cancelled."""
+        self.disarm()
+        self.done.cancel()
 
     def step(self) -> None:
         self.disarm()
