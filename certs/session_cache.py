@@ -2,8 +2,7 @@
 
 asyncio's `loop.create_connection(ssl=...)` has no `session=` argument, but
 it only ever calls `ctx.wrap_bio(...)`; `ResumingContext` wraps the current
-client context and passes a cached session there (and to `wrap_socket`, for
-a socket that OpenSSL reads and writes itself). It works with the asyncio
+client context and passes a cached session there. It works with the asyncio
 and uvloop create_connection paths; `loop.start_tls` insists on a real
 SSLContext, so use the plain context there (no resumption).
 
@@ -14,7 +13,6 @@ resumed, so a removed root cannot keep authenticating through a ticket.
 
 from __future__ import annotations
 
-import socket
 import ssl
 import time
 from collections import OrderedDict
@@ -50,26 +48,6 @@ class ResumingContext:
             incoming,
             outgoing,
             server_side=server_side,
-            server_hostname=server_hostname,
-            session=session or self.session,
-        )
-
-    def wrap_socket(
-        self,
-        sock: socket.socket,
-        server_side: bool = False,
-        do_handshake_on_connect: bool = True,
-        suppress_ragged_eofs: bool = True,
-        server_hostname: str | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLSocket:
-        """The same for a connection whose socket OpenSSL reads and writes itself (the
-        pool's: ``sidecar.upstream.tls_transport``)."""
-        return self.context.wrap_socket(
-            sock,
-            server_side=server_side,
-            do_handshake_on_connect=do_handshake_on_connect,
-            suppress_ragged_eofs=suppress_ragged_eofs,
             server_hostname=server_hostname,
             session=session or self.session,
         )

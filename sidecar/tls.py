@@ -3,17 +3,16 @@ and the TLS metrics; and the gateway listener's server-only TLS for outside clie
 only when the bootstrap has ``tls`` or a listener has a server certificate (a feature that is
 not configured is not imported: this pulls in ``cryptography``).
 
-- Inbound: one *dispatcher* context for every handshake of a TLS listener; its SNI
-  callback moves each handshake onto the current contexts, so a reload applies to the next
-  handshake. ``peer_identity(transport)`` runs in
+- Inbound: one *dispatcher* context for ``create_server(ssl=...)`` (uvloop's server-side
+  ``start_tls`` hangs, uvloop#707); its SNI callback moves each handshake onto the current
+  contexts, so a reload applies to the next handshake. ``peer_identity(transport)`` runs in
   ``connection_made``: a peer whose certificate is not a workload of our trust domain gets
   ``None`` and its connection is closed before any request is read.
 - Outbound: per endpoint a context getter (client TLS session resumption, bounded) and an
   ``identify(transport)`` whose SPIFFE ID the router compares with the cluster's.
-- Handshakes are counted by ``ssl.SSLSocket`` and ``ssl.SSLObject`` subclasses
-  (``SSLContext.sslsocket_class`` for the sockets OpenSSL reads and writes itself, as the
-  listeners and the pool do; ``sslobject_class`` for uvloop's TLS, which health checks use):
-  the only place OpenSSL's reason for a refused handshake is visible.
+- Handshakes are counted by an ``ssl.SSLObject`` subclass (``SSLContext.sslobject_class``):
+  the only place OpenSSL's reason for a refused handshake is visible, since uvloop drops the
+  ``SSLError`` of a failed server-side handshake without a log line or a protocol callback.
 - Gateway (``ServerTls``): a server certificate for outside clients, no client certificate
   asked; the same dispatcher and file-watching scheme as the mesh certificate.
 - Never logs or shows key material: ``info()`` is the certificate's public facts.
@@ -25,8 +24,8 @@ every resumed session again, against the current bundle and clock, before a requ
 a peer that a full handshake would refuse now (its root removed, its certificate expired) is
 refused as ``resumed_<reason>``; one still trusted (a rotation's overlap) resumes as before.
 
-Limits: a handshake that stops half-way (the peer gone, ``timeouts.tls_handshake``) is not
-counted as a failure: it refused nothing.
+Limits: a handshake that stops half-way (peer gone, ``ssl_handshake_timeout``) is not counted,
+uvloop ends it outside ``do_handshake``.
 """
 
 from __future__ import annotations
@@ -86,7 +85,6 @@ _VERIFY_REASONS = {
 }
 _OPENSSL_REASON = re.compile(r"[A-Z0-9_]{1,64}")
 _AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLSyscallError)  # as uvloop sees them
-_AGAIN_OR_GONE = (*_AGAIN, ssl.SSLEOFError)
 
 
 def handshake_failure_reason(exc: ssl.SSLError) -> str:
@@ -179,28 +177,6 @@ def _observed_sslobject(metrics: TlsMetrics, side: Side) -> type[ssl.SSLObject]:
     return ObservedSSLObject
 
 
-def _observed_sslsocket(metrics: TlsMetrics, side: Side) -> type[ssl.SSLSocket]:
-    """The same count for an ``SSLSocket``, whose socket OpenSSL reads and writes itself
-    (``upstream.tls_transport``: the pool's connections and the listeners'). A peer gone in
-    the middle (an EOF) is not a refusal: not counted, as it was not on uvloop's TLS."""
-    fresh = metrics.handshakes.labels(side, "false")
-    resumed = metrics.handshakes.labels(side, "true")
-    failures = metrics.failures
-
-    class ObservedSSLSocket(ssl.SSLSocket):
-        def do_handshake(self, block: bool = False) -> None:
-            try:
-                super().do_handshake(block)
-            except _AGAIN_OR_GONE:
-                raise
-            except ssl.SSLError as exc:
-                failures.labels(side, handshake_failure_reason(exc)).inc()
-                raise
-            (resumed if self.session_reused else fresh).inc()
-
-    return ObservedSSLSocket
-
-
 class SidecarTls:
     """The TLS state of one sidecar: the context source, identity rules, sessions, watcher."""
 
@@ -217,9 +193,7 @@ class SidecarTls:
         self.sessions = SessionCache()
         self.metrics = TlsMetrics(registry, self.seconds_to_expiry, self.expiry_alarm_seconds)
         self._server_class = _observed_sslobject(self.metrics, "server")
-        self._server_socket_class = _observed_sslsocket(self.metrics, "server")
         self._client_class = _observed_sslobject(self.metrics, "client")
-        self._client_socket_class = _observed_sslsocket(self.metrics, "client")
         # The last connection per upstream address: its TLS 1.3 ticket arrives after the
         # handshake, so the session is collected when the pool opens the next connection.
         self._last_upstream: OrderedDict[Address, ssl.SSLObject] = OrderedDict()
@@ -232,7 +206,6 @@ class SidecarTls:
         """The one context of a TLS listener; it still rotates (see the module docstring)."""
         ctx = self.source.server_dispatcher()
         ctx.sslobject_class = self._server_class
-        ctx.sslsocket_class = self._server_socket_class
         return ctx
 
     def client_context(self) -> ssl.SSLContext:
@@ -240,7 +213,6 @@ class SidecarTls:
         ctx = self.source.client()
         if ctx.sslobject_class is not self._client_class:  # a new context after a reload
             ctx.sslobject_class = self._client_class
-            ctx.sslsocket_class = self._client_socket_class
         return ctx
 
     def context_for(self, address: Address) -> Callable[[], ClientContext]:

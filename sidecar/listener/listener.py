@@ -12,87 +12,45 @@ Caps (``limits``, read per accept so a reload applies to the next one):
   ``timeouts.tls_handshake`` passes; clients that connect and never send a ClientHello
   take slots only until then, and meanwhile open connections are served as usual.
 
-TLS: OpenSSL reads and writes the socket itself (``upstream.tls_transport``: uvloop's TLS
-layer costs an exchange ~8k instructions more). A TLS listener is a plain server whose
-factory returns ``_TlsAccept`` for each connection: it takes the socket from the loop (a
-duplicate of its descriptor; the loop's handle is aborted before it reads a byte), runs the
-handshake, and starts the ``DownstreamConnection`` on a ``TlsTransport`` when it completes.
-The handshake's end, whatever the way (done, failed, the peer gone, ``tls_handshake``
-passed), releases the slot once; a refused connection is aborted before TLS starts.
+TLS: the loop does not tell a protocol about a handshake in progress (``connection_made``
+follows a completed one; uvloop's server-side ``start_tls`` loses the ClientHello), so a
+TLS listener is a plain server whose factory builds the loop's own ``SSLProtocol`` around
+each connection, as ``create_server(ssl=...)`` does inside. Its waiter resolves exactly
+once when the handshake ends, whatever the way, which releases the slot; and a refused
+connection is aborted before TLS starts. Cost: one future and one callback per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import asyncio.sslproto
 import socket
 import ssl
 from collections.abc import Callable, Sequence
 from typing import cast
 
+import uvloop
+
 from ..config.model import ListenerConfig
-from ..upstream.tls_transport import Handshake, TlsTransport
 from .connection import DownstreamConnection, ListenerContext
 
 __all__ = ["Listener", "ListenerGroup"]
+
+SSLProtocolClass = Callable[..., asyncio.BaseProtocol]
+
+
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> SSLProtocolClass:
+    """The loop's own TLS protocol: uvloop's (Cython: its transports take a fast path for it,
+    untyped in its stubs) or asyncio's; both take the same arguments."""
+    if isinstance(loop, uvloop.Loop):
+        return cast(SSLProtocolClass, getattr(uvloop.loop, "SSLProtocol"))
+    return cast(SSLProtocolClass, asyncio.sslproto.SSLProtocol)
+
 
 class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream server's transport is a Transport (asyncio types it as the base class)
         cast(asyncio.Transport, transport).abort()
-
-
-class _TlsAccept(asyncio.Protocol):
-    """One accepted TLS connection until its handshake ends (see the module docstring)."""
-
-    def __init__(self, listener: Listener, context: ssl.SSLContext, conn: DownstreamConnection) -> None:
-        self.listener = listener
-        self.context = context
-        self.conn = conn
-        self.tls: ssl.SSLSocket | None = None
-        self.handshake: Handshake | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        listener = self.listener
-        try:
-            fd = os.dup(transport.get_extra_info("socket").fileno())
-        except OSError:  # out of descriptors: as if refused
-            cast(asyncio.Transport, transport).abort()
-            listener.handshake_over()
-            return
-        cast(asyncio.Transport, transport).abort()  # the loop lets go; the connection lives on in fd
-        sock = socket.socket(fileno=fd)
-        try:
-            sock.setblocking(False)
-            self.tls = tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        except OSError:
-            sock.close()
-            listener.handshake_over()
-            return
-        loop = listener.loop
-        self.handshake = handshake = Handshake(loop, tls)
-        if handshake.done.done():
-            self._over(handshake.done)
-            return
-        self.timer = loop.call_later(listener.ctx.timeouts.tls_handshake, handshake.cancel)
-        handshake.done.add_done_callback(self._over)
-
-    def _over(self, done: asyncio.Future[None]) -> None:
-        self.listener.handshake_over()
-        if self.timer is not None:
-            self.timer.cancel()
-        tls = self.tls
-        assert tls is not None and self.handshake is not None
-        if done.cancelled() or done.exception() is not None:
-            # refused (counted by tls.py), the peer gone, or too slow: nothing was read yet
-            self.handshake.disarm()
-            tls.close()
-            return
-        TlsTransport(self.listener.loop, tls, self.conn).start()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass  # the loop's handle, aborted in connection_made: the connection goes on in ours
 
 
 class ListenerGroup:
@@ -121,6 +79,7 @@ class Listener:
         self.group = group if group is not None else ListenerGroup()
         self.group.listeners.append(self)
         self.handshakes = 0  # TLS handshakes in progress
+        self._ssl_protocol = _ssl_protocol_class(loop)
 
     def held(self) -> int:
         return self.ctx.connections + self.handshakes
@@ -145,10 +104,16 @@ class Listener:
         if self.ssl_context is None:
             return conn
         self.handshakes += 1
-        return _TlsAccept(self, self.ssl_context, conn)
+        waiter = self.loop.create_future()
+        waiter.add_done_callback(self._handshake_over)
+        # connection_made(conn) follows a completed handshake; a failed one closes the socket
+        return self._ssl_protocol(self.loop, conn, self.ssl_context, waiter, server_side=True,
+                                  ssl_handshake_timeout=self.ctx.timeouts.tls_handshake)
 
-    def handshake_over(self) -> None:
+    def _handshake_over(self, waiter: asyncio.Future[None]) -> None:
         self.handshakes -= 1
+        if not waiter.cancelled():
+            waiter.exception()  # retrieved: a failed handshake is counted by tls.py, not logged here
 
     async def start(self) -> None:
         host, port = self.config.address

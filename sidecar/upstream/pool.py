@@ -28,7 +28,6 @@ from collections.abc import Callable
 from ..config.model import Address, PoolConfig
 from ..errors import UpstreamConnectError, UpstreamOverflow, UpstreamTimeout
 from .circuit_breaker import CircuitBreaker, Limit
-from .tls_transport import open_tls
 from .upstream_connection import UpstreamConnection
 
 __all__ = ["Pool"]
@@ -136,10 +135,9 @@ class Pool:
         try:
             async with asyncio.timeout(timeout):
                 context = self._ssl_context()
-                if context is None:
-                    await self._loop.create_connection(lambda: conn, host, port)
-                else:  # OpenSSL on the socket: see tls_transport
-                    await open_tls(self._loop, conn, host, port, context, self._server_hostname)
+                await self._loop.create_connection(
+                    lambda: conn, host, port, ssl=context,
+                    server_hostname=self._server_hostname if context else None)
         except BaseException as exc:
             # The transport may exist (cancelled after it was made): the loop closes it, and
             # its connection_lost finds no member, so the slot is freed here, once.
