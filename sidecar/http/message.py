@@ -8,8 +8,12 @@ exactly what will be re-serialised upstream. Pure: no asyncio imports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
-__all__ = ["RequestHead", "ResponseHead"]
+__all__ = ["COMMON_METHODS", "RequestHead", "ResponseHead"]
+
+# the methods requests name most: the parser and the writer keep a ready form of each
+COMMON_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ import httptools
 from ..config.model import Limits
 from ..errors import DownstreamProtocolError
 from .headers import HOP_BY_HOP, MESH_INTERNAL, NameTable, connection_tokens, content_length_value
-from .message import RequestHead
+from .message import COMMON_METHODS, RequestHead
 
 __all__ = ["RequestParser", "RequestSink"]
 
@@ -69,8 +69,7 @@ _KNOWN_TABLE: Final = NameTable(_KNOWN)  # the same, looked up without hashing a
 # the methods requests name most, as the one str object each: the bytes llhttp gives are
 # looked up rather than decoded, and the str's hash is kept for the look-ups after
 # (``writer.request_head``, the method checks of routes and policies)
-_METHODS: Final = {method.encode(): method for method in (
-    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_METHODS: Final = {method.encode(): method for method in COMMON_METHODS}
 _NO_HOST: Final = b"\x00"  # never a Host that passes ``_check_host``
 _MAX_CHUNK_OVERHEAD: Final = 4096  # bytes of chunk-size line + extensions allowed per chunk
 _HOST_CHARS: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-._~:[]!$&'()*+;=%")

@@ -7,7 +7,7 @@ from http import HTTPStatus
 from typing import Final
 
 from ..errors import LocalReply
-from .message import RequestHead
+from .message import COMMON_METHODS, RequestHead
 
 __all__ = ["chunk", "header_line", "LAST_CHUNK", "local_reply", "reason_phrase", "request_head", "response_head"]
 
@@ -20,8 +20,7 @@ _STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {
 
 # the start of a request line for the methods requests name most ("GET "): one piece of the
 # head's join, where encoding the method and a separate space were two (~250 instructions)
-_METHOD_STARTS: Final = {method: method.encode() + b" " for method in (
-    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_METHOD_STARTS: Final = {method: method.encode() + b" " for method in COMMON_METHODS}
 
 
 def reason_phrase(status: int) -> bytes:
