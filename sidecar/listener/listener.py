@@ -12,40 +12,26 @@ Caps (``limits``, read per accept so a reload applies to the next one):
   ``timeouts.tls_handshake`` passes; clients that connect and never send a ClientHello
   take slots only until then, and meanwhile open connections are served as usual.
 
-TLS: the loop does not tell a protocol about a handshake in progress (``connection_made``
-follows a completed one; uvloop's server-side ``start_tls`` loses the ClientHello), so a
-TLS listener is a plain server whose factory builds the loop's own ``SSLProtocol`` around
-each connection, as ``create_server(ssl=...)`` does inside. Its waiter resolves exactly
-once when the handshake ends, whatever the way, which releases the slot; and a refused
-connection is aborted before TLS starts. Cost: one future and one callback per connection.
+TLS: a TLS listener is a plain server whose factory puts ``upstream.tls_protocol``'s
+``TlsProtocol`` between the TCP transport and each ``DownstreamConnection`` (uvloop's own TLS
+protocol costs more a record). It reports the handshake's end exactly once, whatever the way
+(done, refused, the peer gone, ``timeouts.tls_handshake`` passed), which releases the slot;
+and a refused connection is aborted before TLS starts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import socket
 import ssl
 from collections.abc import Callable, Sequence
 from typing import cast
 
-import uvloop
-
 from ..config.model import ListenerConfig
+from ..upstream.tls_protocol import TlsProtocol
 from .connection import DownstreamConnection, ListenerContext
 
 __all__ = ["Listener", "ListenerGroup"]
-
-SSLProtocolClass = Callable[..., asyncio.BaseProtocol]
-
-
-def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> SSLProtocolClass:
-    """The loop's own TLS protocol: uvloop's (Cython: its transports take a fast path for it,
-    untyped in its stubs) or asyncio's; both take the same arguments."""
-    if isinstance(loop, uvloop.Loop):
-        return cast(SSLProtocolClass, getattr(uvloop.loop, "SSLProtocol"))
-    return cast(SSLProtocolClass, asyncio.sslproto.SSLProtocol)
-
 
 class _Refuse(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,7 +65,6 @@ class Listener:
         self.group = group if group is not None else ListenerGroup()
         self.group.listeners.append(self)
         self.handshakes = 0  # TLS handshakes in progress
-        self._ssl_protocol = _ssl_protocol_class(loop)
 
     def held(self) -> int:
         return self.ctx.connections + self.handshakes
@@ -104,16 +89,13 @@ class Listener:
         if self.ssl_context is None:
             return conn
         self.handshakes += 1
-        waiter = self.loop.create_future()
-        waiter.add_done_callback(self._handshake_over)
         # connection_made(conn) follows a completed handshake; a failed one closes the socket
-        return self._ssl_protocol(self.loop, conn, self.ssl_context, waiter, server_side=True,
-                                  ssl_handshake_timeout=self.ctx.timeouts.tls_handshake)
+        return TlsProtocol(self.loop, conn, self.ssl_context, server_side=True,
+                           handshake_timeout=self.ctx.timeouts.tls_handshake,
+                           on_handshake=self._handshake_over)
 
-    def _handshake_over(self, waiter: asyncio.Future[None]) -> None:
-        self.handshakes -= 1
-        if not waiter.cancelled():
-            waiter.exception()  # retrieved: a failed handshake is counted by tls.py, not logged here
+    def _handshake_over(self, exc: BaseException | None) -> None:
+        self.handshakes -= 1  # (a failed handshake is counted by tls.py, not logged here)
 
     async def start(self) -> None:
         host, port = self.config.address

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from ..config.model import Address, PoolConfig
 from ..errors import UpstreamConnectError, UpstreamOverflow, UpstreamTimeout
 from .circuit_breaker import CircuitBreaker, Limit
+from .tls_protocol import TlsProtocol
 from .upstream_connection import UpstreamConnection
 
 __all__ = ["Pool"]
@@ -135,9 +136,10 @@ class Pool:
         try:
             async with asyncio.timeout(timeout):
                 context = self._ssl_context()
-                await self._loop.create_connection(
-                    lambda: conn, host, port, ssl=context,
-                    server_hostname=self._server_hostname if context else None)
+                if context is None:
+                    await self._loop.create_connection(lambda: conn, host, port)
+                else:
+                    await self._connect_tls(conn, host, port, context, timeout)
         except BaseException as exc:
             # The transport may exist (cancelled after it was made): the loop closes it, and
             # its connection_lost finds no member, so the slot is freed here, once.
@@ -158,6 +160,28 @@ class Pool:
         conn.limit = limit
         self._members.add(conn)
         return conn
+
+    async def _connect_tls(self, conn: UpstreamConnection, host: str, port: int,
+                           context: ssl.SSLContext, timeout: float) -> None:
+        """TCP, then the TLS handshake (``TlsProtocol``); ``conn`` is connected after it."""
+        done: asyncio.Future[None] = self._loop.create_future()
+
+        def on_handshake(exc: BaseException | None) -> None:
+            if not done.done():
+                if exc is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(exc)
+
+        tls = TlsProtocol(self._loop, conn, context, server_side=False,
+                          server_hostname=self._server_hostname, handshake_timeout=timeout,
+                          on_handshake=on_handshake)
+        await self._loop.create_connection(lambda: tls, host, port)
+        try:
+            await done
+        except BaseException:
+            tls.abort()  # cancelled (the connect timeout) or refused: the socket goes now
+            raise
 
     def release(self, conn: UpstreamConnection) -> None:
         """The exchange is done with ``conn``; reuse it or let it go."""

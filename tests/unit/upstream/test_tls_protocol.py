@@ -1,0 +1,272 @@
+"""The TLS layer of the pool and the listeners (``sidecar.upstream.tls_protocol``) against a
+real TLS server on loopback: bytes both ways in order, flow control when the peer stops
+reading, the ends (the peer's close, ours after what was written, abort), and handshakes
+refused or too slow, each reported once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from sidecar.upstream.tls_protocol import TlsProtocol
+from tests.helpers.pki import MeshPki, make_test_pki, unchecked_context
+
+TIMEOUT = 10.0
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Recorder(asyncio.BufferedProtocol):
+    """A protocol that keeps what arrives and every call the transport makes."""
+
+    def __init__(self, buffer_size: int = 64 * 1024) -> None:
+        self.buffer = bytearray(buffer_size)
+        self.received = bytearray()
+        self.events: list[str] = []
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.arrived = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.events.append("made")
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += self.buffer[:nbytes]
+        self.arrived.set()
+
+    def eof_received(self) -> bool | None:
+        self.events.append("eof")
+        return None
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append("lost")
+        self.lost.set_result(exc)
+
+    async def wait_for(self, size: int) -> None:
+        async with asyncio.timeout(TIMEOUT):
+            while len(self.received) < size:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> MeshPki:
+    return make_test_pki(tmp_path, ("server", "client"))
+
+
+@pytest.fixture
+async def serve(pki: MeshPki) -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> int:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0,
+                                            ssl=unchecked_context("server", pki.services["server"]))
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def client_context(pki: MeshPki) -> ssl.SSLContext:
+    return unchecked_context("client", pki.services["client"])
+
+
+async def connect(port: int, protocol: Recorder, pki: MeshPki, *, timeout: float = TIMEOUT,
+                  context: ssl.SSLContext | None = None) -> TlsProtocol:
+    """As the pool connects: TCP, then the handshake, reported once."""
+    loop = asyncio.get_running_loop()
+    reports: list[BaseException | None] = []
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_handshake(exc: BaseException | None) -> None:
+        reports.append(exc)
+        if exc is None:
+            done.set_result(None)
+        else:
+            done.set_exception(exc)
+
+    tls = TlsProtocol(loop, protocol, context or client_context(pki), server_side=False,
+                      server_hostname="server", handshake_timeout=timeout, on_handshake=on_handshake)
+    await loop.create_connection(lambda: tls, "127.0.0.1", port)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await done
+    finally:
+        await asyncio.sleep(0)
+        assert len(reports) == 1, reports
+    return tls
+
+
+async def test_bytes_go_both_ways_in_order_and_close_sends_close_notify(serve, pki) -> None:
+    seen_eof = asyncio.get_running_loop().create_future()
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        seen_eof.set_result(reader.at_eof())  # the client's close_notify ended the stream
+        writer.close()
+
+    protocol = Recorder()
+    transport = await connect(await serve(echo), protocol, pki)
+    message = os.urandom(300_000)  # several records each way, and reads that fill the buffer
+    for i in range(0, len(message), 7_000):
+        transport.write(message[i:i + 7_000])
+    await protocol.wait_for(len(message))
+    assert protocol.received == message
+    assert transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    assert transport.get_extra_info("peername")[0] == "127.0.0.1"
+    transport.close()
+    assert transport.is_closing()
+    transport.write(b"after close")  # dropped, not sent and not an error
+    assert await asyncio.wait_for(seen_eof, TIMEOUT) is True
+    assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+    assert protocol.events == ["made", "lost"]
+
+
+async def test_a_peer_that_stops_reading_pauses_the_writer_and_nothing_is_lost(serve, pki) -> None:
+    start_reading = asyncio.Event()
+    digest = asyncio.get_running_loop().create_future()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await start_reading.wait()
+        sha, total = hashlib.sha256(), 0
+        while data := await reader.read(65536):
+            sha.update(data)
+            total += len(data)
+        digest.set_result((total, sha.hexdigest()))
+        writer.close()
+
+    protocol = Recorder()
+    transport = await connect(await serve(slow), protocol, pki)
+    payload = os.urandom(64 * 1024)
+    sent = hashlib.sha256()
+    for _ in range(128):  # 8 MiB: far past the socket buffers, so the backlog fills
+        transport.write(payload)
+        sent.update(payload)
+    assert protocol.events == ["made", "pause"]
+    assert transport.get_write_buffer_size() > 64 * 1024
+    start_reading.set()
+    async with asyncio.timeout(TIMEOUT):
+        while "resume" not in protocol.events:
+            await asyncio.sleep(0.01)
+    transport.close()  # after what is written: the whole backlog goes out first
+    assert await asyncio.wait_for(digest, TIMEOUT) == (128 * len(payload), sent.hexdigest())
+    assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+    assert transport.get_write_buffer_size() == 0
+
+
+async def test_the_peers_close_is_eof_then_lost(serve, pki) -> None:
+    async def answer_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(5)
+        writer.write(b"bye")
+        await writer.drain()
+        writer.close()
+
+    protocol = Recorder()
+    transport = await connect(await serve(answer_and_close), protocol, pki)
+    transport.write(b"hello")
+    assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+    assert protocol.received == b"bye"
+    assert protocol.events == ["made", "eof", "lost"]
+    assert transport.is_closing()
+
+
+async def test_abort_ends_the_connection_at_once(serve, pki) -> None:
+    ended = asyncio.get_running_loop().create_future()
+
+    async def wait(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(65536)
+            ended.set_result("eof")
+        except (ssl.SSLError, ConnectionError) as exc:  # no close_notify: an unclean end
+            ended.set_result(type(exc).__name__)
+        writer.close()
+
+    protocol = Recorder()
+    transport = await connect(await serve(wait), protocol, pki)
+    transport.abort()
+    transport.abort()  # twice: still one connection_lost
+    assert await asyncio.wait_for(protocol.lost, TIMEOUT) is None
+    assert await asyncio.wait_for(ended, TIMEOUT) in ("eof", "SSLError", "ConnectionResetError")
+    await asyncio.sleep(0.05)
+    assert protocol.events == ["made", "lost"]
+
+
+async def test_records_larger_than_the_buffer_arrive_whole_and_reading_pauses(serve, pki) -> None:
+    async def send_big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * 16_000 + b"y" * 16_000)  # two full records
+        await writer.drain()
+        await reader.read(1)
+        writer.close()
+
+    protocol = Recorder(buffer_size=1000)  # a record needs 17 reads; 16 of them from OpenSSL
+    transport = await connect(await serve(send_big), protocol, pki)
+    await protocol.wait_for(32_000)
+    assert protocol.received == b"x" * 16_000 + b"y" * 16_000
+    transport.pause_reading()
+    assert not transport.is_reading()
+    transport.resume_reading()
+    assert transport.is_reading()
+    transport.close()
+    await asyncio.wait_for(protocol.lost, TIMEOUT)
+
+
+async def test_an_untrusted_server_is_refused_and_its_socket_closed(serve, pki, tmp_path) -> None:
+    other = make_test_pki(tmp_path / "other", ("server",))  # another CA: not in our bundle
+
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(never, "127.0.0.1", 0,
+                                        ssl=unchecked_context("server", other.services["server"]))
+    port = server.sockets[0].getsockname()[1]
+    fds = len(os.listdir("/proc/self/fd"))
+    protocol = Recorder()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await connect(port, protocol, pki)  # (and reported once: see connect)
+    async with asyncio.timeout(TIMEOUT):  # (the server's side of it closes on its own time)
+        while len(os.listdir("/proc/self/fd")) > fds:
+            await asyncio.sleep(0.01)
+    assert protocol.events == []
+    server.close()
+
+
+async def test_a_refused_connection_raises_oserror(pki) -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    with pytest.raises(ConnectionRefusedError):
+        await connect(port, Recorder(), pki)
+
+
+async def test_a_handshake_that_never_ends_is_reported_once_as_too_slow(pki) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads the ClientHello, never answers
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)  # plain TCP: no TLS at all
+    port = server.sockets[0].getsockname()[1]
+    protocol = Recorder()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError):
+        await connect(port, protocol, pki, timeout=0.3)
+    assert asyncio.get_running_loop().time() - started < 3
+    assert protocol.events == []  # the connection's protocol never saw it
+    server.close()
