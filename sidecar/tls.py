@@ -3,16 +3,16 @@ and the TLS metrics; and the gateway listener's server-only TLS for outside clie
 only when the bootstrap has ``tls`` or a listener has a server certificate (a feature that is
 not configured is not imported: this pulls in ``cryptography``).
 
-- Inbound: one *dispatcher* context for ``create_server(ssl=...)`` (uvloop's server-side
-  ``start_tls`` hangs, uvloop#707); its SNI callback moves each handshake onto the current
+- Inbound: one *dispatcher* context for every handshake of a TLS listener
+  (``upstream.tls_protocol``); its SNI callback moves each handshake onto the current
   contexts, so a reload applies to the next handshake. ``peer_identity(transport)`` runs in
   ``connection_made``: a peer whose certificate is not a workload of our trust domain gets
   ``None`` and its connection is closed before any request is read.
 - Outbound: per endpoint a context getter (client TLS session resumption, bounded) and an
   ``identify(transport)`` whose SPIFFE ID the router compares with the cluster's.
-- Handshakes are counted by an ``ssl.SSLObject`` subclass (``SSLContext.sslobject_class``):
-  the only place OpenSSL's reason for a refused handshake is visible, since uvloop drops the
-  ``SSLError`` of a failed server-side handshake without a log line or a protocol callback.
+- Handshakes are counted by an ``ssl.SSLObject`` subclass (``SSLContext.sslobject_class``),
+  for the listeners' and the pool's TLS (``upstream.tls_protocol``) and for health checks
+  (uvloop's TLS) alike: the one place that sees OpenSSL's reason for every refusal.
 - Gateway (``ServerTls``): a server certificate for outside clients, no client certificate
   asked; the same dispatcher and file-watching scheme as the mesh certificate.
 - Never logs or shows key material: ``info()`` is the certificate's public facts.
@@ -24,8 +24,8 @@ every resumed session again, against the current bundle and clock, before a requ
 a peer that a full handshake would refuse now (its root removed, its certificate expired) is
 refused as ``resumed_<reason>``; one still trusted (a rotation's overlap) resumes as before.
 
-Limits: a handshake that stops half-way (peer gone, ``ssl_handshake_timeout``) is not counted,
-uvloop ends it outside ``do_handshake``.
+Limits: a handshake that stops half-way (the peer gone, ``timeouts.tls_handshake``) is not
+counted: it ends outside ``do_handshake``, having refused nothing.
 """
 
 from __future__ import annotations

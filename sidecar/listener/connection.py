@@ -73,7 +73,7 @@ class ListenerContext:
     connections: int = 0
     # Every connection of the listener reads into this one buffer: the loop runs one
     # callback at a time and the parser consumes a read before returning, so nothing is
-    # allocated per read (uvloop's TLS layer would otherwise allocate 256 KiB per read).
+    # allocated per read (a TLS connection's records are decrypted into it too).
     read_buffer: bytearray = field(default_factory=lambda: bytearray(256 * 1024))
 
 
@@ -293,8 +293,9 @@ class DownstreamConnection(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         # A half-closed client gets its in-flight responses (and those of requests it
         # pipelined before its FIN); then we close (``_advance``), not after the idle timeout.
-        # A client that closed outright is one too: its FIN looks the same. (TLS transports
-        # cannot stay half-open: uvloop warns when asked to.)
+        # A client that closed outright is one too: its FIN looks the same. (TLS connections
+        # cannot stay half-open: OpenSSL 3 ends a session at a FIN without close_notify, and
+        # answers a later write with an alert; upstream.tls_protocol closes on EOF.)
         if self._lingering:
             return False  # the client has stopped sending: the transport closes now
         if not self.streams:

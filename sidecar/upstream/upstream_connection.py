@@ -156,7 +156,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.closed = True
         # This connection and its parser are in reference cycles (llhttp's callbacks, the
         # transport's bound methods) that only the cyclic GC frees; let go of the transport
-        # now, and with it uvloop's TLS protocol, its 256 KB buffer and OpenSSL's state.
+        # now, and with it the TLS protocol, its memory BIOs and OpenSSL's state.
         # Kept until the GC, a new connection per request held 100+ MB of dead connections.
         self.transport = self._send = None
         self.pool.on_connection_lost(self)

@@ -93,7 +93,7 @@ def tls_request(port: int, ctx: ssl.SSLContext, request: bytes) -> tuple[bool, b
 def tls12(ctx: ssl.SSLContext) -> ssl.SSLContext:
     """In TLS 1.2 the server judges our certificate before it sends its Finished, so a
     refusal in the handshake is visible to the client as a handshake that did not complete.
-    (In TLS 1.3 our side is done first, and uvloop closes without flushing the alert.)
+    (In TLS 1.3 our side is done first, and learns of a refusal only at its next read.)
     Not a proof alone: a peer refused right after the handshake also never sees the
     server's Finished in TLS 1.2, since the connection is aborted before it is flushed."""
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
