@@ -232,7 +232,7 @@ async def test_outbound_refuses_a_valid_mesh_peer_with_the_wrong_identity(tmp_pa
 
 def test_a_closed_mtls_connection_frees_its_tls_state_when_it_closes(tmp_path: Path) -> None:
     """With a new connection per request (``pool: {max_idle: 0}``), each closed connection's
-    TLS state (uvloop's TLS protocol with its 256 KB buffer, OpenSSL's SSL object) is freed
+    TLS state (the TLS protocol with its memory BIOs, OpenSSL's SSL object) is freed
     when the connection closes, on both sides, not at the next full garbage collection: held
     until then, a pair under such load kept 100+ MB of dead connections (132 / 109 MB of RSS
     after 8,000 requests). Both sidecars run in this process, on uvloop as in production, with

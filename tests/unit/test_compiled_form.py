@@ -154,7 +154,7 @@ def test_no_class_made_per_request_runs_an_interpreted_init_when_compiled() -> N
 
 # Module-level names of compiled modules that are not constants: type aliases and loggers.
 NOT_CONSTANTS = {"log", "Stage", "Decision", "TransitionCallback", "EjectionCallback",
-                 "ClusterSource", "_Handed", "PoolKey", "Address", "Mode", "T", "SSLProtocolClass",
+                 "ClusterSource", "_Handed", "PoolKey", "Address", "Mode", "T",
                  "SampledStart",
                  "__all__"}
 
