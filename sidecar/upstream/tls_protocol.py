@@ -63,6 +63,7 @@ class TlsProtocol(asyncio.Protocol):
         self._connected = False  # the app was given the connection
         self._app_reading = True  # the app has not paused reading
         self._closing = False
+        self._error: Exception | None = None  # what broke the session, for connection_lost
 
     # === below: the TCP transport's protocol =============================================
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,7 +97,8 @@ class TlsProtocol(asyncio.Protocol):
             self._handshake_over(exc or ConnectionResetError("the connection closed during the TLS handshake"))
         if self._connected:
             self._connected = False
-            self._app.connection_lost(exc)
+            # a broken session is why, not the abort that followed it
+            self._app.connection_lost(exc or self._error)
         self._transport = self._send = None
 
     def pause_writing(self) -> None:
@@ -250,8 +252,9 @@ class TlsProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _fatal(self, exc: BaseException) -> None:
+    def _fatal(self, exc: Exception) -> None:
         self._closing = True
+        self._error = exc
         if self._transport is not None:
             self._transport.abort()
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -270,3 +273,29 @@ async def test_a_handshake_that_never_ends_is_reported_once_as_too_slow(pki) -> 
     assert asyncio.get_running_loop().time() - started < 3
     assert protocol.events == []  # the connection's protocol never saw it
     server.close()
+
+
+async def test_a_broken_record_ends_the_connection_with_its_error(pki) -> None:
+    """A record that does not decrypt (here: bytes written under the TLS layer) ends the
+    connection, and connection_lost says why, as uvloop's TLS did."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server_context = unchecked_context("server", pki.services["server"])
+
+    def serve_one() -> None:
+        sock, _ = listener.accept()
+        with server_context.wrap_socket(sock, server_side=True) as tls:
+            tls.recv(5)  # after the handshake: the client's first bytes
+            with socket.socket(fileno=os.dup(tls.fileno())) as raw:
+                raw.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data, forged
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    protocol = Recorder()
+    transport = await connect(listener.getsockname()[1], protocol, pki)
+    transport.write(b"hello")
+    lost = await asyncio.wait_for(protocol.lost, TIMEOUT)
+    assert isinstance(lost, ssl.SSLError), lost
+    assert protocol.received == b"" and protocol.events == ["made", "lost"]
+    thread.join(TIMEOUT)
+    listener.close()
