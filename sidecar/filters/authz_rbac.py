@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 
 import structlog
 
-from ..audit import AuditRecorder
+from ..audit import AuditRecorder, request_reason
 from ..clock import Clock, MonotonicClock
 from ..config.rbac import ClaimMatch, RbacMatch, RbacPolicy
 from ..errors import Forbidden, LocalReply
@@ -32,22 +32,23 @@ __all__ = ["RbacDecision", "RbacFilter", "RbacFilterConfig", "build_rbac"]
 log = structlog.get_logger("pake.filters.rbac")
 
 _NOT_NORMAL: Final = re.compile(r"//|/\.\.?(?:/|$)|%2[eEfF]|%5[cC]|\\")
-_MAX_SHOWN: Final = 200  # characters of a path shown in a reply
 
 
 @dataclass(slots=True)
 class RbacDecision:
     """Read-only by convention: one per request, and a frozen dataclass's ``__init__`` is
-    interpreted Python even compiled (``object.__setattr__`` per field), so it is written out."""
+    interpreted Python even compiled (``object.__setattr__`` per field), so it is written out.
+    The reason is ``request_reason(start, exchange)``, made only where it is shown (a deny's
+    reply, the dry-run log): the audit record builds its own text from the same pieces."""
 
     allowed: bool
     rule: str  # the rule that decided, "default", or "path"
-    reason: str
+    start: str  # the reason's start: "rule 'reads' allows "
 
-    def __init__(self, allowed: bool, rule: str, reason: str) -> None:
+    def __init__(self, allowed: bool, rule: str, start: str) -> None:
         self.allowed = allowed
         self.rule = rule
-        self.reason = reason
+        self.start = start
 
 
 def _glob(pattern: str, star: str) -> str:
@@ -174,31 +175,16 @@ class RbacFilterConfig:
         # the regex runs only on a path holding what it looks for (most hold none of it)
         if not path.startswith("/") or (("//" in path or "/." in path or "%" in path or "\\" in path)
                                         and _NOT_NORMAL.search(path) is not None):
-            return RbacDecision(False, "path", _reason("path is not in normal form: ", ex))
+            return RbacDecision(False, "path", "path is not in normal form: ")
         for rule in self._deny:
             if rule.matches(ex):
-                return RbacDecision(False, rule.name, _reason(rule.denies, ex))
+                return RbacDecision(False, rule.name, rule.denies)
         for rule in self._allow:
             if rule.matches(ex):
-                return RbacDecision(True, rule.name, _reason(rule.allows, ex))
+                return RbacDecision(True, rule.name, rule.allows)
         if self.policy.default == "allow":
-            return RbacDecision(True, "default", _reason("default allows ", ex))
-        return RbacDecision(False, "default", _reason("no rule allows ", ex))
-
-
-def _reason(start: str, ex: Exchange) -> str:
-    """``<start>GET /path from <who>``: built once the decision is known."""
-    request = ex.request
-    return f"{start}{request.method} {request.path[:_MAX_SHOWN]} from {_who(ex)}"
-
-
-def _who(ex: Exchange) -> str:
-    """``spiffe://…`` for an mTLS peer, else ``client <address>``; `` as <principal>`` when
-    a JWT or an API key named someone else."""
-    who = ex.peer_identity or f"client {ex.downstream_address}"
-    if ex.principal and ex.principal != ex.peer_identity:
-        who += f" as {ex.principal}"
-    return who
+            return RbacDecision(True, "default", "default allows ")
+        return RbacDecision(False, "default", "no rule allows ")
 
 
 class RbacFilter:
@@ -233,7 +219,7 @@ class RbacFilter:
             now = self.clock.monotonic()
             if now - self._last_log >= self.log_interval:
                 log.warning("rbac_dry_run_deny", service=self.config.service,
-                            rule=decision.rule, reason=decision.reason,
+                            rule=decision.rule, reason=request_reason(decision.start, exchange),
                             request_id=exchange.request_id, trace_id=exchange.trace_id,
                             not_logged=self._unlogged,
                             would_deny_total=self.would_deny)
@@ -243,13 +229,13 @@ class RbacFilter:
             return None
         self.denied += 1
         self._record(exchange, "deny", decision)
-        return Forbidden(decision.reason).reply()
+        return Forbidden(request_reason(decision.start, exchange)).reply()
 
     def _record(self, exchange: Exchange, verdict: Literal["allow", "deny", "would_deny"],
                 decision: RbacDecision) -> None:
         exchange.tags["rbac"] = verdict
         if self.audit is not None:
-            self.audit.record(exchange, "authz", verdict, decision.rule, decision.reason)
+            self.audit.record_request(exchange, "authz", verdict, decision.rule, decision.start)
 
 
 def build_rbac(policy: RbacPolicy, *, service: str, trust_domain: str,

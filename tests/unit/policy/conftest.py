@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from sidecar.audit import request_reason
 from sidecar.config.jwt_providers import JwtProvider
 from sidecar.exchange import Exchange
 from sidecar.http.message import RequestHead
@@ -32,6 +33,10 @@ class FakeAudit:
     def record(self, exchange: Exchange, stage: str, decision: str, rule: str,
                reason: str) -> None:
         self.records.append((exchange.request_id, stage, decision, rule, reason))
+
+    def record_request(self, exchange: Exchange, stage: str, decision: str, rule: str,
+                       start: str) -> None:
+        self.record(exchange, stage, decision, rule, request_reason(start, exchange))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from sidecar.audit import AuditLog, RotatingFileSink, build_audit_log
+from sidecar.audit import MAX_REASON_PATH, AuditLog, RotatingFileSink, build_audit_log, request_reason
 from sidecar.config.api_keys import ApiKey
 from sidecar.config.audit import AuditConfig
 from sidecar.config.policy import ServiceAuthn
@@ -214,6 +214,44 @@ def test_records_with_quotes_and_unicode_are_valid_json() -> None:
     record = json.loads(sink.lines[0])
     assert (record["path"], record["rule"], record["reason"]) == ('/a"b\\c/\u00e9', "r\n", 'say "no"')
     assert record["time"] == "2027-01-15T08:00:00.999Z" and sink.lines[0].isascii()
+
+
+def test_a_request_reason_is_written_as_request_reason_makes_it() -> None:
+    """``record_request`` joins pieces quoted for other fields; its record is the same line,
+    byte for byte, as ``record`` with ``request_reason``'s text: for quotes, backslashes,
+    control and non-ASCII characters (one beyond the BMP, two escapes), a path longer than a
+    reason shows (cut inside an escape's reach), a caller without mTLS, a principal other than
+    the peer, and the same one."""
+    long = "/" + "\u00e9\\" * (MAX_REASON_PATH // 2) + '"tail'
+    callers: list[dict[str, str | None]] = [
+        {"peer": "spiffe://pake.local/service/web"},
+        {"peer": "spiffe://pake.local/service/web", "principal": 'alice "\u00e9"\\\n'},
+        {"peer": None, "principal": None},
+        {"peer": None, "principal": "bob\U0001f600", "client": "[2001:db8::1]:5000"},
+    ]
+    paths = ["/orders/1", '/a"b\\c/\u00e9\t\x01\U0001f600', long, long[:MAX_REASON_PATH],
+             long[:MAX_REASON_PATH + 1]]
+    starts = ["rule 'reads' allows ", "rule 'a\"b\\\u00e9' denies ", "no rule allows "]
+    sinks = ListSink(), ListSink()
+    writers = [LogWriter(sink, name="test").start() for sink in sinks]
+    by_text, by_pieces = (AuditLog(w.channel("audit"), wall=lambda: 1_800_000_000.5) for w in writers)
+    for who in callers:
+        for path in paths:
+            for start in starts:
+                ex = exchange(request("GET", path), peer=who.get("peer"),
+                              client=who.get("client") or "203.0.113.7")
+                if "principal" in who:
+                    ex.principal = who["principal"]
+                by_text.record(ex, "authz", "allow", "r", request_reason(start, ex))
+                by_pieces.record_request(ex, "authz", "allow", "r", start)
+    assert all(w.close() for w in writers)
+    assert len(sinks[1].lines) == 4 * 5 * 3 and sinks[1].lines == sinks[0].lines
+    reasons = {json.loads(line)["reason"] for line in sinks[1].lines}
+    assert "rule 'reads' allows GET /orders/1 from client 203.0.113.7" in reasons
+    assert ('no rule allows GET /orders/1 from spiffe://pake.local/service/web as alice "\u00e9"\\\n'
+            in reasons)
+    assert f"no rule allows GET {long[:MAX_REASON_PATH]} from client [2001:db8::1]:5000 as bob\U0001f600" in reasons
+    assert all(line.isascii() for line in sinks[1].lines)
 
 
 @pytest.fixture(autouse=True)
