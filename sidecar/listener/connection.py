@@ -71,13 +71,13 @@ class ListenerContext:
     scheme: bytes = b"http"
     peer_identity: Callable[[asyncio.Transport], str | None] | None = None
     connections: int = 0
-    # Every connection of the listener reads into this one buffer: the loop runs one
-    # callback at a time and the parser consumes a read before returning, so nothing is
-    # allocated per read (a TLS connection's records are decrypted into it too).
+    # Every TLS connection of the listener decrypts into this one buffer: the loop runs one
+    # callback at a time and the parser consumes a read before returning. A plain connection
+    # gets its reads as bytes (``DownstreamConnection``, as ``UpstreamConnection``).
     read_buffer: bytearray = field(default_factory=lambda: bytearray(256 * 1024))
 
 
-class DownstreamConnection(asyncio.BufferedProtocol):
+class DownstreamConnection(asyncio.Protocol):
     BLOCK_PIPELINE = 1
     BLOCK_BODY = 2
     BLOCK_UPSTREAM = 4
@@ -173,6 +173,9 @@ class DownstreamConnection(asyncio.BufferedProtocol):
             self.peer_identity_line = header_line(b"x-pake-peer-identity", self.peer_identity.encode())
         self._arm_idle()
 
+    # An asyncio.Protocol that also reads into a buffer: uvloop gives a plain connection's
+    # reads to ``data_received`` as bytes (see ``UpstreamConnection``), and ``TlsProtocol``
+    # decrypts into the listener's buffer through these two.
     def get_buffer(self, sizehint: int) -> bytearray:
         return self.ctx.read_buffer
 
@@ -197,7 +200,7 @@ class DownstreamConnection(asyncio.BufferedProtocol):
                 if upstream is not None:
                     streams[0].exchange.bytes_in += n
                     self._deadline.set_in(self.ctx.timeouts.tunnel_idle)  # (moves, no re-arm)
-                    upstream.write(bytes(memoryview(buf)[:n]))
+                    upstream.write(buf if isinstance(buf, bytes) else bytes(memoryview(buf)[:n]))
             elif streams:
                 # bytes after an upgrade request, before the upstream said 101: keep (bounded)
                 streams[-1].early_data += buf[:n]
@@ -223,7 +226,10 @@ class DownstreamConnection(asyncio.BufferedProtocol):
         streams = self.streams
         ctx = self.ctx
         room = ctx.limits.max_pipelined + 1
-        view = self._read_view if buf is ctx.read_buffer else memoryview(buf)
+        # a view only to feed part of ``buf``: a plain connection's read arrives as bytes,
+        # fed whole, and ``memoryview(buf)`` costs ~1k instructions compiled (a builtin
+        # looked up by name and a type call)
+        view = self._read_view if buf is ctx.read_buffer else None
         self._parsing = True
         try:
             while pos < end:
@@ -232,17 +238,24 @@ class DownstreamConnection(asyncio.BufferedProtocol):
                     if isinstance(buf, bytes):
                         self._unparsed, self._unparsed_at = buf, pos  # (held bytes, fed again)
                     else:
+                        if view is None:
+                            view = memoryview(buf)
                         self._unparsed, self._unparsed_at = bytes(view[pos:end]), 0
                     self.block_reading(self.BLOCK_PIPELINE)
                     return True
                 # a head is at least MIN_HEAD bytes: a short read needs no look
                 stop = end if end - pos <= heads * MIN_HEAD else parser.head_room(buf, pos, end, heads)
-                rest = parser.feed(view[pos:stop] if pos or stop < len(buf) else buf)
+                if pos or stop < len(buf):
+                    if view is None:
+                        view = memoryview(buf)
+                    rest = parser.feed(view[pos:stop])
+                else:
+                    rest = parser.feed(buf)
                 if self.closed:
                     return False
                 if parser.upgraded:
                     if streams:
-                        streams[-1].early_data = rest + view[stop:end] if stop < end else rest
+                        streams[-1].early_data = rest + buf[stop:end] if stop < end else rest
                     return True
                 pos = stop
         except DownstreamProtocolError as exc:

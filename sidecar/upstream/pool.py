@@ -51,7 +51,8 @@ class Pool:
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
         self.identify = identify  # transport -> the peer's SPIFFE ID (mTLS), once per connection
-        # upstream connections read into one buffer (one callback at a time on the loop)
+        # TLS upstream connections decrypt into one buffer (one callback at a time on the loop;
+        # a plain one gets its reads as bytes: UpstreamConnection)
         self.read_buffer = read_buffer if read_buffer is not None else bytearray(64 * 1024)
         self.read_view = memoryview(self.read_buffer)  # made once (see ListenerContext.read_view)
         self._on_connect_failure = on_connect_failure

@@ -27,15 +27,37 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
-__all__ = ["TlsProtocol"]
+__all__ = ["ConnectionApp", "TlsProtocol"]
 
 _EOF: Final = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
 
 
+class ConnectionApp(Protocol):
+    """The connection a ``TlsProtocol`` carries: an asyncio protocol (``UpstreamConnection``,
+    ``DownstreamConnection``) that also reads into a buffer of its own, where records are
+    decrypted. The connections are ``asyncio.Protocol``s, not ``BufferedProtocol``s: on a
+    plain connection uvloop then hands over each read as bytes, one callback and no view (see
+    ``DownstreamConnection``)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+
+    def connection_lost(self, exc: Exception | None) -> None: ...
+
+    def eof_received(self) -> bool | None: ...
+
+    def pause_writing(self) -> None: ...
+
+    def resume_writing(self) -> None: ...
+
+    def get_buffer(self, sizehint: int) -> bytearray: ...
+
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+
 class TlsProtocol(asyncio.Protocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop, app: asyncio.BufferedProtocol,
+    def __init__(self, loop: asyncio.AbstractEventLoop, app: ConnectionApp,
                  context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None,
                  handshake_timeout: float, on_handshake: Callable[[BaseException | None], None]) -> None:
         self._loop = loop
@@ -52,7 +74,7 @@ class TlsProtocol(asyncio.Protocol):
         self._pending: Callable[[], int] = native.pending
         self._incoming_write = self._incoming.write
         self._outgoing_read = self._outgoing.read
-        self._app_get_buffer = cast(Callable[[int], bytearray], app.get_buffer)
+        self._app_get_buffer = app.get_buffer
         self._app_buffer_updated = app.buffer_updated
         self._handshake_timeout = handshake_timeout
         self._on_handshake: Callable[[BaseException | None], None] | None = on_handshake

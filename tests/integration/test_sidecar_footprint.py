@@ -3,12 +3,17 @@ it never imports aiohttp, and a feature that is not configured is not imported."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import httptools
+import pytest
+
 from sidecar import compiled
+from sidecar.heap import keep_heap_slack
 from tests.helpers.pki import make_test_pki
 from tests.integration.test_mtls import inbound_sidecar
 from tests.helpers.sidecar_process import SidecarProcess
@@ -89,3 +94,76 @@ async def test_the_ready_line_says_which_form_of_the_hot_path_runs(tmp_path: Pat
     assert ready["hot_path"] == expected
     assert ("pipeline.cpython" in maps) == (expected == "compiled")
     assert not sc.events("compiled_form_stale")
+
+
+class _BulkUpstream(asyncio.Protocol):
+    """Answers a GET with ``body`` and a POST, once its body has come, with ``ok``."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        assert self.transport is not None
+        body = self.body if self.parser.get_method() == b"GET" else b"ok"
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+        self.transport.write(body)
+
+
+def _minor_faults(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+async def _relay(port: int, method: bytes, body: bytes, times: int) -> int:
+    """``times`` requests on one connection; the response bytes read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    got = 0
+    for _ in range(times):
+        writer.write(b"%s / HTTP/1.1\r\nhost: orders\r\ncontent-length: %d\r\n\r\n" % (method, len(body)))
+        writer.write(body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while length:
+            chunk = await reader.read(min(length, 1 << 20))
+            assert chunk, "the sidecar closed mid-body"
+            length -= len(chunk)
+            got += len(chunk)
+    writer.close()
+    return got
+
+
+@pytest.mark.skipif(not keep_heap_slack(), reason="glibc's mallopt is not here")
+async def test_a_large_body_relayed_does_not_grow_the_heap_at_every_read(tmp_path: Path) -> None:
+    """A plain connection's reads arrive as bytes objects of up to 256 KiB, and the parser
+    copies a body out of each: without the heap's top pad (sidecar/heap.py) glibc gave the
+    memory back after every read and took fresh pages for the next, ~500 page faults and
+    three times the CPU a MiB relayed. Both ways: a download (the upstream connection reads)
+    and an upload (the downstream one)."""
+    mib = 16
+    body = b"x" * (mib << 20)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _BulkUpstream(body), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        boot = {"service": "orders", "app": f"127.0.0.1:{port}",
+                "listeners": {"inbound": {"address": "127.0.0.1:0", "tls": False}}}
+        async with SidecarProcess(tmp_path, bootstrap=boot, mesh={"services": {"orders": {}}}) as sc:
+            assert sc.proc is not None
+            inbound = sc.ports["inbound"]
+            for method, payload in ((b"GET", b""), (b"POST", body)):
+                await _relay(inbound, method, payload, 1)  # the heap grows once, to its working size
+                before = _minor_faults(sc.proc.pid)
+                got = await _relay(inbound, method, payload, 4)
+                faults = _minor_faults(sc.proc.pid) - before
+                assert got == (4 * len(body) if method == b"GET" else 8)
+                assert faults < 4 * mib * 10, f"{method.decode()}: {faults} page faults for {4 * mib} MiB"
+    finally:
+        server.close()
+        await server.wait_closed()
