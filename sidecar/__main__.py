@@ -154,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import uvloop
 
-    from .heap import keep_heap_slack
     from .observability.log_writer import LogOutputs
     from .observability.logging import configure_logging
 
@@ -169,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         sidecar = Sidecar(bootstrap, mesh, tls_source=tls_source, server_tls=server_tls, logs=logs)
         await outcome.serve(sidecar)
 
-    keep_heap_slack()  # before the loop's first read (sidecar/heap.py)
     try:
         uvloop.run(run())
     except ConfigError as exc:  # found while compiling the first snapshot (key files, schemas)
@@ -191,7 +189,6 @@ def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
 
     from certs.pem import PemError
 
-    from .heap import keep_heap_slack
     from .observability.log_writer import LogOutputs
     from .observability.logging import configure_logging
 
@@ -238,7 +235,6 @@ def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
                           logs=logs, origin=held.origin, control=ControlSetup(held.state, held.node))
         await outcome.serve(sidecar)
 
-    keep_heap_slack()  # before the loop's first read (sidecar/heap.py)
     try:
         uvloop.run(run())
     except ConfigError as exc:

@@ -6,28 +6,43 @@ half a megabyte is allocated and freed per read. glibc gives the top of its heap
 kernel (``brk``) once more than ``M_TRIM_THRESHOLD`` is free there, so each read grew the heap
 again (three ``brk`` calls a read, strace) and touched fresh, zero-filled pages: relaying a
 large body cost the sidecar 1.1-1.25 ms of CPU per MiB. With ``M_TOP_PAD`` the heap keeps
-4 MiB at its top across trims, and the same pages serve the next read: 0.23 ms per MiB
-(and 0.31-0.39 when the connections read into a buffer of their own; bench/README.md).
+4 MiB at its top across trims, and the same pages serve the next read: 0.31-0.39 ms per MiB,
+as when the connections read into a buffer of their own (bench/README.md).
 
-A process-wide setting of the C library, so the process's entry point (``__main__``) makes
-it once. Not glibc (musl, macOS): ``mallopt`` is missing or a no-op, nothing changes.
+Set at the first large read, not at start: a pad kept from start-up on cost a sidecar that
+only ever sees small requests 1.5 MB of RSS (and ``ctypes`` 0.4 MB more), for nothing. A
+process-wide setting of the C library: setting it again is the same setting, so a
+connection reading a large body sets it without asking whether another did. Not glibc
+(musl, macOS): ``mallopt`` is missing or a no-op, nothing changes.
 """
 
 from __future__ import annotations
 
-import ctypes
+from collections.abc import Callable
+from functools import cache
 from typing import Final
 
-__all__ = ["HEAP_TOP_PAD", "keep_heap_slack"]
+__all__ = ["HEAP_TOP_PAD", "LARGE_READ", "keep_heap_slack"]
 
 HEAP_TOP_PAD: Final = 4 << 20  # two reads' allocations with room: 2 MiB was enough, 1 MiB not
+LARGE_READ: Final = 64 * 1024  # a read this large is a body being relayed (a head is < 64 KiB)
 _M_TOP_PAD: Final = -2  # glibc's malloc.h
 
 
-def keep_heap_slack(nbytes: int = HEAP_TOP_PAD) -> bool:
-    """Keep ``nbytes`` at the heap's top when glibc trims it; False where that cannot be set."""
+@cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    import ctypes  # here: a sidecar that relays no large body never loads it
+
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        mallopt: Callable[[int, int], int] = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_TOP_PAD, nbytes))
+        return None
+    return mallopt
+
+
+def keep_heap_slack(nbytes: int = HEAP_TOP_PAD) -> bool:
+    """Keep ``nbytes`` at the heap's top when glibc trims it; False where that cannot be set.
+    A connection calls it for each read of ``LARGE_READ`` bytes or more (~1 µs, against the
+    tens a read that large costs)."""
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_TOP_PAD, nbytes))

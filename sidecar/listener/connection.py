@@ -26,6 +26,7 @@ from ..http.message import RequestHead
 from ..http.request_parser import RequestParser
 from ..http.writer import header_line, local_reply
 from ..deadline import Deadline
+from ..heap import LARGE_READ, keep_heap_slack
 from .stream import Stream
 
 if TYPE_CHECKING:
@@ -183,7 +184,10 @@ class DownstreamConnection(asyncio.Protocol):
         self._received(self.ctx.read_buffer, nbytes)
 
     def data_received(self, data: bytes) -> None:
-        self._received(data, len(data))
+        n = len(data)
+        if n >= LARGE_READ:
+            keep_heap_slack()  # a large body: its reads are large allocations (sidecar/heap.py)
+        self._received(data, n)
 
     def _received(self, buf: bytes | bytearray, n: int) -> None:
         """``buf[:n]`` arrived; ``buf`` may be the shared read buffer: whatever outlives this

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from ..deadline import Deadline
+from ..heap import LARGE_READ, keep_heap_slack
 from ..errors import ProxyError, UpstreamReset
 from ..http.message import ResponseHead
 from ..http.response_parser import ResponseParser
@@ -140,6 +141,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             listener.on_tunnel_data(bytes(data))
             return
+        if len(data) >= LARGE_READ:
+            keep_heap_slack()  # a large body: its reads are large allocations (sidecar/heap.py)
         parser = self.parser
         assert parser is not None
         listener.cork()
