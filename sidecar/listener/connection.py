@@ -37,6 +37,7 @@ __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
 LINGER_SECONDS: Final = 2.0  # how long a closing connection keeps reading what the client still sends
 LINGER_BYTES: Final = 64 * 1024 * 1024  # ... and how much of it, at most (time is the real bound)
 MIN_HEAD: Final = len(b"GET / HTTP/1.0\r\n\r\n")  # the shortest request head llhttp accepts
+TLS_READ_SIZE: Final = 256 * 1024  # a TLS listener's shared read buffer (made by its Listener)
 # Bound once: compiled, ``time.monotonic()`` reads the module's attribute at every call
 # (~190 instructions); a Final is a C static.
 _MONOTONIC: Final = time.monotonic
@@ -72,10 +73,12 @@ class ListenerContext:
     scheme: bytes = b"http"
     peer_identity: Callable[[asyncio.Transport], str | None] | None = None
     connections: int = 0
-    # Every TLS connection of the listener decrypts into this one buffer: the loop runs one
-    # callback at a time and the parser consumes a read before returning. A plain connection
-    # gets its reads as bytes (``DownstreamConnection``, as ``UpstreamConnection``).
-    read_buffer: bytearray = field(default_factory=lambda: bytearray(256 * 1024))
+    # Every TLS connection of the listener decrypts into this one buffer, which a TLS
+    # ``Listener`` makes (``TLS_READ_SIZE``): the loop runs one callback at a time and the
+    # parser consumes a read before returning. A plain listener's stays empty (256 KiB less
+    # RSS): its connections get their reads as bytes (``DownstreamConnection``, as
+    # ``UpstreamConnection``).
+    read_buffer: bytearray = field(default_factory=bytearray)
 
 
 class DownstreamConnection(asyncio.Protocol):
@@ -93,10 +96,10 @@ class DownstreamConnection(asyncio.Protocol):
         # on every call (~150 instructions, callgrind); let go with the transport
         self._send: Callable[[bytes], object] | None = None
         self.parser = RequestParser(self, ctx.limits)
-        # a view of the listener's read buffer, made once a connection: compiled,
+        # a view of a TLS listener's read buffer, made once a connection: compiled,
         # ``memoryview(buf)`` is a builtin looked up by name and a type call (~900
         # instructions) at every read, where a slice of this one is only the slice
-        self._read_view = memoryview(ctx.read_buffer)
+        self._read_view = memoryview(ctx.read_buffer) if ctx.read_buffer else None
         self.client = "-"
         self.peer_identity: str | None = None
         # what goes upstream in x-forwarded-for and x-pake-peer-identity (whole header lines
