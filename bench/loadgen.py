@@ -30,7 +30,7 @@ import httptools
 import uvloop
 
 __all__ = [
-    "ClosedLoopResult", "OpenLoopResult", "build_request", "lua_headers", "open_loop",
+    "ClosedLoopResult", "OpenLoopResult", "build_request", "lua_headers", "open_loop", "requests_in_turn",
     "percentile", "python_closed_loop", "run_wrk", "parse_wrk",
 ]
 
@@ -307,16 +307,17 @@ def open_loop(port: int, *, rate: float, duration: float, connections: int,
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             socks.append(s)
-        _warm(socks, request, warmup_per_connection)
+        requests_in_turn(socks, request, warmup_per_connection)
         return _open_loop_measure(socks, request, rate, duration, total)
     finally:
         for s in socks:
             s.close()
 
 
-def _warm(socks: list[socket.socket], request: bytes, rounds: int) -> None:
-    """A few closed-loop requests per connection so the proxies' upstream pools are filled;
-    fails on the first answer that is not 2xx/3xx, with what it said."""
+def requests_in_turn(socks: list[socket.socket], request: bytes, rounds: int) -> None:
+    """One request per connection at a time, ``rounds`` times (the open loop's warm-up fills the
+    proxies' upstream pools so; ``bench.instructions`` counts a known number of exchanges); fails
+    on the first answer that is not 2xx/3xx, with what it said."""
 
     class _Response:
         def __init__(self) -> None:
@@ -338,11 +339,11 @@ def _warm(socks: list[socket.socket], request: bytes, rounds: int) -> None:
             while not response.done:
                 data = s.recv(65536)
                 if not data:
-                    raise ConnectionError("connection closed during the open-loop warm-up")
+                    raise ConnectionError("connection closed before the response")
                 parser.feed_data(data)
             status = parser.get_status_code()
             if not 200 <= status < 400:
-                raise ConnectionError(f"open-loop warm-up got {status}: {response.body[:200]!r}")
+                raise ConnectionError(f"got {status}: {response.body[:200]!r}")
 
 
 def _open_loop_measure(socks: list[socket.socket], request: bytes, rate: float, duration: float,

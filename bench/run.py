@@ -27,7 +27,10 @@ Per path:
 With ``--fanout`` (``make bench`` sets it) it then measures the control plane's push fan-out
 (``bench/fanout.py``), into the results' ``fanout`` key; then (unless ``--quick`` or ``--no-discovery``) the
 time from a new endpoint registering to the first request routed to it (``bench/discovery.py``),
-into ``discovery``.
+into ``discovery``; then (unless ``--quick`` or ``--no-instructions``, and when valgrind is
+installed) the instructions an exchange costs one sidecar of the measured paths, counted by
+callgrind (``bench/instructions.py``: the figure that tells a 1% change from noise), into
+``instructions``.
 
 It prints a table, the checks and the targets (issue 11's, issue 2's added latency, issue 10's
 tracing cost: PASS/MISS, marked noisy when other processes used the CPU) and writes
@@ -57,7 +60,7 @@ from typing import Any, Callable, Literal
 
 from sidecar import compiled
 
-from . import discovery, fanout, haproxy, sidecars
+from . import discovery, fanout, haproxy, instructions, sidecars
 from .loadgen import ClosedLoopResult, lua_headers, open_loop, python_closed_loop, run_wrk, wrk_version
 from .procs import CLK_TCK, Proc, Processes, StartError, cpu_ticks, memory_kb
 
@@ -112,6 +115,10 @@ class Ctx:
     workdir: Path
     upstream_port: int
     shared: dict[str, Any]  # lazily made things shared by paths (the mTLS certificates)
+    # a sidecar's name ("sidecar-a", "sidecar-b") -> the command it runs under (callgrind for
+    # bench/instructions.py), and how long a sidecar may take to be ready
+    wrap: dict[str, list[str]] = field(default_factory=dict)
+    start_timeout: float = 15.0
 
     def mtls(self) -> sidecars.MtlsMaterial:
         if "mtls" not in self.shared:
@@ -140,7 +147,7 @@ def _start_direct(ctx: Ctx) -> Started:
 
 
 def _sidecar(ctx: Ctx, files: sidecars.SidecarFiles, role: str) -> tuple[Proxy, dict[str, int]]:
-    proc, ports = sidecars.start(ctx.procs, files, ctx.workdir)
+    proc, ports = sidecars.start(ctx.procs, files, ctx.workdir, ctx.start_timeout, ctx.wrap.get(files.name, []))
     return Proxy(role, "sidecar", proc, ports.get("admin")), ports
 
 
@@ -960,6 +967,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the discovery latency (bench/discovery.py: registered -> first request routed, ~20 s); "
              "on by default, off with --quick")
     discovery.add_arguments(p, prefix="discovery-")
+    add("--instructions", action=argparse.BooleanOptionalAction, default=None,
+        help="instructions an exchange, counted by callgrind on one sidecar of a few paths "
+             "(bench/instructions.py, ~1 min): on by default when valgrind is installed, off with --quick")
+    instructions.add_arguments(p, prefix="instructions-")
+    add("--instructions-baseline", type=Path, default=None,
+        help="a previous results JSON: the counts are shown beside its counts")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.connections < 1 or args.open_loop_connections < 1 or args.rate <= 0:
         p.error("--repeat, --connections, --open-loop-connections and --rate must be positive")
@@ -1056,9 +1069,19 @@ def main(argv: list[str] | None = None) -> int:
     fanout_settings = fanout.settings_from(args, prefix="fanout-") if args.fanout else None
     on = args.discovery if args.discovery is not None else not args.quick
     discovery_settings = discovery.settings_from(args, prefix="discovery-") if on else None
+    count_instructions = args.instructions if args.instructions is not None else not args.quick
+    cannot_count = instructions.available() if count_instructions else None
+    if cannot_count:
+        log(f"instructions an exchange: not counted, {cannot_count}")
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         results = run_all(settings, paths, log)
+        measured = {spec.key for spec in paths}  # what --paths and --mtls chose
+        if count_instructions and not cannot_count:
+            log("\n[instructions] callgrind on one sidecar at a time")
+            results["instructions"] = instructions.run_counts(
+                [c for c in instructions.COUNTS if c.profile in profiles and c.path in measured], requests=args.instructions_requests,
+                warmup=args.instructions_warmup, script=script, log=log)
         if fanout_settings is not None:
             log("\n[fan-out] the control plane's push to simulated sidecars")
             results["fanout"] = fanout.run(fanout_settings, log)
@@ -1081,12 +1104,17 @@ def main(argv: list[str] | None = None) -> int:
     if "discovery" in results:
         print()
         print(discovery.render(results["discovery"]))
+    if "instructions" in results:
+        print()
+        baseline = (instructions.baseline_counts(args.instructions_baseline)
+                    if args.instructions_baseline else None)
+        print(instructions.render(results["instructions"], baseline))
     for name, text in results.get("micro", {}).items():
         print(f"\n{name}:\n{text.rstrip()}")
     settings.output.parent.mkdir(parents=True, exist_ok=True)
     settings.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nwrote {settings.output}")
-    return 1 if results["errors"] else 0
+    return 1 if results["errors"] or results.get("instructions", {}).get("errors") else 0
 
 
 if __name__ == "__main__":

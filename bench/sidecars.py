@@ -215,14 +215,15 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
 
 
-def start(procs: Processes, files: SidecarFiles, workdir: Path,
-          timeout: float = 15.0) -> tuple[Proc, dict[str, int]]:
-    """Write the configs into workdir/<name>/, start the sidecar, wait for its ready line."""
+def start(procs: Processes, files: SidecarFiles, workdir: Path, timeout: float = 15.0,
+          wrap: list[str] | None = None) -> tuple[Proc, dict[str, int]]:
+    """Write the configs into workdir/<name>/, start the sidecar (under ``wrap``'s command, if
+    given: valgrind), wait for its ready line."""
     d = workdir / files.name
     d.mkdir(parents=True, exist_ok=True)
     (d / "sidecar.yaml").write_text(yaml.safe_dump(files.bootstrap, sort_keys=False))
     (d / "mesh.yaml").write_text(yaml.safe_dump(files.mesh, sort_keys=False))
-    proc = procs.start(files.name, argv(d / "sidecar.yaml"), cwd=d, env=env())
+    proc = procs.start(files.name, [*(wrap or []), *argv(d / "sidecar.yaml")], cwd=d, env=env())
     ready = proc.wait_for_stdout(json_event("ready"), timeout)
     assert isinstance(ready, dict)
     ports = {k: int(v) for k, v in dict(ready.get("ports", {})).items()}

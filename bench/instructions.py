@@ -1,0 +1,226 @@
+"""``python -m bench.instructions``: instructions an exchange costs one sidecar of a bench path,
+counted by callgrind.
+
+req/s and CPU µs on a shared 2-core machine move by ±10% between identical runs, so a change
+of 1-4% cannot be judged from them. An instruction count can: the same code counts within
+~0.5% from run to run. For each ``Count``, the path's processes start as ``bench.run`` starts
+them, with one sidecar under ``valgrind --tool=callgrind --instr-atstart=no`` (so start-up runs
+uncounted and quicker). One keep-alive connection sends ``--warmup`` requests, then counting is
+switched on (``callgrind_control -i on``), ``--requests`` requests are sent one at a time, and
+the counts are dumped (``callgrind_control -d``). Every thread of the sidecar counts (the log
+writer's included). The kernel's share is not counted, nor the other processes'.
+
+``make bench`` runs it when valgrind is installed (``apt-get install -y valgrind``) and prints
+the table; ``--baseline results.json`` (a previous run's, or ``bench/results.json``) adds how
+each count moved. Counting slows the sidecar ~50x: the default counts take ~2 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .loadgen import build_request, lua_headers, requests_in_turn
+from .procs import Processes, StartError
+
+__all__ = ["COUNTS", "Count", "available", "baseline_counts", "count_one", "main", "read_total", "render", "run_counts"]
+
+
+@dataclass(frozen=True)
+class Count:
+    """One figure: a bench path, the sidecar in it that is counted, a traffic profile."""
+
+    path: str  # a bench path key (bench/run.py)
+    sidecar: str  # "sidecar-a" (outbound) or "sidecar-b" (inbound; the one of a one-hop path)
+    profile: str  # tiny / realistic
+
+    @property
+    def key(self) -> str:
+        return f"{self.profile}/{self.path}/{self.sidecar}"
+
+
+# one plain hop on both profiles; both sides of the mTLS pair; the inbound side with RBAC, audit
+# and access logs (the policy path's extra cost is all on B but A's access log)
+COUNTS = (
+    Count("sidecar-1", "sidecar-b", "tiny"),
+    Count("sidecar-1", "sidecar-b", "realistic"),
+    Count("sidecar-2-mtls", "sidecar-a", "tiny"),
+    Count("sidecar-2-mtls", "sidecar-b", "tiny"),
+    Count("sidecar-2-mtls-policy", "sidecar-b", "tiny"),
+)
+
+# under callgrind a sidecar starts in ~5-10 s; a loaded machine can take several times that
+START_TIMEOUT = 120.0
+
+
+def available() -> str | None:
+    """Why counting cannot run here, or None."""
+    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
+    return f"{' and '.join(missing)} not installed (apt-get install -y valgrind)" if missing else None
+
+
+def read_total(dump: Path) -> int:
+    """The instructions (Ir) a callgrind dump holds: its ``summary:`` line (``totals:`` in some
+    versions' dumps, the same figure)."""
+    for line in dump.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise ValueError(f"{dump}: no summary or totals line: not a callgrind dump")
+
+
+def _control(*args: str) -> None:
+    done = subprocess.run(["callgrind_control", *args], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"callgrind_control {' '.join(args)} failed: {(done.stderr or done.stdout).strip()}")
+
+
+def _dumped(out: Path, timeout: float = 60.0) -> Path:
+    """The dump ``callgrind_control -d`` asked for: ``<out>.1``, once callgrind has written it."""
+    dump = out.with_name(out.name + ".1")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            read_total(dump)  # whole: the summary line is the last written
+            return dump
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"callgrind wrote no dump to {dump} in {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+def count_one(count: Count, *, requests: int, warmup: int, script: Path, workdir: Path) -> dict[str, Any]:
+    """Start the path with ``count.sidecar`` under callgrind; the instructions of ``requests``
+    exchanges on one connection, after ``warmup`` uncounted ones."""
+    from . import run  # here: bench.run imports this module for `make bench`
+
+    specs = {s.key: s for s in run.PATHS + run.MTLS_PATHS}
+    spec = specs[count.path]
+    out = workdir / "callgrind.out"
+    # PYTHONHASHSEED fixed: a dict's probes depend on the string hashes, a few hundred
+    # instructions an exchange that would otherwise differ from run to run
+    wrap = ["env", "PYTHONHASHSEED=0", "valgrind", "--tool=callgrind", "--instr-atstart=no",
+            "--dump-instr=no", f"--callgrind-out-file={out}"]
+    headers = lua_headers(script) if count.profile == "realistic" else []
+    procs = Processes(workdir)
+    try:
+        _, upstream_port = run.start_upstream(procs, count.profile)
+        ctx = run.Ctx(procs, workdir, upstream_port, {"root": workdir}, wrap={count.sidecar: wrap},
+                      start_timeout=START_TIMEOUT)
+        started = spec.start(ctx)
+        counted = next((p for p in started.proxies if p.proc.name == count.sidecar), None)
+        if counted is None:
+            raise ValueError(f"the path {count.path} has no {count.sidecar}")
+        request = build_request(started.port, headers)
+        with socket.create_connection(("127.0.0.1", started.port), timeout=60) as sock:
+            requests_in_turn([sock], request, warmup)
+            _control("-i", "on", str(counted.proc.pid))
+            t0 = time.monotonic()
+            requests_in_turn([sock], request, requests)
+            took = time.monotonic() - t0
+            _control("-d", str(counted.proc.pid))
+        total = read_total(_dumped(out))
+    finally:
+        procs.stop_all()
+    return {**asdict(count), "requests": requests, "warmup": warmup, "instructions": total,
+            "per_exchange": round(total / requests), "seconds": round(took, 1)}
+
+
+def run_counts(counts: list[Count], *, requests: int, warmup: int, script: Path,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Every count in turn, with progress; a count that fails is an error entry, the rest go on."""
+    results: dict[str, Any] = {"requests": requests, "warmup": warmup, "counts": [], "errors": []}
+    with tempfile.TemporaryDirectory(prefix="pake-instructions-") as tmp:
+        for i, count in enumerate(counts, 1):
+            log(f"[instructions {i}/{len(counts)}] {count.profile}: {count.path}, {count.sidecar} under callgrind …")
+            workdir = Path(tmp) / f"{i}"
+            workdir.mkdir()
+            try:
+                entry = count_one(count, requests=requests, warmup=warmup, script=script, workdir=workdir)
+            except (StartError, RuntimeError, OSError, ValueError) as exc:
+                results["errors"].append({**asdict(count), "error": f"{type(exc).__name__}: {exc}"})
+                log(f"    failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                continue
+            results["counts"].append(entry)
+            log(f"    {entry['per_exchange'] / 1000:.1f}k instructions an exchange ({entry['seconds']} s counted)")
+    return results
+
+
+def baseline_counts(path: Path) -> dict[str, int]:
+    """key -> instructions an exchange, from a bench results file or this module's own output."""
+    data = json.loads(path.read_text())
+    section = data.get("instructions", data)
+    return {Count(c["path"], c["sidecar"], c["profile"]).key: int(c["per_exchange"])
+            for c in section.get("counts", [])}
+
+
+def render(results: dict[str, Any], baseline: dict[str, int] | None = None) -> str:
+    lines = [f"instructions an exchange (callgrind: {results['requests']} requests on one connection "
+             f"after {results['warmup']} uncounted; the sidecar's every thread, not the kernel)"]
+    rows = [["profile", "path", "sidecar", "instructions"] + (["vs baseline"] if baseline is not None else [])]
+    for c in results["counts"]:
+        row = [c["profile"], c["path"], c["sidecar"], f"{c['per_exchange'] / 1000:.1f}k"]
+        if baseline is not None:
+            before = baseline.get(Count(c["path"], c["sidecar"], c["profile"]).key)
+            row.append(f"{before / 1000:.1f}k → {(c['per_exchange'] - before) / before:+.1%}" if before else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"failed: {e['profile']}/{e['path']}/{e['sidecar']}: {e['error'].splitlines()[0]}"
+              for e in results["errors"]]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}requests", type=int, default=2000, help="counted requests per figure (default 2000)")
+    p.add_argument(f"--{prefix}warmup", type=int, default=300, help="uncounted requests first (default 300)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import run
+
+    p = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    p.add_argument("--count", action="append", metavar="PROFILE/PATH/SIDECAR",
+                   help="what to count, e.g. tiny/sidecar-2-mtls/sidecar-b (repeatable; default: "
+                        + ", ".join(c.key for c in COUNTS) + ")")
+    p.add_argument("--baseline", type=Path, help="a previous results JSON to compare with")
+    p.add_argument("--output", type=Path, help="write the results JSON here")
+    p.add_argument("--realistic-script", type=Path, default=run.DEFAULT_SCRIPT)
+    args = p.parse_args(argv)
+    if args.requests < 1 or args.warmup < 0:
+        p.error("--requests must be positive and --warmup not negative")
+    counts = list(COUNTS)
+    if args.count:
+        counts = []
+        paths = {s.key for s in run.PATHS + run.MTLS_PATHS}
+        for text in args.count:
+            parts = text.split("/")
+            if (len(parts) != 3 or parts[0] not in run.PROFILES or parts[1] not in paths
+                    or parts[2] not in ("sidecar-a", "sidecar-b")):
+                p.error(f"--count {text}: want PROFILE/PATH/SIDECAR, e.g. tiny/sidecar-2-mtls/sidecar-b")
+            counts.append(Count(parts[1], parts[2], parts[0]))
+    why = available()
+    if why:
+        print(f"bench.instructions: {why}", file=sys.stderr)
+        return 2
+    baseline = baseline_counts(args.baseline) if args.baseline else None
+    results = run_counts(counts, requests=args.requests, warmup=args.warmup, script=args.realistic_script,
+                         log=lambda msg: print(msg, flush=True))
+    print()
+    print(render(results, baseline))
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

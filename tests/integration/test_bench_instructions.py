@@ -1,0 +1,58 @@
+"""`python -m bench.instructions` against the real sidecar under valgrind: the count is per
+exchange (start-up and warm-up left out) and sees what an exchange costs.
+
+Needs valgrind: CI installs it (.ci/run), so there a missing valgrind fails the test; elsewhere
+it is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import instructions
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    why = instructions.available()
+    if why:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
+    out = tmp_path_factory.mktemp("instructions")
+
+    def count(requests: int, *keys: str) -> tuple[dict[str, int], str]:
+        path = out / f"{requests}.json"
+        proc = subprocess.run([sys.executable, "-m", "bench.instructions", "--requests", str(requests),
+                               "--warmup", "50", "--output", str(path), *(f"--count={k}" for k in keys)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        counts = json.loads(path.read_text())["counts"]
+        return {f"{c['profile']}/{c['path']}/{c['sidecar']}": c["per_exchange"] for c in counts}, proc.stdout
+
+    few, _ = count(150, "tiny/sidecar-1/sidecar-b")
+    many, table = count(450, "tiny/sidecar-1/sidecar-b", "realistic/sidecar-1/sidecar-b")
+    return {"few": few, "many": many, "table": table}
+
+
+def test_the_count_is_per_exchange_not_start_up(counted: dict[str, Any]) -> None:
+    few, many = counted["few"]["tiny/sidecar-1/sidecar-b"], counted["many"]["tiny/sidecar-1/sidecar-b"]
+    # an exchange through one hop is tens of thousands of instructions; the start-up (hundreds
+    # of millions) would show as 1M+ an exchange if it were counted
+    assert 10_000 < few < 300_000
+    # three times the requests, the same figure: nothing but exchanges is in it
+    assert abs(many - few) / few < 0.03, (few, many)
+
+
+def test_the_count_sees_what_an_exchange_costs(counted: dict[str, Any]) -> None:
+    many = counted["many"]
+    # the realistic profile's request has 12 header lines more, its response a larger body
+    assert many["realistic/sidecar-1/sidecar-b"] > 1.3 * many["tiny/sidecar-1/sidecar-b"]
+    assert "realistic  sidecar-1  sidecar-b" in counted["table"]
