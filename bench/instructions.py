@@ -97,9 +97,11 @@ def _dumped(out: Path, timeout: float = 60.0) -> Path:
             time.sleep(0.2)
 
 
-def count_one(count: Count, *, requests: int, warmup: int, script: Path, workdir: Path) -> dict[str, Any]:
+def count_one(count: Count, *, requests: int, warmup: int, script: Path, workdir: Path,
+              keep: Path | None = None) -> dict[str, Any]:
     """Start the path with ``count.sidecar`` under callgrind; the instructions of ``requests``
-    exchanges on one connection, after ``warmup`` uncounted ones."""
+    exchanges on one connection, after ``warmup`` uncounted ones. ``keep``: a directory to
+    copy the dump into, for ``callgrind_annotate``."""
     from . import run  # here: bench.run imports this module for `make bench`
 
     specs = {s.key: s for s in run.PATHS + run.MTLS_PATHS}
@@ -127,7 +129,11 @@ def count_one(count: Count, *, requests: int, warmup: int, script: Path, workdir
             requests_in_turn([sock], request, requests)
             took = time.monotonic() - t0
             _control("-d", str(counted.proc.pid))
-        total = read_total(_dumped(out))
+        dump = _dumped(out)
+        total = read_total(dump)
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(dump, keep / f"{count.profile}-{count.path}-{count.sidecar}.callgrind")
     finally:
         procs.stop_all()
     return {**asdict(count), "requests": requests, "warmup": warmup, "instructions": total,
@@ -135,7 +141,7 @@ def count_one(count: Count, *, requests: int, warmup: int, script: Path, workdir
 
 
 def run_counts(counts: list[Count], *, requests: int, warmup: int, script: Path,
-               log: Callable[[str], None]) -> dict[str, Any]:
+               log: Callable[[str], None], keep: Path | None = None) -> dict[str, Any]:
     """Every count in turn, with progress; a count that fails is an error entry, the rest go on."""
     results: dict[str, Any] = {"requests": requests, "warmup": warmup, "counts": [], "errors": []}
     with tempfile.TemporaryDirectory(prefix="pake-instructions-") as tmp:
@@ -144,7 +150,8 @@ def run_counts(counts: list[Count], *, requests: int, warmup: int, script: Path,
             workdir = Path(tmp) / f"{i}"
             workdir.mkdir()
             try:
-                entry = count_one(count, requests=requests, warmup=warmup, script=script, workdir=workdir)
+                entry = count_one(count, requests=requests, warmup=warmup, script=script, workdir=workdir,
+                                  keep=keep)
             except (StartError, RuntimeError, OSError, ValueError) as exc:
                 results["errors"].append({**asdict(count), "error": f"{type(exc).__name__}: {exc}"})
                 log(f"    failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -194,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                         + ", ".join(c.key for c in COUNTS) + ")")
     p.add_argument("--baseline", type=Path, help="a previous results JSON to compare with")
     p.add_argument("--output", type=Path, help="write the results JSON here")
+    p.add_argument("--keep-dumps", type=Path, metavar="DIR",
+                   help="keep each count's callgrind dump here (PROFILE-PATH-SIDECAR.callgrind), to read with "
+                        "callgrind_annotate --inclusive=yes --tree=calling")
     p.add_argument("--realistic-script", type=Path, default=run.DEFAULT_SCRIPT)
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0:
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     baseline = baseline_counts(args.baseline) if args.baseline else None
     results = run_counts(counts, requests=args.requests, warmup=args.warmup, script=args.realistic_script,
-                         log=lambda msg: print(msg, flush=True))
+                         log=lambda msg: print(msg, flush=True), keep=args.keep_dumps)
     print()
     print(render(results, baseline))
     if args.output:

@@ -137,7 +137,8 @@ class Pipeline:
                 f"request body exceeds the {body_filter.max_body} bytes this route accepts").reply()
         else:
             try:
-                reply = body_filter.on_body(ex, b"".join(stream.pending))
+                pending = stream.pending  # None: no body came (none made a list)
+                reply = body_filter.on_body(ex, b"".join(pending) if pending is not None else b"")
             except Exception as exc:  # noqa: BLE001 - the edge: a filter bug becomes a 500
                 log.exception("body_filter_failed", request_id=ex.request_id, trace_id=ex.trace_id)
                 reply = rescue(exc)

@@ -430,6 +430,11 @@ async def test_validation_refuses_method_size_type_and_schema(tmp_path: Path,
                                       headers={**auth, "Content-Type": "application/json"})
                 assert not_json.status == 400 and not_json.json()["detail"] == "body is not valid JSON"
 
+                # no body at all, where the schema wants one
+                empty = await call(http, sc, "/api/orders", method="POST", data=b"",
+                                   headers={**auth, "Content-Type": "application/json"})
+                assert empty.status == 400 and empty.json()["detail"] == "a JSON body is required"
+
             # 413 closes the connection (the body is not read): one session per refusal
             async with aiohttp.ClientSession() as http:
                 big = await call(http, sc, "/api/orders", method="POST", data=b"x" * 2048,
@@ -446,9 +451,15 @@ async def test_validation_refuses_method_size_type_and_schema(tmp_path: Path,
                 + b"\r\n\r\n%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"))
             assert chunked.status == 413
             assert chunked.json()["detail"] == "request body exceeds the 1024 bytes this route accepts"
+            # a chunked body with no chunk: collected as the empty body it is, and checked
+            no_chunk = await raw_request(sc.ports["gateway"], (
+                b"POST /api/orders HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\nAuthorization: " + auth["Authorization"].encode()
+                + b"\r\n\r\n0\r\n\r\n"))
+            assert no_chunk.status == 400 and no_chunk.json()["detail"] == "body is not valid JSON"
 
     access = access_by_request(sc)
-    for reply in (method, media, schema, missing, not_json, big, chunked):
+    for reply in (method, media, schema, missing, not_json, empty, big, chunked, no_chunk):
         assert access[reply.request_id]["flags"] == "IV", reply.request_id
     assert access[good.request_id]["flags"] == "-"
 

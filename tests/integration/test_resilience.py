@@ -255,6 +255,29 @@ async def test_a_non_idempotent_post_is_not_retried_by_default_but_a_get_is(tmp_
     assert "URX" in by_path[("orders", "/status")]["flags"]
 
 
+async def test_a_body_within_max_replay_body_is_sent_again_whole_and_a_larger_one_is_not_retried(
+        tmp_path: Path) -> None:
+    async with FlakyUpstream(status_reply(503)) as up:
+        mesh = {"services": {"ledger": {
+            "endpoints": [up.address],
+            "routes": [{"retries": {"attempts": 1, "retry_non_idempotent": True,
+                                    "max_replay_body": "1KiB"}}], **OFF}}}
+        small, at_limit, large = b"s" * 200, b"l" * 1024, b"L" * 1025
+        async with SidecarProcess(tmp_path, bootstrap=BOOT, mesh=mesh) as sc, \
+                aiohttp.ClientSession() as http:
+            statuses = [(await call(http, sc, "ledger", f"/{n}", method="POST", data=body)).status
+                        for n, body in (("small", small), ("at-limit", at_limit), ("large", large),
+                                        ("empty", b""))]
+
+    assert statuses == [503] * 4
+    # the copy kept for a retry is the whole body, up to the bound; past it none is kept
+    assert [(r.path, r.attempt, r.body) for r in up.requests] == [
+        ("/small", 1, small), ("/small", 2, small), ("/at-limit", 1, at_limit), ("/at-limit", 2, at_limit),
+        ("/large", 1, large), ("/empty", 1, b""), ("/empty", 2, b"")]
+    attempts = {a["path"]: a["attempts"] for a in sc.events("access")}
+    assert attempts == {"/small": 2, "/at-limit": 2, "/large": 1, "/empty": 2}
+
+
 async def test_no_retry_once_the_response_started_but_a_reset_before_it_is_retried(
         tmp_path: Path) -> None:
     async with FlakyUpstream(lambda r: Truncate(200, declared=1000, sent=100)) as up, \

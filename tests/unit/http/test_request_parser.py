@@ -335,7 +335,7 @@ def test_a_header_name_with_an_underscore_is_refused_unless_allowed() -> None:
 @pytest.mark.parametrize(("value", "kept"), [
     (b"req-123", True), (b"!~", True), (b"a" * 128, True), (b"a" * 129, False), (b"", False),
     (b"has space", False), (b"tab\there", False), (b"del\x7f", False), (b"caf\xc3\xa9", False),
-    (b"line\n", False)])
+    (b"line\n", False), (b"nul\x00", False), (b"\x80", False), (b" ", False)])
 def test_a_callers_request_id_is_kept_only_when_short_and_printable(value: bytes, kept: bool) -> None:
     assert is_valid_request_id(value) is kept
 
