@@ -92,16 +92,18 @@ backend be
 
 def start(procs: Processes, name: str, workdir: Path, server_port: int, *,
           bind_tls: HaproxyTls | None = None, server_tls: HaproxyTls | None = None,
-          new_connections: bool = False, stats_socket: Path | None = None) -> tuple[Proc, int]:
-    """Start one HAProxy hop in front of server_port; returns the process and its listening port."""
+          new_connections: bool = False, stats_socket: Path | None = None,
+          wrap: list[str] | None = None, timeout: float = 10.0) -> tuple[Proc, int]:
+    """Start one HAProxy hop in front of server_port (under ``wrap``'s command, if given:
+    valgrind); returns the process and its listening port."""
     for attempt in range(3):  # free_port() can race with another program taking the port
         port = free_port()
         path = workdir / f"{name}.cfg"
         path.write_text(config(port, server_port, bind_tls=bind_tls, server_tls=server_tls,
                                new_connections=new_connections, stats_socket=stats_socket))
-        proc = procs.start(name, ["haproxy", "-db", "-f", str(path)], cwd=workdir)
+        proc = procs.start(name, [*(wrap or []), "haproxy", "-db", "-f", str(path)], cwd=workdir)
         try:
-            wait_for_port(proc, port)
+            wait_for_port(proc, port, timeout)
             return proc, port
         except Exception:
             procs.stop(proc)

@@ -28,9 +28,9 @@ With ``--fanout`` (``make bench`` sets it) it then measures the control plane's 
 (``bench/fanout.py``), into the results' ``fanout`` key; then (unless ``--quick`` or ``--no-discovery``) the
 time from a new endpoint registering to the first request routed to it (``bench/discovery.py``),
 into ``discovery``; then (unless ``--quick`` or ``--no-instructions``, and when valgrind is
-installed) the instructions an exchange costs one sidecar of the measured paths, counted by
-callgrind (``bench/instructions.py``: the figure that tells a 1% change from noise), into
-``instructions``.
+installed) the instructions an exchange costs one proxy of the measured paths (sidecars, and
+HAProxy in the same places), counted by callgrind (``bench/instructions.py``: the figure that
+tells a 1% change from noise), into ``instructions``.
 
 It prints a table, the checks and the targets (issue 11's, issue 2's added latency, issue 10's
 tracing cost: PASS/MISS, marked noisy when other processes used the CPU) and writes
@@ -115,8 +115,8 @@ class Ctx:
     workdir: Path
     upstream_port: int
     shared: dict[str, Any]  # lazily made things shared by paths (the mTLS certificates)
-    # a sidecar's name ("sidecar-a", "sidecar-b") -> the command it runs under (callgrind for
-    # bench/instructions.py), and how long a sidecar may take to be ready
+    # a proxy's name ("sidecar-a", "sidecar-b", "haproxy-1"...) -> the command it runs under
+    # (callgrind for bench/instructions.py), and how long a proxy may take to be ready
     wrap: dict[str, list[str]] = field(default_factory=dict)
     start_timeout: float = 15.0
 
@@ -236,7 +236,8 @@ def _start_haproxy(ctx: Ctx, hops: int, mtls: bool = False, new_connections: boo
             bind_tls=bind_tls if (mtls and last) else None,
             server_tls=server_tls if (mtls and first) else None,
             new_connections=new_connections and first,
-            stats_socket=stats if (new_connections and last) else None)
+            stats_socket=stats if (new_connections and last) else None,
+            wrap=ctx.wrap.get(f"haproxy-{i}"), timeout=ctx.start_timeout)
         proxies.insert(0, Proxy(f"haproxy {i}", "haproxy", proc))
         if mtls and last:
             checks = {"inbound_tls": sidecars.check_mtls(ctx.mtls(), port)}
@@ -968,8 +969,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
              "on by default, off with --quick")
     discovery.add_arguments(p, prefix="discovery-")
     add("--instructions", action=argparse.BooleanOptionalAction, default=None,
-        help="instructions an exchange, counted by callgrind on one sidecar of a few paths "
-             "(bench/instructions.py, ~1 min): on by default when valgrind is installed, off with --quick")
+        help="instructions an exchange, counted by callgrind on one proxy of a few paths, sidecars and "
+             "HAProxy (bench/instructions.py, ~1 min): on by default when valgrind is installed, off with --quick")
     instructions.add_arguments(p, prefix="instructions-")
     add("--instructions-baseline", type=Path, default=None,
         help="a previous results JSON: the counts are shown beside its counts")
@@ -1070,13 +1071,19 @@ def main(argv: list[str] | None = None) -> int:
     on = args.discovery if args.discovery is not None else not args.quick
     discovery_settings = discovery.settings_from(args, prefix="discovery-") if on else None
     count_instructions = args.instructions if args.instructions is not None else not args.quick
+    try:  # read now: a bad file is an error before the run, not after it
+        baseline = (instructions.baseline_counts(args.instructions_baseline)
+                    if args.instructions_baseline else None)
+    except ValueError as exc:
+        print(f"bench: --instructions-baseline {exc}", file=sys.stderr)
+        return 2
     cannot_count = instructions.available() if count_instructions else None
     if cannot_count:
         log(f"instructions an exchange: not counted, {cannot_count}")
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         results = run_all(settings, paths, log)
-        measured = {spec.key for spec in paths}  # what --paths and --mtls chose
+        measured = {spec.key for spec in paths}  # what --paths, --mtls and --no-haproxy chose
         if count_instructions and not cannot_count:
             log("\n[instructions] callgrind on one sidecar at a time")
             results["instructions"] = instructions.run_counts(
@@ -1106,8 +1113,6 @@ def main(argv: list[str] | None = None) -> int:
         print(discovery.render(results["discovery"]))
     if "instructions" in results:
         print()
-        baseline = (instructions.baseline_counts(args.instructions_baseline)
-                    if args.instructions_baseline else None)
         print(instructions.render(results["instructions"], baseline))
     for name, text in results.get("micro", {}).items():
         print(f"\n{name}:\n{text.rstrip()}")

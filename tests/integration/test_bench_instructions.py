@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def counted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         counts = json.loads(path.read_text())["counts"]
-        return {f"{c['profile']}/{c['path']}/{c['sidecar']}": c["per_exchange"] for c in counts}, proc.stdout
+        return {f"{c['profile']}/{c['path']}/{c['proxy']}": c["per_exchange"] for c in counts}, proc.stdout
 
     few, _ = count(150, "tiny/sidecar-1/sidecar-b")
     many, table = count(450, "tiny/sidecar-1/sidecar-b", "realistic/sidecar-1/sidecar-b")
@@ -56,3 +57,19 @@ def test_the_count_sees_what_an_exchange_costs(counted: dict[str, Any]) -> None:
     # the realistic profile's request has 12 header lines more, its response a larger body
     assert many["realistic/sidecar-1/sidecar-b"] > 1.3 * many["tiny/sidecar-1/sidecar-b"]
     assert "realistic  sidecar-1  sidecar-b" in counted["table"]
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+def test_haproxy_is_counted_in_the_same_place_and_the_sidecar_shown_beside_it(tmp_path: Path) -> None:
+    if instructions.available():
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(instructions.available() or "")
+    out = tmp_path / "counts.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.instructions", "--requests", "150", "--warmup", "50",
+                           "--count=tiny/sidecar-1/sidecar-b", "--count=tiny/haproxy-1/haproxy-1",
+                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = {c["proxy"]: c["per_exchange"] for c in json.loads(out.read_text())["counts"]}
+    # HAProxy's exchange is C only: thousands of instructions, fewer than the sidecar's
+    assert 3_000 < counts["haproxy-1"] < counts["sidecar-b"]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("tiny") and "sidecar-b" in line)
+    assert row.split()[-1] == f"{counts['sidecar-b'] / counts['haproxy-1']:.2f}×"
