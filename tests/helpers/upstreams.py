@@ -8,6 +8,7 @@ forwarded (re-serialised, never raw) and that a refused request reached nobody.
 from __future__ import annotations
 
 import asyncio
+from ssl import SSLContext
 
 import httptools
 
@@ -41,8 +42,10 @@ class _Conn(asyncio.Protocol):
 
 
 class RecordingUpstream:
-    def __init__(self, response: bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok") -> None:
+    def __init__(self, response: bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", *,
+                 ssl: SSLContext | None = None) -> None:
         self.response = response
+        self.ssl = ssl  # a server context: what a mesh peer's inbound receives, decrypted
         self.received = b""
         self.requests = 0
         self.connections = 0
@@ -59,7 +62,7 @@ class RecordingUpstream:
         # with the test's own clients, and a test that opens hundreds of TLS connections at once
         # can keep it from accepting for a while. With a full accept queue the kernel drops the
         # sidecar's SYN, and its retransmission (1 s) comes after the 1 s connect timeout.
-        self.server = await loop.create_server(lambda: _Conn(self), "127.0.0.1", 0, backlog=4096)
+        self.server = await loop.create_server(lambda: _Conn(self), "127.0.0.1", 0, backlog=4096, ssl=self.ssl)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 

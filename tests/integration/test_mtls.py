@@ -230,6 +230,28 @@ async def test_outbound_refuses_a_valid_mesh_peer_with_the_wrong_identity(tmp_pa
     assert billing_app.connections == 0  # the request never left the frontend
 
 
+async def test_a_mesh_peer_gets_the_mesh_headers_but_not_the_try_count_its_sidecar_drops(tmp_path: Path) -> None:
+    # What the outbound sends to echo's inbound, read as that inbound reads it (decrypted by a
+    # recorder presenting echo's identity). x-pake-attempts is the app's: echo's sidecar drops
+    # it as mesh-internal and sets its own; a plain (non-mesh) upstream gets it.
+    pki = make_test_pki(tmp_path / "pki", services=["echo", "frontend"])
+    async with RecordingUpstream(ssl=unchecked_context("server", pki.services["echo"])) as peer, \
+            RecordingUpstream() as plain:
+        services = {"echo": {"endpoints": [peer.address]},
+                    "legacy": {"endpoints": [plain.address], "tls": False}}
+        async with outbound_sidecar(tmp_path, pki.services["frontend"], services) as front, \
+                aiohttp.ClientSession() as http:
+            for host in ("echo", "legacy"):
+                async with http.get(front.url() + "/orders", headers={"Host": host}) as resp:
+                    assert resp.status == 200, await resp.text()
+    to_peer = peer.received.decode().lower()
+    assert to_peer.startswith("get /orders http/1.1\r\nhost: echo\r\n")
+    for header in ("x-request-id: ", "x-forwarded-for: 127.0.0.1\r\n", "x-forwarded-proto: http\r\n"):
+        assert header in to_peer, to_peer
+    assert "x-pake-attempts" not in to_peer and to_peer.endswith("\r\n\r\n")
+    assert "\r\nx-pake-attempts: 1\r\n\r\n" in plain.received.decode().lower()
+
+
 def test_a_closed_mtls_connection_frees_its_tls_state_when_it_closes(tmp_path: Path) -> None:
     """With a new connection per request (``pool: {max_idle: 0}``), each closed connection's
     TLS state (the TLS protocol with its memory BIOs, OpenSSL's SSL object) is freed
