@@ -165,7 +165,7 @@ class Stream:
     def detach(self) -> None:
         self.upstream = None
 
-    # === response (UpstreamListener) ======================================================
+    # === response (called by the UpstreamConnection) =======================================
     def cork(self) -> None:
         self.conn.cork()
 
