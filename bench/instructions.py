@@ -54,12 +54,13 @@ class Count:
 
 PROXIES = ("sidecar-a", "sidecar-b", "haproxy-1", "haproxy-2")
 
-# one plain hop on both profiles; both sides of the mTLS pair; the inbound side with RBAC, audit
-# and access logs (the policy path's extra cost is all on B but A's access log); HAProxy in the
-# same places
+# one plain hop on both profiles, and with its access log to a file (the log writer's thread
+# counts too); both sides of the mTLS pair; the inbound side with RBAC, audit and access logs
+# (the policy path's extra cost is all on B but A's access log); HAProxy in the same places
 COUNTS = (
     Count("sidecar-1", "sidecar-b", "tiny"),
     Count("sidecar-1", "sidecar-b", "realistic"),
+    Count("sidecar-1-log", "sidecar-b", "tiny"),
     Count("sidecar-2-mtls", "sidecar-a", "tiny"),
     Count("sidecar-2-mtls", "sidecar-b", "tiny"),
     Count("sidecar-2-mtls-policy", "sidecar-b", "tiny"),
@@ -73,6 +74,7 @@ COUNTS = (
 # nothing and enforces no policy: the ratio is what all of that and Python cost together)
 REFERENCE = {
     ("sidecar-1", "sidecar-b"): ("haproxy-1", "haproxy-1"),
+    ("sidecar-1-log", "sidecar-b"): ("haproxy-1", "haproxy-1"),
     ("sidecar-2-mtls", "sidecar-a"): ("haproxy-2-mtls", "haproxy-1"),
     ("sidecar-2-mtls", "sidecar-b"): ("haproxy-2-mtls", "haproxy-2"),
     ("sidecar-2-mtls-policy", "sidecar-b"): ("haproxy-2-mtls", "haproxy-2"),
