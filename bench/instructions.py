@@ -34,7 +34,8 @@ from typing import Any, Callable
 from .loadgen import build_request, lua_headers, requests_in_turn
 from .procs import Processes, StartError
 
-__all__ = ["COUNTS", "Count", "PROXIES", "REFERENCE", "available", "baseline_counts", "count_one", "main", "read_total", "render", "run_counts"]
+__all__ = ["COUNTS", "Count", "PROXIES", "REFERENCE", "available", "baseline_counts", "count_one", "main",
+           "read_total", "render", "run_counts"]
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,12 @@ def available() -> str | None:
 
 
 def read_total(dump: Path) -> int:
-    """The instructions (Ir) a callgrind dump holds: its ``summary:`` line (``totals:`` in some
-    versions' dumps, the same figure)."""
-    for line in dump.read_text(errors="replace").splitlines():
-        if line.startswith(("summary:", "totals:")):
+    """The instructions (Ir) a whole callgrind dump holds: its ``totals:`` line, which callgrind
+    writes last (the ``summary:`` in its header is the same figure, there before the rest)."""
+    for line in reversed(dump.read_text(errors="replace").splitlines()):
+        if line.startswith("totals:"):
             return int(line.split()[1])
-    raise ValueError(f"{dump}: no summary or totals line: not a callgrind dump")
+    raise ValueError(f"{dump}: no totals line: not a whole callgrind dump")
 
 
 def _control(*args: str) -> None:
@@ -111,7 +112,7 @@ def _dumped(out: Path, timeout: float = 60.0) -> Path:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            read_total(dump)  # whole: the summary line is the last written
+            read_total(dump)  # whole: the totals line is written last
             return dump
         except (OSError, ValueError):
             if time.monotonic() > deadline:
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"--count {text}: want PROFILE/PATH/PROXY, e.g. tiny/sidecar-2-mtls/sidecar-b "
                         f"(a proxy: {', '.join(PROXIES)})")
             counts.append(Count(parts[1], parts[2], parts[0]))
+    if any(c.profile == "realistic" for c in counts) and not args.realistic_script.is_file():
+        p.error(f"{args.realistic_script}: the realistic profile's wrk script is missing (--realistic-script)")
     why = available()
     if why:
         print(f"bench.instructions: {why}", file=sys.stderr)

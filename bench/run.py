@@ -147,7 +147,8 @@ def _start_direct(ctx: Ctx) -> Started:
 
 
 def _sidecar(ctx: Ctx, files: sidecars.SidecarFiles, role: str) -> tuple[Proxy, dict[str, int]]:
-    proc, ports = sidecars.start(ctx.procs, files, ctx.workdir, ctx.start_timeout, ctx.wrap.get(files.name, []))
+    proc, ports = sidecars.start(ctx.procs, files, ctx.workdir, ctx.start_timeout,
+                                 ctx.wrap.get(files.name, []))
     return Proxy(role, "sidecar", proc, ports.get("admin")), ports
 
 
@@ -1085,10 +1086,10 @@ def main(argv: list[str] | None = None) -> int:
         results = run_all(settings, paths, log)
         measured = {spec.key for spec in paths}  # what --paths, --mtls and --no-haproxy chose
         if count_instructions and not cannot_count:
-            log("\n[instructions] callgrind on one sidecar at a time")
+            log("\n[instructions] callgrind on one proxy at a time")
+            counts = [c for c in instructions.COUNTS if c.profile in profiles and c.path in measured]
             results["instructions"] = instructions.run_counts(
-                [c for c in instructions.COUNTS if c.profile in profiles and c.path in measured], requests=args.instructions_requests,
-                warmup=args.instructions_warmup, script=script, log=log)
+                counts, requests=args.instructions_requests, warmup=args.instructions_warmup, script=script, log=log)
         if fanout_settings is not None:
             log("\n[fan-out] the control plane's push to simulated sidecars")
             results["fanout"] = fanout.run(fanout_settings, log)

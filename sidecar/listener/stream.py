@@ -44,7 +44,7 @@ class Stream:
 
     __slots__ = (
         "conn", "head", "exchange", "snapshot", "pending", "pending_bytes",
-        "body_done", "replay", "replay_bytes", "replay_limit", "upstream", "up_chunked",
+        "body_done", "replay", "replay_kept", "replay_bytes", "replay_limit", "upstream", "up_chunked",
         "response_started", "response_done", "mode", "keep_alive", "sent_continue",
         "tunnel", "early_data", "driver", "tries", "timeout", "finished",
         "collect_limit", "on_collected", "body_limit",
@@ -63,7 +63,10 @@ class Stream:
         self.pending_bytes = 0
         self.body_done = not head.has_body
         self.replay: list[bytes] | None = None
-        self.replay_bytes = 0  # past replay_limit: no copy kept, the request cannot be sent again
+        # False once the body passed replay_limit: the copy is dropped for good (a limit raised
+        # later, when the route is known, cannot bring back what was not kept)
+        self.replay_kept = True
+        self.replay_bytes = 0
         self.replay_limit = replay_limit
         self.upstream: UpstreamConnection | None = None
         self.up_chunked = head.chunked
@@ -91,9 +94,10 @@ class Stream:
         if self.body_limit and ex.bytes_in > self.body_limit:
             self.conn.body_over_limit(self, self.body_limit)
             return
-        if self.replay_bytes <= self.replay_limit:
+        if self.replay_kept:
             self.replay_bytes += len(data)
             if self.replay_bytes > self.replay_limit:
+                self.replay_kept = False
                 self.replay = None
             elif self.replay is None:
                 self.replay = [data]
@@ -139,9 +143,11 @@ class Stream:
             callback(ok)
 
     def replayable(self) -> bool:
-        """Can the request be sent again in full? (its whole body is in the replay copy)"""
-        return self.replay_bytes <= self.replay_limit and (self.body_done or self.replay_bytes == 0) \
-            and not self.response_started
+        """Can the request be sent again in full? (its whole body is in the replay copy, within
+        the route's ``max_replay_body``: a copy kept under the default bound, before the route
+        was known, does not make a larger body retriable)"""
+        return self.replay_kept and self.replay_bytes <= self.replay_limit \
+            and (self.body_done or self.replay_bytes == 0) and not self.response_started
 
     def attach(self, upstream: UpstreamConnection, head_bytes: bytes, *, again: bool) -> None:
         """Send the request on ``upstream``: the head, what body we have, then live body."""
@@ -151,7 +157,7 @@ class Stream:
             self.conn.write(_CONTINUE)
         frame = self.up_chunked
         parts = [head_bytes]
-        source = self.replay if again else self.pending
+        source = self.replay if again and self.replay_kept else self.pending
         if source is not None:
             for data in source:
                 parts.append(chunk(data) if frame else data)

@@ -28,11 +28,16 @@ def counted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if why:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
     out = tmp_path_factory.mktemp("instructions")
+    # the realistic profile's headers, written here: the suite does not need ../shared
+    script = out / "realistic.lua"
+    script.write_text("".join(f'wrk.headers["x-header-{i}"] = "value {i} of a service-to-service call"\n'
+                              for i in range(12)))
 
     def count(requests: int, *keys: str) -> tuple[dict[str, int], str]:
         path = out / f"{requests}.json"
         proc = subprocess.run([sys.executable, "-m", "bench.instructions", "--requests", str(requests),
-                               "--warmup", "50", "--output", str(path), *(f"--count={k}" for k in keys)],
+                               "--warmup", "50", "--output", str(path), "--realistic-script", str(script),
+                               *(f"--count={k}" for k in keys)],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         counts = json.loads(path.read_text())["counts"]
@@ -54,7 +59,8 @@ def test_the_count_is_per_exchange_not_start_up(counted: dict[str, Any]) -> None
 
 def test_the_count_sees_what_an_exchange_costs(counted: dict[str, Any]) -> None:
     many = counted["many"]
-    # the realistic profile's request has 12 header lines more, its response a larger body
+    # the realistic profile's request has 12 header lines more, its response more headers and a
+    # larger body
     assert many["realistic/sidecar-1/sidecar-b"] > 1.3 * many["tiny/sidecar-1/sidecar-b"]
     assert "realistic  sidecar-1  sidecar-b" in counted["table"]
 

@@ -31,16 +31,16 @@ totals: 101612460
 """
 
 
-def test_the_total_is_the_dumps_summary(tmp_path: Path) -> None:
+def test_the_total_is_the_dumps_totals(tmp_path: Path) -> None:
     dump = tmp_path / "callgrind.out.1"
     dump.write_text(DUMP)
     assert instructions.read_total(dump) == 101_612_460
 
 
-def test_a_file_that_is_no_dump_is_an_error_naming_it(tmp_path: Path) -> None:
+def test_a_dump_still_being_written_is_an_error_naming_it(tmp_path: Path) -> None:
     half = tmp_path / "callgrind.out.1"
-    half.write_text(DUMP.split("summary:")[0])  # cut before the summary: still being written
-    with pytest.raises(ValueError, match="callgrind.out.1: no summary or totals line"):
+    half.write_text(DUMP.split("totals:")[0])  # its header's summary there, the rest not yet
+    with pytest.raises(ValueError, match="callgrind.out.1: no totals line: not a whole callgrind dump"):
         instructions.read_total(half)
 
 
@@ -126,3 +126,12 @@ def test_a_count_whose_path_cannot_run_here_is_skipped_saying_why(monkeypatch: p
                                    "reason": "haproxy is not installed"}]
     assert said == ["[instructions 1/1] tiny/haproxy-1/haproxy-1: skipped, haproxy is not installed"]
     assert "skipped: tiny/haproxy-1/haproxy-1: haproxy is not installed" in instructions.render(results)
+
+
+def test_a_realistic_count_without_its_wrk_script_is_refused(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "realistic.lua"
+    with pytest.raises(SystemExit) as exit_:
+        instructions.main(["--count", "realistic/sidecar-1/sidecar-b", "--realistic-script", str(missing)])
+    assert exit_.value.code == 2
+    assert f"{missing}: the realistic profile's wrk script is missing" in capsys.readouterr().err
