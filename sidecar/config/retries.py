@@ -34,6 +34,8 @@ from typing import Final
 from .reader import Fields
 from .values import bounded_size, secs, status_code
 
+MAX_REPLAY_BODY: Final = 16 * 1024 * 1024  # the largest max_replay_body a route may set
+
 __all__ = ["RETRY_CONDITIONS", "RetryBudgetConfig", "RetryConfig", "parse_retries"]
 
 RETRY_CONDITIONS: Final = ("connect-failure", "reset", "timeout", "5xx", "gateway-error", "retriable-4xx")
@@ -96,7 +98,7 @@ def parse_retries(node: Fields) -> RetryConfig:
         backoff_max=bmax,
         budget=_retry_budget(node),
         retry_non_idempotent=node.bool("retry_non_idempotent", d.retry_non_idempotent),
-        max_replay_body=bounded_size(node, "max_replay_body", d.max_replay_body, 16 * 1024**2),
+        max_replay_body=bounded_size(node, "max_replay_body", d.max_replay_body, MAX_REPLAY_BODY),
         honour_retry_after=node.bool("honour_retry_after", d.honour_retry_after),
         max_retry_after=node.duration("max_retry_after", d.max_retry_after),
     )

@@ -3,8 +3,8 @@ way down.
 
 The request body is buffered only until an upstream connection is attached, then it passes
 straight through; past ``HIGH_WATER`` buffered bytes the connection stops reading. A copy of
-the first ``replay_limit`` bytes is kept (references, not copies) so a failed attempt can be
-re-sent; a longer body makes the exchange not replayable. The response is re-framed for the
+the body up to the route's ``max_replay_body`` is kept (references, not copies) so a failed
+attempt can be re-sent; a longer body makes the exchange not replayable. The response is re-framed for the
 downstream: Content-Length when upstream gave one, else chunked for HTTP/1.1, else
 close-delimited.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from ..config.retries import MAX_REPLAY_BODY
 from ..errors import LocalReply
 from ..exchange import Exchange
 from ..http.message import RequestHead, ResponseHead
@@ -51,7 +52,7 @@ class Stream:
     )
 
     def __init__(self, conn: DownstreamConnection, head: RequestHead, exchange: Exchange,
-                 snapshot: SnapshotView, replay_limit: int = 64 * 1024) -> None:
+                 snapshot: SnapshotView) -> None:
         self.conn = conn
         self.head = head
         self.exchange = exchange
@@ -63,11 +64,13 @@ class Stream:
         self.pending_bytes = 0
         self.body_done = not head.has_body
         self.replay: list[bytes] | None = None
-        # False once the body passed replay_limit: the copy is dropped for good (a limit raised
-        # later, when the route is known, cannot bring back what was not kept)
+        # False once the body passed replay_limit: the copy is dropped for good
         self.replay_kept = True
         self.replay_bytes = 0
-        self.replay_limit = replay_limit
+        # until the route is known (``bound_replay``), the largest bound a route may set: the
+        # body that comes before is held anyway (at most HIGH_WATER and a read), and the copy
+        # shares its bytes
+        self.replay_limit = MAX_REPLAY_BODY
         self.upstream: UpstreamConnection | None = None
         self.up_chunked = head.chunked
         self.response_started = False
@@ -142,12 +145,18 @@ class Stream:
         if callback is not None and not self.finished:
             callback(ok)
 
+    def bound_replay(self, limit: int) -> None:
+        """The route's ``max_replay_body``, once the route is known: a copy already past it is
+        dropped, and the request is not sent again."""
+        self.replay_limit = limit
+        if self.replay_bytes > limit:
+            self.replay_kept = False
+            self.replay = None
+
     def replayable(self) -> bool:
-        """Can the request be sent again in full? (its whole body is in the replay copy, within
-        the route's ``max_replay_body``: a copy kept under the default bound, before the route
-        was known, does not make a larger body retriable)"""
-        return self.replay_kept and self.replay_bytes <= self.replay_limit \
-            and (self.body_done or self.replay_bytes == 0) and not self.response_started
+        """Can the request be sent again in full? (its whole body is in the replay copy)"""
+        return self.replay_kept and (self.body_done or self.replay_bytes == 0) \
+            and not self.response_started
 
     def attach(self, upstream: UpstreamConnection, head_bytes: bytes, *, again: bool) -> None:
         """Send the request on ``upstream``: the head, what body we have, then live body."""

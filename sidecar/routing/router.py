@@ -92,7 +92,7 @@ class Router:
         policy = cluster.retry_policy(route)
         tries = stream.tries = Tries(cluster, policy)
         stream.driver = self
-        stream.replay_limit = policy.config.max_replay_body
+        stream.bound_replay(policy.config.max_replay_body)
         limit = cluster.max_request_body
         if limit is not None:
             size = max(stream.head.content_length or 0, ex.bytes_in)  # (chunked: what came so far)
