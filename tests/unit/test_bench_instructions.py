@@ -110,7 +110,7 @@ def test_a_baseline_without_counts_is_refused_naming_it(tmp_path: Path, capsys: 
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"runs": [], "targets": []}))  # a bench run without the counting step
     with pytest.raises(SystemExit) as exit_:
-        instructions.main(["--baseline", str(old)])
+        instructions.main(["--baseline", str(old), "--count", "tiny/sidecar-1/sidecar-b"])
     assert exit_.value.code == 2
     assert f"--baseline {old}: no instruction counts in it" in capsys.readouterr().err
 
