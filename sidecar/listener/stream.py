@@ -4,9 +4,9 @@ way down.
 The request body is buffered only until an upstream connection is attached, then it passes
 straight through; past ``HIGH_WATER`` buffered bytes the connection stops reading. A copy of
 the body up to the route's ``max_replay_body`` is kept (references, not copies) so a failed
-attempt can be re-sent; a longer body makes the exchange not replayable. The response is re-framed for the
-downstream: Content-Length when upstream gave one, else chunked for HTTP/1.1, else
-close-delimited.
+attempt can be re-sent; a longer body makes the exchange not replayable. The response is
+re-framed for the downstream: Content-Length when upstream gave one, else chunked for
+HTTP/1.1, else close-delimited.
 """
 
 from __future__ import annotations

@@ -120,9 +120,11 @@ class ClusterManager:
         self.retiring: set[ClusterSet] = set()  # superseded sets that still carry exchanges
         self._shared: dict[Pool | HealthChecker, int] = {}  # resource -> live sets holding it
         self._tasks: set[asyncio.Task[None]] = set()
-        # Shared by every upstream connection, and the most one read may take: a read is
-        # written downstream whole before back-pressure can pause the upstream, so its size is
-        # what a slow reader can make the sidecar hold beyond the 64 KiB write high-water.
+        # Shared by every TLS upstream connection, which decrypts into it, and the most one of
+        # their reads may take: a read is written downstream whole before back-pressure can
+        # pause the upstream, so its size is what a slow reader can make the sidecar hold beyond
+        # the 64 KiB write high-water. A plain connection gets its reads from uvloop as bytes,
+        # up to uvloop's read size (256 KiB).
         self._read_buffer = bytearray(UPSTREAM_READ_SIZE)
         self._closed = False
 

@@ -54,7 +54,7 @@ class Pool:
         # TLS upstream connections decrypt into one buffer (one callback at a time on the loop;
         # a plain one gets its reads as bytes: UpstreamConnection)
         self.read_buffer = read_buffer if read_buffer is not None else bytearray(64 * 1024)
-        self.read_view = memoryview(self.read_buffer)  # made once (see ListenerContext.read_view)
+        self.read_view = memoryview(self.read_buffer)  # made once (see DownstreamConnection._read_view)
         self._on_connect_failure = on_connect_failure
         # newest last; a list, not a deque: compiled, its pop and append are direct calls
         self.idle: list[UpstreamConnection] = []
