@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/flame"))
     args = p.parse_args(argv)
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    specs = {s.key: s for s in run.PATHS + run.MTLS_PATHS}
-    spec = specs[args.path]
+    spec = run.PATH_SPECS[args.path]
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pake-flame-") as tmp:
         root = Path(tmp)

@@ -127,8 +127,7 @@ def count_one(count: Count, *, requests: int, warmup: int, script: Path, workdir
     copy the dump into, for ``callgrind_annotate``."""
     from . import run  # here: bench.run imports this module for `make bench`
 
-    specs = {s.key: s for s in run.PATHS + run.MTLS_PATHS}
-    spec = specs[count.path]
+    spec = run.PATH_SPECS[count.path]
     out = workdir / "callgrind.out"
     # PYTHONHASHSEED fixed: a dict's probes depend on the string hashes, a few hundred
     # instructions an exchange that would otherwise differ from run to run
@@ -169,11 +168,10 @@ def run_counts(counts: list[Count], *, requests: int, warmup: int, script: Path,
     one whose path cannot run here (no HAProxy) is skipped, saying why."""
     from . import run
 
-    specs = {s.key: s for s in run.PATHS + run.MTLS_PATHS}
     results: dict[str, Any] = {"requests": requests, "warmup": warmup, "counts": [], "errors": [], "skipped": []}
     with tempfile.TemporaryDirectory(prefix="pake-instructions-") as tmp:
         for i, count in enumerate(counts, 1):
-            why = specs[count.path].needs()
+            why = run.PATH_SPECS[count.path].needs()
             if why:
                 results["skipped"].append({**asdict(count), "reason": why})
                 log(f"[instructions {i}/{len(counts)}] {count.key}: skipped, {why}")
@@ -254,10 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     counts = list(COUNTS)
     if args.count:
         counts = []
-        paths = {s.key for s in run.PATHS + run.MTLS_PATHS}
         for text in args.count:
             parts = text.split("/")
-            if len(parts) != 3 or parts[0] not in run.PROFILES or parts[1] not in paths or parts[2] not in PROXIES:
+            if (len(parts) != 3 or parts[0] not in run.PROFILES or parts[1] not in run.PATH_SPECS
+                    or parts[2] not in PROXIES):
                 p.error(f"--count {text}: want PROFILE/PATH/PROXY, e.g. tiny/sidecar-2-mtls/sidecar-b "
                         f"(a proxy: {', '.join(PROXIES)})")
             counts.append(Count(parts[1], parts[2], parts[0]))

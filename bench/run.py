@@ -396,6 +396,9 @@ MTLS_PATHS: list[PathSpec] = [
              variant="mtls"),
 ]
 
+# every path by its key (--paths, bench.instructions' counts, bench.flame)
+PATH_SPECS: dict[str, PathSpec] = {s.key: s for s in PATHS + MTLS_PATHS}
+
 
 # === measuring ==========================================================================
 
@@ -942,7 +945,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-micro", action="store_true", help="skip the micro-benchmarks (hot path, breaker, policy)")
     add("--profiles", default=",".join(PROFILES), help="comma-separated (default: tiny,realistic)")
     add("--paths", default=None, help="comma-separated path keys, any of (default: the first "
-        f"{len(PATHS)}, and the rest with --mtls): " + ", ".join(s.key for s in PATHS + MTLS_PATHS))
+        f"{len(PATHS)}, and the rest with --mtls): " + ", ".join(PATH_SPECS))
     add("--quick", action="store_true", help="3 s closed-loop runs, 2 s open loop")
     add("--duration", type=float, default=None, help="closed-loop seconds per path (default 10, --quick 3)")
     add("--warmup", type=float, default=1.0,
@@ -1037,13 +1040,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = list(PATHS) + (list(MTLS_PATHS) if args.mtls else [])
     if args.paths:
         wanted = [k.strip() for k in args.paths.split(",") if k.strip()]
-        known = {s.key: s for s in PATHS + MTLS_PATHS}
-        unknown = [k for k in wanted if k not in known]
+        unknown = [k for k in wanted if k not in PATH_SPECS]
         if unknown:
-            print(f"bench: unknown path {', '.join(unknown)}; choose from {', '.join(known)}",
+            print(f"bench: unknown path {', '.join(unknown)}; choose from {', '.join(PATH_SPECS)}",
                   file=sys.stderr)
             return 2
-        paths = [known[k] for k in wanted]
+        paths = [PATH_SPECS[k] for k in wanted]
         if "direct" not in wanted:
             print("bench: note: without 'direct' there is no baseline for added latency", file=sys.stderr)
     if args.no_haproxy:

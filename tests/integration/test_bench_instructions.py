@@ -22,29 +22,36 @@ from bench import instructions
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def counted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def require_valgrind() -> None:
+    """Fails (CI, which installs it) or skips (elsewhere) the test when valgrind is missing."""
     why = instructions.available()
     if why:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(why)
-    out = tmp_path_factory.mktemp("instructions")
-    # the realistic profile's headers, written here: the suite does not need ../shared
+
+
+def count(out: Path, requests: int, *keys: str) -> tuple[dict[str, int], str]:
+    """``bench.instructions`` for ``keys`` (PROFILE/PATH/PROXY): each count's instructions an
+    exchange by key, and the table it printed. The realistic profile's headers are written
+    into ``out``: the suite does not need ../shared."""
     script = out / "realistic.lua"
     script.write_text("".join(f'wrk.headers["x-header-{i}"] = "value {i} of a service-to-service call"\n'
                               for i in range(12)))
+    path = out / f"{requests}.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.instructions", "--requests", str(requests),
+                           "--warmup", "50", "--output", str(path), "--realistic-script", str(script),
+                           *(f"--count={k}" for k in keys)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = json.loads(path.read_text())["counts"]
+    return {f"{c['profile']}/{c['path']}/{c['proxy']}": c["per_exchange"] for c in counts}, proc.stdout
 
-    def count(requests: int, *keys: str) -> tuple[dict[str, int], str]:
-        path = out / f"{requests}.json"
-        proc = subprocess.run([sys.executable, "-m", "bench.instructions", "--requests", str(requests),
-                               "--warmup", "50", "--output", str(path), "--realistic-script", str(script),
-                               *(f"--count={k}" for k in keys)],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        counts = json.loads(path.read_text())["counts"]
-        return {f"{c['profile']}/{c['path']}/{c['proxy']}": c["per_exchange"] for c in counts}, proc.stdout
 
-    few, _ = count(150, "tiny/sidecar-1/sidecar-b")
-    many, table = count(450, "tiny/sidecar-1/sidecar-b", "realistic/sidecar-1/sidecar-b")
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    require_valgrind()
+    out = tmp_path_factory.mktemp("instructions")
+    few, _ = count(out, 150, "tiny/sidecar-1/sidecar-b")
+    many, table = count(out, 450, "tiny/sidecar-1/sidecar-b", "realistic/sidecar-1/sidecar-b")
     return {"few": few, "many": many, "table": table}
 
 
@@ -67,15 +74,10 @@ def test_the_count_sees_what_an_exchange_costs(counted: dict[str, Any]) -> None:
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 def test_haproxy_is_counted_in_the_same_place_and_the_sidecar_shown_beside_it(tmp_path: Path) -> None:
-    if instructions.available():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(instructions.available() or "")
-    out = tmp_path / "counts.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.instructions", "--requests", "150", "--warmup", "50",
-                           "--count=tiny/sidecar-1/sidecar-b", "--count=tiny/haproxy-1/haproxy-1",
-                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    counts = {c["proxy"]: c["per_exchange"] for c in json.loads(out.read_text())["counts"]}
+    require_valgrind()
+    counts, table = count(tmp_path, 150, "tiny/sidecar-1/sidecar-b", "tiny/haproxy-1/haproxy-1")
+    sidecar, haproxy = counts["tiny/sidecar-1/sidecar-b"], counts["tiny/haproxy-1/haproxy-1"]
     # HAProxy's exchange is C only: thousands of instructions, fewer than the sidecar's
-    assert 3_000 < counts["haproxy-1"] < counts["sidecar-b"]
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("tiny") and "sidecar-b" in line)
-    assert row.split()[-1] == f"{counts['sidecar-b'] / counts['haproxy-1']:.2f}×"
+    assert 3_000 < haproxy < sidecar
+    row = next(line for line in table.splitlines() if line.startswith("tiny") and "sidecar-b" in line)
+    assert row.split()[-1] == f"{sidecar / haproxy:.2f}×"

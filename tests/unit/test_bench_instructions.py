@@ -96,7 +96,7 @@ def test_a_count_is_profile_path_and_proxy(bad: str, capsys: pytest.CaptureFixtu
 
 def test_every_count_names_a_proxy_its_path_starts() -> None:
     from bench import run
-    paths = {s.key: s for s in run.PATHS + run.MTLS_PATHS}
+    paths = run.PATH_SPECS
     for count in instructions.COUNTS:
         spec = paths[count.path]
         names = {"sidecar": ["sidecar-b"] if spec.hops == 1 else ["sidecar-a", "sidecar-b"],
