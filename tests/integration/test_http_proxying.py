@@ -560,6 +560,13 @@ async def test_request_id_is_kept_when_valid_and_generated_otherwise(env: Env) -
             assert rid is not None and re.fullmatch("[0-9a-f]{32}", rid), rid
             assert response.echoed_headers()["x-request-id"] == rid
             assert (await env.access_for(path))[-1]["request_id"] == rid
+        # more requests than one batch of ids (``RequestIds``): every one its own
+        made = set()
+        for _ in range(150):
+            rid = (await client.exchange(request("GET", "/rid/many"))).header("x-request-id")
+            assert rid is not None and re.fullmatch("[0-9a-f]{32}", rid), rid
+            made.add(rid)
+        assert len(made) == 150
 
 
 async def test_forwarded_headers_are_appended_and_set(env: Env) -> None:
