@@ -244,7 +244,8 @@ class RequestParser:
         self._body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        # as ``ResponseParser.on_status``: the first piece is taken as it is
+        self._url = self._url + url if self._url else url
         if len(self._url) > self._limits.max_request_line:
             raise DownstreamProtocolError("request line too long", 414, "uri_too_long")
 
