@@ -117,7 +117,7 @@ class _ExchangeCollector(Collector):
             if total is None:
                 total = by_cluster[(listener, cluster)] = Series()
             for i, v in enumerate(one.buckets):
-                total.buckets[i] += v
+                total.buckets[i] = total.buckets[i] + v
             total.sum += one.sum
         for latency_key, total in by_cluster.items():
             cumulative, buckets = 0.0, []
@@ -175,8 +175,14 @@ class Metrics:
             one = c.last = found
             c.last_key = key
         status_class = status // 100
-        one.by_class[status_class if 0 < status_class < 6 else 0] += 1
-        one.buckets[latency_bucket(seconds)] += 1
+        # ``x[i] = x[i] + 1``, not ``+=``: compiled, an item's ``+=`` is a generic add of
+        # boxed ints (tests/unit/test_compiled_form.py)
+        by_class = one.by_class
+        i = status_class if 0 < status_class < 6 else 0
+        by_class[i] = by_class[i] + 1
+        buckets = one.buckets
+        i = latency_bucket(seconds)
+        buckets[i] = buckets[i] + 1
         one.sum += seconds
         one.count += 1
         flag = ex.flags

@@ -177,8 +177,10 @@ class RollingCounts:
 
     def add(self, now: float, a: int, b: int) -> None:
         slot = self.advance(now)
-        self._a[slot] += a
-        self._b[slot] += b
+        counts = self._a  # ``x[i] = x[i] + a``: an item's ``+=`` is generic once compiled
+        counts[slot] = counts[slot] + a
+        counts = self._b
+        counts[slot] = counts[slot] + b
         self.a += a
         self.b += b
 
@@ -261,8 +263,8 @@ class CircuitBreaker:
 
     def rejections(self) -> dict[str, int]:
         counts = {r.name.lower(): self._rejected[r] for r in RejectReason}
-        counts["max_pending"] += self.pending.rejected
-        counts["max_connections"] += self.connections.rejected
+        counts["max_pending"] = counts["max_pending"] + self.pending.rejected
+        counts["max_connections"] = counts["max_connections"] + self.connections.rejected
         return counts
 
     def snapshot(self, now: float) -> dict[str, object]:
@@ -294,19 +296,19 @@ class CircuitBreaker:
         state = self._state
         if state is BreakerState.OPEN:
             if now < self._open_until:
-                self._rejected[RejectReason.OPEN] += 1
+                self._rejected[RejectReason.OPEN] = self._rejected[RejectReason.OPEN] + 1
                 return REJECTIONS[RejectReason.OPEN]
             self._set_state(BreakerState.HALF_OPEN, "open_interval_elapsed")
             state = BreakerState.HALF_OPEN
         if self._active >= self._max_requests:
-            self._rejected[RejectReason.MAX_REQUESTS] += 1
+            self._rejected[RejectReason.MAX_REQUESTS] = self._rejected[RejectReason.MAX_REQUESTS] + 1
             return REJECTIONS[RejectReason.MAX_REQUESTS]
         if retry and self._active_retries >= self._max_retries:
-            self._rejected[RejectReason.MAX_RETRIES] += 1
+            self._rejected[RejectReason.MAX_RETRIES] = self._rejected[RejectReason.MAX_RETRIES] + 1
             return REJECTIONS[RejectReason.MAX_RETRIES]
         if state is BreakerState.HALF_OPEN:
             if self._trials >= self._half_open_requests:
-                self._rejected[RejectReason.HALF_OPEN_BUSY] += 1
+                self._rejected[RejectReason.HALF_OPEN_BUSY] = self._rejected[RejectReason.HALF_OPEN_BUSY] + 1
                 return REJECTIONS[RejectReason.HALF_OPEN_BUSY]
             self._trials += 1
         self._active += 1
