@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -32,7 +31,7 @@ import structlog
 from ..config.model import DownstreamTimeouts, Limits
 from ..deadline import Deadline
 from ..errors import DownstreamProtocolError
-from ..http.headers import is_valid_request_id
+from ..http.headers import RequestIds, is_valid_request_id
 from ..http.message import RequestHead
 from ..http.request_parser import RequestParser
 from ..http.writer import reason_phrase, response_head
@@ -191,7 +190,7 @@ class _AdminConnection(asyncio.Protocol):
         except Exception:  # noqa: BLE001 - an admin bug must not kill the sidecar, nor leak
             rid = head.request_id
             request_id = rid.decode("ascii") if rid is not None and is_valid_request_id(rid) \
-                else "%032x" % random.getrandbits(128)
+                else self.server.request_ids.take()
             log.exception("admin_route_failed", path=path, request_id=request_id)
             return json_response(500, {"error": "internal_error", "detail": "internal error",
                                        "request_id": request_id}), [(b"x-request-id", request_id.encode())]
@@ -299,6 +298,7 @@ class AdminServer:
         self.refused = 0
         self._on_refused = on_refused
         self.server: asyncio.Server | None = None
+        self.request_ids = RequestIds()  # for a failed route's reply and log line
 
     def _protocol(self) -> asyncio.Protocol:
         if self.connections >= self.limits.max_connections:

@@ -32,7 +32,7 @@ class RequestHead:
     expect_continue: bool = False
     forwarded_for: bytes | None = None  # X-Forwarded-For as received (kept out of headers)
     forwarded_proto: bytes | None = None  # X-Forwarded-Proto as received (also in headers)
-    request_id: bytes | None = None  # X-Request-ID as received (also in headers)
+    request_id: bytes | None = None  # X-Request-ID as received; once the listener has it, as forwarded (also in headers)
     # W3C trace context as received (both also in headers), picked out by the parser's one
     # pass over the headers so that tracing reads no header list: b"" when sent twice
     traceparent: bytes | None = None

@@ -367,7 +367,8 @@ class DownstreamConnection(asyncio.Protocol):
             request_id = ids.take()
             if rid is not None:
                 head.remove_headers(b"x-request-id")  # unusable: replaced, not duplicated
-            head.headers.append((b"x-request-id", ids.raw))
+            head.request_id = raw = ids.raw  # the id forwarded, as the caller's would be
+            head.headers.append((b"x-request-id", raw))
         exchange = Exchange(request=head, listener=self.ctx.name, downstream_address=self.client,
                             request_id=request_id, start=_MONOTONIC(),
                             peer_identity=self.peer_identity)

@@ -224,7 +224,7 @@ class Stream:
         if status != 101:
             self._connection_header(extra)
         if not head.has_request_id:
-            extra.append(_request_id_line(self.exchange.request_id))
+            extra.append(self._request_id_line())
         headers = head.headers
         if added := self.exchange.response_headers:  # a filter's (RateLimit-*): they win
             names = {name for name, _ in added}
@@ -233,6 +233,12 @@ class Stream:
         self.conn.write(response_head(status, head.reason, headers, extra))
         if status == 101 and self.driver is not None:
             self.driver.on_tunnel_open(self)
+
+    def _request_id_line(self) -> bytes:
+        """The exchange's id for the client: the bytes forwarded upstream (the listener set
+        ``head.request_id``), where an f-string of the text and its encode cost twice as much."""
+        rid = self.head.request_id
+        return b"x-request-id: %b\r\n" % (rid if rid is not None else self.exchange.request_id.encode())
 
     def _connection_header(self, extra: list[bytes]) -> None:
         keep = self.keep_alive and not self.conn.draining
@@ -291,7 +297,7 @@ class Stream:
         self.response_done = True
         if reply.close or not self.body_done:
             self.keep_alive = False
-        extra = [_request_id_line(ex.request_id),
+        extra = [self._request_id_line(),
                  *[header_line(name, value) for name, value in ex.response_headers]]
         self._connection_header(extra)
         data, body_bytes = local_reply(reply, service, extra, head_only=self.head.method == "HEAD")
@@ -299,7 +305,3 @@ class Stream:
         self.conn.write(data)
 
 
-def _request_id_line(request_id: str) -> bytes:
-    """The exchange's id for the client. Printable ASCII (``Exchange.request_id``): one
-    f-string and an encode, cheaper than encoding it and making a line of the bytes."""
-    return f"x-request-id: {request_id}\r\n".encode()
