@@ -24,7 +24,8 @@ from sidecar.config.model import Bootstrap, ListenerConfig, MeshConfig
 from sidecar.config.load import parse_mesh
 from sidecar.listener.connection import DownstreamConnection, ListenerContext, ServerState
 from sidecar.observability.metrics import Metrics
-from sidecar.pipeline import Pipeline, SnapshotSlot
+from sidecar.pipeline import Pipeline
+from sidecar.snapshot_slot import SnapshotSlot
 from sidecar.snapshot import build_snapshot
 from sidecar.upstream.cluster_manager import ClusterManager
 from sidecar.upstream.upstream_connection import UpstreamConnection

@@ -43,7 +43,7 @@ from .observability.logging import log_control
 from .observability.metrics import Metrics
 from . import compiled
 from . import pipeline as pipeline_module
-from .pipeline import Pipeline, SnapshotSlot
+from .pipeline import Pipeline
 from .audit import build_audit_log
 from .clock import MonotonicClock
 from .filters.chain import build_chains
@@ -51,6 +51,7 @@ from .observability.state_metrics import StateCollector
 from .overload import OverloadMonitor
 from .discovery.origin import ConfigOrigin, now_iso
 from .snapshot import Snapshot, compile_snapshot
+from .snapshot_slot import SnapshotSlot
 from .upstream.cluster_manager import ClusterManager, retire_later
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ class Sidecar:
         self._started = False
         self._applying = asyncio.Lock()  # one apply at a time: each builds on the one before
         self._reloading = asyncio.Lock()
-        self.snapshots = SnapshotSlot()  # its hold() is every listener's current_snapshot
+        self.snapshots = SnapshotSlot()  # every listener's: its hold() starts an exchange
         self._swap(mesh, *self._compile(bootstrap, mesh))
         self.metrics.registry.register(StateCollector(
             clusters=lambda: self.snapshot.clusters.values(),
@@ -267,7 +268,7 @@ class Sidecar:
             ctx = ListenerContext(
                 name=lc.name, service=b.service, limits=b.limits, timeouts=b.timeouts,
                 state=self.state, start=pipeline.start, abort=pipeline.abort, refuse=pipeline.refuse,
-                current_snapshot=self.snapshots.hold,
+                snapshots=self.snapshots,
                 on_protocol_error=self._protocol_error, scheme=scheme,
                 peer_identity=self.tls.peer_identity if lc.tls and self.tls else None)
             self._contexts.append(ctx)

@@ -49,6 +49,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "routing",
         "upstream",  # but its health_check.py: see _LEFT_AS_PYTHON
         "pipeline.py",
+        "snapshot_slot.py",
         "exchange.py",
         "deadline.py",
         "observability/metrics.py",

@@ -25,61 +25,17 @@ from .observability.access_log import AccessLog
 from .observability.metrics import Metrics
 from .routing.route_table import RouteTable
 from .routing.router import Router
-from .snapshot import Snapshot
+from .snapshot_slot import SnapshotView
 
 if TYPE_CHECKING:
     from .observability.trace_context import TraceStart
     from .observability.tracing import Tracer
 
-__all__ = ["Pipeline", "SnapshotSlot", "SnapshotView"]
+__all__ = ["Pipeline"]
 
 _MONOTONIC: Final = time.monotonic  # a C static once compiled, not the module's attribute at each call
 
 log = structlog.get_logger("pake.pipeline")
-
-
-class SnapshotView:
-    """What an exchange reads of its snapshot, as fields of a compiled class. ``Snapshot``
-    stays interpreted (a frozen dataclass the sidecar weak-references to retire its
-    clusters), and compiled code reads each of its fields by name (~160 instructions, six
-    an exchange). Made once a snapshot by ``SnapshotSlot.set``; it holds the snapshot, so an
-    exchange holding the view keeps the snapshot (and its clusters) alive as before."""
-
-    __slots__ = ("snapshot", "routes", "local_service", "filters", "body_filters", "clusters", "choosers")
-
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self.routes = snapshot.routes
-        self.local_service = snapshot.local_service
-        self.filters = snapshot.filters
-        self.body_filters = snapshot.body_filters
-        self.clusters = snapshot.clusters
-        self.choosers = snapshot.choosers
-
-
-class SnapshotSlot:
-    """Where the snapshot new exchanges run under lives; a reload swaps it whole (``set``).
-    Compiled, because ``hold`` runs for every request: as a method of the (interpreted)
-    ``Sidecar`` it cost an interpreted call each time."""
-
-    __slots__ = ("view",)
-
-    def __init__(self) -> None:
-        self.view: SnapshotView | None = None  # set before the first listener starts
-
-    @property
-    def current(self) -> Snapshot | None:
-        return self.view.snapshot if self.view is not None else None
-
-    def set(self, snapshot: Snapshot) -> None:
-        self.view = SnapshotView(snapshot)
-
-    def hold(self) -> SnapshotView:
-        """The snapshot a new exchange runs under, held until ``Pipeline.finish``."""
-        view = self.view
-        assert view is not None
-        view.clusters.hold()
-        return view
 
 
 class Pipeline:
@@ -92,7 +48,7 @@ class Pipeline:
         self.scheme = scheme
         self.metrics = metrics
         self.access_log = access_log  # replaced by a reload that changes the access log
-        self.router = Router(loop, self.finish, scheme=scheme)
+        self.router = Router(loop, self, scheme=scheme)
 
     def start(self, stream: Stream) -> None:
         ex = stream.exchange

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 from ..config.model import DownstreamTimeouts, Limits
 from ..errors import DownstreamProtocolError, LocalReply
@@ -26,10 +26,9 @@ from ..http.request_parser import RequestParser
 from ..http.writer import header_line, local_reply
 from ..deadline import Deadline
 from ..heap import LARGE_READ, keep_heap_slack
+from ..snapshot_slot import SnapshotSlot
 from .stream import Stream
 
-if TYPE_CHECKING:
-    from ..pipeline import SnapshotView
 
 __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
 
@@ -66,7 +65,9 @@ class ListenerContext:
     start: Callable[[Stream], None]  # the pipeline: takes the exchange from here
     abort: Callable[[Stream], None]  # the downstream went away mid-exchange
     refuse: Callable[[Stream, LocalReply], None]  # end an exchange in flight with this reply
-    current_snapshot: Callable[[], SnapshotView]  # held by the exchange until it finishes
+    # the snapshot new exchanges run under (``hold``: held by the exchange until it finishes);
+    # the slot's class, not a bound method: compiled, ``hold`` is then a native call
+    snapshots: SnapshotSlot
     on_protocol_error: Callable[[DownstreamConnection, DownstreamProtocolError], None]
     scheme: bytes = b"http"
     peer_identity: Callable[[asyncio.Transport], str | None] | None = None
@@ -372,7 +373,7 @@ class DownstreamConnection(asyncio.Protocol):
         exchange = Exchange(request=head, listener=self.ctx.name, downstream_address=self.client,
                             request_id=request_id, start=_MONOTONIC(),
                             peer_identity=self.peer_identity)
-        stream = Stream(self, head, exchange, self.ctx.current_snapshot())
+        stream = Stream(self, head, exchange, self.ctx.snapshots.hold())
         self.receiving = stream
         self.streams.append(stream)  # (``_parse`` feeds no more heads than there is room for)
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..errors import ProxyError
     from ..routing.routed import Tries
     from ..routing.router import Router
-    from ..pipeline import SnapshotView
+    from ..snapshot_slot import SnapshotView
     from ..upstream.upstream_connection import UpstreamConnection
     from .connection import DownstreamConnection
 

@@ -20,7 +20,7 @@ from sidecar.errors import DownstreamProtocolError, LocalReply
 from sidecar.http.request_parser import RequestParser
 from sidecar.listener.connection import DownstreamConnection, ListenerContext, ServerState
 from sidecar.listener.stream import Stream
-from sidecar.pipeline import SnapshotView
+from sidecar.snapshot_slot import SnapshotSlot
 from sidecar.routing.route_table import RouteTable
 from sidecar.snapshot import Snapshot
 
@@ -105,14 +105,15 @@ async def make() -> AsyncIterator[Any]:
     made: list[DownstreamConnection] = []
 
     mesh = MeshConfig(trust_domain="pake.local")
-    view = SnapshotView(Snapshot(version="t", mesh=mesh, routes=RouteTable.build(mesh), local_service=None))
+    snapshots = SnapshotSlot()
+    snapshots.set(Snapshot(version="t", mesh=mesh, routes=RouteTable.build(mesh), local_service=None))
 
     def build(max_pipelined: int = 16) -> Conn:
         pipeline = FakePipeline()
         ctx = ListenerContext(
             name="outbound", service="svc", limits=Limits(max_pipelined=max_pipelined),
             timeouts=DownstreamTimeouts(), state=ServerState(), start=pipeline.start,
-            abort=lambda stream: None, refuse=pipeline.refuse, current_snapshot=lambda: view,
+            abort=lambda stream: None, refuse=pipeline.refuse, snapshots=snapshots,
             on_protocol_error=lambda conn, exc: pipeline.errors.append(exc))
         conn = DownstreamConnection(ctx, loop)
         transport = FakeTransport()
