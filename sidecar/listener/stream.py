@@ -165,14 +165,17 @@ class Stream:
             self.sent_continue = True
             self.conn.write(_CONTINUE)
         frame = self.up_chunked
-        parts = [head_bytes]
         source = self.replay if again and self.replay_kept else self.pending
-        if source is not None:
-            for data in source:
-                parts.append(chunk(data) if frame else data)
-        if self.body_done and frame:
-            parts.append(LAST_CHUNK)
-        upstream.write(b"".join(parts) if len(parts) > 1 else head_bytes)
+        if source is None and not (self.body_done and frame):
+            upstream.write(head_bytes)  # the head alone: no list to join
+        else:
+            parts = [head_bytes]
+            if source is not None:
+                for data in source:
+                    parts.append(chunk(data) if frame else data)
+            if self.body_done and frame:
+                parts.append(LAST_CHUNK)
+            upstream.write(b"".join(parts) if len(parts) > 1 else head_bytes)
         self.pending = None
         self.pending_bytes = 0
         self.conn.unblock_reading(self.conn.BLOCK_BODY)

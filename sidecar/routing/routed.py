@@ -32,7 +32,7 @@ class Tries:
     opened) are the two ways a try waits; ending the exchange cancels either."""
 
     __slots__ = (
-        "cluster", "policy", "head_bytes", "tried", "retries", "admission", "endpoint", "pool",
+        "cluster", "policy", "head_bytes", "tail", "tried", "retries", "admission", "endpoint", "pool",
         "outcome", "last_reply", "reused", "resent", "head_sent", "retries_exhausted", "timer",
         "connecting",
     )
@@ -40,7 +40,8 @@ class Tries:
     def __init__(self, cluster: Cluster, policy: RetryPolicy) -> None:
         self.cluster = cluster
         self.policy = policy  # the RetryPolicy of this exchange's route
-        self.head_bytes = b""  # the request head for upstream, less x-pake-attempts
+        self.head_bytes = b""  # the request head for upstream, less its tries' own lines...
+        self.tail = 0  # ... or with the first try's, its last ``tail`` bytes (``Router._head``)
         self.tried: list[Address] = []  # endpoint addresses tried: a retry prefers another
         self.retries = 0  # retries charged to the policy (a keep-alive race re-send is free)
         self.admission: Admission | None = None  # the breaker's admission of the try in flight

@@ -36,6 +36,7 @@ class Request:
     headers: dict[str, str]  # lower-case names; the last value wins
     body: bytes
     at: float  # time.monotonic() when the request was complete
+    lines: tuple[tuple[str, str], ...] = ()  # every header as it came, in order (a repeat too)
 
     @property
     def attempt(self) -> int | None:
@@ -90,6 +91,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._url = b""
         self._headers: dict[str, str] = {}
+        self._lines: list[tuple[str, str]] = []
         self._body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,13 +111,14 @@ class _Conn(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
-        self._url, self._headers, self._body = b"", {}, []
+        self._url, self._headers, self._body, self._lines = b"", {}, [], []
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self._lines.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -124,7 +127,8 @@ class _Conn(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         request = Request(method=self.parser.get_method().decode(), path=self._url.decode("latin-1"),
-                          headers=self._headers, body=b"".join(self._body), at=time.monotonic())
+                          headers=self._headers, body=b"".join(self._body), at=time.monotonic(),
+                          lines=tuple(self._lines))
         owner = self.owner
         if request.headers.get("user-agent") == PROBE_AGENT:
             owner.probes.append(request)

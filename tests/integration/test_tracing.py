@@ -283,6 +283,31 @@ async def test_at_0_percent_nothing_is_exported_but_traceparent_still_goes_upstr
     assert [line["span_id"].encode() for line in lines] == [span for _, span, _ in sent]
 
 
+async def test_an_unsampled_retry_sends_the_same_traceparent_and_its_own_attempt_count(tmp_path: Path) -> None:
+    # An unsampled exchange's first try goes out with its traceparent and x-pake-attempts
+    # made with the head (Router._head); a retry cuts them off and adds its own.
+    answers = iter([Reply(503, body=b"busy")])
+
+    def respond(request: Request) -> Reply:
+        return next(answers, Reply())
+
+    async with Collector() as collector, FlakyUpstream(respond) as up:
+        mesh = {"services": {"orders": {"endpoints": [up.address],
+                                        "retries": {"attempts": 1, "budget": "100%"}}}}
+        boot = {"service": "web", "tracing": tracing(collector.endpoint, "0%")}
+        async with SidecarProcess(tmp_path, bootstrap=boot, mesh=mesh) as sc, aiohttp.ClientSession() as http:
+            async with http.get(sc.url() + "/o/2", headers={"Host": "orders"}) as resp:
+                assert resp.status == 200 and await resp.read() == b"ok"
+    assert [(r.path, r.attempt) for r in up.requests] == [("/o/2", 1), ("/o/2", 2)]
+    for r in up.requests:  # one of each: the first try's were cut off the retry's head
+        assert [name for name, _ in r.lines].count("traceparent") == 1, r.lines
+        assert [name for name, _ in r.lines].count("x-pake-attempts") == 1, r.lines
+    first, second = (r.headers["traceparent"] for r in up.requests)
+    assert first == second and first.endswith("-00")
+    line = sc.events("access")[-1]
+    assert first == f"00-{line['trace_id']}-{line['span_id']}-00" and line["attempts"] == 2
+
+
 # === a collector that is down or does not answer ===========================================
 
 
