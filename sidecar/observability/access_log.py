@@ -11,7 +11,9 @@ over. Numbers below 1000 come from a table and a request id is quoted only when 
 quote or a backslash (``json_text``): with the clock, 8.9k → 5.7k instructions a line. The
 string build itself costs ~75 instructions a piece it joins, so what repeats comes as whole
 fragments, key and value (the stamp with the line's opening, the cached fields, the common
-values of the numbers, the trace ids when off): 41 pieces → 28. The line goes on the log's channel
+values of the numbers, the trace ids when off): 41 pieces → 28. Who asked and where it went
+(listener, authority, route, cluster, upstream, client, peer, principal) is one fragment kept
+while it stays the same, as it does along a connection: 28 → 19. The line goes on the log's channel
 (``log_writer``): no I/O on the loop, dropped and counted when the output cannot keep up.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..config.model import RouteConfig
 from ..exchange import Exchange
 from .json_text import DECIMALS, MAX_CACHED, NumberField, QuoteCache, int_text, printable_text, quote, trace_ids
 from .log_writer import LogChannel
@@ -51,6 +54,19 @@ class AccessLog:
         self._peer = QuoteCache(prefix=',"peer":')  # the optional fields
         self._principal = QuoteCache(prefix=',"principal":')
         self._tags: dict[str, QuoteCache] = {}  # by tag name (a filter's fixed names: few)
+        # Who asked and where it went: the fields that stay the same from one exchange to the
+        # next on a connection, and across one client's connections. One fragment, made again
+        # when one of them changes: eight compares where the look-ups of their caches and
+        # their pieces of the build cost ~1.2k instructions a line (callgrind).
+        self._who = ""
+        self._listener = ""
+        self._authority_of = ""
+        self._route_of: RouteConfig | None = None
+        self._cluster_of = ""
+        self._upstream_of = ""
+        self._client = ""
+        self._peer_of: str | None = None
+        self._principal_of: str | None = None
 
     def log(self, ex: Exchange, duration: float) -> None:
         ended = ex.start + duration  # monotonic, as the pipeline measured the duration
@@ -59,18 +75,20 @@ class AccessLog:
             second = int(now)
             self._until = ended + (second + 1 - now)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
-            self._opening = f'{{"event":"access","timestamp":"{stamp}","listener":"'
+            self._opening = f'{{"event":"access","timestamp":"{stamp}","method":"'
         head = ex.request
         route = ex.route
         micros = int(duration * 1_000_000)  # to the microsecond, truncated
-        route_field = self._route.get(route.name) if route is not None else ',"route":"-"'
+        if (ex.listener == self._listener and head.authority == self._authority_of
+                and route is self._route_of and ex.cluster == self._cluster_of
+                and ex.upstream == self._upstream_of and ex.downstream_address == self._client
+                and ex.peer_identity == self._peer_of and ex.principal == self._principal_of):
+            who = self._who
+        else:
+            who = self._who_changed(ex, head.authority, route)
         optional = ""  # the fields set only on some exchanges; most have none
-        if ex.peer_identity or ex.principal or ex.reason or ex.tags:
+        if ex.reason or ex.tags:
             parts: list[str] = []
-            if ex.peer_identity:
-                parts.append(self._peer.get(ex.peer_identity))
-            if ex.principal:
-                parts.append(self._principal.get(ex.principal))
             if ex.reason:
                 parts.append(',"reason":' + quote(ex.reason))
             for key, value in ex.tags.items():
@@ -82,9 +100,27 @@ class AccessLog:
                 parts.append(tag.get(value))
             optional = "".join(parts)
         self.channel.put(
-            f'{self._opening}{ex.listener}","method":"{head.method}"{self._authority.get(head.authority)}'
-            f',"path":{quote(head.path)}{self._status.text(ex.status)}{self._bytes_in.text(ex.bytes_in)}'
-            f'{self._bytes_out.text(ex.bytes_out)}{self._duration.text(micros // 1000)}{DECIMALS[micros % 1000]}'
-            f'{route_field}{self._cluster.get(ex.cluster)}{self._upstream.get(ex.upstream)}'
-            f'{self._attempts.text(ex.attempts)},"flags":"{ex.flags}","request_id":"{printable_text(ex.request_id)}"'
-            f'{trace_ids(ex.trace_id, ex.span_id)},"client":"{ex.downstream_address}"{optional}}}\n')
+            f'{self._opening}{head.method}","path":{quote(head.path)}{self._status.text(ex.status)}'
+            f'{self._bytes_in.text(ex.bytes_in)}{self._bytes_out.text(ex.bytes_out)}'
+            f'{self._duration.text(micros // 1000)}{DECIMALS[micros % 1000]}{self._attempts.text(ex.attempts)}'
+            f',"flags":"{ex.flags}","request_id":"{printable_text(ex.request_id)}"'
+            f'{trace_ids(ex.trace_id, ex.span_id)}{who}{optional}}}\n')
+
+    def _who_changed(self, ex: Exchange, authority: str, route: RouteConfig | None) -> str:
+        self._listener = ex.listener
+        self._authority_of = authority
+        self._route_of = route
+        self._cluster_of = ex.cluster
+        self._upstream_of = ex.upstream
+        self._client = ex.downstream_address
+        self._peer_of = peer = ex.peer_identity
+        self._principal_of = principal = ex.principal
+        route_field = self._route.get(route.name) if route is not None else ',"route":"-"'
+        who = (f',"listener":"{ex.listener}"{self._authority.get(authority)}{route_field}'
+               f'{self._cluster.get(ex.cluster)}{self._upstream.get(ex.upstream)},"client":"{ex.downstream_address}"')
+        if peer:
+            who += self._peer.get(peer)
+        if principal:
+            who += self._principal.get(principal)
+        self._who = who
+        return who

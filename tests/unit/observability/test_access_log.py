@@ -66,6 +66,36 @@ def test_access_line_has_every_field_and_only_the_optional_ones_set() -> None:
     assert all(line.endswith("}\n") and line.isascii() for line in sink.lines)
 
 
+def test_each_line_names_its_own_caller_and_upstream_when_one_of_them_changes() -> None:
+    # The fields that repeat from line to line (listener, authority, route, cluster, upstream,
+    # client, peer, principal) are one fragment, made again when any of them changes: a
+    # line must never show the exchange before it.
+    sink = ListSink()
+    writer = LogWriter(sink, name="test").start()
+    access = AccessLog(writer.channel("access"))
+    reads = RouteConfig(name="reads", match=RouteMatch(), to=())
+    base = {"cluster": "orders", "upstream": "127.0.0.1:8080"}
+    changes: list[dict[str, Any]] = [
+        {}, {}, {"upstream": "127.0.0.1:8081"}, {"cluster": "billing"}, {"peer_identity": "spiffe://a"},
+        {"peer_identity": "spiffe://b"}, {"principal": "alice"}, {"principal": "bob"}, {}, {"route": reads},
+        {"listener": "outbound"}, {"downstream_address": "10.0.0.8"}, {"authority": "orders:9090"}, {}]
+    expected = []
+    for change in changes:
+        ex = exchange(**{**base, **{k: v for k, v in change.items()
+                                    if k not in ("route", "listener", "downstream_address", "authority")}})
+        ex.route = change.get("route")
+        ex.listener = change.get("listener", ex.listener)
+        ex.downstream_address = change.get("downstream_address", ex.downstream_address)
+        ex.request.authority = change.get("authority", ex.request.authority)
+        access.log(ex, 0.001)
+        expected.append((ex.listener, ex.request.authority, ex.route.name if ex.route else "-", ex.cluster,
+                         ex.upstream, ex.downstream_address, ex.peer_identity, ex.principal))
+    assert writer.close()
+    lines = [json.loads(line) for line in sink.lines]
+    assert [(line["listener"], line["authority"], line["route"], line["cluster"], line["upstream"],
+             line["client"], line.get("peer"), line.get("principal")) for line in lines] == expected
+
+
 def test_a_request_id_holding_a_quote_or_a_backslash_keeps_the_line_valid_json() -> None:
     sink = ListSink()
     writer = LogWriter(sink, name="test").start()
