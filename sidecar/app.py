@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+import time
 import weakref
 from dataclasses import dataclass, replace
 from collections.abc import Coroutine
@@ -137,7 +138,7 @@ class Sidecar:
         self.metrics.registry.register(StateCollector(
             clusters=lambda: self.snapshot.clusters.values(),
             filters=lambda: {id(f): f for chain in self.snapshot.filters.values() for f in chain}.values(),
-            audit=self.audit, jwks=lambda: self.jwks, clock=self.loop.time,
+            audit=self.audit, jwks=lambda: self.jwks, clock=time.monotonic,
             upstream=self._upstream_counts))
         self.listeners: dict[str, Listener] = {}
         self._group = ListenerGroup()  # for limits.max_total_connections
@@ -483,7 +484,7 @@ class Sidecar:
                                        "server_tls": self.server_tls.info() if self.server_tls else None})
 
         def clusters() -> AdminResponse:
-            now = self.loop.time()
+            now = time.monotonic()  # the router's clock (``deadline``)
             return json_response(200, {"clusters": [c.snapshot(now) for c in self.snapshot.clusters.values()],
                                        "retiring_snapshots": len(self.clusters.retiring)})
 

@@ -2,8 +2,9 @@
 move it by hand instead of sleeping.
 
 The one Clock protocol of the sidecar; ``tests/helpers/fake_clock.FakeClock`` implements it.
-The per-request hot path (listener, routing, pool) reads ``loop.time()`` directly: no
-indirection there."""
+The per-request hot path (listener, routing, pool, deadlines) reads ``time.monotonic()``
+directly, a C static once compiled: no indirection there. The loop's clock is the same one
+(uvloop's is libuv's cached CLOCK_MONOTONIC), so its timers take these times."""
 
 from __future__ import annotations
 

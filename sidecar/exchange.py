@@ -25,7 +25,7 @@ class Exchange:
     listener: str  # "outbound" | "inbound" | "gateway"
     downstream_address: str  # the client's IP
     request_id: str  # printable ASCII: a caller's valid X-Request-ID, or hex we made (log lines rely on it)
-    start: float  # loop time when the request head was complete
+    start: float  # time.monotonic() when the request head was complete
     peer_identity: str | None = None  # SPIFFE ID the mTLS peer proved
     principal: str | None = None  # who is calling: SPIFFE ID, JWT sub or API-key principal
     claims: dict[str, Any] | None = None  # verified JWT claims

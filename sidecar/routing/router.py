@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = ["Router"]
 
 # the last line of a try's head, for the counts a route's retries reach (no formatting per try)
+_MONOTONIC: Final = time.monotonic  # the hot path's clock (``deadline``)
 _ATTEMPT_LINES: Final = tuple(b"x-pake-attempts: %d\r\n\r\n" % n for n in range(16))
 
 
@@ -72,7 +73,6 @@ class Router:
                  *, scheme: bytes = b"http", rng: random.Random | None = None) -> None:
         # No cluster registry here: an exchange's clusters are those of the snapshot it holds.
         self.loop = loop
-        self._time = loop.time  # bound once: ``self.loop.time()`` looks the method up by name each call
         # the pipeline that made the router, typed as its class (imported for type checking
         # only, as ``Stream``): compiled, ``finish`` is a native call, where a stored bound
         # method was a generic one (~300 instructions an exchange)
@@ -119,8 +119,9 @@ class Router:
             if stream.head.chunked:
                 stream.body_limit = limit  # checked as the rest of the body arrives
         stream.timeout = timeout = route.timeout or cluster.timeouts.route
-        stream.conn.route_deadline.set_in(timeout)
-        policy.record_request(self._time())
+        now = _MONOTONIC()
+        stream.conn.route_deadline.set_at(now + timeout)
+        policy.record_request(now)
         action = None
         if route.fault is not None:
             action = decide(route.fault, stream.head.headers, self._rng.random)
@@ -193,7 +194,7 @@ class Router:
             return
         cluster = tries.cluster
         ex = stream.exchange
-        now = self._time()
+        now = _MONOTONIC()
         admission = cluster.breaker.try_acquire(now, retry=tries.retries > 0 and not isolated)
         if not isinstance(admission, Admission):
             last = tries.last_reply
@@ -294,7 +295,7 @@ class Router:
             stream.exchange.trace.try_end(stream.exchange, outcome)
         endpoint.active_requests -= 1
         cluster = tries.cluster
-        now = self._time()
+        now = _MONOTONIC()
         isolated = False
         if outcome is not Outcome.CANCELLED:
             failed = outcome is not Outcome.SUCCESS
@@ -319,7 +320,7 @@ class Router:
             decision = tries.policy.should_retry(
                 tries.retries + 1, outcome, status, stream.head.method,
                 body_replayable=stream.replayable(), response_started=False,
-                now=self._time(), retry_after=retry_after,
+                now=_MONOTONIC(), retry_after=retry_after,
                 deadline=stream.conn.route_deadline.when, isolated=isolated)
             if decision.retry:
                 tries.retries += 1
@@ -346,7 +347,7 @@ class Router:
             for name, value in head.headers:
                 if len(name) == 11 and name.lower() == b"retry-after":
                     retry_after = parse_retry_after(value, time.time())
-        now = self._time()
+        now = _MONOTONIC()
         endpoint = tries.endpoint
         isolated = endpoint is not None and isolated_failure(endpoint, tries.cluster.endpoints, now)
         decision = tries.policy.should_retry(

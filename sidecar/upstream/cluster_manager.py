@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
@@ -291,7 +292,7 @@ class ClusterManager:
     def _sweep(self, name: str) -> None:
         cluster = self.current.get(name)
         if cluster is not None:
-            cluster.outlier.sweep(self._loop.time(), cluster.endpoints)
+            cluster.outlier.sweep(time.monotonic(), cluster.endpoints)  # the router's clock
 
 
     def app_healthy(self) -> bool | None:
