@@ -35,7 +35,6 @@ __all__ = ["DownstreamConnection", "ListenerContext", "ServerState"]
 LINGER_SECONDS: Final = 2.0  # how long a closing connection keeps reading what the client still sends
 LINGER_BYTES: Final = 64 * 1024 * 1024  # ... and how much of it, at most (time is the real bound)
 MIN_HEAD: Final = len(b"GET / HTTP/1.0\r\n\r\n")  # the shortest request head llhttp accepts
-TLS_READ_SIZE: Final = 256 * 1024  # a TLS listener's shared read buffer (made by its Listener)
 # Bound once: compiled, ``time.monotonic()`` reads the module's attribute at every call
 # (~190 instructions); a Final is a C static.
 _MONOTONIC: Final = time.monotonic
@@ -72,12 +71,6 @@ class ListenerContext:
     scheme: bytes = b"http"
     peer_identity: Callable[[asyncio.Transport], str | None] | None = None
     connections: int = 0
-    # Every TLS connection of the listener decrypts into this one buffer, which a TLS
-    # ``Listener`` makes (``TLS_READ_SIZE``): the loop runs one callback at a time and the
-    # parser consumes a read before returning. A plain listener's stays empty (256 KiB less
-    # RSS): its connections get their reads as bytes (``DownstreamConnection``, as
-    # ``UpstreamConnection``).
-    read_buffer: bytearray = field(default_factory=bytearray)
     request_ids: RequestIds = field(default_factory=RequestIds)  # for requests that bring none
 
 
@@ -96,10 +89,6 @@ class DownstreamConnection(asyncio.Protocol):
         # on every call (~150 instructions, callgrind); let go with the transport
         self._send: Callable[[bytes], object] | None = None
         self.parser = RequestParser(self, ctx.limits)
-        # a view of a TLS listener's read buffer, made once a connection: compiled,
-        # ``memoryview(buf)`` is a builtin looked up by name and a type call (~900
-        # instructions) at every read, where a slice of this one is only the slice
-        self._read_view = memoryview(ctx.read_buffer) if ctx.read_buffer else None
         self.client = "-"
         self.peer_identity: str | None = None
         # what goes upstream in x-forwarded-for and x-pake-peer-identity (whole header lines
@@ -177,24 +166,12 @@ class DownstreamConnection(asyncio.Protocol):
             self.peer_identity_line = header_line(b"x-pake-peer-identity", self.peer_identity.encode())
         self._arm_idle()
 
-    # An asyncio.Protocol that also reads into a buffer: uvloop gives a plain connection's
-    # reads to ``data_received`` as bytes (see ``UpstreamConnection``), and ``TlsProtocol``
-    # decrypts into the listener's buffer through these two.
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self.ctx.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._received(self.ctx.read_buffer, nbytes)
-
     def data_received(self, data: bytes) -> None:
+        """Reads arrive as bytes: uvloop's of a plain connection, ``TlsProtocol``'s a
+        record's plaintext each (see ``UpstreamConnection``)."""
         n = len(data)
         if n >= LARGE_READ:
             keep_heap_slack()  # a large body: its reads are large allocations (sidecar/heap.py)
-        self._received(data, n)
-
-    def _received(self, buf: bytes | bytearray, n: int) -> None:
-        """``buf[:n]`` arrived; ``buf`` may be the shared read buffer: whatever outlives this
-        call is copied (the parser hands out copies already)."""
         if self._lingering:
             self._linger_left -= n
             if self._linger_left < 0 and self.transport is not None:
@@ -207,16 +184,16 @@ class DownstreamConnection(asyncio.Protocol):
                 if upstream is not None:
                     streams[0].exchange.bytes_in += n
                     self._deadline.set_in(self.ctx.timeouts.tunnel_idle)  # (moves, no re-arm)
-                    upstream.write(buf if isinstance(buf, bytes) else bytes(memoryview(buf)[:n]))
+                    upstream.write(data)
             elif streams:
                 # bytes after an upgrade request, before the upstream said 101: keep (bounded)
-                streams[-1].early_data += buf[:n]
+                streams[-1].early_data += data
                 if len(streams[-1].early_data) > 64 * 1024:
                     self.block_reading(self.BLOCK_BODY)
             return
         if not self._head_timer_armed:
             self._deadline.clear()
-        if not self._parse(buf, 0, n):
+        if not self._parse(data, 0, n):
             return
         # Only now: a framing error later in this same read refuses the request before a
         # single byte of it went upstream.
@@ -224,7 +201,7 @@ class DownstreamConnection(asyncio.Protocol):
         if self.parser.mid_head and not self._head_timer_armed:
             self._arm_head_timer()
 
-    def _parse(self, buf: bytes | bytearray, pos: int, end: int) -> bool:
+    def _parse(self, buf: bytes, pos: int, end: int) -> bool:
         """Feed ``buf[pos:end]`` to the parser, never more heads than the pipeline may
         still hold (``max_pipelined`` waiting behind the one being answered); the rest is
         kept unparsed, as bytes (at most one read), and reading pauses until an exchange
@@ -233,21 +210,16 @@ class DownstreamConnection(asyncio.Protocol):
         streams = self.streams
         ctx = self.ctx
         room = ctx.limits.max_pipelined + 1
-        # a view only to feed part of ``buf``: a plain connection's read arrives as bytes,
-        # fed whole, and ``memoryview(buf)`` costs ~1k instructions compiled (a builtin
-        # looked up by name and a type call)
-        view = self._read_view if buf is ctx.read_buffer else None
+        # a view only to feed part of ``buf``: a read is mostly fed whole, and
+        # ``memoryview(buf)`` costs ~1k instructions compiled (a builtin looked up by name and
+        # a type call)
+        view: memoryview | None = None
         self._parsing = True
         try:
             while pos < end:
                 heads = room - len(streams)
                 if heads <= 0:
-                    if isinstance(buf, bytes):
-                        self._unparsed, self._unparsed_at = buf, pos  # (held bytes, fed again)
-                    else:
-                        if view is None:
-                            view = memoryview(buf)
-                        self._unparsed, self._unparsed_at = bytes(view[pos:end]), 0
+                    self._unparsed, self._unparsed_at = buf, pos  # (held bytes, fed again)
                     self.block_reading(self.BLOCK_PIPELINE)
                     return True
                 # a head is at least MIN_HEAD bytes: a short read needs no look

@@ -29,7 +29,7 @@ from typing import cast
 
 from ..config.model import ListenerConfig
 from ..upstream.tls_protocol import TlsProtocol
-from .connection import TLS_READ_SIZE, DownstreamConnection, ListenerContext
+from .connection import DownstreamConnection, ListenerContext
 
 __all__ = ["Listener", "ListenerGroup"]
 
@@ -59,8 +59,6 @@ class Listener:
         self.ctx = ctx
         self.loop = loop
         self.ssl_context = ssl_context
-        if ssl_context is not None and not ctx.read_buffer:
-            ctx.read_buffer = bytearray(TLS_READ_SIZE)  # what TlsProtocol decrypts into
         self.server: asyncio.Server | None = None
         self.port = config.address[1]
         self._on_refused = on_refused  # counts connections closed at once, by reason

@@ -38,7 +38,6 @@ from .retry import RetryPolicy
 __all__ = ["ClusterManager", "ClusterSet", "LOCAL_APP", "retire_later"]
 
 LOCAL_APP: Final = "local-app"
-UPSTREAM_READ_SIZE: Final = 64 * 1024
 log = structlog.get_logger("pake.cluster")
 
 PoolKey = tuple[str, Address, PoolConfig, bool]
@@ -121,12 +120,6 @@ class ClusterManager:
         self.retiring: set[ClusterSet] = set()  # superseded sets that still carry exchanges
         self._shared: dict[Pool | HealthChecker, int] = {}  # resource -> live sets holding it
         self._tasks: set[asyncio.Task[None]] = set()
-        # Shared by every TLS upstream connection, which decrypts into it, and the most one of
-        # their reads may take: a read is written downstream whole before back-pressure can
-        # pause the upstream, so its size is what a slow reader can make the sidecar hold beyond
-        # the 64 KiB write high-water. A plain connection gets its reads from uvloop as bytes,
-        # up to uvloop's read size (256 KiB).
-        self._read_buffer = bytearray(UPSTREAM_READ_SIZE)
         self._closed = False
 
     @property
@@ -238,8 +231,7 @@ class ClusterManager:
                 context, identify = self._endpoint_tls(address) if tls else ((lambda: None), None)
                 pool = Pool(address, pool_config, self._loop, ssl_context=context,
                             server_hostname=hostname, identify=identify,
-                            on_connect_failure=functools.partial(self._on_connect_failure, name),
-                            read_buffer=self._read_buffer)
+                            on_connect_failure=functools.partial(self._on_connect_failure, name))
             pools[key] = pool  # (its breaker is set when the set is activated)
             members[address] = pool
         health = None

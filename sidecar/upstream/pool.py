@@ -42,8 +42,7 @@ class Pool:
                  *, ssl_context: Callable[[], ssl.SSLContext | None] = lambda: None,
                  server_hostname: str | None = None,
                  identify: Callable[[object], str | None] | None = None,
-                 on_connect_failure: Callable[[], None] = lambda: None,
-                 read_buffer: bytearray | None = None) -> None:
+                 on_connect_failure: Callable[[], None] = lambda: None) -> None:
         self.address = address
         self.address_text = f"{address[0]}:{address[1]}"
         self.config = config
@@ -51,10 +50,6 @@ class Pool:
         self._ssl_context = ssl_context
         self._server_hostname = server_hostname
         self.identify = identify  # transport -> the peer's SPIFFE ID (mTLS), once per connection
-        # TLS upstream connections decrypt into one buffer (one callback at a time on the loop;
-        # a plain one gets its reads as bytes: UpstreamConnection)
-        self.read_buffer = read_buffer if read_buffer is not None else bytearray(64 * 1024)
-        self.read_view = memoryview(self.read_buffer)  # made once (see DownstreamConnection._read_view)
         self._on_connect_failure = on_connect_failure
         # newest last; a list, not a deque: compiled, its pop and append are direct calls
         self.idle: list[UpstreamConnection] = []

@@ -114,22 +114,15 @@ class UpstreamConnection(asyncio.Protocol):
     # An asyncio.Protocol, not a BufferedProtocol: uvloop hands a plain connection's read over
     # as bytes, in one callback. Into a buffer, a read was two callbacks that each take the
     # GIL, and a view sliced for the parser: ~1.1k instructions more a read (callgrind). A
-    # large body costs the same either way (sidecar/heap.py). ``TlsProtocol`` still
-    # decrypts into the pool's buffer through these two:
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self.pool.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.pool.read_view[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        """``data`` may be a view of the shared read buffer (see ``Pool.read_buffer``)."""
+    # large body costs the same either way (sidecar/heap.py). ``TlsProtocol`` hands over
+    # each record's plaintext as bytes too.
+    def data_received(self, data: bytes) -> None:
         listener = self.listener
         if listener is None:
             self.close()  # bytes on an idle connection: it is out of sync, never reuse it
             return
         if self.tunnel:
-            listener.on_tunnel_data(bytes(data))
+            listener.on_tunnel_data(data)
             return
         if len(data) >= LARGE_READ:
             keep_heap_slack()  # a large body: its reads are large allocations (sidecar/heap.py)

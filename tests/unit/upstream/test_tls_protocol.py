@@ -24,12 +24,13 @@ TIMEOUT = 10.0
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class Recorder(asyncio.BufferedProtocol):
-    """A protocol that keeps what arrives and every call the transport makes."""
+class Recorder(asyncio.Protocol):
+    """A protocol that keeps what arrives (and each read's size) and every call the transport
+    makes."""
 
-    def __init__(self, buffer_size: int = 64 * 1024) -> None:
-        self.buffer = bytearray(buffer_size)
+    def __init__(self) -> None:
         self.received = bytearray()
+        self.reads: list[int] = []
         self.events: list[str] = []
         self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         self.arrived = asyncio.Event()
@@ -37,11 +38,10 @@ class Recorder(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.events.append("made")
 
-    def get_buffer(self, sizehint: int) -> bytearray:
-        return self.buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.received += self.buffer[:nbytes]
+    def data_received(self, data: bytes) -> None:
+        assert type(data) is bytes  # as uvloop gives a plain connection's reads
+        self.received += data
+        self.reads.append(len(data))
         self.arrived.set()
 
     def eof_received(self) -> bool | None:
@@ -211,23 +211,80 @@ async def test_abort_ends_the_connection_at_once(serve, pki) -> None:
     assert protocol.events == ["made", "lost"]
 
 
-async def test_records_larger_than_the_buffer_arrive_whole_and_reading_pauses(serve, pki) -> None:
+async def test_full_records_arrive_whole_one_read_each_and_reading_pauses(serve, pki) -> None:
     async def send_big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"x" * 16_000 + b"y" * 16_000)  # two full records
+        writer.write(b"x" * 16_384 + b"y" * 16_384 + b"z")  # two full records and a byte
         await writer.drain()
         await reader.read(1)
         writer.close()
 
-    protocol = Recorder(buffer_size=1000)  # a record needs 17 reads; 16 of them from OpenSSL
+    protocol = Recorder()
     transport = await connect(await serve(send_big), protocol, pki)
-    await protocol.wait_for(32_000)
-    assert protocol.received == b"x" * 16_000 + b"y" * 16_000
+    await protocol.wait_for(32_769)
+    assert protocol.received == b"x" * 16_384 + b"y" * 16_384 + b"z"
+    assert protocol.reads == [16_384, 16_384, 1]  # a record a read: none cut, none joined
     transport.pause_reading()
     assert not transport.is_reading()
     transport.resume_reading()
     assert transport.is_reading()
     transport.close()
     await asyncio.wait_for(protocol.lost, TIMEOUT)
+
+
+async def test_records_cut_across_reads_and_many_in_one_read_each_arrive_whole(serve, pki) -> None:
+    # A read asks OpenSSL for as much as the ciphertext that waits, when that is all that
+    # waits, else for a whole record: records cut into pieces by the network, and many small
+    # ones in one read, must each come out whole, in order.
+    sizes = [16_384, 10, 5_000, 1, 16_384, 300] + [40] * 30
+
+    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for i, size in enumerate(sizes):
+            writer.write(bytes([65 + i % 26]) * size)  # a record each (asyncio writes each at once)
+            await writer.drain()
+        await reader.read(1)
+        writer.close()
+
+    server_port = await serve(send)
+    chopped = asyncio.get_running_loop().create_future()
+
+    async def chop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # between client and server: the server's bytes in 7-byte pieces, then in bursts
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server_port)
+
+        async def to_server() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+            up_writer.close()
+            await up_writer.wait_closed()
+
+        pump = asyncio.create_task(to_server())
+        sent = 0
+        while data := await up_reader.read(65536):
+            step = 7 if sent < 40_000 else len(data)
+            for i in range(0, len(data), step):
+                writer.write(data[i:i + step])
+                await writer.drain()
+                if step == 7 and i % 700 == 0:
+                    await asyncio.sleep(0)
+            sent += len(data)
+        writer.close()
+        await writer.wait_closed()
+        await pump
+        chopped.set_result(None)
+
+    chopper = await asyncio.start_server(chop, "127.0.0.1", 0)
+    try:
+        protocol = Recorder()
+        transport = await connect(chopper.sockets[0].getsockname()[1], protocol, pki)
+        await protocol.wait_for(sum(sizes))
+        assert protocol.received == b"".join(bytes([65 + i % 26]) * n for i, n in enumerate(sizes))
+        assert protocol.reads == sizes
+        transport.close()
+        await asyncio.wait_for(chopped, TIMEOUT)  # every socket of the way closed
+        await asyncio.wait_for(protocol.lost, TIMEOUT)
+    finally:
+        chopper.close()
+        await chopper.wait_closed()
 
 
 async def test_an_untrusted_server_is_refused_and_its_socket_closed(serve, pki, tmp_path) -> None:
