@@ -108,21 +108,25 @@ def test_each_record_names_its_own_caller_service_and_rule_when_one_of_them_chan
     web, api = "spiffe://pake.local/service/web", "spiffe://pake.local/service/api"
     cases: list[dict[str, Any]] = [
         {}, {}, {"peer": api}, {"principal": "alice"}, {"principal": None}, {"client": "10.0.0.8"},
-        {"service": "billing"}, {"stage": "authn"}, {"decision": "deny"}, {"rule": "writes"}, {}]
+        {"peer": None, "principal": None}, {"peer": None, "principal": None, "client": "10.0.0.9"},
+        {"principal": 'bob "b"'}, {"peer": web},
+        {"service": "billing"}, {"stage": "authn"}, {"decision": "deny"}, {"rule": "writes"},
+        {"method": "POST"}, {}]
     expected = []
     for i, case in enumerate(cases):
         peer = case.get("peer", web)
-        ex = exchange(request("GET", f"/orders/{i}"), peer=peer, client=case.get("client", "203.0.113.7"),
-                      request_id=f"r{i}", principal=case.get("principal", peer))
+        ex = exchange(request(case.get("method", "GET"), f"/orders/{i}"), peer=peer,
+                      client=case.get("client", "203.0.113.7"), request_id=f"r{i}",
+                      principal=case.get("principal", peer))
         ex.service = case.get("service", "orders")
         stage, decision, rule = case.get("stage", "authz"), case.get("decision", "allow"), case.get("rule", "reads")
         audit.record_request(ex, stage, decision, rule, f"rule '{rule}' allows ")
         expected.append((f"r{i}", peer, ex.downstream_address, ex.principal, ex.service, stage, decision, rule,
-                         f"/orders/{i}"))
+                         f"/orders/{i}", request_reason(f"rule '{rule}' allows ", ex)))
     assert writer.close()
     records = [json.loads(line) for line in sink.lines]
     assert [(r["request_id"], r["source"], r["client"], r["principal"], r["service"], r["stage"],
-             r["decision"], r["rule"], r["path"]) for r in records] == expected
+             r["decision"], r["rule"], r["path"], r["reason"]) for r in records] == expected
 
 
 async def test_blocked_sink_drops_are_counted_and_warned_once_per_interval() -> None:
