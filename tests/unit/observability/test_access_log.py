@@ -96,6 +96,28 @@ def test_each_line_names_its_own_caller_and_upstream_when_one_of_them_changes() 
              line["client"], line.get("peer"), line.get("principal")) for line in lines] == expected
 
 
+def test_each_line_carries_its_own_tags_when_they_change() -> None:
+    # The last tags' fragment is kept while the next exchange's tags are the same: a line
+    # must show exactly its exchange's tags (and its reason), never the one before.
+    sink = ListSink()
+    writer = LogWriter(sink, name="test").start()
+    access = AccessLog(writer.channel("access"))
+    cases: list[tuple[dict[str, str], str]] = [
+        ({"rbac": "allow", "rbac_rule": "reads"}, ""), ({"rbac": "allow", "rbac_rule": "reads"}, ""),
+        ({"rbac": "deny", "rbac_rule": "reads"}, 'no rule "x"'), ({"rbac": "deny", "rbac_rule": "writes"}, ""),
+        ({}, ""), ({}, "why"), ({"rbac": "deny", "rbac_rule": "writes", "authn": "jwt"}, ""),
+        ({"rbac": "deny", "rbac_rule": "writes"}, ""), ({"rbac": "deny", "rbac_rule": "writes"}, "")]
+    for tags, reason in cases:
+        ex = exchange(reason=reason)
+        ex.tags.update(tags)
+        access.log(ex, 0.001)
+    assert writer.close()
+    lines = [json.loads(line) for line in sink.lines]
+    keys = {"rbac", "rbac_rule", "authn", "reason"}
+    assert [{k: v for k, v in line.items() if k in keys} for line in lines] == [
+        {**tags, **({"reason": reason} if reason else {})} for tags, reason in cases]
+
+
 def test_a_request_id_holding_a_quote_or_a_backslash_keeps_the_line_valid_json() -> None:
     sink = ListSink()
     writer = LogWriter(sink, name="test").start()
