@@ -145,28 +145,28 @@ class AuditLog:
         self._repeated = QuoteCache()  # the peer, principal, service and rule repeat
         self._starts = QuoteCache()  # a reason's start: a rule's, per decision it makes
         # The fields that repeat from record to record (who asked, the service, the stage, the
-        # decision and its rule): one fragment, made again when one of them changes. Seven
-        # compares where two look-ups and 14 pieces of the build cost ~1k instructions.
+        # decision and its rule): one fragment (``_same``), made again when one of them changes.
+        # Seven compares where two look-ups and 14 pieces of the build cost ~1k instructions.
         self._same = ""
-        # ``record_request``'s: the caller of the last record (its peer, principal and
-        # client), their quoted fields and the reason's end (`` from <who>"``); the start of
-        # the reason (the rule's, and the method)
-        self._peer: str | None = None
-        self._principal: str | None = None
-        self._client_of = ""
-        self._source = "null"
-        self._principal_text = "null"
+        self._same_source = ""
+        self._same_client = ""
+        self._same_principal = ""
+        self._same_service = ""
+        self._same_stage: Stage = "authz"
+        self._same_decision: Decision = "allow"
+        self._same_rule = ""
+        # ``record_request``'s: the last record's caller (peer, principal, client), their
+        # quoted fields and the reason's end (`` from <who>"``); the reason's start (the
+        # rule's, then the method)
+        self._caller_peer: str | None = None
+        self._caller_principal: str | None = None
+        self._caller_client = ""
+        self._caller_source = "null"
+        self._caller_principal_text = "null"
         self._who_tail = ' from client "'
-        self._start = ""
-        self._method = ""
+        self._start_of = ""
+        self._method_of = ""
         self._reason_start = '" '
-        self._source_of = ""
-        self._client = ""
-        self._principal_of = ""
-        self._service = ""
-        self._stage: Stage = "authz"
-        self._decision: Decision = "allow"
-        self._rule = ""
 
     # Read by metrics (pake_audit_records): the channel counts them.
     @property
@@ -199,25 +199,26 @@ class AuditLog:
         request = exchange.request
         peer = exchange.peer_identity
         principal = exchange.principal
-        if peer != self._peer or principal != self._principal or exchange.downstream_address != self._client_of:
-            self._caller_changed(peer, principal, exchange.downstream_address)
-        if start != self._start or request.method != self._method:
-            self._start = start
-            self._method = request.method
+        client = exchange.downstream_address
+        if peer != self._caller_peer or principal != self._caller_principal or client != self._caller_client:
+            self._caller_changed(peer, principal, client)
+        if start != self._start_of or request.method != self._method_of:
+            self._start_of = start
+            self._method_of = request.method
             self._reason_start = f'{self._starts.get(start)[:-1]}{request.method} '
         path = quote(request.path)
         shown = (path[1:-1] if len(request.path) <= MAX_REASON_PATH
                  else quote(request.path[:MAX_REASON_PATH])[1:-1])
-        self._put(exchange, stage, decision, rule, self._source, self._principal_text, path,
+        self._put(exchange, stage, decision, rule, self._caller_source, self._caller_principal_text, path,
                   f"{self._reason_start}{shown}{self._who_tail}")
 
     def _caller_changed(self, peer: str | None, principal: str | None, client: str) -> None:
         repeated = self._repeated
-        self._peer = peer
-        self._principal = principal
-        self._client_of = client
-        source = self._source = repeated.get_or_null(peer)
-        principal_text = self._principal_text = repeated.get_or_null(principal)
+        self._caller_peer = peer
+        self._caller_principal = principal
+        self._caller_client = client
+        source = self._caller_source = repeated.get_or_null(peer)
+        principal_text = self._caller_principal_text = repeated.get_or_null(principal)
         who = source[1:-1] if peer else "client " + client
         if principal and principal != peer:
             who = who + " as " + principal_text[1:-1]
@@ -234,18 +235,18 @@ class AuditLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         # method, stage and decision come from fixed lists, trace and span ids are hex we made
         # or checked (``tracing``), the client an address from the socket: never quoted
-        if (source == self._source_of and exchange.downstream_address == self._client
-                and principal == self._principal_of and exchange.service == self._service
-                and stage == self._stage and decision == self._decision and rule == self._rule):
+        if (source == self._same_source and exchange.downstream_address == self._same_client
+                and principal == self._same_principal and exchange.service == self._same_service
+                and stage == self._same_stage and decision == self._same_decision and rule == self._same_rule):
             same = self._same
         else:
-            self._source_of = source
-            self._client = exchange.downstream_address
-            self._principal_of = principal
-            self._service = exchange.service
-            self._stage = stage
-            self._decision = decision
-            self._rule = rule
+            self._same_source = source
+            self._same_client = exchange.downstream_address
+            self._same_principal = principal
+            self._same_service = exchange.service
+            self._same_stage = stage
+            self._same_decision = decision
+            self._same_rule = rule
             same = self._same = (
                 f',"source":{source},"client":"{exchange.downstream_address}","principal":{principal},'
                 f'"service":{self._repeated.get(exchange.service)},"stage":"{stage}","decision":"{decision}",'
