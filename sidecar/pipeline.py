@@ -64,7 +64,8 @@ class Pipeline:
                     head = stream.head
                     reply = NoRoute(f"no route for {head.method} {head.authority}{head.path}").reply()
                 else:
-                    body_filter = snap.body_filters.get(ex.listener)
+                    # most services have no body filter: no look-up then (~130 instructions)
+                    body_filter = snap.body_filters.get(ex.listener) if snap.body_filters else None
                     if body_filter is not None and body_filter.wants_body(ex):
                         # waiting for a body is a phase like any other: the route timeout,
                         # counted from the exchange's start, bounds it (408 when it fires)
