@@ -28,21 +28,20 @@ def reason_phrase(status: int) -> bytes:
 
 
 def header_line(name: bytes, value: bytes) -> bytes:
-    """One header line, CRLF included, as a head's ``extra`` takes it. The headers the sidecar
-    adds (framing, forwarding, ids) go into the head's join as one piece each, many of them
-    made once (a constant, or once a connection), where a (name, value) pair is four pieces:
-    a piece costs the join ~100 instructions (callgrind)."""
+    """One header line, CRLF included: one piece of a head's join, where a piece costs the
+    join ~100 instructions (callgrind). The headers the sidecar adds (framing, forwarding,
+    ids) come as such lines in a head's ``extra``, many made once (a constant, or once a
+    connection); those forwarded are made here as the head is written."""
     return b"%b: %b\r\n" % (name, value)
 
 
 def _add_lines(lines: list[bytes], headers: list[tuple[bytes, bytes]]) -> None:
-    # four appends, not ``lines += (name, b": ", value, b"\r\n")``: compiled, an append is a
-    # primitive, and ``+=`` made a tuple per header and extended the list through the C API
+    # one line a header (``header_line``: a bytes format, one build of three pieces), not
+    # four appends of its pieces: the join's cost a piece made those slower, 719 against
+    # 667 ns for the realistic profile's head and 214 against 187 ns for a one-header one
+    # (compiled, timeit); ``lines += (name, b": ", value, b"\r\n")`` made a tuple as well
     for name, value in headers:
-        lines.append(name)
-        lines.append(b": ")
-        lines.append(value)
-        lines.append(b"\r\n")
+        lines.append(header_line(name, value))
 
 
 def request_head(head: RequestHead, extra: list[bytes], *, end: bool = True,
