@@ -133,7 +133,8 @@ class ResponseParser:
             # is out of sync. It must neither reach the downstream nor be dropped silently
             # while the connection goes back to the pool (a later read there is refused).
             raise UpstreamProtocolError("upstream sent more than one response")
-        self._reset()
+        if not self._in_head or self._headers or self.reason:
+            self._reset()  # (``begin``, or an interim response's end, left it fresh: mostly)
 
     def on_status(self, reason: bytes) -> None:
         # the reason mostly comes in one piece: taken as it is, where ``+=`` on the empty
@@ -159,7 +160,7 @@ class ResponseParser:
             return
         content_length = None
         chunked = False
-        connection: list[bytes] = []
+        connection: list[bytes] | None = None  # made for a response that has the header
         upgrade: bytes | None = None
         kept: list[tuple[bytes, ...]] = []  # the pairs on_header made (see request_parser)
         has_request_id = False
@@ -189,11 +190,13 @@ class ResponseParser:
                     raise UpstreamProtocolError("upstream Transfer-Encoding other than chunked")
                 chunked = True
             elif code == _CONNECTION:
+                if connection is None:
+                    connection = []
                 connection.append(value)
             elif code == _UPGRADE:
                 upgrade = value
             # else: another hop-by-hop header, dropped
-        if connection:
+        if connection is not None:
             tokens = connection_tokens(connection)
             kept = [pair for pair in kept if pair[0].lower() not in tokens]
         head = ResponseHead(

@@ -189,6 +189,17 @@ def test_a_response_head_is_bounded() -> None:
     assert sink.heads == []
 
 
+def test_a_response_head_past_the_bound_in_its_first_read_is_refused_there() -> None:
+    # The first read counts too: the response's start (llhttp's on_message_begin) once reset
+    # the count after the read had added to it, so a head could pass the bound by one read.
+    sink = Sink()
+    parser = ResponseParser(sink)
+    parser.begin(False)
+    with pytest.raises(UpstreamProtocolError, match="head too large"):
+        parser.feed(b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * (97 * 1024))
+    assert sink.heads == []
+
+
 def test_response_header_count_is_bounded() -> None:
     many = b"".join(b"X-%d: v\r\n" % i for i in range(201))
     assert "too many" in refused(b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 0\r\n\r\n")
