@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Router"]
 
-# the last line of a try's head, for the counts a route's retries reach (no formatting per try)
 _MONOTONIC: Final = time.monotonic  # the hot path's clock (``deadline``)
+# the last line of a try's head, for the counts a route's retries reach (no formatting per try)
 _ATTEMPT_LINES: Final = tuple(b"x-pake-attempts: %d\r\n\r\n" % n for n in range(16))
 
 
@@ -255,16 +255,13 @@ class Router:
         tries.reused = reused
         conn.start(stream, stream.head.method == "HEAD")
         head = tries.head_bytes
-        if tries.tail:
-            if ex.attempts == 1 and ex.trace is None:  # the first try's lines end it (``_head``)
-                stream.attach(conn, head, again=tries.head_sent)
-                tries.head_sent = True
-                return
-            head = tries.head_bytes = head[:len(head) - tries.tail]  # a retry's: its own lines
+        if tries.tail and ex.attempts != 1:  # a retry: the first try's lines off (``_head``)
+            head = tries.head_bytes = head[:len(head) - tries.tail]
             tries.tail = 0
-        trace = ex.trace_header if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
-        # one join: two ``+`` copied the whole head twice
-        stream.attach(conn, b"".join((head, trace, _last_line(expected, ex.attempts))), again=tries.head_sent)
+        if not tries.tail:  # this try's lines: one join, where two ``+`` copied the head twice
+            trace = ex.trace_header if ex.trace is None else ex.trace.header()  # tracing: this try's traceparent
+            head = b"".join((head, trace, _last_line(expected, ex.attempts)))
+        stream.attach(conn, head, again=tries.head_sent)
         tries.head_sent = True
 
     def _release(self, stream: Stream, *, abort: bool = False) -> None:
