@@ -290,26 +290,27 @@ class CircuitBreaker:
                        "max_pending": self.pending.max, "max_connections": self.connections.max},
         }
 
+    def _reject(self, reason: RejectReason) -> Rejection:
+        rejected = self._rejected  # ``x[i] = x[i] + 1``: an item's ``+=`` is generic once compiled
+        rejected[reason] = rejected[reason] + 1
+        return REJECTIONS[reason]
+
     # --- the hot path -----------------------------------------------------------------
     def try_acquire(self, now: float, retry: bool = False) -> Admission | Rejection:
         """May a try (``retry``: a retry) be sent at ``now``? Admitting takes a request slot."""
         state = self._state
         if state is BreakerState.OPEN:
             if now < self._open_until:
-                self._rejected[RejectReason.OPEN] = self._rejected[RejectReason.OPEN] + 1
-                return REJECTIONS[RejectReason.OPEN]
+                return self._reject(RejectReason.OPEN)
             self._set_state(BreakerState.HALF_OPEN, "open_interval_elapsed")
             state = BreakerState.HALF_OPEN
         if self._active >= self._max_requests:
-            self._rejected[RejectReason.MAX_REQUESTS] = self._rejected[RejectReason.MAX_REQUESTS] + 1
-            return REJECTIONS[RejectReason.MAX_REQUESTS]
+            return self._reject(RejectReason.MAX_REQUESTS)
         if retry and self._active_retries >= self._max_retries:
-            self._rejected[RejectReason.MAX_RETRIES] = self._rejected[RejectReason.MAX_RETRIES] + 1
-            return REJECTIONS[RejectReason.MAX_RETRIES]
+            return self._reject(RejectReason.MAX_RETRIES)
         if state is BreakerState.HALF_OPEN:
             if self._trials >= self._half_open_requests:
-                self._rejected[RejectReason.HALF_OPEN_BUSY] = self._rejected[RejectReason.HALF_OPEN_BUSY] + 1
-                return REJECTIONS[RejectReason.HALF_OPEN_BUSY]
+                return self._reject(RejectReason.HALF_OPEN_BUSY)
             self._trials += 1
         self._active += 1
         if retry:
