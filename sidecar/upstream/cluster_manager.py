@@ -278,13 +278,20 @@ class ClusterManager:
                         endpoint=endpoint.address_text, reason=reason, ejections=endpoint.ejections)
             if ejected:
                 # the load balancer skips it by time alone; the sweep then reports its return
-                self._loop.call_at(endpoint.ejected_until, self._sweep, name)
+                self._loop.call_at(endpoint.ejected_until, self._sweep, name, endpoint)
         return change
 
-    def _sweep(self, name: str) -> None:
+    def _sweep(self, name: str, endpoint: EndpointState) -> None:
         cluster = self.current.get(name)
-        if cluster is not None:
-            cluster.outlier.sweep(time.monotonic(), cluster.endpoints)  # the router's clock
+        if cluster is None:
+            return
+        now = time.monotonic()  # the router's clock, in which ``ejected_until`` was set
+        if endpoint.ejected and endpoint.ejected_until > now:
+            # early: the loop's timers count whole milliseconds, so one can fire up to half
+            # of one before a time of this clock
+            self._loop.call_at(endpoint.ejected_until, self._sweep, name, endpoint)
+            return
+        cluster.outlier.sweep(now, cluster.endpoints)
 
 
     def app_healthy(self) -> bool | None:
