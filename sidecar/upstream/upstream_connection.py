@@ -33,6 +33,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self._send: Callable[[bytes], object] | None = None  # transport.write, bound once (as downstream)
+        # transport.is_closing, bound once too: the pool asks it for every request sent on a
+        # kept connection, and through the transport's type it was a call by name (~200
+        # instructions of ~250, callgrind)
+        self._is_closing: Callable[[], bool] | None = None
         self.parser: ResponseParser | None = None
         # the downstream side of the exchange being served: the listener's ``Stream``, named for
         # type checking only (the listener imports this module). A concrete type, not a
@@ -55,8 +59,8 @@ class UpstreamConnection(asyncio.Protocol):
     # --- the pool's view ----------------------------------------------------------------
     def is_available(self) -> bool:
         """Idle, open, and nothing arrived since the last response: safe to send on."""
-        return not self.closed and self.listener is None and self.transport is not None \
-            and not self.transport.is_closing()
+        is_closing = self._is_closing
+        return not self.closed and self.listener is None and is_closing is not None and not is_closing()
 
     def start(self, listener: Stream, head_only: bool) -> None:
         """Bind this connection to one exchange until ``finish``."""
@@ -107,6 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
         # A stream connection's transport is a Transport; asyncio types it as the base class.
         transport = self.transport = cast(asyncio.Transport, transport)
         self._send = transport.write
+        self._is_closing = transport.is_closing
         transport.set_write_buffer_limits(high=64 * 1024)
         if self.pool.identify is not None:
             self.peer_identity = self.pool.identify(transport)
@@ -149,7 +154,7 @@ class UpstreamConnection(asyncio.Protocol):
         # transport's bound methods) that only the cyclic GC frees; let go of the transport
         # now, and with it the TLS protocol, its memory BIOs and OpenSSL's state.
         # Kept until the GC, a new connection per request held 100+ MB of dead connections.
-        self.transport = self._send = None
+        self.transport = self._send = self._is_closing = None
         self.pool.on_connection_lost(self)
         listener = self.listener
         if listener is None:
