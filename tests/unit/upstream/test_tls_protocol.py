@@ -287,6 +287,93 @@ async def test_records_cut_across_reads_and_many_in_one_read_each_arrive_whole(s
         await chopper.wait_closed()
 
 
+async def test_a_read_of_one_whole_record_and_reads_of_several_alternate_without_a_stall(serve, pki) -> None:
+    # A read that starts at a record and holds exactly one (its header's length is what
+    # arrived) is handed on without asking what else waits. Reads of one record, of two, of
+    # a record and a half, and of the half's rest come in turn: each record still arrives
+    # whole, in order, and none waits for a later read.
+    sizes = [100, 200, 300, 4_000, 50, 5_000, 60, 70, 16_384, 80]
+    # how many of the data records each write to the client carries, in turn (a write's
+    # end half-way into a record leaves the rest to the next one)
+    groups = [1, 2, 1, 1.5, 1.5, 1, 1, 1]
+
+    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)  # the client's go: after the handshake and its tickets
+        for i, size in enumerate(sizes):
+            writer.write(bytes([65 + i]) * size)  # a record each
+            await writer.drain()
+        await reader.read(1)
+        writer.close()
+
+    server_port = await serve(send)
+    grouping = asyncio.Event()
+    relayed = asyncio.get_running_loop().create_future()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server_port)
+
+        async def to_server() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+            up_writer.close()
+            await up_writer.wait_closed()
+
+        async def record() -> bytes:
+            header = await up_reader.readexactly(5)
+            return header + await up_reader.readexactly(int.from_bytes(header[3:5]))
+
+        pump = asyncio.create_task(to_server())
+        while not grouping.is_set():  # the handshake and the tickets: passed on at once
+            got = asyncio.ensure_future(record())
+            flag = asyncio.ensure_future(grouping.wait())
+            await asyncio.wait({got, flag}, return_when=asyncio.FIRST_COMPLETED)
+            flag.cancel()
+            if not got.done():
+                data_first = await got  # the first data record, read whole
+                break
+            writer.write(got.result())
+            await writer.drain()
+        else:
+            data_first = await record()
+        data = [data_first] + [await record() for _ in sizes[1:]]
+        assert [len(r) >= n for r, n in zip(data, sizes)] == [True] * len(sizes)
+        stream = b"".join(data)
+        at = 0
+        index = 0.0
+        for count in groups:
+            index += count
+            whole = int(index)
+            end = sum(len(r) for r in data[:whole]) + (len(data[whole]) // 2 if index != whole else 0)
+            writer.write(stream[at:end])
+            await writer.drain()
+            await asyncio.sleep(0.05)  # a read each
+            at = end
+        assert at == len(stream)
+        while rest := await up_reader.read(65536):
+            writer.write(rest)
+        writer.close()
+        await writer.wait_closed()
+        await pump
+        relayed.set_result(None)
+
+    relayer = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        protocol = Recorder()
+        transport = await connect(relayer.sockets[0].getsockname()[1], protocol, pki)
+        await asyncio.sleep(0.2)  # the server's tickets pass the relay
+        grouping.set()
+        transport.write(b"g")
+        await protocol.wait_for(sum(sizes))
+        assert protocol.received == b"".join(bytes([65 + i]) * n for i, n in enumerate(sizes))
+        assert protocol.reads == sizes
+        transport.close()
+        await asyncio.wait_for(relayed, TIMEOUT)  # every socket of the way closed
+        await asyncio.wait_for(protocol.lost, TIMEOUT)
+    finally:
+        relayer.close()
+        await relayer.wait_closed()
+
+
 async def test_an_untrusted_server_is_refused_and_its_socket_closed(serve, pki, tmp_path) -> None:
     other = make_test_pki(tmp_path / "other", ("server",))  # another CA: not in our bundle
 
