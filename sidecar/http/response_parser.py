@@ -9,13 +9,16 @@ answers ``Expect: 100-continue`` itself and never forwards Expect.
 
 from __future__ import annotations
 
-from typing import Final, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
 from ..errors import UpstreamProtocolError
 from .headers import HOP_BY_HOP, NameTable, connection_tokens, content_length_value
 from .message import ResponseHead
+
+if TYPE_CHECKING:
+    from ..upstream.upstream_connection import UpstreamConnection
 
 __all__ = ["ResponseParser", "ResponseSink"]
 
@@ -73,9 +76,10 @@ class ResponseSink(Protocol):
 class ResponseParser:
     __slots__ = ("_sink_head", "_sink_body", "_sink_end", "_feed", "_status_code", "_keep_alive",
                  "_headers", "_head_bytes", "_in_head", "head_only", "reason", "started", "done",
-                 "upgraded", "_interim")
+                 "upgraded", "_interim", "_conn")
 
-    def __init__(self, sink: ResponseSink) -> None:
+    def __init__(self, sink: ResponseSink, *, conn: UpstreamConnection | None = None) -> None:
+        self._conn = conn  # the sink, when it is an upstream connection (as the request parser's)
         # the sink's methods, bound once (as the request parser's)
         self._sink_head = sink.on_response_head
         self._sink_body = sink.on_response_body
@@ -86,6 +90,20 @@ class ResponseParser:
         self._keep_alive = parser.should_keep_alive
         self.upgraded = False
         self.begin(False)
+
+    def _head(self, head: ResponseHead) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.on_response_head(head)
+        else:
+            self._sink_head(head)
+
+    def _end(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.on_response_end()
+        else:
+            self._sink_end()
 
     def begin(self, head_only: bool) -> None:
         """Expect the response to a new request (``head_only`` for HEAD)."""
@@ -205,10 +223,10 @@ class ResponseParser:
             keep_alive=self._keep_alive(),
             upgrade=upgrade if status == 101 else None, has_request_id=has_request_id,
         )
-        self._sink_head(head)
+        self._head(head)
         if self.head_only or status == 101:
             self.done = True
-            self._sink_end()
+            self._end()
 
     def on_body(self, body: bytes) -> None:
         if not self.done:
@@ -220,4 +238,4 @@ class ResponseParser:
             return
         if not self.done:
             self.done = True
-            self._sink_end()
+            self._end()

@@ -88,7 +88,7 @@ class DownstreamConnection(asyncio.Protocol):
         # the transport's ``write``, bound once: compiled, a call by name looks the method up
         # on every call (~150 instructions, callgrind); let go with the transport
         self._send: Callable[[bytes], object] | None = None
-        self.parser = RequestParser(self, ctx.limits)
+        self.parser = RequestParser(self, ctx.limits, conn=self)
         self.client = "-"
         self.peer_identity: str | None = None
         # what goes upstream in x-forwarded-for and x-pake-peer-identity (whole header lines

@@ -71,7 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head = None
         parser = self.parser
         if parser is None or not parser.reusable():
-            parser = self.parser = ResponseParser(self)
+            parser = self.parser = ResponseParser(self, conn=self)
         parser.begin(head_only)
 
     def write(self, data: bytes) -> None:
