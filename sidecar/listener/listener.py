@@ -92,7 +92,7 @@ class Listener:
         # connection_made(conn) follows a completed handshake; a failed one closes the socket
         return TlsProtocol(self.loop, conn, self.ssl_context, server_side=True,
                            handshake_timeout=self.ctx.timeouts.tls_handshake,
-                           on_handshake=self._handshake_over)
+                           on_handshake=self._handshake_over, down=conn)
 
     def _handshake_over(self, exc: BaseException | None) -> None:
         self.handshakes -= 1  # (a failed handshake is counted by tls.py, not logged here)

@@ -171,7 +171,7 @@ class Pool:
 
         tls = TlsProtocol(self._loop, conn, context, server_side=False,
                           server_hostname=self._server_hostname, handshake_timeout=timeout,
-                          on_handshake=on_handshake)
+                          on_handshake=on_handshake, up=conn)
         await self._loop.create_connection(lambda: tls, host, port)
         try:
             await done

@@ -19,6 +19,7 @@ from ..heap import LARGE_READ, keep_heap_slack
 from ..errors import ProxyError, UpstreamReset
 from ..http.message import ResponseHead
 from ..http.response_parser import ResponseParser
+from .tls_protocol import TlsProtocol
 
 if TYPE_CHECKING:
     from ..listener.stream import Stream
@@ -37,6 +38,7 @@ class UpstreamConnection(asyncio.Protocol):
         # kept connection, and through the transport's type it was a call by name (~200
         # instructions of ~250, callgrind)
         self._is_closing: Callable[[], bool] | None = None
+        self._tls: TlsProtocol | None = None  # the transport, when TLS: written natively (as downstream)
         self.parser: ResponseParser | None = None
         # the downstream side of the exchange being served: the listener's ``Stream``, named for
         # type checking only (the listener imports this module). A concrete type, not a
@@ -75,6 +77,10 @@ class UpstreamConnection(asyncio.Protocol):
         parser.begin(head_only)
 
     def write(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is not None:
+            tls.write(data)
+            return
         send = self._send
         if send is not None:
             send(data)
@@ -112,6 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport = cast(asyncio.Transport, transport)
         self._send = transport.write
         self._is_closing = transport.is_closing
+        self._tls = transport if isinstance(transport, TlsProtocol) else None
         transport.set_write_buffer_limits(high=64 * 1024)
         if self.pool.identify is not None:
             self.peer_identity = self.pool.identify(transport)
@@ -154,7 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
         # transport's bound methods) that only the cyclic GC frees; let go of the transport
         # now, and with it the TLS protocol, its memory BIOs and OpenSSL's state.
         # Kept until the GC, a new connection per request held 100+ MB of dead connections.
-        self.transport = self._send = self._is_closing = None
+        self.transport = self._send = self._is_closing = self._tls = None
         self.pool.on_connection_lost(self)
         listener = self.listener
         if listener is None:
