@@ -271,7 +271,8 @@ class Sidecar:
                 state=self.state, start=pipeline.start, abort=pipeline.abort, refuse=pipeline.refuse,
                 snapshots=self.snapshots,
                 on_protocol_error=self._protocol_error, scheme=scheme,
-                peer_identity=self.tls.peer_identity if lc.tls and self.tls else None)
+                peer_identity=self.tls.peer_identity if lc.tls and self.tls else None,
+                pipeline=pipeline)
             self._contexts.append(ctx)
             self._pipelines.append(pipeline)
             refused = functools.partial(_refused, self.metrics, lc.name)

@@ -225,6 +225,13 @@ class RequestParser:
         else:
             self._sink_request(head)
 
+    def _body(self, chunk: bytes) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.on_body(chunk)
+        else:
+            self._sink_body(chunk)
+
     def _end(self) -> None:
         conn = self._conn
         if conn is not None:
@@ -239,7 +246,7 @@ class RequestParser:
                 if item is None:
                     self._end()
                 elif isinstance(item, bytes):
-                    self._sink_body(item)
+                    self._body(item)
                 else:
                     self._request(item)
 
@@ -318,7 +325,7 @@ class RequestParser:
                 self._held = []
             self._held.append(body)
         else:
-            self._sink_body(body)
+            self._body(body)
 
     def on_message_complete(self) -> None:
         self._chunked = False  # (a chunked body that ended in this read is still accounted)

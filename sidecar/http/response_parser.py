@@ -98,6 +98,13 @@ class ResponseParser:
         else:
             self._sink_head(head)
 
+    def _body(self, chunk: bytes) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.on_response_body(chunk)
+        else:
+            self._sink_body(chunk)
+
     def _end(self) -> None:
         conn = self._conn
         if conn is not None:
@@ -230,7 +237,7 @@ class ResponseParser:
 
     def on_body(self, body: bytes) -> None:
         if not self.done:
-            self._sink_body(body)
+            self._body(body)
 
     def on_message_complete(self) -> None:
         if self._interim:  # known from the head: no second call into the parser for the status
