@@ -144,7 +144,7 @@ class RequestParser:
         """Part of a request head has arrived, not all of it (the 408 timer runs)."""
         return self._in_head and self._head_bytes > 0
 
-    def head_room(self, buf: bytes | bytearray, pos: int, end: int, heads: int) -> int:
+    def head_room(self, buf: bytes, pos: int, end: int, heads: int) -> int:
         """How far into ``buf[pos:end]`` the parser may be fed so that at most ``heads``
         request heads complete (``heads`` >= 1): the connection bounds pipelining where the
         bytes arrive, not one read later. Never too far: llhttp (strict) ends a head only
@@ -282,7 +282,8 @@ class RequestParser:
         if self._in_head:  # after the head: trailers, which are not forwarded
             # llhttp keeps trailing OWS (RFC 9110 §5.5); looked at before calling rstrip, which
             # few values need (a method call on each header costs more than the index)
-            if value and (value[-1] == 32 or value[-1] == 9):
+            # (``len(value)``, not ``value``: compiled, a bytes object's truth is a generic call)
+            if len(value) and (value[-1] == 32 or value[-1] == 9):
                 value = value.rstrip(b" \t")
             self._headers.append((name, value))
 
