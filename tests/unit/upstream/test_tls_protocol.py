@@ -65,6 +65,14 @@ class Recorder(asyncio.Protocol):
                 await self.arrived.wait()
 
 
+async def copy_until_eof(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """A relay's client-to-server direction: everything, then the close."""
+    while data := await source.read(65536):
+        sink.write(data)
+    sink.close()
+    await sink.wait_closed()
+
+
 @pytest.fixture
 def pki(tmp_path: Path) -> MeshPki:
     return make_test_pki(tmp_path, ("server", "client"))
@@ -250,14 +258,7 @@ async def test_records_cut_across_reads_and_many_in_one_read_each_arrive_whole(s
     async def chop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # between client and server: the server's bytes in 7-byte pieces, then in bursts
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server_port)
-
-        async def to_server() -> None:
-            while data := await reader.read(65536):
-                up_writer.write(data)
-            up_writer.close()
-            await up_writer.wait_closed()
-
-        pump = asyncio.create_task(to_server())
+        pump = asyncio.create_task(copy_until_eof(reader, up_writer))
         sent = 0
         while data := await up_reader.read(65536):
             step = 7 if sent < 40_000 else len(data)
@@ -311,18 +312,11 @@ async def test_a_read_of_one_whole_record_and_reads_of_several_alternate_without
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server_port)
-
-        async def to_server() -> None:
-            while data := await reader.read(65536):
-                up_writer.write(data)
-            up_writer.close()
-            await up_writer.wait_closed()
+        pump = asyncio.create_task(copy_until_eof(reader, up_writer))
 
         async def record() -> bytes:
             header = await up_reader.readexactly(5)
             return header + await up_reader.readexactly(int.from_bytes(header[3:5]))
-
-        pump = asyncio.create_task(to_server())
         while not grouping.is_set():  # the handshake and the tickets: passed on at once
             got = asyncio.ensure_future(record())
             flag = asyncio.ensure_future(grouping.wait())
