@@ -10,12 +10,13 @@ is handed to ``on_sampled`` (``Tracer``), which builds the object its spans are 
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable
-from random import getrandbits
 from typing import Final
 
 from ..exchange import Exchange
+from ..http.headers import RequestIds
 
 __all__ = ["SampledStart", "TraceStart", "parse_traceparent"]
 
@@ -23,7 +24,6 @@ __all__ = ["SampledStart", "TraceStart", "parse_traceparent"]
 _TRACEPARENT: Final = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[\x21-\x7e]*)?")
 _ZERO_TRACE: Final = b"0" * 32
 _ZERO_SPAN: Final = b"0" * 16
-_LOW_64: Final = (1 << 64) - 1
 
 # (exchange, trace id, its span id, the caller's span id or None, scheme): a sampled start
 SampledStart = Callable[[Exchange, str, str, "str | None", bytes], None]
@@ -46,9 +46,16 @@ def parse_traceparent(value: bytes) -> tuple[str, str, bool] | None:
 class TraceStart:
     """Starts each exchange's trace; one per tracer (``Tracer.context``)."""
 
-    def __init__(self, sample: float, on_sampled: SampledStart) -> None:
+    def __init__(self, sample: float, on_sampled: SampledStart,
+                 draw: Callable[[int], int] = random.getrandbits) -> None:
         self.bound = int(sample * (1 << 64))  # sampled: the trace id's low 64 bits below this
+        # the same bound as 16 hex digits, compared with the trace id's last 16: fixed-width
+        # lower-case hex orders as the numbers do (None: 100%, a bound of 2^64 has 17 digits)
+        self._bound_hex = f"{self.bound:016x}" if self.bound < 1 << 64 else None
         self.on_sampled = on_sampled
+        # new ids cut from one random draw per 32 exchanges, as request ids are (a trace id
+        # and a span id an exchange: two ids of 32 hex digits, the span id half of one)
+        self._ids = RequestIds(draw)
 
     def start(self, ex: Exchange, scheme: bytes) -> None:
         """The exchange's trace: the caller's, continued, or a new one. Strips the incoming
@@ -71,23 +78,27 @@ class TraceStart:
                     head.headers.remove((b"traceparent", found))
                 except ValueError:
                     pass  # (the caller named it in Connection: already gone)
-        # One draw and one hex conversion for both ids (a zero id, which W3C forbids, has
-        # odds 2^-64): the span id is its high 64 bits, a new trace id its low 128, so the
-        # sampling draw (the trace id's low 64 bits) is a mask, not a hex parse. bytes.hex
-        # costs about half of formatting a 192-bit int; ``randbytes`` is Python (random.py)
-        # around ``getrandbits``: 2.5k instructions where the C method costs a few hundred.
-        bits = getrandbits(192)
-        ids = bits.to_bytes(24, "big").hex()
-        span_id = ids[:16]
+        # Ids cut from a batch (``RequestIds``): a draw, a conversion to hex and an encode an
+        # exchange cost ~3.5k instructions (callgrind), two slices of a batch a few hundred. A
+        # zero id, which W3C forbids, has odds 2^-64. The sampling draw is the trace id's low
+        # 64 bits, compared as hex (no parse).
+        ids = self._ids
+        span_id = ids.take()[:16]
+        span_raw = ids.raw[:16]
         parent_id: str | None
         if parent is not None:
             trace_id, parent_id, sampled = parent
+            trace_raw = b""
         else:
-            trace_id, parent_id = ids[16:], None
-            sampled = bits & _LOW_64 < self.bound
+            trace_id, parent_id = ids.take(), None
+            trace_raw = ids.raw
+            bound = self._bound_hex
+            sampled = bound is None or trace_id[16:] < bound
         ex.trace_id = trace_id
         ex.span_id = span_id
         if sampled:
             self.on_sampled(ex, trace_id, span_id, parent_id, scheme)
+        elif trace_raw:
+            ex.trace_header = b"traceparent: 00-%b-%b-00\r\n" % (trace_raw, span_raw)
         else:
-            ex.trace_header = f"traceparent: 00-{trace_id}-{span_id}-00\r\n".encode()
+            ex.trace_header = b"traceparent: 00-%b-%b-00\r\n" % (trace_id.encode(), span_raw)

@@ -20,8 +20,9 @@ from sidecar.config.tracing import TracingConfig
 from sidecar.exchange import Exchange
 from sidecar.config.model import Limits
 from sidecar.http.message import RequestHead
+from sidecar.http.headers import RequestIds
 from sidecar.http.request_parser import RequestParser
-from sidecar.observability.trace_context import parse_traceparent
+from sidecar.observability.trace_context import TraceStart, parse_traceparent
 from sidecar.observability.tracing import Tracer
 from sidecar.upstream.endpoint import Outcome
 
@@ -231,3 +232,40 @@ def test_the_parser_picks_the_trace_context_out_and_keeps_it_in_the_headers() ->
     assert two.request.traceparent == b"" and not two.request.tracestate
     none = exchange("inbound", [(b"accept", b"*/*")])
     assert none.request.traceparent is None and not none.request.tracestate
+
+
+def test_new_ids_come_from_batches_and_the_sampling_bound_is_exact() -> None:
+    """Ids are cut from one draw per 32 exchanges (a span id and a trace id each), and the
+    decision compares the trace id's last 16 hex digits with the bound as text: exactly the
+    numbers' order, at the bound itself too."""
+    sampled: list[str] = []
+    bound = 1 << 62  # a quarter of 2^64: TraceStart(0.25)'s
+    # a batch whose exchanges alternate: the trace id's low 64 bits just below the bound,
+    # then at it
+    ids = []
+    for k in range(RequestIds.BATCH // 2):
+        low = bound - 1 if k % 2 == 0 else bound
+        ids += [f"{k:032x}", f"{k + 1:016x}{low:016x}"]  # span's id, then the trace id
+    batch = int("".join(ids), 16)
+    draws: list[int] = []
+
+    def draw(bits: int) -> int:
+        draws.append(bits)
+        return batch
+
+    start = TraceStart(0.25, lambda ex, trace_id, span_id, parent, scheme: sampled.append(trace_id), draw)
+    assert start.bound == bound
+    seen: list[Exchange] = []
+    for _ in range(RequestIds.BATCH // 2 + 1):  # one more: a second draw
+        ex = exchange()
+        start.start(ex, b"http")
+        seen.append(ex)
+    assert len(draws) == 2
+    for k, ex in enumerate(seen[:-1]):
+        assert ex.trace_id == ids[2 * k + 1] and ex.span_id == ids[2 * k][:16]
+        assert (ex.trace_id in sampled) == (k % 2 == 0)
+        if k % 2:
+            assert ex.trace_header == f"traceparent: 00-{ex.trace_id}-{ex.span_id}-00\r\n".encode()
+    # the last exchange's ids start the second draw (here the same batch again)
+    assert seen[-1].trace_id == ids[1] and seen[-1].span_id == ids[0][:16]
+    assert sampled == [ids[2 * k + 1] for k in range(0, RequestIds.BATCH // 2, 2)] + [ids[1]]
