@@ -53,8 +53,8 @@ def _mallopt() -> Callable[[int, int], int] | None:
 def keep_heap_slack(nbytes: int = HEAP_TOP_PAD) -> bool:
     """Keep ``nbytes`` at the heap's top when glibc trims it, and blocks up to
     ``HEAP_MMAP_THRESHOLD`` in the heap; False where that cannot be set.
-    A connection calls it for each read of ``LARGE_READ`` bytes or more (~1 µs, against the
-    tens a read that large costs)."""
+    A connection calls it for each read of ``LARGE_READ`` bytes or more (two ``mallopt``
+    calls through ctypes, a few µs at most, against the tens a read that large costs)."""
     mallopt = _mallopt()
     return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)) \
         and bool(mallopt(_M_TOP_PAD, nbytes))
