@@ -116,7 +116,7 @@ async def run(profile: str, requests: int, do_profile: bool, trace: float | None
     snapshots.set(snapshot)
     ctx = ListenerContext(name="inbound", service="up", limits=bootstrap.limits,
                           timeouts=bootstrap.timeouts, state=ServerState(), start=pipeline.start,
-                          abort=pipeline.abort, refuse=pipeline.refuse, current_snapshot=snapshots.hold,
+                          abort=pipeline.abort, refuse=pipeline.refuse, snapshots=snapshots, pipeline=pipeline,
                           on_protocol_error=lambda c, e: None)
     first, rest = response_for(profile)
     response = first + b"x-request-id: 7f3c9a2e\r\n" + rest if first else rest
