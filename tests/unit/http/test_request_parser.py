@@ -335,7 +335,11 @@ def test_a_header_name_with_an_underscore_is_refused_unless_allowed() -> None:
 @pytest.mark.parametrize(("value", "kept"), [
     (b"req-123", True), (b"!~", True), (b"a" * 128, True), (b"a" * 129, False), (b"", False),
     (b"has space", False), (b"tab\there", False), (b"del\x7f", False), (b"caf\xc3\xa9", False),
-    (b"line\n", False), (b"nul\x00", False), (b"\x80", False), (b" ", False)])
+    (b"line\n", False), (b"nul\x00", False), (b"\x80", False), (b" ", False),
+    # hex and UUIDs, the common ids, take a shorter way; it must not let these through
+    (b"7f3c9a2e5b1d4e8f9c6a2d4b8e1f0a37", True), (b"7f3c9a2e-5b1d-4e8f-9c6a-2d4b8e1f0a37", True),
+    (b"---", True), (b"7f3c9a2e-5b1d 4e8f", False), (b"7f3c-\xc3\xa9", False), (b"ab-\x7f", False),
+    (b"ab-\x00", False), (b"a" * 64 + b"-" * 65, False)])
 def test_a_callers_request_id_is_kept_only_when_short_and_printable(value: bytes, kept: bool) -> None:
     assert is_valid_request_id(value) is kept
 
