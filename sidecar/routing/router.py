@@ -131,17 +131,19 @@ class Router:
             tries.timer = self.loop.call_later(action.delay, self._after_fault, stream, action,
                                                route.name)
         else:
-            self._after_fault(stream, action, route.name)
+            self._after_fault(stream, action, route.name, now)
 
-    def _after_fault(self, stream: Stream, action: FaultAction | None, route: str) -> None:
-        """Go on after an injected delay (if any): abort as injected, or send the first try."""
+    def _after_fault(self, stream: Stream, action: FaultAction | None, route: str,
+                     now: float = -1.0) -> None:
+        """Go on after an injected delay (if any): abort as injected, or send the first try
+        (``now``: the clock as ``start`` read it, when nothing delayed the try)."""
         tries = stream.tries
         assert tries is not None  # (set by ``start``)
         tries.timer = None
         if action is not None and action.abort_status is not None:
             self._end(stream, abort_reply(action, route))
         else:
-            self._attempt(stream)
+            self._attempt(stream, now=now)
 
     def _head(self, stream: Stream, tries: Tries) -> bytes:
         """The request head for upstream, without its blank line: each try appends its
@@ -183,7 +185,7 @@ class Router:
         return request_head(head, extra, end=False, host_line=self._host_line)
 
     # === tries ==============================================================================
-    def _attempt(self, stream: Stream, isolated: bool = False) -> None:
+    def _attempt(self, stream: Stream, isolated: bool = False, now: float = -1.0) -> None:
         """Send a try. ``isolated``: it retries a failure that was its endpoint's alone, so it
         goes to an endpoint that answers and takes none of the breaker's ``max_retries`` slots
         (which, like the budget, guard a service failing as a whole against a retry storm)."""
@@ -194,7 +196,8 @@ class Router:
             return
         cluster = tries.cluster
         ex = stream.exchange
-        now = _MONOTONIC()
+        if now < 0:  # (a first try sent at once takes ``start``'s reading: one clock read less)
+            now = _MONOTONIC()
         admission = cluster.breaker.try_acquire(now, retry=tries.retries > 0 and not isolated)
         if not isinstance(admission, Admission):
             last = tries.last_reply
