@@ -10,7 +10,7 @@ is handed to ``on_sampled`` (``Tracer``), which builds the object its spans are 
 
 from __future__ import annotations
 
-import random
+import os
 import re
 from collections.abc import Callable
 from typing import Final
@@ -47,14 +47,14 @@ class TraceStart:
     """Starts each exchange's trace; one per tracer (``Tracer.context``)."""
 
     def __init__(self, sample: float, on_sampled: SampledStart,
-                 draw: Callable[[int], int] = random.getrandbits) -> None:
+                 draw: Callable[[int], bytes] = os.urandom) -> None:
         self.bound = int(sample * (1 << 64))  # sampled: the trace id's low 64 bits below this
         # the same bound as 16 hex digits, compared with the trace id's last 16: fixed-width
         # lower-case hex orders as the numbers do (None: 100%, a bound of 2^64 has 17 digits)
         self._bound_hex = f"{self.bound:016x}" if self.bound < 1 << 64 else None
         self.on_sampled = on_sampled
-        # new ids cut from one random draw per 32 to 64 exchanges, as request ids are (a new
-        # trace takes two ids of 32 hex digits: its trace id, and its span id from half of one)
+        # new ids cut from one random draw per 42 exchanges or more, as request ids are (a new
+        # trace takes a trace id of 32 hex digits and a span id of 16)
         self._ids = RequestIds(draw)
 
     def start(self, ex: Exchange, scheme: bytes) -> None:
@@ -80,12 +80,13 @@ class TraceStart:
                     pass  # (the caller named it in Connection: already gone)
         # Ids cut from a batch (``RequestIds``): this method cost ~4.5k instructions an
         # exchange with a draw, a conversion to hex and an encode of its own, ~4.1k with two
-        # ``take``s (callgrind; a take still pays its share of the batch's draw). A zero id,
+        # ``take``s of 32 digits (callgrind; a take still pays its share of the batch's
+        # draw), the span's cut to 16 after. A zero id,
         # which W3C forbids, has odds 2^-64. The sampling draw is the trace id's low 64 bits,
         # compared as hex (no parse).
         ids = self._ids
-        span_id = ids.take()[:16]
-        span_raw = ids.raw[:16]
+        span_id = ids.take(16)
+        span_raw = ids.raw
         parent_id: str | None
         if parent is not None:
             trace_id, parent_id, sampled = parent

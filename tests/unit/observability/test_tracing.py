@@ -235,37 +235,42 @@ def test_the_parser_picks_the_trace_context_out_and_keeps_it_in_the_headers() ->
 
 
 def test_new_ids_come_from_batches_and_the_sampling_bound_is_exact() -> None:
-    """Ids are cut from one draw per 32 exchanges (a span id and a trace id each), and the
-    decision compares the trace id's last 16 hex digits with the bound as text: exactly the
-    numbers' order, at the bound itself too."""
+    """Ids are cut from one draw per 42 exchanges (a span id of 16 hex digits and a trace id
+    of 32 each), and the decision compares the trace id's last 16 hex digits with the bound
+    as text: exactly the numbers' order, at the bound itself too."""
     sampled: list[str] = []
     bound = 1 << 62  # a quarter of 2^64: TraceStart(0.25)'s
+    per_batch = RequestIds.BATCH * 32 // 48  # 42 exchanges, and 32 digits left over
     # a batch whose exchanges alternate: the trace id's low 64 bits just below the bound,
     # then at it
-    ids = []
-    for k in range(RequestIds.BATCH // 2):
+    spans, traces = [], []
+    for k in range(per_batch):
         low = bound - 1 if k % 2 == 0 else bound
-        ids += [f"{k:032x}", f"{k + 1:016x}{low:016x}"]  # span's id, then the trace id
-    batch = int("".join(ids), 16)
+        spans.append(f"{k:016x}")
+        traces.append(f"{k + 1:016x}{low:016x}")
+    tail = f"{7:016x}{9:016x}"  # the 43rd exchange's span id, and 16 digits no id takes
+    text = "".join(span + trace for span, trace in zip(spans, traces)) + tail
+    batch = bytes.fromhex(text)
     draws: list[int] = []
 
-    def draw(bits: int) -> int:
-        draws.append(bits)
+    def draw(n: int) -> bytes:
+        draws.append(n)
         return batch
 
     start = TraceStart(0.25, lambda ex, trace_id, span_id, parent, scheme: sampled.append(trace_id), draw)
     assert start.bound == bound
     seen: list[Exchange] = []
-    for _ in range(RequestIds.BATCH // 2 + 1):  # one more: a second draw
+    for _ in range(per_batch + 1):  # one more: a second draw, for its trace id
         ex = exchange()
         start.start(ex, b"http")
         seen.append(ex)
     assert len(draws) == 2
     for k, ex in enumerate(seen[:-1]):
-        assert ex.trace_id == ids[2 * k + 1] and ex.span_id == ids[2 * k][:16]
+        assert ex.trace_id == traces[k] and ex.span_id == spans[k]
         assert (ex.trace_id in sampled) == (k % 2 == 0)
         if k % 2:
             assert ex.trace_header == f"traceparent: 00-{ex.trace_id}-{ex.span_id}-00\r\n".encode()
-    # the last exchange's ids start the second draw (here the same batch again)
-    assert seen[-1].trace_id == ids[1] and seen[-1].span_id == ids[0][:16]
-    assert sampled == [ids[2 * k + 1] for k in range(0, RequestIds.BATCH // 2, 2)] + [ids[1]]
+    # the last exchange's span id ends the first draw, its trace id starts the second (here
+    # the same batch again: its first 32 digits)
+    assert seen[-1].span_id == tail[:16] and seen[-1].trace_id == text[:32]
+    assert sampled == [traces[k] for k in range(0, per_batch, 2)] + [text[:32]]
