@@ -152,8 +152,14 @@ async def test_slow_body_senders_and_slow_readers_leave_memory_flat(tmp_path: Pa
                 writer.close()
     print(f"\nslow clients: RSS {before >> 20} MiB before, {peak >> 20} MiB with 400 slow connections, "
           f"{after >> 20} MiB after")
-    # unbounded buffering would hold 200 x 4 MiB of responses: the sidecar holds ~64 KiB each at most
-    assert max(peak, after) - before < 48 << 20, f"RSS grew by {(max(peak, after) - before) >> 20} MiB"
+    # Unbounded buffering would hold 200 x 4 MiB of responses (800 MiB). The sidecar holds, for
+    # each slow reader, what its transport took before it paused the upstream (64 KiB, the
+    # high-water mark) and the upstream read that crossed it, kept whole until sent: uvloop
+    # reads up to ~250 KiB at a time. ~320 KiB each, 62.5 MiB for 200. Measured 65-77 MiB on
+    # one VM (the heap keeps what it freed), for this code and for the code before the heap
+    # pad's threshold fix (39bb91a); the earlier bound, 48 MiB, had held on the machines
+    # before it. This one leaves the allocator half as much again.
+    assert max(peak, after) - before < 96 << 20, f"RSS grew by {(max(peak, after) - before) >> 20} MiB"
     assert bodies_closed < 5.0  # the route timeout (1 s) ends a stalled upload: 504, closed
 
 
