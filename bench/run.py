@@ -56,7 +56,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from sidecar import compiled
 
@@ -988,9 +988,10 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+HOT_PATH = "hot path, µs of Python per exchange"
 MICRO = {
     # the Python cost of one exchange through the sidecar, no sockets (bench/hotpath.py)
-    "hot path, µs of Python per exchange": ["-m", "bench.hotpath", "--requests", "30000", "--trace", "0.01", "--trace", "1"],
+    HOT_PATH: ["-m", "bench.hotpath", "--requests", "30000", "--trace", "0.01", "--trace", "1"],
     # issue 5: the circuit breaker's decision must cost <= 5 µs
     "circuit breaker decision": ["-m", "bench.breaker_bench", "--number", "100000", "--repeat", "3"],
     # issue 4: the JWT + RBAC + rate-limit chain per request
@@ -1000,16 +1001,20 @@ MICRO = {
 
 # --quick: these arguments appended (argparse keeps the last), so the hot path runs short
 # (the tracing rounds are most of its time), and the policy chain (27 s by default, 1.4 s so)
-MICRO_QUICK_ARGS = {"hot path, µs of Python per exchange": ["--requests", "4000", "--rounds", "1"],
+MICRO_QUICK_ARGS = {HOT_PATH: ["--requests", "4000", "--rounds", "1"],
                     "policy filters (JWT + RBAC + rate limit)": ["-n", "300", "--repeat", "1"]}
 
 
-def run_micro(log: Callable[[str], None], quick: bool = False) -> dict[str, str]:
-    """The micro-benchmarks, each in its own process (no event loop or load of ours around)."""
+def run_micro(log: Callable[[str], None], quick: bool = False, profiles: Sequence[str] = PROFILES,
+              script: Path = DEFAULT_SCRIPT) -> dict[str, str]:
+    """The micro-benchmarks, each in its own process (no event loop or load of ours around);
+    the hot path on the run's profiles."""
     out: dict[str, str] = {}
     for i, (name, argv) in enumerate(MICRO.items(), 1):
         if quick:
             argv = [*argv, *MICRO_QUICK_ARGS.get(name, [])]
+        if name == HOT_PATH:
+            argv = [*argv, "--profiles", ",".join(profiles), "--realistic-script", str(script)]
         log(f"[micro {i}/{len(MICRO)}] {name}")
         done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300,
                               cwd=Path(__file__).resolve().parent.parent)
@@ -1105,7 +1110,7 @@ def main(argv: list[str] | None = None) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
     if not args.no_micro:
-        results["micro"] = run_micro(log, quick=args.quick)
+        results["micro"] = run_micro(log, quick=args.quick, profiles=profiles, script=script)
     print()
     print(render(results))
     if "fanout" in results:
