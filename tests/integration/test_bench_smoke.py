@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from bench.run import HOT_PATH, MICRO
+
 REPO = Path(__file__).resolve().parents[2]
 PATHS = ["direct", "sidecar-1", "sidecar-2", "sidecar-1-log", "sidecar-1-trace-1", "haproxy-1", "haproxy-2",
          "sidecar-2-mtls-policy", "haproxy-2-mtls"]
@@ -73,11 +75,10 @@ def test_micro_benchmarks_ran(results: dict[str, Any]) -> None:
     """Each micro-benchmark ran to its end against this checkout's code: a hot-path harness
     left behind by a change to what it builds shows here, not in the next ``make bench``."""
     micro = results["micro"]
-    assert set(micro) == {"hot path, µs of Python per exchange", "circuit breaker decision",
-                          "policy filters (JWT + RBAC + rate limit)"}
+    assert set(micro) == set(MICRO)
     failed = {name: text for name, text in micro.items() if text.startswith("failed")}
     assert failed == {}
-    assert "µs of Python per exchange" in micro["hot path, µs of Python per exchange"]
+    assert "µs of Python per exchange" in micro[HOT_PATH]
 
 
 def test_policy_path_enforced_audited_and_logged(bench: tuple[dict[str, Any], str]) -> None:
