@@ -14,13 +14,14 @@ No asyncio here: the connection feeds bytes and receives calls on a ``RequestSin
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import httptools
 
 from ..config.model import Limits
 from ..errors import DownstreamProtocolError
 from .headers import HOP_BY_HOP, MESH_INTERNAL, NameTable, connection_tokens, content_length_value
+from .llhttp import GATHERS_HEADERS, request_parser
 from .message import COMMON_METHODS, RequestHead
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class RequestParser:
         self._sink_body = sink.on_body
         self._sink_end = sink.on_request_end
         self._limits = limits
-        parser = self._parser = httptools.HttpRequestParser(self)
+        parser = self._parser = request_parser(self, limits.max_header_count)
         # and the parser's, for the same reason: called for every request
         self._feed = parser.feed_data
         self._keep_alive = parser.should_keep_alive
@@ -205,7 +206,7 @@ class RequestParser:
             raise DownstreamProtocolError(f"malformed request: {exc}") from None
         if self._in_head and self._head_bytes > self._max_head:
             # httptools holds a partial header in memory until it is complete: cap it here
-            if not self._headers:
+            if not (self._parser.head_lines() if GATHERS_HEADERS else self._headers):
                 raise DownstreamProtocolError("request line too long", 414, "uri_too_long")
             raise DownstreamProtocolError("request headers too large", 431, "headers_too_large")
         if self._account:
@@ -269,7 +270,8 @@ class RequestParser:
             # the read size, and llhttp streams extensions through without holding them)
             self._account = False
         self._url = b""
-        self._headers = []
+        if not GATHERS_HEADERS:  # (else the head's list comes with on_headers_complete)
+            self._headers = []
         self._body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
@@ -279,6 +281,7 @@ class RequestParser:
             raise DownstreamProtocolError("request line too long", 414, "uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # (httptools' parser only: the compiled form's gathers the lines, see llhttp.py)
         if self._in_head:  # after the head: trailers, which are not forwarded
             # llhttp keeps trailing OWS (RFC 9110 §5.5); looked at before calling rstrip, which
             # few values need (a method call on each header costs more than the index)
@@ -287,7 +290,9 @@ class RequestParser:
                 value = value.rstrip(b" \t")
             self._headers.append((name, value))
 
-    def on_headers_complete(self) -> None:
+    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if headers is not None:  # the head's lines, gathered by the compiled form's llhttp
+            self._headers = headers
         head = self._build_head()
         self._in_head = False
         self._chunked = head.chunked
@@ -503,7 +508,7 @@ class RequestParser:
         raise DownstreamProtocolError("malformed request target")
 
 
-def _version(parser: httptools.HttpRequestParser) -> str:
+def _version(parser: Any) -> str:
     version: str = parser.get_http_version()
     if version != "1.1" and version != "1.0":
         raise DownstreamProtocolError(f"HTTP version {version} is not supported", 505,

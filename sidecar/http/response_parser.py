@@ -15,6 +15,7 @@ import httptools
 
 from ..errors import UpstreamProtocolError
 from .headers import HOP_BY_HOP, NameTable, connection_tokens, content_length_value
+from .llhttp import response_parser
 from .message import ResponseHead
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class ResponseParser:
         self._sink_head = sink.on_response_head
         self._sink_body = sink.on_response_body
         self._sink_end = sink.on_response_end
-        parser = httptools.HttpResponseParser(self)
+        parser = response_parser(self, _MAX_HEADERS)
         self._feed = parser.feed_data  # and the parser's, called for every response
         self._status_code = parser.get_status_code
         self._keep_alive = parser.should_keep_alive
@@ -167,12 +168,17 @@ class ResponseParser:
         self.reason = self.reason + reason if self.reason else reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # (httptools' parser only: the compiled form's gathers the lines, see llhttp.py)
         if self._in_head:
             self._headers.append((name, value))
             if len(self._headers) > _MAX_HEADERS:
                 raise UpstreamProtocolError("too many upstream response headers")
 
-    def on_headers_complete(self) -> None:
+    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        if headers is not None:  # the head's lines, gathered by the compiled form's llhttp
+            if len(headers) > _MAX_HEADERS:  # (it keeps one more than the limit, no more)
+                raise UpstreamProtocolError("too many upstream response headers")
+            self._headers = headers
         self._in_head = False
         status = self._status_code()
         if status < 100:

@@ -1,0 +1,653 @@
+/* llhttp driven from C, so that a head's header lines reach Python as one list.
+ *
+ * Why: through httptools, every header line of a head is a Python call (httptools' Cython
+ * callback, then our ``on_header``): ~1.4k instructions a line, 19k of the 29.5k a realistic
+ * request head costs to parse (bench/README.md). Here the lines are gathered in C, as the
+ * (name, value) pairs ``on_header`` made, and handed over once, as the argument of
+ * ``on_headers_complete``. Every other callback is httptools': the same names, the same
+ * arguments, the same return values to llhttp, and the same exceptions (httptools' own
+ * classes), so ``RequestParser`` and ``ResponseParser`` read both parsers alike.
+ *
+ * Which llhttp: httptools' own, the one in its parser module. That module exports llhttp's
+ * functions, and this one finds them there when it is imported (dlopen of the module Python
+ * loaded, dlsym of each function): one copy of the parser in the process, and its fixes come
+ * with httptools. The layout of llhttp_t and of the settings comes from _llhttp.h, llhttp's
+ * header of the version inside the httptools this was built for (PAKE_HTTPTOOLS_VERSION):
+ * importing this module with any other httptools raises ImportError, and the parsers fall
+ * back to httptools' callbacks. sidecar/compiled.py builds it with the hot path, and only
+ * for that version.
+ *
+ * Bounds: a head's pairs are kept up to ``max_headers``; past it they are counted, not kept,
+ * so the caller (whose limit is one less) refuses the head, and a head of many tiny lines
+ * costs no more memory than its limit. Trailers (header lines after a chunked body) are not
+ * kept: neither parser forwards them.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <dlfcn.h>
+#include <stddef.h>
+
+#include "_llhttp.h"
+
+#ifndef PAKE_HTTPTOOLS_VERSION
+#error "PAKE_HTTPTOOLS_VERSION: the httptools version whose llhttp _llhttp.h is"
+#endif
+
+/* llhttp's functions, from httptools' parser module (set once, at import) */
+static __typeof__(&llhttp_init) p_init;
+static __typeof__(&llhttp_settings_init) p_settings_init;
+static __typeof__(&llhttp_execute) p_execute;
+static __typeof__(&llhttp_should_keep_alive) p_should_keep_alive;
+static __typeof__(&llhttp_resume_after_upgrade) p_resume_after_upgrade;
+static __typeof__(&llhttp_get_error_pos) p_get_error_pos;
+static __typeof__(&llhttp_get_error_reason) p_get_error_reason;
+static __typeof__(&llhttp_set_error_reason) p_set_error_reason;
+static __typeof__(&llhttp_get_errno) p_get_errno;
+static __typeof__(&llhttp_get_method) p_get_method;
+static __typeof__(&llhttp_method_name) p_method_name;
+static __typeof__(&llhttp_get_http_major) p_get_http_major;
+static __typeof__(&llhttp_get_http_minor) p_get_http_minor;
+static __typeof__(&llhttp_get_status_code) p_get_status_code;
+static __typeof__(&llhttp_get_upgrade) p_get_upgrade;
+
+/* httptools' exception classes, raised as httptools raises them */
+static PyObject *HttpParserError, *HttpParserCallbackError, *HttpParserInvalidStatusError,
+    *HttpParserInvalidMethodError, *HttpParserInvalidURLError, *HttpParserUpgrade;
+
+/* one bytes object per method llhttp knows, made on first use: get_method() allocates none */
+#define METHODS 64
+static PyObject *method_names[METHODS];
+
+typedef struct {
+    PyObject_HEAD
+    llhttp_t parser;
+    llhttp_settings_t settings;
+    /* the protocol's bound methods (NULL: the protocol has none) */
+    PyObject *on_message_begin, *on_url, *on_status, *on_headers_complete, *on_body,
+        *on_message_complete, *on_chunk_header;
+    PyObject *headers;        /* the head's pairs so far (NULL outside a head) */
+    PyObject *name, *value;   /* the line being read, in pieces as they arrived */
+    PyObject *last_error;     /* what a callback raised, for the error feed_data raises */
+    Py_ssize_t max_headers;
+    int in_head;
+    int strip;                /* drop the values' trailing OWS (requests: RFC 9110 §5.5) */
+} Parser;
+
+#define PARSER(p) ((Parser *)((char *)(p) - offsetof(Parser, parser)))
+
+/* A callback raised: keep the exception for feed_data, tell llhttp to stop. */
+static int
+failed(Parser *self, const char *reason)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    Py_XSETREF(self->last_error, value);
+    if (reason != NULL) {
+        p_set_error_reason(&self->parser, reason);
+        return HPE_USER;
+    }
+    return -1;
+}
+
+static int
+call0(Parser *self, PyObject *method)
+{
+    PyObject *result = PyObject_CallNoArgs(method);
+    if (result == NULL)
+        return failed(self, NULL);
+    Py_DECREF(result);
+    return 0;
+}
+
+static int
+call_data(Parser *self, PyObject *method, const char *at, size_t length, const char *reason)
+{
+    PyObject *data = PyBytes_FromStringAndSize(at, (Py_ssize_t)length);
+    if (data == NULL)
+        return failed(self, reason);
+    PyObject *result = PyObject_CallOneArg(method, data);
+    Py_DECREF(data);
+    if (result == NULL)
+        return failed(self, reason);
+    Py_DECREF(result);
+    return 0;
+}
+
+/* piece: appended to *slot (a new bytes object, or the one so far made longer) */
+static int
+add_piece(PyObject **slot, const char *at, size_t length)
+{
+    if (*slot == NULL) {
+        *slot = PyBytes_FromStringAndSize(at, (Py_ssize_t)length);
+        return *slot == NULL ? -1 : 0;
+    }
+    /* a new object, not _PyBytes_Resize: a piece of one byte (or none) is the interpreter's
+     * shared object for it */
+    Py_ssize_t had = PyBytes_GET_SIZE(*slot);
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, had + (Py_ssize_t)length);
+    if (joined == NULL)
+        return -1;
+    memcpy(PyBytes_AS_STRING(joined), PyBytes_AS_STRING(*slot), (size_t)had);
+    memcpy(PyBytes_AS_STRING(joined) + had, at, length);
+    Py_SETREF(*slot, joined);
+    return 0;
+}
+
+/* The line read so far becomes a pair of the head (as httptools calls on_header: when the
+ * next line begins, or the head ends). */
+static int
+end_line(Parser *self)
+{
+    PyObject *name = self->name, *value = self->value;
+    if (value == NULL)
+        return 0;
+    self->name = self->value = NULL;
+    if (name == NULL)
+        name = PyBytes_FromStringAndSize("", 0);
+    if (name == NULL || self->headers == NULL
+            || PyList_GET_SIZE(self->headers) >= self->max_headers) {
+        Py_XDECREF(name);
+        Py_DECREF(value);
+        return name == NULL ? -1 : 0;
+    }
+    if (self->strip) {
+        Py_ssize_t n = PyBytes_GET_SIZE(value);
+        const char *s = PyBytes_AS_STRING(value);
+        Py_ssize_t end = n;
+        while (end > 0 && (s[end - 1] == ' ' || s[end - 1] == '\t'))
+            end--;
+        if (end < n) {
+            PyObject *stripped = PyBytes_FromStringAndSize(s, end);
+            Py_DECREF(value);
+            if (stripped == NULL) {
+                Py_DECREF(name);
+                return -1;
+            }
+            value = stripped;
+        }
+    }
+    PyObject *pair = PyTuple_New(2);
+    if (pair == NULL) {
+        Py_DECREF(name);
+        Py_DECREF(value);
+        return -1;
+    }
+    PyTuple_SET_ITEM(pair, 0, name);
+    PyTuple_SET_ITEM(pair, 1, value);
+    int err = PyList_Append(self->headers, pair);
+    Py_DECREF(pair);
+    return err;
+}
+
+/* --- llhttp's callbacks ---------------------------------------------------------------- */
+
+static int
+cb_message_begin(llhttp_t *p)
+{
+    Parser *self = PARSER(p);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->value);
+    Py_XSETREF(self->headers, PyList_New(0));
+    if (self->headers == NULL)
+        return failed(self, NULL);
+    self->in_head = 1;
+    return self->on_message_begin == NULL ? 0 : call0(self, self->on_message_begin);
+}
+
+static int
+cb_url(llhttp_t *p, const char *at, size_t length)
+{
+    Parser *self = PARSER(p);
+    return call_data(self, self->on_url, at, length, "`on_url` callback error");
+}
+
+static int
+cb_status(llhttp_t *p, const char *at, size_t length)
+{
+    Parser *self = PARSER(p);
+    return call_data(self, self->on_status, at, length, "`on_status` callback error");
+}
+
+static int
+cb_header_field(llhttp_t *p, const char *at, size_t length)
+{
+    Parser *self = PARSER(p);
+    if (!self->in_head)
+        return 0;  /* a trailer */
+    if (end_line(self) < 0 || add_piece(&self->name, at, length) < 0)
+        return failed(self, "`on_header_field` callback error");
+    return 0;
+}
+
+static int
+cb_header_value(llhttp_t *p, const char *at, size_t length)
+{
+    Parser *self = PARSER(p);
+    if (!self->in_head)
+        return 0;
+    if (add_piece(&self->value, at, length) < 0)
+        return failed(self, "`on_header_value` callback error");
+    return 0;
+}
+
+static int
+cb_headers_complete(llhttp_t *p)
+{
+    Parser *self = PARSER(p);
+    if (end_line(self) < 0)
+        return failed(self, NULL);
+    PyObject *headers = self->headers;
+    self->headers = NULL;
+    self->in_head = 0;
+    if (headers == NULL && (headers = PyList_New(0)) == NULL)
+        return failed(self, NULL);
+    if (self->on_headers_complete != NULL) {
+        PyObject *result = PyObject_CallOneArg(self->on_headers_complete, headers);
+        Py_DECREF(headers);
+        if (result == NULL)
+            return failed(self, NULL);
+        Py_DECREF(result);
+    } else {
+        Py_DECREF(headers);
+    }
+    return p_get_upgrade(p) ? 1 : 0;
+}
+
+static int
+cb_body(llhttp_t *p, const char *at, size_t length)
+{
+    Parser *self = PARSER(p);
+    return call_data(self, self->on_body, at, length, "`on_body` callback error");
+}
+
+static int
+cb_message_complete(llhttp_t *p)
+{
+    Parser *self = PARSER(p);
+    Py_CLEAR(self->name);  /* of a trailer */
+    Py_CLEAR(self->value);
+    self->in_head = 0;
+    return self->on_message_complete == NULL ? 0 : call0(self, self->on_message_complete);
+}
+
+static int
+cb_chunk_header(llhttp_t *p)
+{
+    Parser *self = PARSER(p);
+    return call0(self, self->on_chunk_header);
+}
+
+/* --- the type -------------------------------------------------------------------------- */
+
+static PyObject *
+optional_method(PyObject *protocol, const char *name)
+{
+    PyObject *method = PyObject_GetAttrString(protocol, name);
+    if (method == NULL && PyErr_ExceptionMatches(PyExc_AttributeError))
+        PyErr_Clear();  /* NULL without an error: the protocol has none */
+    return method;
+}
+
+static int
+Parser_init(Parser *self, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"protocol", "response", "max_headers", "strip_trailing_ows", NULL};
+    PyObject *protocol;
+    int response, strip;
+    Py_ssize_t max_headers;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opnp:Parser", keywords, &protocol, &response,
+                                     &max_headers, &strip))
+        return -1;
+    if (max_headers < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_headers must be >= 0");
+        return -1;
+    }
+    if (self->settings.on_headers_complete != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Parser is initialised once");
+        return -1;
+    }
+    self->max_headers = max_headers;
+    self->strip = strip;
+    const char *names[] = {"on_message_begin", "on_url", "on_status", "on_headers_complete",
+                           "on_body", "on_message_complete", "on_chunk_header"};
+    PyObject **slots[] = {&self->on_message_begin, &self->on_url, &self->on_status,
+                          &self->on_headers_complete, &self->on_body, &self->on_message_complete,
+                          &self->on_chunk_header};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if ((*slots[i] = optional_method(protocol, names[i])) == NULL && PyErr_Occurred())
+            return -1;
+    }
+    p_settings_init(&self->settings);
+    self->settings.on_message_begin = cb_message_begin;
+    self->settings.on_header_field = cb_header_field;
+    self->settings.on_header_value = cb_header_value;
+    self->settings.on_headers_complete = cb_headers_complete;
+    self->settings.on_message_complete = cb_message_complete;
+    if (response) {
+        if (self->on_status != NULL)
+            self->settings.on_status = cb_status;
+    } else if (self->on_url != NULL) {
+        self->settings.on_url = cb_url;
+    }
+    if (self->on_body != NULL)
+        self->settings.on_body = cb_body;
+    if (self->on_chunk_header != NULL)
+        self->settings.on_chunk_header = cb_chunk_header;
+    p_init(&self->parser, response ? HTTP_RESPONSE : HTTP_REQUEST, &self->settings);
+    return 0;
+}
+
+static int
+Parser_traverse(Parser *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->on_message_begin);
+    Py_VISIT(self->on_url);
+    Py_VISIT(self->on_status);
+    Py_VISIT(self->on_headers_complete);
+    Py_VISIT(self->on_body);
+    Py_VISIT(self->on_message_complete);
+    Py_VISIT(self->on_chunk_header);
+    Py_VISIT(self->headers);
+    Py_VISIT(self->last_error);
+    return 0;
+}
+
+static int
+Parser_clear(Parser *self)
+{
+    Py_CLEAR(self->on_message_begin);
+    Py_CLEAR(self->on_url);
+    Py_CLEAR(self->on_status);
+    Py_CLEAR(self->on_headers_complete);
+    Py_CLEAR(self->on_body);
+    Py_CLEAR(self->on_message_complete);
+    Py_CLEAR(self->on_chunk_header);
+    Py_CLEAR(self->headers);
+    Py_CLEAR(self->name);
+    Py_CLEAR(self->value);
+    Py_CLEAR(self->last_error);
+    return 0;
+}
+
+static void
+Parser_dealloc(Parser *self)
+{
+    PyObject_GC_UnTrack(self);
+    Parser_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+parse_error(Parser *self, llhttp_errno_t err)
+{
+    PyObject *cls;
+    switch (err) {
+    case HPE_CB_MESSAGE_BEGIN: case HPE_CB_HEADERS_COMPLETE: case HPE_CB_MESSAGE_COMPLETE:
+    case HPE_CB_CHUNK_HEADER: case HPE_CB_CHUNK_COMPLETE: case HPE_USER:
+        cls = HttpParserCallbackError;
+        break;
+    case HPE_INVALID_STATUS:
+        cls = HttpParserInvalidStatusError;
+        break;
+    case HPE_INVALID_METHOD:
+        cls = HttpParserInvalidMethodError;
+        break;
+    case HPE_INVALID_URL:
+        cls = HttpParserInvalidURLError;
+        break;
+    default:
+        cls = HttpParserError;
+    }
+    const char *reason = p_get_error_reason(&self->parser);
+    PyObject *text = PyUnicode_DecodeLatin1(reason ? reason : "", reason ? (Py_ssize_t)strlen(reason) : 0,
+                                            NULL);
+    if (text == NULL)
+        return NULL;
+    PyObject *exc = PyObject_CallOneArg(cls, text);
+    Py_DECREF(text);
+    if (exc == NULL)
+        return NULL;
+    if (cls == HttpParserCallbackError && self->last_error != NULL) {
+        PyException_SetContext(exc, self->last_error);  /* steals the reference */
+        self->last_error = NULL;
+    }
+    PyErr_SetObject(cls, exc);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+static PyObject *
+Parser_feed_data(Parser *self, PyObject *data)
+{
+    Py_buffer view;
+    const char *buf;
+    Py_ssize_t len;
+    int owned = 0;
+    if (PyBytes_CheckExact(data)) {
+        buf = PyBytes_AS_STRING(data);
+        len = PyBytes_GET_SIZE(data);
+    } else {
+        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        owned = 1;
+        buf = view.buf;
+        len = view.len;
+    }
+    llhttp_errno_t err = p_execute(&self->parser, buf, (size_t)len);
+    if (err == HPE_PAUSED_UPGRADE && p_get_upgrade(&self->parser)) {
+        /* as httptools: the offset of the bytes after the head, and the parser freed from
+         * its paused state */
+        Py_ssize_t at = (Py_ssize_t)(p_get_error_pos(&self->parser) - buf);
+        p_resume_after_upgrade(&self->parser);
+        if (owned)
+            PyBuffer_Release(&view);
+        PyObject *offset = PyLong_FromSsize_t(at);
+        if (offset != NULL) {
+            PyErr_SetObject(HttpParserUpgrade, offset);
+            Py_DECREF(offset);
+        }
+        return NULL;
+    }
+    if (owned)
+        PyBuffer_Release(&view);
+    if (err != HPE_OK)
+        return parse_error(self, p_get_errno(&self->parser));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Parser_should_keep_alive(Parser *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(p_should_keep_alive(&self->parser));
+}
+
+static PyObject *
+Parser_should_upgrade(Parser *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(p_get_upgrade(&self->parser));
+}
+
+static PyObject *
+Parser_get_method(Parser *self, PyObject *Py_UNUSED(ignored))
+{
+    unsigned method = p_get_method(&self->parser);
+    if (method < METHODS && method_names[method] != NULL)
+        return Py_NewRef(method_names[method]);
+    PyObject *name = PyBytes_FromString(p_method_name((llhttp_method_t)method));
+    if (name != NULL && method < METHODS)
+        method_names[method] = Py_NewRef(name);
+    return name;
+}
+
+static PyObject *
+Parser_get_http_version(Parser *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyUnicode_FromFormat("%u.%u", (unsigned)p_get_http_major(&self->parser),
+                                (unsigned)p_get_http_minor(&self->parser));
+}
+
+static PyObject *
+Parser_get_status_code(Parser *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLong(p_get_status_code(&self->parser));
+}
+
+static PyObject *
+Parser_head_lines(Parser *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromSsize_t(self->in_head && self->headers ? PyList_GET_SIZE(self->headers) : 0);
+}
+
+static PyMethodDef Parser_methods[] = {
+    {"feed_data", (PyCFunction)Parser_feed_data, METH_O,
+     "Parse bytes (or any buffer); raises httptools' errors as httptools does."},
+    {"should_keep_alive", (PyCFunction)Parser_should_keep_alive, METH_NOARGS, NULL},
+    {"should_upgrade", (PyCFunction)Parser_should_upgrade, METH_NOARGS, NULL},
+    {"get_method", (PyCFunction)Parser_get_method, METH_NOARGS, NULL},
+    {"get_http_version", (PyCFunction)Parser_get_http_version, METH_NOARGS, NULL},
+    {"get_status_code", (PyCFunction)Parser_get_status_code, METH_NOARGS, NULL},
+    {"head_lines", (PyCFunction)Parser_head_lines, METH_NOARGS,
+     "Lines of the head being read that are whole so far (as many as httptools would have "
+     "passed to on_header): 0 while its first line is read."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ParserType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sidecar.http._llhttp.Parser",
+    .tp_doc = "Parser(protocol, response, max_headers, strip_trailing_ows): httptools' "
+              "HttpRequestParser or HttpResponseParser, but a head's header lines reach "
+              "protocol.on_headers_complete(headers) as one list of (name, value) pairs.",
+    .tp_basicsize = sizeof(Parser),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Parser_init,
+    .tp_dealloc = (destructor)Parser_dealloc,
+    .tp_traverse = (traverseproc)Parser_traverse,
+    .tp_clear = (inquiry)Parser_clear,
+    .tp_methods = Parser_methods,
+};
+
+/* --- import ---------------------------------------------------------------------------- */
+
+static int
+find_llhttp(void)
+{
+    PyObject *httptools = PyImport_ImportModule("httptools");
+    if (httptools == NULL)
+        return -1;
+    PyObject *version = PyObject_GetAttrString(httptools, "__version__");
+    Py_DECREF(httptools);
+    if (version == NULL)
+        return -1;
+    int same = PyUnicode_Check(version)
+        && PyUnicode_CompareWithASCIIString(version, PAKE_HTTPTOOLS_VERSION) == 0;
+    if (!same) {
+        PyErr_Format(PyExc_ImportError,
+                     "built for httptools " PAKE_HTTPTOOLS_VERSION " (its llhttp's layout), "
+                     "found %R", version);
+        Py_DECREF(version);
+        return -1;
+    }
+    Py_DECREF(version);
+    PyObject *parser = PyImport_ImportModule("httptools.parser.parser");
+    if (parser == NULL)
+        return -1;
+    PyObject *file = PyObject_GetAttrString(parser, "__file__");
+    Py_DECREF(parser);
+    if (file == NULL)
+        return -1;
+    const char *path = PyUnicode_AsUTF8(file);
+    if (path == NULL) {
+        Py_DECREF(file);
+        return -1;
+    }
+    /* the library Python loaded already: RTLD_NOLOAD opens no second copy */
+    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (lib == NULL) {
+        PyErr_Format(PyExc_ImportError, "httptools' parser (%U) is not loaded: %s", file, dlerror());
+        Py_DECREF(file);
+        return -1;
+    }
+    struct { void **slot; const char *name; } wanted[] = {
+        {(void **)&p_init, "llhttp_init"},
+        {(void **)&p_settings_init, "llhttp_settings_init"},
+        {(void **)&p_execute, "llhttp_execute"},
+        {(void **)&p_should_keep_alive, "llhttp_should_keep_alive"},
+        {(void **)&p_resume_after_upgrade, "llhttp_resume_after_upgrade"},
+        {(void **)&p_get_error_pos, "llhttp_get_error_pos"},
+        {(void **)&p_get_error_reason, "llhttp_get_error_reason"},
+        {(void **)&p_set_error_reason, "llhttp_set_error_reason"},
+        {(void **)&p_get_errno, "llhttp_get_errno"},
+        {(void **)&p_get_method, "llhttp_get_method"},
+        {(void **)&p_method_name, "llhttp_method_name"},
+        {(void **)&p_get_http_major, "llhttp_get_http_major"},
+        {(void **)&p_get_http_minor, "llhttp_get_http_minor"},
+        {(void **)&p_get_status_code, "llhttp_get_status_code"},
+        {(void **)&p_get_upgrade, "llhttp_get_upgrade"},
+    };
+    for (size_t i = 0; i < sizeof(wanted) / sizeof(wanted[0]); i++) {
+        *wanted[i].slot = dlsym(lib, wanted[i].name);
+        if (*wanted[i].slot == NULL) {
+            PyErr_Format(PyExc_ImportError, "httptools' parser (%U) has no %s", file, wanted[i].name);
+            Py_DECREF(file);
+            return -1;  /* (the handle is kept: the library stays loaded by Python anyway) */
+        }
+    }
+    Py_DECREF(file);
+    return 0;
+}
+
+static int
+find_errors(void)
+{
+    PyObject *errors = PyImport_ImportModule("httptools.parser.errors");
+    if (errors == NULL)
+        return -1;
+    struct { PyObject **slot; const char *name; } wanted[] = {
+        {&HttpParserError, "HttpParserError"},
+        {&HttpParserCallbackError, "HttpParserCallbackError"},
+        {&HttpParserInvalidStatusError, "HttpParserInvalidStatusError"},
+        {&HttpParserInvalidMethodError, "HttpParserInvalidMethodError"},
+        {&HttpParserInvalidURLError, "HttpParserInvalidURLError"},
+        {&HttpParserUpgrade, "HttpParserUpgrade"},
+    };
+    for (size_t i = 0; i < sizeof(wanted) / sizeof(wanted[0]); i++) {
+        if ((*wanted[i].slot = PyObject_GetAttrString(errors, wanted[i].name)) == NULL) {
+            Py_DECREF(errors);
+            return -1;
+        }
+    }
+    Py_DECREF(errors);
+    return 0;
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "sidecar.http._llhttp",
+    .m_doc = "llhttp (httptools' copy) driven from C: a head's header lines as one list.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__llhttp(void)
+{
+    if (find_llhttp() < 0 || find_errors() < 0)
+        return NULL;
+    if (PyType_Ready(&ParserType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Parser", (PyObject *)&ParserType) < 0
+            || PyModule_AddStringConstant(m, "HTTPTOOLS_VERSION", PAKE_HTTPTOOLS_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,157 @@
+"""The compiled form's llhttp binding (sidecar/http/_llhttp.c) against httptools' parsers.
+
+For any bytes, however they arrive in reads, both drive the same llhttp and must call a
+protocol the same way: the same callbacks in the same order with the same bytes, each head's
+header lines the same pairs (the binding's as one list at ``on_headers_complete``,
+httptools' as ``on_header`` calls before it; a request's values without trailing OWS, as
+``RequestParser.on_header`` makes them), and the same errors, messages, causes and upgrade
+offsets. The framing tests of the request and response parsers then hold for both, since
+the parsers' own code is the same either way.
+
+Runs where the binding is built (the compiled form); skipped in the pure-Python run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httptools
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from .settings import fuzz_settings
+from .strategies import reads, splits_of
+from .test_request_head import requests
+from .test_response_parser import responses
+
+_llhttp = pytest.importorskip("sidecar.http._llhttp", reason="the llhttp binding is built with the compiled form")
+Parser: Any = _llhttp.Parser
+
+
+class Boom(Exception):
+    pass
+
+
+class Recorder:
+    """Every callback, as an event; ``fail_at``: raise Boom on that event (a protocol error)."""
+
+    def __init__(self, *, strip: bool, fail_at: int = -1) -> None:
+        self.strip = strip
+        self.fail_at = fail_at
+        self.events: list[tuple[object, ...]] = []
+        self.lines: list[tuple[bytes, bytes]] = []
+        self.in_head = False
+
+    def _event(self, *event: object) -> None:
+        self.events.append(event)
+        if len(self.events) == self.fail_at:
+            raise Boom(f"at event {self.fail_at}")
+
+    def on_message_begin(self) -> None:
+        self.lines = []
+        self.in_head = True
+        self._event("begin")
+
+    def on_url(self, url: bytes) -> None:
+        self._event("url", url)
+
+    def on_status(self, reason: bytes) -> None:
+        self._event("status", reason)
+
+    def on_header(self, name: bytes, value: bytes) -> None:  # httptools only
+        if self.in_head:
+            self.lines.append((name, value.rstrip(b" \t") if self.strip else value))
+
+    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.in_head = False
+        self._event("head", self.lines if headers is None else headers)
+
+    def on_body(self, body: bytes) -> None:
+        self._event("body", body)
+
+    def on_chunk_header(self) -> None:
+        self._event("chunk")
+
+    def on_message_complete(self) -> None:
+        self.in_head = False
+        self._event("end")
+
+
+def run(parser: Any, recorder: Recorder, pieces: list[bytes], response: bool) -> list[object]:
+    """What each read did: the events and the state the parser reports after it, or the
+    error it raised (its class, message, and the class of its cause)."""
+    out: list[object] = []
+    for piece in pieces:
+        try:
+            parser.feed_data(piece)
+        except httptools.HttpParserUpgrade as exc:
+            out.append(("upgrade", exc.args, recorder.events))
+            return out
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            out.append((type(exc).__name__, str(exc), type(cause).__name__, str(cause), recorder.events))
+            return out
+        state = (parser.get_status_code() if response else parser.get_method(),
+                 parser.should_keep_alive(), parser.should_upgrade(), parser.get_http_version())
+        out.append((list(recorder.events), state))
+    return out
+
+
+def both(pieces: list[bytes], *, response: bool, fail_at: int = -1) -> tuple[list[object], list[object]]:
+    ours, theirs = Recorder(strip=not response, fail_at=fail_at), Recorder(strip=not response, fail_at=fail_at)
+    binding = Parser(ours, response, 10_000, not response)
+    reference = httptools.HttpResponseParser(theirs) if response else httptools.HttpRequestParser(theirs)
+    return run(binding, ours, pieces, response), run(reference, theirs, pieces, response)
+
+
+@fuzz_settings(300)
+@given(requests(), reads(), st.integers(-1, 12))
+@example(b"GET / HTTP/1.1\r\nX-Empty:\r\nX-Sp:   \r\nHost: a \t\r\n\r\n", [20, 21], -1)
+@example(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nTr: x\r\n\r\n"
+         b"GET / HTTP/1.1\r\nHost: b\r\n\r\n", [60, 75], -1)
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nHELLO", [3], -1)
+@example(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n", [], 3)
+def test_requests_reach_the_protocol_as_through_httptools(data: bytes, cuts: list[int], fail_at: int) -> None:
+    for pieces in ([data], splits_of(data, cuts)):
+        ours, theirs = both(pieces, response=False, fail_at=fail_at)
+        assert ours == theirs, pieces
+
+
+@fuzz_settings(300)
+@given(responses(), reads(), st.integers(-1, 10))
+@example(b"HTTP/1.1 200 OK\r\nA: 1 \r\nB:\t2\t\r\nContent-Length: 2\r\n\r\nhi", [20], -1)
+@example(b"HTTP/1.1 100 Continue\r\nX-I: 1\r\n\r\nHTTP/1.1 204 No\r\nX-F: 2\r\n\r\n", [30, 31, 32], -1)
+@example(b"HTTP/1.1 101 Switching\r\nUpgrade: ws\r\nConnection: upgrade\r\n\r\nframes", [], -1)
+def test_responses_reach_the_protocol_as_through_httptools(data: bytes, cuts: list[int], fail_at: int) -> None:
+    for pieces in ([data], splits_of(data, cuts)):
+        ours, theirs = both(pieces, response=True, fail_at=fail_at)
+        assert ours == theirs, pieces
+
+
+def test_a_head_past_max_headers_keeps_that_many_lines_and_no_more() -> None:
+    # what bounds the memory a head of many tiny lines takes while it is parsed: the caller's
+    # limit plus one, whatever the head holds (the parser then refuses it with a 431 or 502)
+    recorder = Recorder(strip=True)
+    parser = Parser(recorder, False, 5, True)
+    parser.feed_data(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(5000)) + b"\r\n")
+    heads = [event[1] for event in recorder.events if event[0] == "head"]
+    assert heads == [[(b"X-%d" % i, b"%d" % i) for i in range(5)]]
+
+
+def test_head_lines_counts_the_whole_lines_of_the_head_being_read() -> None:
+    parser = Parser(Recorder(strip=True), False, 100, True)
+    parser.feed_data(b"GET /" + b"a" * 100)
+    assert parser.head_lines() == 0  # still the request line
+    parser.feed_data(b" HTTP/1.1\r\nHost: a\r\nX-Long: " + b"b" * 100)
+    assert parser.head_lines() == 1  # Host; X-Long is not whole yet
+    parser.feed_data(b"\r\nX-Next: c")
+    assert parser.head_lines() == 2
+    parser.feed_data(b"\r\n\r\n")
+    assert parser.head_lines() == 0  # the head is over
+
+
+def test_a_parser_is_initialised_once() -> None:
+    parser = Parser(Recorder(strip=True), False, 10, True)
+    with pytest.raises(RuntimeError):
+        parser.__init__(Recorder(strip=True), True, 10, False)
