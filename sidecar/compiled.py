@@ -14,9 +14,10 @@ build says so and the sidecar runs as Python; ``PAKE_PURE_PYTHON=1`` makes ``sid
 sources even where extensions sit beside them (the tests run both forms; a traceback through
 source is easier to read).
 
-Beside the mypyc libraries, the build compiles one C module of our own: ``http/_llhttp.c``,
-which drives httptools' llhttp so that a head's header lines reach the parsers as one list
-(``http/llhttp.py``), for the httptools version whose llhttp header it carries.
+Beside the mypyc libraries, the build compiles one C module of our own: ``http/_wire.c``, the
+HTTP/1.1 wire where a Python call a header line was the cost (``http/wire.py``): a head's
+header lines reach the parsers as one list (httptools' llhttp driven from C, for the httptools
+version whose llhttp header it carries), and are written by one call.
 
 A compiled module older than its source would run code that is no longer there: ``stale()``
 finds them, ``build --if-stale`` rebuilds, the test session refuses to start with them and the
@@ -82,9 +83,10 @@ _LEFT_AS_PYTHON = frozenset({
     "filters/base.py",
 })
 
-# The parsers' own driver of llhttp (http/llhttp.py): C, not mypyc, built beside the libraries,
-# and only for the httptools whose llhttp header it carries (http/_llhttp.h, llhttp 9.4.3).
-LLHTTP_SOURCE = "http/_llhttp.c"
+# The HTTP/1.1 wire's C helpers (http/_wire.c, http/wire.py): C, not mypyc, built beside the
+# libraries. Its llhttp parser is laid out by llhttp's header (http/_llhttp.h, llhttp 9.4.3)
+# from this httptools, and serves beside no other.
+WIRE_SOURCE = "http/_wire.c"
 LLHTTP_HEADER = "http/_llhttp.h"
 LLHTTP_HTTPTOOLS = "0.9.0"
 
@@ -112,17 +114,9 @@ def groups(package: Path = _PACKAGE) -> dict[str, list[Path]]:
     return out
 
 
-def llhttp_binding_wanted() -> bool:
-    """The installed httptools is the one the binding is for: a build makes it (and a binding
-    on disk for another is stale). httptools is imported by every sidecar anyway."""
-    import httptools
-
-    return str(getattr(httptools, "__version__", "")) == LLHTTP_HTTPTOOLS
-
-
-def llhttp_binding(package: Path = _PACKAGE) -> Path:
-    """Where the built binding goes: ``sidecar/http/_llhttp`` plus the extension suffix."""
-    return extension_of(package / LLHTTP_SOURCE)
+def wire_module(package: Path = _PACKAGE) -> Path:
+    """Where the built C helpers go: ``sidecar/http/_wire`` plus the extension suffix."""
+    return extension_of(package / WIRE_SOURCE)
 
 
 def sources(package: Path = _PACKAGE) -> list[Path]:
@@ -160,12 +154,13 @@ def stale(package: Path = _PACKAGE) -> list[Path]:
         if not ext.exists() or ext.stat().st_mtime < source.stat().st_mtime:
             out.append(source)
     out.extend(library for library in libraries if not library.exists())
-    if llhttp_binding_wanted() and (package / LLHTTP_SOURCE).exists():
-        binding = llhttp_binding(package)
-        expected.add(binding)
-        newest = max((package / LLHTTP_SOURCE).stat().st_mtime, (package / LLHTTP_HEADER).stat().st_mtime)
-        if not binding.exists() or binding.stat().st_mtime < newest:
-            out.append(package / LLHTTP_SOURCE)
+    source = package / WIRE_SOURCE
+    if source.exists():  # (and _llhttp.h: the parser's layout)
+        wire = wire_module(package)
+        expected.add(wire)
+        newest = max(source.stat().st_mtime, (package / LLHTTP_HEADER).stat().st_mtime)
+        if not wire.exists() or wire.stat().st_mtime < newest:
+            out.append(source)
     return out + [p for p in present if p not in expected]
 
 
@@ -259,11 +254,11 @@ def build(package: Path = _PACKAGE) -> float:
             try:
                 paths = [path for files, _ in separate for path in files]
                 extensions = mypycify(paths, opt_level="3", separate=separate, target_dir=tmp)
-                if llhttp_binding_wanted():
+                if (package / WIRE_SOURCE).exists():
                     from setuptools import Extension
 
                     extensions.append(Extension(
-                        "sidecar.http._llhttp", [str(Path(package.name) / LLHTTP_SOURCE)],
+                        "sidecar.http._wire", [str(Path(package.name) / WIRE_SOURCE)],
                         define_macros=[("PAKE_HTTPTOOLS_VERSION", f'"{LLHTTP_HTTPTOOLS}"')],
                         extra_compile_args=["-Wall"]))
                 dist = Distribution({"name": "pake-mesh-hot-path", "ext_modules": extensions})
@@ -311,13 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     except BuildFailed as exc:
         print(f"could not compile the hot path ({exc}): the sidecar runs as pure Python", file=sys.stderr)
         return 1 if args.required else 0
-    if llhttp_binding_wanted():
-        binding = f"and llhttp's binding for httptools {LLHTTP_HTTPTOOLS}"
-    else:
-        import httptools
+    import httptools
 
-        binding = (f"without llhttp's binding (built for httptools {LLHTTP_HTTPTOOLS}; this is "
-                   f"{getattr(httptools, '__version__', '?')}: the parsers call httptools per header)")
+    installed = str(getattr(httptools, "__version__", "?"))
+    if installed == LLHTTP_HTTPTOOLS:
+        binding = f"and the wire's C helpers (llhttp's parser for httptools {installed})"
+    else:
+        binding = (f"and the wire's C helpers without llhttp's parser (laid out for httptools "
+                   f"{LLHTTP_HTTPTOOLS}; this is {installed}: the parsers call httptools per header)")
     print(f"compiled {len(sources())} modules in {took:.0f} s, {binding}: {form()}")
     return 0
 

@@ -1,6 +1,6 @@
 /* llhttp's public header, version 9.4.3: the copy httptools 0.9.0 builds into its parser
  * (vendor/llhttp/include/llhttp.h of its sdist), unchanged below this comment. It gives
- * sidecar/http/_llhttp.c the layout of llhttp_t and llhttp_settings_t; the functions are
+ * sidecar/http/_wire.c the layout of llhttp_t and llhttp_settings_t; the functions are
  * httptools' own, found at import (see there). Only for the httptools version it came with.
  *
  * llhttp: Copyright Fedor Indutny, 2018. MIT License:

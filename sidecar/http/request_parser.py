@@ -21,7 +21,7 @@ import httptools
 from ..config.model import Limits
 from ..errors import DownstreamProtocolError
 from .headers import HOP_BY_HOP, MESH_INTERNAL, NameTable, connection_tokens, content_length_value
-from .llhttp import GATHERS_HEADERS, request_parser
+from .wire import GATHERS_HEADERS, request_parser
 from .message import COMMON_METHODS, RequestHead
 
 if TYPE_CHECKING:
@@ -281,7 +281,7 @@ class RequestParser:
             raise DownstreamProtocolError("request line too long", 414, "uri_too_long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # (httptools' parser only: the compiled form's gathers the lines, see llhttp.py)
+        # (httptools' parser only: the compiled form's gathers the lines, see wire.py)
         if self._in_head:  # after the head: trailers, which are not forwarded
             # llhttp keeps trailing OWS (RFC 9110 §5.5); looked at before calling rstrip, which
             # few values need (a method call on each header costs more than the index)

@@ -15,7 +15,7 @@ import httptools
 
 from ..errors import UpstreamProtocolError
 from .headers import HOP_BY_HOP, NameTable, connection_tokens, content_length_value
-from .llhttp import response_parser
+from .wire import response_parser
 from .message import ResponseHead
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ class ResponseParser:
         self.reason = self.reason + reason if self.reason else reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # (httptools' parser only: the compiled form's gathers the lines, see llhttp.py)
+        # (httptools' parser only: the compiled form's gathers the lines, see wire.py)
         if self._in_head:
             self._headers.append((name, value))
             if len(self._headers) > _MAX_HEADERS:

@@ -8,6 +8,7 @@ from typing import Final
 
 from ..errors import LocalReply
 from .message import COMMON_METHODS, RequestHead
+from .wire import HEADER_LINES
 
 __all__ = ["chunk", "header_line", "LAST_CHUNK", "local_reply", "reason_phrase", "request_head", "response_head"]
 
@@ -36,6 +37,11 @@ def header_line(name: bytes, value: bytes) -> bytes:
 
 
 def _add_lines(lines: list[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+    write = HEADER_LINES
+    if write is not None:  # the compiled form: every line in one C call, one piece of the join
+        if headers:
+            lines.append(write(headers))
+        return
     # one line a header (``header_line``: a bytes format, one build of three pieces), not
     # four appends of its pieces: the join's cost a piece made those slower, 719 against
     # 667 ns for the realistic profile's head and 214 against 187 ns for a one-header one

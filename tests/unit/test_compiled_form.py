@@ -30,7 +30,7 @@ def fake_package(tmp_path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"def name() -> str:\n    return {str(path.relative_to(package))!r}\n")
     (package / "__init__.py").write_text("")
-    (package / compiled.LLHTTP_SOURCE).write_text("/* the binding */\n")
+    (package / compiled.WIRE_SOURCE).write_text("/* the wire's C helpers */\n")
     (package / compiled.LLHTTP_HEADER).write_text("/* llhttp's header */\n")
     return package
 
@@ -55,18 +55,16 @@ def test_the_form_on_disk_is_python_until_built_and_stale_once_a_source_is_newer
         compiled.extension_of(source).write_bytes(b"")
     for library in compiled.group_libraries(package):
         library.write_bytes(b"")
-    binding = compiled.llhttp_binding(package)
-    wanted = compiled.llhttp_binding_wanted()  # the httptools here is the one it is built for
-    for path in (package / compiled.LLHTTP_SOURCE, package / compiled.LLHTTP_HEADER):
+    wire = compiled.wire_module(package)
+    assert compiled.stale(package) == [package / compiled.WIRE_SOURCE]  # the C module is part of it
+    for path in (package / compiled.WIRE_SOURCE, package / compiled.LLHTTP_HEADER):
         age(path, 60)
-    if wanted:
-        binding.write_bytes(b"")
+    wire.write_bytes(b"")
     assert (compiled.form(package), compiled.stale(package)) == ("compiled", [])
-    if wanted:  # an edit of llhttp's header (another llhttp) makes the binding stale
-        header = package / compiled.LLHTTP_HEADER
-        header.write_text(header.read_text() + "/* 9.5 */\n")
-        assert compiled.stale(package) == [package / compiled.LLHTTP_SOURCE]
-        age(header, 60)
+    header = package / compiled.LLHTTP_HEADER  # an edit of llhttp's header (another llhttp)
+    header.write_text(header.read_text() + "/* 9.5 */\n")
+    assert compiled.stale(package) == [package / compiled.WIRE_SOURCE]
+    age(header, 60)
 
     edited = sources[3]
     edited.write_text(edited.read_text() + "# an edit after the build\n")
@@ -80,9 +78,8 @@ def test_the_form_on_disk_is_python_until_built_and_stale_once_a_source_is_newer
     orphan.write_bytes(b"")  # a module an earlier build compiled and this one does not
     assert compiled.stale(package) == [sources[0], edited, orphan]
 
-    # the other extensions, the libraries, the binding and the orphan
-    assert compiled.clean(package) == (len(sources) - 1 + len(compiled.group_libraries(package))
-                                       + wanted + 1)
+    # the other extensions, the libraries, the C module and the orphan
+    assert compiled.clean(package) == len(sources) - 1 + len(compiled.group_libraries(package)) + 1 + 1
     assert (compiled.form(package), list(package.rglob("*.so"))) == ("python", [])
 
 
@@ -99,9 +96,9 @@ def test_pake_pure_python_runs_the_source_even_beside_a_compiled_form() -> None:
     files = run_python(WHICH, PAKE_PURE_PYTHON="1").split()
     assert [Path(f).suffix for f in files] == [".py", ".py"]
     # nor a module that is only an extension: the parsers drive llhttp through httptools
-    code = ("import sidecar.http.llhttp as m\ntry:\n    import sidecar.http._llhttp\n"
-            "except ImportError:\n    print(m.GATHERS_HEADERS, 'refused')\nelse:\n    print('loaded')")
-    assert run_python(code, PAKE_PURE_PYTHON="1") == "False refused"
+    code = ("import sidecar.http.wire as m\ntry:\n    import sidecar.http._wire\n"
+            "except ImportError:\n    print(m.GATHERS_HEADERS, m.HEADER_LINES, 'refused')\nelse:\n    print('loaded')")
+    assert run_python(code, PAKE_PURE_PYTHON="1") == "False None refused"
 
 
 def require_compiled() -> None:
@@ -120,38 +117,25 @@ def test_a_built_hot_path_is_what_python_imports() -> None:
 
 def test_the_built_parsers_gather_header_lines_in_c_for_the_httptools_it_was_built_for() -> None:
     require_compiled()
-    if not compiled.llhttp_binding_wanted():
+    import httptools
+
+    if httptools.__version__ != compiled.LLHTTP_HTTPTOOLS:
         pytest.skip(f"httptools is not {compiled.LLHTTP_HTTPTOOLS} here: the parsers call it per header")
-    code = ("import sidecar.http.llhttp as m, sidecar.http._llhttp as b\n"
-            "print(m.GATHERS_HEADERS, b.HTTPTOOLS_VERSION)")
-    assert run_python(code, PAKE_PURE_PYTHON="0") == f"True {compiled.LLHTTP_HTTPTOOLS}"
+    code = ("import sidecar.http.wire as m, sidecar.http._wire as c\n"
+            "print(m.GATHERS_HEADERS, m.HEADER_LINES is c.header_lines, repr(c.LLHTTP_REFUSED))")
+    assert run_python(code, PAKE_PURE_PYTHON="0") == "True True ''"
 
 
-def test_a_binding_meeting_another_httptools_is_not_used() -> None:
-    # llhttp's structs are laid out as the header of the httptools it was built for says: with
-    # any other, the binding refuses to load and the parsers call httptools per header
+def test_beside_another_httptools_the_parsers_call_it_per_header_and_lines_are_still_written_in_c() -> None:
+    # llhttp's structs are laid out as the header of the httptools it was built for says:
+    # with any other, the C module has no parser (and says why); its header_lines serves
     require_compiled()
-    if not compiled.llhttp_binding_wanted():
-        pytest.skip("no binding built here")
     code = ("import httptools\nhttptools.__version__ = '9.9.9'\n"
-            "try:\n    import sidecar.http._llhttp\nexcept ImportError as exc:\n    print(exc)\n"
-            "import sidecar.http.llhttp as m\nprint(m.GATHERS_HEADERS)")
-    refused, gathers = run_python(code, PAKE_PURE_PYTHON="0").splitlines()
+            "import sidecar.http._wire as c, sidecar.http.wire as m\n"
+            "print(c.LLHTTP_REFUSED)\nprint(hasattr(c, 'Parser'), m.GATHERS_HEADERS, m.HEADER_LINES is c.header_lines)")
+    refused, state = run_python(code, PAKE_PURE_PYTHON="0").splitlines()
     assert refused == f"built for httptools {compiled.LLHTTP_HTTPTOOLS} (its llhttp's layout), found '9.9.9'"
-    assert gathers == "False"
-
-
-def test_a_build_that_fails_leaves_the_pure_python_form_and_says_so(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    package = fake_package(tmp_path)
-    stale_ext = compiled.extension_of(compiled.sources(package)[0])
-    stale_ext.write_bytes(b"an old build")
-    monkeypatch.setenv("CC", "/bin/false")  # the C compiler fails
-    cwd = os.getcwd()
-    with pytest.raises(compiled.BuildFailed, match="exit"):  # (gcc's: "exit status 1")
-        compiled.build(package)
-    assert os.getcwd() == cwd
-    assert compiled.form(package) == "python" and not list(package.rglob("*.so"))
+    assert state == "False False True"
 
 
 # Dataclasses of the compiled hot path that keep the generated (interpreted) ``__init__``: each

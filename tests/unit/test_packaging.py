@@ -38,5 +38,5 @@ def test_wheel_holds_sidecar_certs_and_control_only(tmp_path: Path) -> None:
     assert "certs/testing.py" not in names
     assert not [n for n in names if n.startswith("tests/") or "/tests/" in n]
     assert "sidecar/config/redact.py" in names and "control/cli.py" in names
-    # what `python -m sidecar.compiled build` compiles besides the modules: the llhttp binding
-    assert {"sidecar/http/_llhttp.c", "sidecar/http/_llhttp.h", "sidecar/http/_llhttp.pyi"} <= set(names)
+    # what `python -m sidecar.compiled build` compiles besides the modules: the wire's C helpers
+    assert {"sidecar/http/_wire.c", "sidecar/http/_llhttp.h", "sidecar/http/_wire.pyi"} <= set(names)

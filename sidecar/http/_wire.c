@@ -1,9 +1,12 @@
-/* llhttp driven from C, so that a head's header lines reach Python as one list.
+/* The HTTP/1.1 wire in C, where a Python call a header line was the cost: heads read through
+ * llhttp with their header lines gathered (Parser), and header lines written (header_lines).
+ * Part of the hot path's compiled form (sidecar/compiled.py builds it); sidecar/http/wire.py
+ * says which the modules use, and the pure-Python form has neither.
  *
- * Why: through httptools, every header line of a head is a Python call (httptools' Cython
- * callback, then our ``on_header``): ~1.4k instructions a line, 19k of the 29.5k a realistic
- * request head costs to parse (bench/README.md). Here the lines are gathered in C, as the
- * (name, value) pairs ``on_header`` made, and handed over once, as the argument of
+ * Parser: through httptools, every header line of a head is a Python call (httptools'
+ * Cython callback, then our ``on_header``): ~1.4k instructions a line, 19k of the 29.5k a
+ * realistic request head costs to parse (bench/README.md). Here the lines are gathered in C,
+ * as the (name, value) pairs ``on_header`` made, and handed over once, as the argument of
  * ``on_headers_complete``. Every other callback is httptools': the same names, the same
  * arguments, the same return values to llhttp, and the same exceptions (httptools' own
  * classes), so ``RequestParser`` and ``ResponseParser`` read both parsers alike.
@@ -13,9 +16,8 @@
  * loaded, dlsym of each function): one copy of the parser in the process, and its fixes come
  * with httptools. The layout of llhttp_t and of the settings comes from _llhttp.h, llhttp's
  * header of the version inside the httptools this was built for (PAKE_HTTPTOOLS_VERSION):
- * importing this module with any other httptools raises ImportError, and the parsers fall
- * back to httptools' callbacks. sidecar/compiled.py builds it with the hot path, and only
- * for that version.
+ * beside any other httptools the module has no Parser (LLHTTP_REFUSED says why), and the
+ * parsers call httptools per header.
  *
  * Bounds: a head's pairs are kept up to ``max_headers``; past it they are counted, not kept,
  * so the caller (whose limit is one less) refuses the head, and a head of many tiny lines
@@ -519,7 +521,7 @@ static PyMethodDef Parser_methods[] = {
 
 static PyTypeObject ParserType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "sidecar.http._llhttp.Parser",
+    .tp_name = "sidecar.http._wire.Parser",
     .tp_doc = "Parser(protocol, response, max_headers, strip_trailing_ows): httptools' "
               "HttpRequestParser or HttpResponseParser, but a head's header lines reach "
               "protocol.on_headers_complete(headers) as one list of (name, value) pairs.",
@@ -627,25 +629,88 @@ find_errors(void)
     return 0;
 }
 
+/* --- header lines ---------------------------------------------------------------------- */
+
+static PyObject *
+header_lines(PyObject *Py_UNUSED(module), PyObject *headers)
+{
+    if (!PyList_Check(headers)) {
+        PyErr_Format(PyExc_TypeError, "header_lines: a list of (name, value) pairs, not %T", headers);
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(headers), size = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PyList_GET_ITEM(headers, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2
+                || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyErr_Format(PyExc_TypeError, "header_lines: item %zd is not a (bytes, bytes) pair: %R", i, pair);
+            return NULL;
+        }
+        size += PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 0)) + PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 1)) + 4;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        return NULL;
+    char *at = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PyList_GET_ITEM(headers, i);
+        PyObject *name = PyTuple_GET_ITEM(pair, 0), *value = PyTuple_GET_ITEM(pair, 1);
+        memcpy(at, PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(name));
+        at += PyBytes_GET_SIZE(name);
+        *at++ = ':';
+        *at++ = ' ';
+        memcpy(at, PyBytes_AS_STRING(value), (size_t)PyBytes_GET_SIZE(value));
+        at += PyBytes_GET_SIZE(value);
+        *at++ = '\r';
+        *at++ = '\n';
+    }
+    return out;
+}
+
+static PyMethodDef module_functions[] = {
+    {"header_lines", header_lines, METH_O,
+     "header_lines(headers): b'name: value\\r\\n' for each (name, value) pair, as one bytes "
+     "object (writer.header_line's lines, joined)."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "sidecar.http._llhttp",
-    .m_doc = "llhttp (httptools' copy) driven from C: a head's header lines as one list.",
+    .m_name = "sidecar.http._wire",
+    .m_doc = "The HTTP/1.1 wire in C: heads read through httptools' llhttp with their header "
+             "lines gathered, and header lines written.",
     .m_size = -1,
+    .m_methods = module_functions,
 };
 
 PyMODINIT_FUNC
-PyInit__llhttp(void)
+PyInit__wire(void)
 {
-    if (find_llhttp() < 0 || find_errors() < 0)
-        return NULL;
-    if (PyType_Ready(&ParserType) < 0)
-        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Parser", (PyObject *)&ParserType) < 0
-            || PyModule_AddStringConstant(m, "HTTPTOOLS_VERSION", PAKE_HTTPTOOLS_VERSION) < 0) {
+    if (PyModule_AddStringConstant(m, "HTTPTOOLS_VERSION", PAKE_HTTPTOOLS_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (find_llhttp() < 0 || find_errors() < 0) {
+        /* no Parser: say why (another httptools), the rest of the module serves */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyObject *why = value != NULL ? PyObject_Str(value) : PyUnicode_FromString("no llhttp");
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        if (why == NULL || PyModule_AddObject(m, "LLHTTP_REFUSED", why) < 0) {
+            Py_XDECREF(why);
+            Py_DECREF(m);
+            return NULL;
+        }
+        return m;
+    }
+    if (PyType_Ready(&ParserType) < 0
+            || PyModule_AddObjectRef(m, "Parser", (PyObject *)&ParserType) < 0
+            || PyModule_AddStringConstant(m, "LLHTTP_REFUSED", "") < 0) {
         Py_DECREF(m);
         return NULL;
     }

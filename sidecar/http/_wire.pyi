@@ -1,9 +1,12 @@
-# The compiled form's binding of llhttp (_llhttp.c); see sidecar/http/llhttp.py.
+# The HTTP/1.1 wire in C (_wire.c), part of the compiled form; see sidecar/http/wire.py.
 from typing import Final
 
-HTTPTOOLS_VERSION: Final[str]
+HTTPTOOLS_VERSION: Final[str]  # the httptools whose llhttp the Parser is laid out for
+LLHTTP_REFUSED: Final[str]  # why there is no Parser (another httptools), or ""
 
-class Parser:
+def header_lines(headers: list[tuple[bytes, bytes]], /) -> bytes: ...
+
+class Parser:  # present only when LLHTTP_REFUSED is ""
     def __init__(self, protocol: object, response: bool, max_headers: int,
                  strip_trailing_ows: bool) -> None: ...
     def feed_data(self, data: bytes | bytearray | memoryview) -> None: ...

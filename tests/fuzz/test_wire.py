@@ -1,14 +1,16 @@
-"""The compiled form's llhttp binding (sidecar/http/_llhttp.c) against httptools' parsers.
+"""The compiled form's HTTP wire in C (sidecar/http/_wire.c) against what it replaces.
 
-For any bytes, however they arrive in reads, both drive the same llhttp and must call a
-protocol the same way: the same callbacks in the same order with the same bytes, each head's
-header lines the same pairs (the binding's as one list at ``on_headers_complete``,
-httptools' as ``on_header`` calls before it; a request's values without trailing OWS, as
-``RequestParser.on_header`` makes them), and the same errors, messages, causes and upgrade
-offsets. The framing tests of the request and response parsers then hold for both, since
-the parsers' own code is the same either way.
+Its parser against httptools' parsers: for any bytes, however they arrive in reads, both
+drive the same llhttp and must call a protocol the same way: the same callbacks in the same
+order with the same bytes, each head's header lines the same pairs (the binding's as one list
+at ``on_headers_complete``, httptools' as ``on_header`` calls before it; a request's values
+without trailing OWS, as ``RequestParser.on_header`` makes them), and the same errors,
+messages, causes and upgrade offsets. The framing tests of the request and response parsers
+then hold for both, since the parsers' own code is the same either way.
 
-Runs where the binding is built (the compiled form); skipped in the pure-Python run.
+Its ``header_lines`` against ``writer.header_line``: the same bytes for any pairs.
+
+Runs where the compiled form is built; skipped in the pure-Python run.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from sidecar.http.writer import header_line
+
 from .settings import fuzz_settings
 from .strategies import reads, splits_of
 from .test_request_head import requests
 from .test_response_parser import responses
 
-_llhttp = pytest.importorskip("sidecar.http._llhttp", reason="the llhttp binding is built with the compiled form")
-Parser: Any = _llhttp.Parser
+_wire = pytest.importorskip("sidecar.http._wire", reason="the HTTP wire's C helpers are built with the compiled form")
+if not hasattr(_wire, "Parser"):
+    pytest.skip(f"no llhttp parser: {_wire.LLHTTP_REFUSED}", allow_module_level=True)
+Parser: Any = _wire.Parser
 
 
 class Boom(Exception):
@@ -155,3 +161,15 @@ def test_a_parser_is_initialised_once() -> None:
     parser = Parser(Recorder(strip=True), False, 10, True)
     with pytest.raises(RuntimeError):
         parser.__init__(Recorder(strip=True), True, 10, False)
+
+
+@fuzz_settings(200)
+@given(st.lists(st.tuples(st.binary(max_size=20), st.binary(max_size=40)), max_size=30))
+def test_header_lines_are_the_lines_header_line_makes(pairs: list[tuple[bytes, bytes]]) -> None:
+    assert _wire.header_lines(pairs) == b"".join(header_line(name, value) for name, value in pairs)
+
+
+@pytest.mark.parametrize("bad", [((b"a", b"b"),), [(b"a", b"b", b"c")], [(b"a", "b")], [[b"a", b"b"]], [b"a"]])
+def test_header_lines_refuses_anything_but_a_list_of_byte_pairs(bad: Any) -> None:
+    with pytest.raises(TypeError, match="header_lines"):
+        _wire.header_lines(bad)

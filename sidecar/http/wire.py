@@ -1,0 +1,54 @@
+"""Which of the HTTP/1.1 wire's C helpers (``_wire.c``) the http modules use.
+
+The compiled form has them: the request and response parsers' heads arrive with their header
+lines as one list, the argument of ``on_headers_complete``, instead of one ``on_header`` call
+a line (~1.4k instructions each through httptools, bench/README.md); and a head's header lines
+are written by one C call. The pure-Python form, and a compiled form beside another httptools
+than the one its llhttp layout came from (the parser only), use httptools' parsers, which call
+``on_header``, and ``writer.header_line``. A parser implements both callbacks; everything else
+it is called with is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+import httptools
+
+__all__ = ["GATHERS_HEADERS", "HEADER_LINES", "request_parser", "response_parser"]
+
+
+def _wire() -> Any:
+    # A module run as its source is the pure form (PAKE_PURE_PYTHON=1 also keeps the
+    # extension from loading: compiled.SourceOnlyFinder).
+    if __file__.endswith(".py"):
+        return None
+    try:
+        from . import _wire
+    except ImportError:  # not built (no C compiler)
+        return None
+    return _wire
+
+
+_C: Final = _wire()
+_PARSER: Final = getattr(_C, "Parser", None)
+GATHERS_HEADERS: Final = _PARSER is not None  # on_headers_complete gets the lines
+# ``header_lines(pairs)``: b"name: value\r\n" a pair, as one bytes object; None: writer's own
+HEADER_LINES: Final[Callable[[list[tuple[bytes, bytes]]], bytes] | None] = getattr(_C, "header_lines", None)
+
+
+def request_parser(protocol: object, max_headers: int) -> Any:
+    """``protocol``'s llhttp for requests. Gathered, at most ``max_headers + 1`` lines of a
+    head are kept (one more than the limit tells a head past it) and trailing OWS is dropped
+    from values, as ``RequestParser.on_header`` does."""
+    if _PARSER is not None:
+        return _PARSER(protocol, False, max_headers + 1, True)
+    return httptools.HttpRequestParser(protocol)
+
+
+def response_parser(protocol: object, max_headers: int) -> Any:
+    """``protocol``'s llhttp for responses; values as received (as ``ResponseParser.on_header``)."""
+    if _PARSER is not None:
+        return _PARSER(protocol, True, max_headers + 1, False)
+    return httptools.HttpResponseParser(protocol)
