@@ -60,6 +60,102 @@ static PyObject *HttpParserError, *HttpParserCallbackError, *HttpParserInvalidSt
 #define METHODS 64
 static PyObject *method_names[METHODS];
 
+/* --- names -------------------------------------------------------------------------------- */
+
+/* Header names as a peer commonly spells them, each one bytes object: a line whose name is one
+ * of them gets that object, not a new one (an allocation and a free less a line), and its hash,
+ * once computed, is kept. Made once by a parser's module and shared by its parsers. */
+#define NAME_MAX_LENGTH 64
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *names;                                /* the tuple given */
+    PyObject **by_length[NAME_MAX_LENGTH + 1];      /* borrowed from names */
+    Py_ssize_t count[NAME_MAX_LENGTH + 1];
+} Names;
+
+static PyObject *
+Names_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *names;
+    if (!PyArg_ParseTuple(args, "O!:Names", &PyTuple_Type, &names))
+        return NULL;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Names(names): no keywords");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(names);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        if (!PyBytes_CheckExact(name) || PyBytes_GET_SIZE(name) < 1
+                || PyBytes_GET_SIZE(name) > NAME_MAX_LENGTH) {
+            PyErr_Format(PyExc_ValueError, "Names: item %zd must be bytes of 1 to %d, got %R",
+                         i, NAME_MAX_LENGTH, name);
+            return NULL;
+        }
+    }
+    Names *self = (Names *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->names = Py_NewRef(names);
+    for (Py_ssize_t i = 0; i < n; i++)
+        self->count[PyBytes_GET_SIZE(PyTuple_GET_ITEM(names, i))]++;
+    for (int length = 1; length <= NAME_MAX_LENGTH; length++) {
+        if (self->count[length] == 0)
+            continue;
+        self->by_length[length] = PyMem_Malloc(sizeof(PyObject *) * (size_t)self->count[length]);
+        if (self->by_length[length] == NULL) {
+            Py_DECREF(self);
+            return PyErr_NoMemory();
+        }
+        self->count[length] = 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        Py_ssize_t length = PyBytes_GET_SIZE(name);
+        self->by_length[length][self->count[length]++] = name;
+    }
+    return (PyObject *)self;
+}
+
+static void
+Names_dealloc(Names *self)
+{
+    for (int length = 0; length <= NAME_MAX_LENGTH; length++)
+        PyMem_Free(self->by_length[length]);
+    Py_XDECREF(self->names);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* the object for these bytes, a new reference; NULL (no error) when they are none of them */
+static PyObject *
+names_find(Names *self, const char *at, size_t length)
+{
+    if (length == 0 || length > NAME_MAX_LENGTH)
+        return NULL;
+    PyObject **row = self->by_length[length];
+    for (Py_ssize_t i = 0, n = self->count[length]; i < n; i++) {
+        const char *name = PyBytes_AS_STRING(row[i]);
+        if (name[0] == at[0] && memcmp(name, at, length) == 0)
+            return Py_NewRef(row[i]);
+    }
+    return NULL;
+}
+
+static PyTypeObject NamesType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sidecar.http._wire.Names",
+    .tp_doc = "Names(names: tuple[bytes, ...]): header names a parser gives as these objects.",
+    .tp_basicsize = sizeof(Names),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Names_new,
+    .tp_dealloc = (destructor)Names_dealloc,
+};
+
+/* --- the parser ---------------------------------------------------------------------------- */
+
+#define INLINE_PAIRS 24  /* a head's pairs kept in the parser before any allocation */
+
 typedef struct {
     PyObject_HEAD
     llhttp_t parser;
@@ -67,12 +163,17 @@ typedef struct {
     /* the protocol's bound methods (NULL: the protocol has none) */
     PyObject *on_message_begin, *on_url, *on_status, *on_headers_complete, *on_body,
         *on_message_complete, *on_chunk_header;
-    PyObject *headers;        /* the head's pairs so far (NULL outside a head) */
+    Names *names;             /* or NULL */
+    /* the head's pairs so far, handed over as a list of exactly their number (a list
+     * appended to grows by reallocation, ~1k instructions a realistic head) */
+    PyObject **pairs;         /* inline, or allocated past INLINE_PAIRS */
+    Py_ssize_t count, room;
     PyObject *name, *value;   /* the line being read, in pieces as they arrived */
     PyObject *last_error;     /* what a callback raised, for the error feed_data raises */
     Py_ssize_t max_headers;
     int in_head;
     int strip;                /* drop the values' trailing OWS (requests: RFC 9110 §5.5) */
+    PyObject *inline_pairs[INLINE_PAIRS];
 } Parser;
 
 #define PARSER(p) ((Parser *)((char *)(p) - offsetof(Parser, parser)))
@@ -151,11 +252,26 @@ end_line(Parser *self)
     self->name = self->value = NULL;
     if (name == NULL)
         name = PyBytes_FromStringAndSize("", 0);
-    if (name == NULL || self->headers == NULL
-            || PyList_GET_SIZE(self->headers) >= self->max_headers) {
+    if (name == NULL || !self->in_head || self->count >= self->max_headers) {
         Py_XDECREF(name);
         Py_DECREF(value);
         return name == NULL ? -1 : 0;
+    }
+    if (self->count == self->room) {
+        Py_ssize_t room = self->room * 2 < self->max_headers ? self->room * 2 : self->max_headers;
+        PyObject **pairs = self->pairs == self->inline_pairs
+            ? PyMem_Malloc(sizeof(PyObject *) * (size_t)room)
+            : PyMem_Realloc(self->pairs, sizeof(PyObject *) * (size_t)room);
+        if (pairs == NULL) {
+            Py_DECREF(name);
+            Py_DECREF(value);
+            PyErr_NoMemory();
+            return -1;
+        }
+        if (self->pairs == self->inline_pairs)
+            memcpy(pairs, self->inline_pairs, sizeof(PyObject *) * (size_t)self->count);
+        self->pairs = pairs;
+        self->room = room;
     }
     if (self->strip) {
         Py_ssize_t n = PyBytes_GET_SIZE(value);
@@ -181,9 +297,16 @@ end_line(Parser *self)
     }
     PyTuple_SET_ITEM(pair, 0, name);
     PyTuple_SET_ITEM(pair, 1, value);
-    int err = PyList_Append(self->headers, pair);
-    Py_DECREF(pair);
-    return err;
+    self->pairs[self->count++] = pair;
+    return 0;
+}
+
+static void
+drop_pairs(Parser *self)
+{
+    for (Py_ssize_t i = 0; i < self->count; i++)
+        Py_DECREF(self->pairs[i]);
+    self->count = 0;
 }
 
 /* --- llhttp's callbacks ---------------------------------------------------------------- */
@@ -194,9 +317,7 @@ cb_message_begin(llhttp_t *p)
     Parser *self = PARSER(p);
     Py_CLEAR(self->name);
     Py_CLEAR(self->value);
-    Py_XSETREF(self->headers, PyList_New(0));
-    if (self->headers == NULL)
-        return failed(self, NULL);
+    drop_pairs(self);  /* (of a head a callback refused) */
     self->in_head = 1;
     return self->on_message_begin == NULL ? 0 : call0(self, self->on_message_begin);
 }
@@ -221,7 +342,12 @@ cb_header_field(llhttp_t *p, const char *at, size_t length)
     Parser *self = PARSER(p);
     if (!self->in_head)
         return 0;  /* a trailer */
-    if (end_line(self) < 0 || add_piece(&self->name, at, length) < 0)
+    if (end_line(self) < 0)
+        return failed(self, "`on_header_field` callback error");
+    if (self->name == NULL && self->names != NULL
+            && (self->name = names_find(self->names, at, length)) != NULL)
+        return 0;
+    if (add_piece(&self->name, at, length) < 0)
         return failed(self, "`on_header_field` callback error");
     return 0;
 }
@@ -243,11 +369,15 @@ cb_headers_complete(llhttp_t *p)
     Parser *self = PARSER(p);
     if (end_line(self) < 0)
         return failed(self, NULL);
-    PyObject *headers = self->headers;
-    self->headers = NULL;
     self->in_head = 0;
-    if (headers == NULL && (headers = PyList_New(0)) == NULL)
+    PyObject *headers = PyList_New(self->count);
+    if (headers == NULL) {
+        drop_pairs(self);
         return failed(self, NULL);
+    }
+    for (Py_ssize_t i = 0; i < self->count; i++)
+        PyList_SET_ITEM(headers, i, self->pairs[i]);  /* the list takes the references */
+    self->count = 0;
     if (self->on_headers_complete != NULL) {
         PyObject *result = PyObject_CallOneArg(self->on_headers_complete, headers);
         Py_DECREF(headers);
@@ -298,13 +428,18 @@ optional_method(PyObject *protocol, const char *name)
 static int
 Parser_init(Parser *self, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"protocol", "response", "max_headers", "strip_trailing_ows", NULL};
-    PyObject *protocol;
+    static char *keywords[] = {"protocol", "response", "max_headers", "strip_trailing_ows", "names",
+                               NULL};
+    PyObject *protocol, *names = Py_None;
     int response, strip;
     Py_ssize_t max_headers;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opnp:Parser", keywords, &protocol, &response,
-                                     &max_headers, &strip))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opnp|O:Parser", keywords, &protocol, &response,
+                                     &max_headers, &strip, &names))
         return -1;
+    if (names != Py_None && !PyObject_TypeCheck(names, &NamesType)) {
+        PyErr_Format(PyExc_TypeError, "Parser: names must be a Names or None, got %T", names);
+        return -1;
+    }
     if (max_headers < 0) {
         PyErr_SetString(PyExc_ValueError, "max_headers must be >= 0");
         return -1;
@@ -315,13 +450,17 @@ Parser_init(Parser *self, PyObject *args, PyObject *kwds)
     }
     self->max_headers = max_headers;
     self->strip = strip;
-    const char *names[] = {"on_message_begin", "on_url", "on_status", "on_headers_complete",
+    self->names = names == Py_None ? NULL : (Names *)Py_NewRef(names);
+    self->pairs = self->inline_pairs;
+    self->count = 0;
+    self->room = INLINE_PAIRS;
+    const char *callbacks[] = {"on_message_begin", "on_url", "on_status", "on_headers_complete",
                            "on_body", "on_message_complete", "on_chunk_header"};
     PyObject **slots[] = {&self->on_message_begin, &self->on_url, &self->on_status,
                           &self->on_headers_complete, &self->on_body, &self->on_message_complete,
                           &self->on_chunk_header};
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        if ((*slots[i] = optional_method(protocol, names[i])) == NULL && PyErr_Occurred())
+    for (size_t i = 0; i < sizeof(callbacks) / sizeof(callbacks[0]); i++) {
+        if ((*slots[i] = optional_method(protocol, callbacks[i])) == NULL && PyErr_Occurred())
             return -1;
     }
     p_settings_init(&self->settings);
@@ -354,7 +493,9 @@ Parser_traverse(Parser *self, visitproc visit, void *arg)
     Py_VISIT(self->on_body);
     Py_VISIT(self->on_message_complete);
     Py_VISIT(self->on_chunk_header);
-    Py_VISIT(self->headers);
+    Py_VISIT(self->names);
+    for (Py_ssize_t i = 0; i < self->count; i++)
+        Py_VISIT(self->pairs[i]);
     Py_VISIT(self->last_error);
     return 0;
 }
@@ -369,7 +510,13 @@ Parser_clear(Parser *self)
     Py_CLEAR(self->on_body);
     Py_CLEAR(self->on_message_complete);
     Py_CLEAR(self->on_chunk_header);
-    Py_CLEAR(self->headers);
+    Py_CLEAR(self->names);
+    drop_pairs(self);
+    if (self->pairs != NULL && self->pairs != self->inline_pairs) {
+        PyMem_Free(self->pairs);
+        self->pairs = self->inline_pairs;
+        self->room = INLINE_PAIRS;
+    }
     Py_CLEAR(self->name);
     Py_CLEAR(self->value);
     Py_CLEAR(self->last_error);
@@ -430,6 +577,10 @@ Parser_feed_data(Parser *self, PyObject *data)
     const char *buf;
     Py_ssize_t len;
     int owned = 0;
+    if (self->settings.on_headers_complete == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Parser.__init__ was not called");
+        return NULL;
+    }
     if (PyBytes_CheckExact(data)) {
         buf = PyBytes_AS_STRING(data);
         len = PyBytes_GET_SIZE(data);
@@ -502,7 +653,7 @@ Parser_get_status_code(Parser *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Parser_head_lines(Parser *self, PyObject *Py_UNUSED(ignored))
 {
-    return PyLong_FromSsize_t(self->in_head && self->headers ? PyList_GET_SIZE(self->headers) : 0);
+    return PyLong_FromSsize_t(self->in_head ? self->count : 0);
 }
 
 static PyMethodDef Parser_methods[] = {
@@ -522,7 +673,7 @@ static PyMethodDef Parser_methods[] = {
 static PyTypeObject ParserType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "sidecar.http._wire.Parser",
-    .tp_doc = "Parser(protocol, response, max_headers, strip_trailing_ows): httptools' "
+    .tp_doc = "Parser(protocol, response, max_headers, strip_trailing_ows, names=None): httptools' "
               "HttpRequestParser or HttpResponseParser, but a head's header lines reach "
               "protocol.on_headers_complete(headers) as one list of (name, value) pairs.",
     .tp_basicsize = sizeof(Parser),
@@ -667,7 +818,39 @@ header_lines(PyObject *Py_UNUSED(module), PyObject *headers)
     return out;
 }
 
+/* --- where heads end --------------------------------------------------------------------- */
+
+static PyObject *
+head_ends(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "head_ends(buf: bytes, at: int, end: int, heads: int)");
+        return NULL;
+    }
+    Py_ssize_t at = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t heads = PyLong_AsSsize_t(args[3]);
+    if ((at == -1 || end == -1 || heads == -1) && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    if (at < 0 || end > size || at > end || heads < 1) {
+        PyErr_Format(PyExc_ValueError, "head_ends: at %zd, end %zd of %zd bytes, %zd heads",
+                     at, end, size, heads);
+        return NULL;
+    }
+    const char *buf = PyBytes_AS_STRING(args[0]);
+    const char *p = buf + at, *stop = buf + end;
+    while (p < stop && (p = memchr(p, '\n', (size_t)(stop - p))) != NULL) {
+        if (stop - p >= 3 && p[1] == '\r' && p[2] == '\n' && --heads == 0)
+            return PyLong_FromSsize_t(p + 3 - buf);
+        p++;
+    }
+    return PyLong_FromSsize_t(end);
+}
+
 static PyMethodDef module_functions[] = {
+    {"head_ends", (PyCFunction)(void (*)(void))head_ends, METH_FASTCALL,
+     "head_ends(buf, at, end, heads): where in buf[:end] the heads-th \"\\n\\r\\n\" from at "
+     "ends, or end when fewer are there (RequestParser.head_room's scan)."},
     {"header_lines", header_lines, METH_O,
      "header_lines(headers): b'name: value\\r\\n' for each (name, value) pair, as one bytes "
      "object (writer.header_line's lines, joined)."},
@@ -689,7 +872,9 @@ PyInit__wire(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddStringConstant(m, "HTTPTOOLS_VERSION", PAKE_HTTPTOOLS_VERSION) < 0) {
+    if (PyModule_AddStringConstant(m, "HTTPTOOLS_VERSION", PAKE_HTTPTOOLS_VERSION) < 0
+            || PyType_Ready(&NamesType) < 0
+            || PyModule_AddObjectRef(m, "Names", (PyObject *)&NamesType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

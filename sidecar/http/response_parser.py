@@ -15,7 +15,7 @@ import httptools
 
 from ..errors import UpstreamProtocolError
 from .headers import HOP_BY_HOP, NameTable, connection_tokens, content_length_value
-from .wire import response_parser
+from .wire import names, response_parser
 from .message import ResponseHead
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ _RESPONSE_NAMES: Final[dict[bytes, int]] = {
     b"X-Request-ID": _REQUEST_ID, b"TE": _HOP,
 }
 _RESPONSE_TABLE: Final = NameTable(_RESPONSE_NAMES)  # the same, looked up without hashing a name
+_KNOWN_NAMES: Final = names(tuple(_RESPONSE_NAMES))  # the compiled form's parser gives these objects
 _LONGEST_SPECIAL: Final = max(len(name) for name in _SPECIAL_CODES)
 # by a name's length, 1 when a special name is that long: most plain names (date, vary,
 # cache-control, the x- ones) are not, and skip the look-up and its hash of a fresh object
@@ -85,7 +86,7 @@ class ResponseParser:
         self._sink_head = sink.on_response_head
         self._sink_body = sink.on_response_body
         self._sink_end = sink.on_response_end
-        parser = response_parser(self, _MAX_HEADERS)
+        parser = response_parser(self, _MAX_HEADERS, _KNOWN_NAMES)
         self._feed = parser.feed_data  # and the parser's, called for every response
         self._status_code = parser.get_status_code
         self._keep_alive = parser.should_keep_alive

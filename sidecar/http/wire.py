@@ -2,8 +2,8 @@
 
 The compiled form has them: the request and response parsers' heads arrive with their header
 lines as one list, the argument of ``on_headers_complete``, instead of one ``on_header`` call
-a line (~1.4k instructions each through httptools, bench/README.md); and a head's header lines
-are written by one C call. The pure-Python form, and a compiled form beside another httptools
+a line (~1.4k instructions each through httptools, bench/README.md); a head's header lines
+are written by one C call; and where pipelined heads end in a read is found by one. The pure-Python form, and a compiled form beside another httptools
 than the one its llhttp layout came from (the parser only), use httptools' parsers, which call
 ``on_header``, and ``writer.header_line``. A parser implements both callbacks; everything else
 it is called with is the same.
@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import httptools
 
-__all__ = ["GATHERS_HEADERS", "HEADER_LINES", "request_parser", "response_parser"]
+__all__ = ["GATHERS_HEADERS", "HEADER_LINES", "HEAD_ENDS", "names", "request_parser", "response_parser"]
 
 
 def _wire() -> Any:
@@ -36,19 +36,29 @@ _PARSER: Final = getattr(_C, "Parser", None)
 GATHERS_HEADERS: Final = _PARSER is not None  # on_headers_complete gets the lines
 # ``header_lines(pairs)``: b"name: value\r\n" a pair, as one bytes object; None: writer's own
 HEADER_LINES: Final[Callable[[list[tuple[bytes, bytes]]], bytes] | None] = getattr(_C, "header_lines", None)
+# ``head_ends(buf, at, end, heads)``: where the heads-th "\n\r\n" from ``at`` ends, else ``end``
+# (a memchr a line); None: ``RequestParser.head_room`` counts and finds in Python
+HEAD_ENDS: Final[Callable[[bytes, int, int, int], int] | None] = getattr(_C, "head_ends", None)
 
 
-def request_parser(protocol: object, max_headers: int) -> Any:
+def names(spellings: tuple[bytes, ...]) -> object:
+    """Header names a parser made with them gives as these very objects (made once, at import:
+    an allocation and a free less a line whose name is one of them). None without the parser."""
+    return None if _PARSER is None else _C.Names(spellings)
+
+
+def request_parser(protocol: object, max_headers: int, known: object = None) -> Any:
     """``protocol``'s llhttp for requests. Gathered, at most ``max_headers + 1`` lines of a
-    head are kept (one more than the limit tells a head past it) and trailing OWS is dropped
-    from values, as ``RequestParser.on_header`` does."""
+    head are kept (one more than the limit tells a head past it), trailing OWS is dropped
+    from values, as ``RequestParser.on_header`` does, and names among ``known`` (``names``)
+    are those objects."""
     if _PARSER is not None:
-        return _PARSER(protocol, False, max_headers + 1, True)
+        return _PARSER(protocol, False, max_headers + 1, True, known)
     return httptools.HttpRequestParser(protocol)
 
 
-def response_parser(protocol: object, max_headers: int) -> Any:
+def response_parser(protocol: object, max_headers: int, known: object = None) -> Any:
     """``protocol``'s llhttp for responses; values as received (as ``ResponseParser.on_header``)."""
     if _PARSER is not None:
-        return _PARSER(protocol, True, max_headers + 1, False)
+        return _PARSER(protocol, True, max_headers + 1, False, known)
     return httptools.HttpResponseParser(protocol)

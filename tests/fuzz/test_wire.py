@@ -104,9 +104,15 @@ def run(parser: Any, recorder: Recorder, pieces: list[bytes], response: bool) ->
     return out
 
 
+# names the parser gives as these objects: some the strategies draw, a prefix of one (a name
+# that arrives in two reads may begin as one), and one no head has
+KNOWN = (b"Host", b"host", b"Content-Length", b"transfer-encoding", b"Transfer-Encoding", b"X-A",
+         b"Con", b"never-sent")
+
+
 def both(pieces: list[bytes], *, response: bool, fail_at: int = -1) -> tuple[list[object], list[object]]:
     ours, theirs = Recorder(strip=not response, fail_at=fail_at), Recorder(strip=not response, fail_at=fail_at)
-    binding = Parser(ours, response, 10_000, not response)
+    binding = Parser(ours, response, 10_000, not response, _wire.Names(KNOWN))
     reference = httptools.HttpResponseParser(theirs) if response else httptools.HttpRequestParser(theirs)
     return run(binding, ours, pieces, response), run(reference, theirs, pieces, response)
 
@@ -157,10 +163,30 @@ def test_head_lines_counts_the_whole_lines_of_the_head_being_read() -> None:
     assert parser.head_lines() == 0  # the head is over
 
 
+def test_a_known_name_is_the_object_given_and_any_other_a_new_one() -> None:
+    names = _wire.Names(KNOWN)
+    recorder = Recorder(strip=True)
+    parser = Parser(recorder, False, 100, True, names)
+    parser.feed_data(b"GET / HTTP/1.1\r\nHost: a\r\nX-B: 1\r\nCon")
+    parser.feed_data(b"tent-Length: 0\r\n\r\n")
+    (pairs,) = [event[1] for event in recorder.events if event[0] == "head"]
+    assert pairs == [(b"Host", b"a"), (b"X-B", b"1"), (b"Content-Length", b"0")]
+    assert pairs[0][0] is KNOWN[0]
+    assert all(name is not known for name, _ in pairs[1:] for known in KNOWN)  # "Con" grew: a new object
+
+
+@pytest.mark.parametrize("bad", [(b"",), (b"x" * 65,), ("host",), [b"host"]])
+def test_names_are_a_tuple_of_short_bytes(bad: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="Names"):
+        _wire.Names(bad)
+
+
 def test_a_parser_is_initialised_once() -> None:
     parser = Parser(Recorder(strip=True), False, 10, True)
     with pytest.raises(RuntimeError):
         parser.__init__(Recorder(strip=True), True, 10, False)
+    with pytest.raises(RuntimeError, match="__init__"):  # and never parses uninitialised
+        Parser.__new__(Parser).feed_data(b"GET / HTTP/1.1\r\n\r\n")
 
 
 @fuzz_settings(200)
@@ -173,3 +199,32 @@ def test_header_lines_are_the_lines_header_line_makes(pairs: list[tuple[bytes, b
 def test_header_lines_refuses_anything_but_a_list_of_byte_pairs(bad: Any) -> None:
     with pytest.raises(TypeError, match="header_lines"):
         _wire.header_lines(bad)
+
+
+def reference_head_ends(buf: bytes, at: int, end: int, heads: int) -> int:
+    """RequestParser.head_room's scan as Python (its pure form)."""
+    while True:
+        at = buf.find(b"\n\r\n", at, end)
+        if at < 0:
+            return end
+        heads -= 1
+        if heads == 0:
+            return at + 3
+        at += 1
+
+
+@fuzz_settings(300)
+@given(st.binary(max_size=60).map(lambda b: b.replace(b"a", b"\r\n")), st.integers(0, 70),
+       st.integers(0, 70), st.integers(1, 5))
+@example(b"\n\r\n\r\n\r\n", 0, 7, 3)
+@example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\n\r", 0, 44, 2)
+def test_head_ends_finds_what_the_python_scan_finds(buf: bytes, at: int, end: int, heads: int) -> None:
+    end = min(end, len(buf))
+    at = min(at, end)
+    assert _wire.head_ends(buf, at, end, heads) == reference_head_ends(buf, at, end, heads)
+
+
+@pytest.mark.parametrize("args", [(b"ab", 0, 3, 1), (b"ab", 2, 1, 1), (b"ab", -1, 2, 1), (b"ab", 0, 2, 0)])
+def test_head_ends_refuses_a_range_outside_the_bytes(args: tuple[bytes, int, int, int]) -> None:
+    with pytest.raises(ValueError, match="head_ends"):
+        _wire.head_ends(*args)
