@@ -2,10 +2,10 @@
 
 The compiled form has them: the request and response parsers' heads arrive with their header
 lines as one list, the argument of ``on_headers_complete``, instead of one ``on_header`` call
-a line (~1.4k instructions each through httptools, bench/README.md); a head's header lines
-are written by one C call; and where pipelined heads end in a read is found by one. The pure-Python form, and a compiled form beside another httptools
+a line (~1.4k instructions each through httptools, bench/README.md); a head is written by one
+C call; and where pipelined heads end in a read is found by one. The pure-Python form, and a compiled form beside another httptools
 than the one its llhttp layout came from (the parser only), use httptools' parsers, which call
-``on_header``, and ``writer.header_line``. A parser implements both callbacks; everything else
+``on_header``, and ``writer``'s join of a head's pieces. A parser implements both callbacks; everything else
 it is called with is the same.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import httptools
 
-__all__ = ["GATHERS_HEADERS", "HEADER_LINES", "HEAD_ENDS", "names", "request_parser", "response_parser"]
+__all__ = ["GATHERS_HEADERS", "HEAD", "HEAD_ENDS", "names", "request_parser", "response_parser"]
 
 
 def _wire() -> Any:
@@ -34,8 +34,9 @@ def _wire() -> Any:
 _C: Final = _wire()
 _PARSER: Final = getattr(_C, "Parser", None)
 GATHERS_HEADERS: Final = _PARSER is not None  # on_headers_complete gets the lines
-# ``header_lines(pairs)``: b"name: value\r\n" a pair, as one bytes object; None: writer's own
-HEADER_LINES: Final[Callable[[list[tuple[bytes, bytes]]], bytes] | None] = getattr(_C, "header_lines", None)
+# ``head(headers, extra, tail, *parts)``: parts, b"name: value\r\n" a pair, extra's lines and
+# tail as one bytes object, sized once; None: writer's list of pieces and its join
+HEAD: Final[Callable[..., bytes] | None] = getattr(_C, "head", None)
 # ``head_ends(buf, at, end, heads)``: where the heads-th "\n\r\n" from ``at`` ends, else ``end``
 # (a memchr a line); None: ``RequestParser.head_room`` counts and finds in Python
 HEAD_ENDS: Final[Callable[[bytes, int, int, int], int] | None] = getattr(_C, "head_ends", None)

@@ -8,7 +8,7 @@ without trailing OWS, as ``RequestParser.on_header`` makes them), and the same e
 messages, causes and upgrade offsets. The framing tests of the request and response parsers
 then hold for both, since the parsers' own code is the same either way.
 
-Its ``header_lines`` against ``writer.header_line``: the same bytes for any pairs.
+Its ``head`` against the writer's join of a head's pieces: the same bytes for any pieces.
 
 Runs where the compiled form is built; skipped in the pure-Python run.
 """
@@ -190,15 +190,20 @@ def test_a_parser_is_initialised_once() -> None:
 
 
 @fuzz_settings(200)
-@given(st.lists(st.tuples(st.binary(max_size=20), st.binary(max_size=40)), max_size=30))
-def test_header_lines_are_the_lines_header_line_makes(pairs: list[tuple[bytes, bytes]]) -> None:
-    assert _wire.header_lines(pairs) == b"".join(header_line(name, value) for name, value in pairs)
+@given(st.lists(st.tuples(st.binary(max_size=20), st.binary(max_size=40)), max_size=30),
+       st.lists(st.binary(max_size=30), max_size=8), st.binary(max_size=4), st.lists(st.binary(max_size=30), max_size=6))
+def test_a_head_is_its_parts_the_lines_header_line_makes_the_extra_lines_and_the_tail(
+        pairs: list[tuple[bytes, bytes]], extra: list[bytes], tail: bytes, parts: list[bytes]) -> None:
+    expected = b"".join([*parts, *(header_line(name, value) for name, value in pairs), *extra, tail])
+    assert _wire.head(pairs, extra, tail, *parts) == expected
 
 
-@pytest.mark.parametrize("bad", [((b"a", b"b"),), [(b"a", b"b", b"c")], [(b"a", "b")], [[b"a", b"b"]], [b"a"]])
-def test_header_lines_refuses_anything_but_a_list_of_byte_pairs(bad: Any) -> None:
-    with pytest.raises(TypeError, match="header_lines"):
-        _wire.header_lines(bad)
+@pytest.mark.parametrize("args", [
+    ([(b"a", b"b")],), ((), [], b""), ([], (), b""), ([], [], ""), ([(b"a", b"b", b"c")], [], b""),
+    ([(b"a", "b")], [], b""), ([[b"a", b"b"]], [], b""), ([], ["x"], b""), ([], [], b"", b"ok", "no")])
+def test_head_refuses_anything_but_byte_pairs_lines_and_parts(args: tuple[Any, ...]) -> None:
+    with pytest.raises(TypeError, match="head"):
+        _wire.head(*args)
 
 
 def reference_head_ends(buf: bytes, at: int, end: int, heads: int) -> int:

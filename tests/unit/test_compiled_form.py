@@ -97,7 +97,7 @@ def test_pake_pure_python_runs_the_source_even_beside_a_compiled_form() -> None:
     assert [Path(f).suffix for f in files] == [".py", ".py"]
     # nor a module that is only an extension: the parsers drive llhttp through httptools
     code = ("import sidecar.http.wire as m\ntry:\n    import sidecar.http._wire\n"
-            "except ImportError:\n    print(m.GATHERS_HEADERS, m.HEADER_LINES, 'refused')\nelse:\n    print('loaded')")
+            "except ImportError:\n    print(m.GATHERS_HEADERS, m.HEAD, 'refused')\nelse:\n    print('loaded')")
     assert run_python(code, PAKE_PURE_PYTHON="1") == "False None refused"
 
 
@@ -122,17 +122,17 @@ def test_the_built_parsers_gather_header_lines_in_c_for_the_httptools_it_was_bui
     if httptools.__version__ != compiled.LLHTTP_HTTPTOOLS:
         pytest.skip(f"httptools is not {compiled.LLHTTP_HTTPTOOLS} here: the parsers call it per header")
     code = ("import sidecar.http.wire as m, sidecar.http._wire as c\n"
-            "print(m.GATHERS_HEADERS, m.HEADER_LINES is c.header_lines, repr(c.LLHTTP_REFUSED))")
+            "print(m.GATHERS_HEADERS, m.HEAD is c.head, repr(c.LLHTTP_REFUSED))")
     assert run_python(code, PAKE_PURE_PYTHON="0") == "True True ''"
 
 
-def test_beside_another_httptools_the_parsers_call_it_per_header_and_lines_are_still_written_in_c() -> None:
+def test_beside_another_httptools_the_parsers_call_it_per_header_and_heads_are_still_written_in_c() -> None:
     # llhttp's structs are laid out as the header of the httptools it was built for says:
-    # with any other, the C module has no parser (and says why); its header_lines serves
+    # with any other, the C module has no parser (and says why); its head serves
     require_compiled()
     code = ("import httptools\nhttptools.__version__ = '9.9.9'\n"
             "import sidecar.http._wire as c, sidecar.http.wire as m\n"
-            "print(c.LLHTTP_REFUSED)\nprint(hasattr(c, 'Parser'), m.GATHERS_HEADERS, m.HEADER_LINES is c.header_lines)")
+            "print(c.LLHTTP_REFUSED)\nprint(hasattr(c, 'Parser'), m.GATHERS_HEADERS, m.HEAD is c.head)")
     refused, state = run_python(code, PAKE_PURE_PYTHON="0").splitlines()
     assert refused == f"built for httptools {compiled.LLHTTP_HTTPTOOLS} (its llhttp's layout), found '9.9.9'"
     assert state == "False False True"
