@@ -6,8 +6,11 @@
  * Parser: through httptools, every header line of a head is a Python call (httptools'
  * Cython callback, then our ``on_header``): ~1.4k instructions a line, 19k of the 29.5k a
  * realistic request head costs to parse (bench/README.md). Here the lines are gathered in C,
- * as the (name, value) pairs ``on_header`` made, and handed over once, as the argument of
- * ``on_headers_complete``. Every other callback is httptools': the same names, the same
+ * as the (name, value) pairs ``on_header`` made, and handed over once, with the request's
+ * target or the response's reason gathered as well: ``on_headers_complete(headers, start)``
+ * instead of ``on_header`` a line and ``on_url`` / ``on_status`` a piece. A start longer than
+ * ``max_start`` goes to ``on_url`` / ``on_status`` as soon as it is (it is refused there), and
+ * the head then gets None. Every other callback is httptools': the same names, the same
  * arguments, the same return values to llhttp, and the same exceptions (httptools' own
  * classes), so ``RequestParser`` and ``ResponseParser`` read both parsers alike.
  *
@@ -169,6 +172,12 @@ typedef struct {
     PyObject **pairs;         /* inline, or allocated past INLINE_PAIRS */
     Py_ssize_t count, room;
     PyObject *name, *value;   /* the line being read, in pieces as they arrived */
+    /* the request's target or the response's reason, handed over with the head: past
+     * max_start (0: no bound) it goes to on_url / on_status instead, once (which refuses it) */
+    PyObject *start;
+    Py_ssize_t max_start;
+    int start_handed;
+    int response;
     PyObject *last_error;     /* what a callback raised, for the error feed_data raises */
     Py_ssize_t max_headers;
     int in_head;
@@ -318,22 +327,32 @@ cb_message_begin(llhttp_t *p)
     Py_CLEAR(self->name);
     Py_CLEAR(self->value);
     drop_pairs(self);  /* (of a head a callback refused) */
+    Py_CLEAR(self->start);
+    self->start_handed = 0;
     self->in_head = 1;
     return self->on_message_begin == NULL ? 0 : call0(self, self->on_message_begin);
 }
 
 static int
-cb_url(llhttp_t *p, const char *at, size_t length)
+cb_start(llhttp_t *p, const char *at, size_t length)
 {
     Parser *self = PARSER(p);
-    return call_data(self, self->on_url, at, length, "`on_url` callback error");
-}
-
-static int
-cb_status(llhttp_t *p, const char *at, size_t length)
-{
-    Parser *self = PARSER(p);
-    return call_data(self, self->on_status, at, length, "`on_status` callback error");
+    const char *reason = self->response ? "`on_status` callback error" : "`on_url` callback error";
+    if (self->start_handed)
+        return 0;
+    if (add_piece(&self->start, at, length) < 0)
+        return failed(self, reason);
+    if (self->max_start && PyBytes_GET_SIZE(self->start) > self->max_start) {
+        self->start_handed = 1;
+        PyObject *start = self->start, *method = self->response ? self->on_status : self->on_url;
+        self->start = NULL;
+        PyObject *result = method == NULL ? Py_NewRef(Py_None) : PyObject_CallOneArg(method, start);
+        Py_DECREF(start);
+        if (result == NULL)
+            return failed(self, reason);
+        Py_DECREF(result);
+    }
+    return 0;
 }
 
 static int
@@ -378,14 +397,25 @@ cb_headers_complete(llhttp_t *p)
     for (Py_ssize_t i = 0; i < self->count; i++)
         PyList_SET_ITEM(headers, i, self->pairs[i]);  /* the list takes the references */
     self->count = 0;
-    if (self->on_headers_complete != NULL) {
-        PyObject *result = PyObject_CallOneArg(self->on_headers_complete, headers);
+    /* the start, or None when on_url / on_status had it */
+    PyObject *start = self->start_handed ? Py_NewRef(Py_None)
+        : self->start != NULL ? self->start : PyBytes_FromStringAndSize("", 0);
+    self->start = NULL;
+    if (start == NULL) {
         Py_DECREF(headers);
+        return failed(self, NULL);
+    }
+    if (self->on_headers_complete != NULL) {
+        PyObject *call[] = {headers, start};
+        PyObject *result = PyObject_Vectorcall(self->on_headers_complete, call, 2, NULL);
+        Py_DECREF(headers);
+        Py_DECREF(start);
         if (result == NULL)
             return failed(self, NULL);
         Py_DECREF(result);
     } else {
         Py_DECREF(headers);
+        Py_DECREF(start);
     }
     return p_get_upgrade(p) ? 1 : 0;
 }
@@ -429,13 +459,17 @@ static int
 Parser_init(Parser *self, PyObject *args, PyObject *kwds)
 {
     static char *keywords[] = {"protocol", "response", "max_headers", "strip_trailing_ows", "names",
-                               NULL};
+                               "max_start", NULL};
     PyObject *protocol, *names = Py_None;
     int response, strip;
-    Py_ssize_t max_headers;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opnp|O:Parser", keywords, &protocol, &response,
-                                     &max_headers, &strip, &names))
+    Py_ssize_t max_headers, max_start = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opnp|On:Parser", keywords, &protocol, &response,
+                                     &max_headers, &strip, &names, &max_start))
         return -1;
+    if (max_start < 0) {
+        PyErr_SetString(PyExc_ValueError, "max_start must be >= 0");
+        return -1;
+    }
     if (names != Py_None && !PyObject_TypeCheck(names, &NamesType)) {
         PyErr_Format(PyExc_TypeError, "Parser: names must be a Names or None, got %T", names);
         return -1;
@@ -451,6 +485,8 @@ Parser_init(Parser *self, PyObject *args, PyObject *kwds)
     self->max_headers = max_headers;
     self->strip = strip;
     self->names = names == Py_None ? NULL : (Names *)Py_NewRef(names);
+    self->response = response;
+    self->max_start = max_start;
     self->pairs = self->inline_pairs;
     self->count = 0;
     self->room = INLINE_PAIRS;
@@ -469,12 +505,10 @@ Parser_init(Parser *self, PyObject *args, PyObject *kwds)
     self->settings.on_header_value = cb_header_value;
     self->settings.on_headers_complete = cb_headers_complete;
     self->settings.on_message_complete = cb_message_complete;
-    if (response) {
-        if (self->on_status != NULL)
-            self->settings.on_status = cb_status;
-    } else if (self->on_url != NULL) {
-        self->settings.on_url = cb_url;
-    }
+    if (response)
+        self->settings.on_status = cb_start;
+    else
+        self->settings.on_url = cb_start;
     if (self->on_body != NULL)
         self->settings.on_body = cb_body;
     if (self->on_chunk_header != NULL)
@@ -519,6 +553,7 @@ Parser_clear(Parser *self)
     }
     Py_CLEAR(self->name);
     Py_CLEAR(self->value);
+    Py_CLEAR(self->start);
     Py_CLEAR(self->last_error);
     return 0;
 }
@@ -673,9 +708,10 @@ static PyMethodDef Parser_methods[] = {
 static PyTypeObject ParserType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "sidecar.http._wire.Parser",
-    .tp_doc = "Parser(protocol, response, max_headers, strip_trailing_ows, names=None): httptools' "
-              "HttpRequestParser or HttpResponseParser, but a head's header lines reach "
-              "protocol.on_headers_complete(headers) as one list of (name, value) pairs.",
+    .tp_doc = "Parser(protocol, response, max_headers, strip_trailing_ows, names=None, max_start=0): "
+              "httptools' HttpRequestParser or HttpResponseParser, but a head's header lines and "
+              "its target (or reason) reach protocol.on_headers_complete(headers, start) as one "
+              "list of (name, value) pairs and one bytes object.",
     .tp_basicsize = sizeof(Parser),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,

@@ -107,7 +107,8 @@ class RequestParser:
         self._sink_body = sink.on_body
         self._sink_end = sink.on_request_end
         self._limits = limits
-        parser = self._parser = request_parser(self, limits.max_header_count, _KNOWN_NAMES)
+        parser = self._parser = request_parser(self, limits.max_header_count, _KNOWN_NAMES,
+                                               limits.max_request_line)
         # and the parser's, for the same reason: called for every request
         self._feed = parser.feed_data
         self._keep_alive = parser.should_keep_alive
@@ -279,6 +280,7 @@ class RequestParser:
         self._body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
+        # (the compiled form's llhttp calls it only with a target past the limit)
         # as ``ResponseParser.on_status``: the first piece is taken as it is
         self._url = self._url + url if self._url else url
         if len(self._url) > self._limits.max_request_line:
@@ -294,9 +296,14 @@ class RequestParser:
                 value = value.rstrip(b" \t")
             self._headers.append((name, value))
 
-    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        if headers is not None:  # the head's lines, gathered by the compiled form's llhttp
+    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
+                            url: bytes | None = None) -> None:
+        # the compiled form's llhttp gathers the head's lines and its target (which it gave
+        # to ``on_url`` instead only when past the request line's limit: refused there)
+        if headers is not None:
             self._headers = headers
+        if url is not None:
+            self._url = url
         head = self._build_head()
         self._in_head = False
         self._chunked = head.chunked

@@ -163,7 +163,7 @@ class ResponseParser:
         if not self._in_head or self._headers or self.reason:
             self._reset()  # (``begin``, or an interim response's end, left it fresh: mostly)
 
-    def on_status(self, reason: bytes) -> None:
+    def on_status(self, reason: bytes) -> None:  # (httptools' parser only)
         # the reason mostly comes in one piece: taken as it is, where ``+=`` on the empty
         # bytes is a generic ``PyNumber_InPlaceAdd`` (~270 instructions, callgrind)
         self.reason = self.reason + reason if self.reason else reason
@@ -175,11 +175,14 @@ class ResponseParser:
             if len(self._headers) > _MAX_HEADERS:
                 raise UpstreamProtocolError("too many upstream response headers")
 
-    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        if headers is not None:  # the head's lines, gathered by the compiled form's llhttp
+    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
+                            reason: bytes | None = None) -> None:
+        if headers is not None:  # the head's lines and reason, gathered by the compiled form's llhttp
             if len(headers) > _MAX_HEADERS:  # (it keeps one more than the limit, no more)
                 raise UpstreamProtocolError("too many upstream response headers")
             self._headers = headers
+        if reason is not None:
+            self.reason = reason
         self._in_head = False
         status = self._status_code()
         if status < 100:

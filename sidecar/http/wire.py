@@ -1,8 +1,9 @@
 """Which of the HTTP/1.1 wire's C helpers (``_wire.c``) the http modules use.
 
 The compiled form has them: the request and response parsers' heads arrive with their header
-lines as one list, the argument of ``on_headers_complete``, instead of one ``on_header`` call
-a line (~1.4k instructions each through httptools, bench/README.md); a head is written by one
+lines as one list and their target or reason as one bytes object, the arguments of
+``on_headers_complete``, instead of one ``on_header`` call a line and ``on_url`` or
+``on_status`` a piece (~1.4k instructions each through httptools, bench/README.md); a head is written by one
 C call; and where pipelined heads end in a read is found by one. The pure-Python form, and a compiled form beside another httptools
 than the one its llhttp layout came from (the parser only), use httptools' parsers, which call
 ``on_header``, and ``writer``'s join of a head's pieces. A parser implements both callbacks; everything else
@@ -48,18 +49,19 @@ def names(spellings: tuple[bytes, ...]) -> object:
     return None if _PARSER is None else _C.Names(spellings)
 
 
-def request_parser(protocol: object, max_headers: int, known: object = None) -> Any:
+def request_parser(protocol: object, max_headers: int, known: object, max_target: int) -> Any:
     """``protocol``'s llhttp for requests. Gathered, at most ``max_headers + 1`` lines of a
     head are kept (one more than the limit tells a head past it), trailing OWS is dropped
-    from values, as ``RequestParser.on_header`` does, and names among ``known`` (``names``)
-    are those objects."""
+    from values, as ``RequestParser.on_header`` does, names among ``known`` (``names``) are
+    those objects, and a target longer than ``max_target`` goes to ``on_url`` at once."""
     if _PARSER is not None:
-        return _PARSER(protocol, False, max_headers + 1, True, known)
+        return _PARSER(protocol, False, max_headers + 1, True, known, max_target)
     return httptools.HttpRequestParser(protocol)
 
 
-def response_parser(protocol: object, max_headers: int, known: object = None) -> Any:
-    """``protocol``'s llhttp for responses; values as received (as ``ResponseParser.on_header``)."""
+def response_parser(protocol: object, max_headers: int, known: object) -> Any:
+    """``protocol``'s llhttp for responses; values as received (as ``ResponseParser.on_header``),
+    the reason with the head whatever its length (the head's bound holds it)."""
     if _PARSER is not None:
-        return _PARSER(protocol, True, max_headers + 1, False, known)
+        return _PARSER(protocol, True, max_headers + 1, False, known, 0)
     return httptools.HttpResponseParser(protocol)

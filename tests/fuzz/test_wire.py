@@ -2,9 +2,10 @@
 
 Its parser against httptools' parsers: for any bytes, however they arrive in reads, both
 drive the same llhttp and must call a protocol the same way: the same callbacks in the same
-order with the same bytes, each head's header lines the same pairs (the binding's as one list
-at ``on_headers_complete``, httptools' as ``on_header`` calls before it; a request's values
-without trailing OWS, as ``RequestParser.on_header`` makes them), and the same errors,
+order with the same bytes, each head's header lines the same pairs and its target or reason
+the same bytes (the binding's as the arguments of ``on_headers_complete``, httptools' as
+``on_header``, ``on_url`` and ``on_status`` calls before it; a request's values without
+trailing OWS, as ``RequestParser.on_header`` makes them), and the same errors,
 messages, causes and upgrade offsets. The framing tests of the request and response parsers
 then hold for both, since the parsers' own code is the same either way.
 
@@ -47,6 +48,7 @@ class Recorder:
         self.fail_at = fail_at
         self.events: list[tuple[object, ...]] = []
         self.lines: list[tuple[bytes, bytes]] = []
+        self.start = b""
         self.in_head = False
 
     def _event(self, *event: object) -> None:
@@ -56,22 +58,24 @@ class Recorder:
 
     def on_message_begin(self) -> None:
         self.lines = []
+        self.start = b""
         self.in_head = True
         self._event("begin")
 
-    def on_url(self, url: bytes) -> None:
-        self._event("url", url)
+    def on_url(self, url: bytes) -> None:  # httptools a piece; the binding past max_start only
+        self.start += url
 
     def on_status(self, reason: bytes) -> None:
-        self._event("status", reason)
+        self.start += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:  # httptools only
         if self.in_head:
             self.lines.append((name, value.rstrip(b" \t") if self.strip else value))
 
-    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
+                            start: bytes | None = None) -> None:
         self.in_head = False
-        self._event("head", self.lines if headers is None else headers)
+        self._event("head", self.start if start is None else start, self.lines if headers is None else headers)
 
     def on_body(self, body: bytes) -> None:
         self._event("body", body)
@@ -147,7 +151,7 @@ def test_a_head_past_max_headers_keeps_that_many_lines_and_no_more() -> None:
     recorder = Recorder(strip=True)
     parser = Parser(recorder, False, 5, True)
     parser.feed_data(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(5000)) + b"\r\n")
-    heads = [event[1] for event in recorder.events if event[0] == "head"]
+    heads = [event[2] for event in recorder.events if event[0] == "head"]
     assert heads == [[(b"X-%d" % i, b"%d" % i) for i in range(5)]]
 
 
@@ -169,7 +173,7 @@ def test_a_known_name_is_the_object_given_and_any_other_a_new_one() -> None:
     parser = Parser(recorder, False, 100, True, names)
     parser.feed_data(b"GET / HTTP/1.1\r\nHost: a\r\nX-B: 1\r\nCon")
     parser.feed_data(b"tent-Length: 0\r\n\r\n")
-    (pairs,) = [event[1] for event in recorder.events if event[0] == "head"]
+    (pairs,) = [event[2] for event in recorder.events if event[0] == "head"]
     assert pairs == [(b"Host", b"a"), (b"X-B", b"1"), (b"Content-Length", b"0")]
     assert pairs[0][0] is KNOWN[0]
     assert all(name is not known for name, _ in pairs[1:] for known in KNOWN)  # "Con" grew: a new object
@@ -179,6 +183,50 @@ def test_a_known_name_is_the_object_given_and_any_other_a_new_one() -> None:
 def test_names_are_a_tuple_of_short_bytes(bad: Any) -> None:
     with pytest.raises((TypeError, ValueError), match="Names"):
         _wire.Names(bad)
+
+
+class Bounded(Recorder):
+    """RequestParser.on_url's rule: a target past 10 bytes is refused."""
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.start) > 10:
+            raise Boom(f"target of {len(self.start)} bytes")
+
+
+def test_a_target_past_max_start_goes_to_on_url_at_once_whole_so_far() -> None:
+    recorder = Bounded(strip=True)
+    parser = Parser(recorder, False, 100, True, None, 10)
+    parser.feed_data(b"GET /0123")  # within the bound: gathered, no call yet
+    assert recorder.start == b""
+    with pytest.raises(httptools.HttpParserCallbackError) as caught:
+        parser.feed_data(b"456789")  # the head is far from whole: refused now, not at its end
+    assert isinstance(caught.value.__context__, Boom) and recorder.start == b"/0123456789"
+
+
+class Counting(Recorder):
+    def __init__(self) -> None:
+        super().__init__(strip=True)
+        self.urls: list[bytes] = []
+        self.starts: list[bytes | None] = []
+
+    def on_url(self, url: bytes) -> None:
+        self.urls.append(url)
+        super().on_url(url)
+
+    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
+                            start: bytes | None = None) -> None:
+        self.starts.append(start)
+        super().on_headers_complete(headers, start)
+
+
+def test_a_target_within_max_start_comes_with_the_head_and_one_past_it_does_not() -> None:
+    recorder = Counting()  # takes the long target: its head then comes without it
+    parser = Parser(recorder, False, 100, True, None, 10)
+    parser.feed_data(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\nGET /0123")
+    parser.feed_data(b"456789/more HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert recorder.starts == [b"/ok", None]
+    assert recorder.urls == [b"/0123456789/more"]  # once: all it had when past the bound, no more after
 
 
 def test_a_parser_is_initialised_once() -> None:
