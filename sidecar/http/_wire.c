@@ -217,17 +217,24 @@ call0(Parser *self, PyObject *method)
 }
 
 static int
+call1(Parser *self, PyObject *method, PyObject *arg, const char *reason)
+{
+    PyObject *result = PyObject_CallOneArg(method, arg);
+    if (result == NULL)
+        return failed(self, reason);
+    Py_DECREF(result);
+    return 0;
+}
+
+static int
 call_data(Parser *self, PyObject *method, const char *at, size_t length, const char *reason)
 {
     PyObject *data = PyBytes_FromStringAndSize(at, (Py_ssize_t)length);
     if (data == NULL)
         return failed(self, reason);
-    PyObject *result = PyObject_CallOneArg(method, data);
+    int err = call1(self, method, data, reason);
     Py_DECREF(data);
-    if (result == NULL)
-        return failed(self, reason);
-    Py_DECREF(result);
-    return 0;
+    return err;
 }
 
 /* piece: appended to *slot (a new bytes object, or the one so far made longer) */
@@ -346,11 +353,9 @@ cb_start(llhttp_t *p, const char *at, size_t length)
         self->start_handed = 1;
         PyObject *start = self->start, *method = self->response ? self->on_status : self->on_url;
         self->start = NULL;
-        PyObject *result = method == NULL ? Py_NewRef(Py_None) : PyObject_CallOneArg(method, start);
+        int err = method == NULL ? 0 : call1(self, method, start, reason);
         Py_DECREF(start);
-        if (result == NULL)
-            return failed(self, reason);
-        Py_DECREF(result);
+        return err;
     }
     return 0;
 }
@@ -405,17 +410,15 @@ cb_headers_complete(llhttp_t *p)
         Py_DECREF(headers);
         return failed(self, NULL);
     }
+    PyObject *result = NULL, *call[] = {headers, start};
+    if (self->on_headers_complete != NULL)
+        result = PyObject_Vectorcall(self->on_headers_complete, call, 2, NULL);
+    Py_DECREF(headers);
+    Py_DECREF(start);
     if (self->on_headers_complete != NULL) {
-        PyObject *call[] = {headers, start};
-        PyObject *result = PyObject_Vectorcall(self->on_headers_complete, call, 2, NULL);
-        Py_DECREF(headers);
-        Py_DECREF(start);
         if (result == NULL)
             return failed(self, NULL);
         Py_DECREF(result);
-    } else {
-        Py_DECREF(headers);
-        Py_DECREF(start);
     }
     return p_get_upgrade(p) ? 1 : 0;
 }
