@@ -1,13 +1,16 @@
 """Which of the HTTP/1.1 wire's C helpers (``_wire.c``) the http modules use.
 
-The compiled form has them: the request and response parsers' heads arrive with their header
+The compiled form has them. The request and response parsers' heads arrive with their header
 lines as one list and their target or reason as one bytes object, the arguments of
-``on_headers_complete``, instead of one ``on_header`` call a line and ``on_url`` or
-``on_status`` a piece (~1.4k instructions each through httptools, bench/README.md); a head is written by one
-C call; and where pipelined heads end in a read is found by one. The pure-Python form, and a compiled form beside another httptools
-than the one its llhttp layout came from (the parser only), use httptools' parsers, which call
-``on_header``, and ``writer``'s join of a head's pieces. A parser implements both callbacks; everything else
-it is called with is the same.
+``on_headers_complete``, instead of an ``on_header`` call a line and an ``on_url`` or
+``on_status`` call a piece (~1.4k instructions a line through httptools, bench/README.md). A
+head is written by one C call; where pipelined heads end in a read is found by one, and so
+is whether a request id is visible ASCII.
+
+The pure-Python form, and a compiled form beside another httptools than the one its llhttp
+layout came from (the parser only), use httptools' parsers, which call ``on_header``, the
+writer's join of a head's pieces, and the loops in Python. A parser implements both sets of
+callbacks; everything else it is called with is the same.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Final
 
 import httptools
 
-__all__ = ["GATHERS_HEADERS", "HEAD", "HEAD_ENDS", "names", "request_parser", "response_parser"]
+__all__ = ["GATHERS_HEADERS", "HEAD", "HEAD_ENDS", "VISIBLE", "names", "request_parser", "response_parser"]
 
 
 def _wire() -> Any:
@@ -41,6 +44,8 @@ HEAD: Final[Callable[..., bytes] | None] = getattr(_C, "head", None)
 # ``head_ends(buf, at, end, heads)``: where the heads-th "\n\r\n" from ``at`` ends, else ``end``
 # (a memchr a line); None: ``RequestParser.head_room`` counts and finds in Python
 HEAD_ENDS: Final[Callable[[bytes, int, int, int], int] | None] = getattr(_C, "head_ends", None)
+# ``visible(value)``: every byte visible ASCII (a request id kept); None: headers' own loop
+VISIBLE: Final[Callable[[bytes], bool] | None] = getattr(_C, "visible", None)
 
 
 def names(spellings: tuple[bytes, ...]) -> object:

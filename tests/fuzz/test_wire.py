@@ -270,3 +270,14 @@ def test_head_ends_finds_what_the_python_scan_finds(buf: bytes, at: int, end: in
 def test_head_ends_refuses_a_range_outside_the_bytes(args: tuple[bytes, int, int, int]) -> None:
     with pytest.raises(ValueError, match="head_ends"):
         _wire.head_ends(*args)
+
+
+@fuzz_settings(200)
+@given(st.binary(max_size=140))
+@example(b"7f3c9a2e-5b1d-4e8f-9c6a-2d4b8e1f0a37")
+@example(b"!~")
+@example(b"a b")
+@example(b"a\x7f")
+@example(b"\x80")
+def test_visible_is_every_byte_between_0x21_and_0x7e(value: bytes) -> None:
+    assert _wire.visible(value) is all(0x21 <= c <= 0x7E for c in value)
