@@ -22,15 +22,18 @@
  * beside any other httptools the module has no Parser (LLHTTP_REFUSED says why), and the
  * parsers call httptools per header.
  *
- * Bounds: a head's pairs are kept up to ``max_headers``; past it they are counted, not kept,
- * so the caller (whose limit is one less) refuses the head, and a head of many tiny lines
- * costs no more memory than its limit. Trailers (header lines after a chunked body) are not
+ * Bounds: a head's pairs are kept up to ``max_headers``; past it they are dropped, so the
+ * caller (whose limit is one less) sees more than its limit and refuses the head, and a head
+ * of many tiny lines costs no more memory than its limit. Trailers (header lines after a chunked body) are not
  * kept: neither parser forwards them.
  */
+#define _GNU_SOURCE  /* dladdr */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
+#include <limits.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #include "_llhttp.h"
 
@@ -182,6 +185,9 @@ typedef struct {
     Py_ssize_t max_headers;
     int in_head;
     int strip;                /* drop the values' trailing OWS (requests: RFC 9110 §5.5) */
+    /* llhttp_execute is running: a feed from inside it (a callback, or a finalizer that an
+     * allocation's garbage collection ran) would change the pairs under it */
+    int busy;
     PyObject *inline_pairs[INLINE_PAIRS];
 } Parser;
 
@@ -458,6 +464,8 @@ optional_method(PyObject *protocol, const char *name)
     return method;
 }
 
+static int Parser_clear(Parser *self);
+
 static int
 Parser_init(Parser *self, PyObject *args, PyObject *kwds)
 {
@@ -481,10 +489,11 @@ Parser_init(Parser *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "max_headers must be >= 0");
         return -1;
     }
-    if (self->settings.on_headers_complete != NULL) {
+    if (self->settings.on_headers_complete != NULL || self->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Parser is initialised once");
         return -1;
     }
+    Parser_clear(self);  /* what an __init__ that failed half-way took */
     self->max_headers = max_headers;
     self->strip = strip;
     self->names = names == Py_None ? NULL : (Names *)Py_NewRef(names);
@@ -540,6 +549,8 @@ Parser_traverse(Parser *self, visitproc visit, void *arg)
 static int
 Parser_clear(Parser *self)
 {
+    /* a cleared parser parses nothing: llhttp would call back into what is gone */
+    memset(&self->settings, 0, sizeof(self->settings));
     Py_CLEAR(self->on_message_begin);
     Py_CLEAR(self->on_url);
     Py_CLEAR(self->on_status);
@@ -619,6 +630,10 @@ Parser_feed_data(Parser *self, PyObject *data)
         PyErr_SetString(PyExc_RuntimeError, "Parser.__init__ was not called");
         return NULL;
     }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Parser.feed_data while it parses (from a callback)");
+        return NULL;
+    }
     if (PyBytes_CheckExact(data)) {
         buf = PyBytes_AS_STRING(data);
         len = PyBytes_GET_SIZE(data);
@@ -629,7 +644,9 @@ Parser_feed_data(Parser *self, PyObject *data)
         buf = view.buf;
         len = view.len;
     }
+    self->busy = 1;
     llhttp_errno_t err = p_execute(&self->parser, buf, (size_t)len);
+    self->busy = 0;
     if (err == HPE_PAUSED_UPGRADE && p_get_upgrade(&self->parser)) {
         /* as httptools: the offset of the bytes after the head, and the parser freed from
          * its paused state */
@@ -727,6 +744,53 @@ static PyTypeObject ParserType = {
 
 /* --- import ---------------------------------------------------------------------------- */
 
+/* The layout _llhttp.h gives is the one llhttp's functions use: llhttp_settings_init clears
+ * exactly the settings, llhttp_init exactly the parser and keeps its type and settings where
+ * the header says, and a request parsed calls the header-field callback where the header puts
+ * it. Canary bytes after each struct catch a larger one (a memset past our field). */
+static size_t probe_field_length;
+
+static int
+probe_header_field(llhttp_t *p, const char *at, size_t length)
+{
+    (void)p;
+    (void)at;
+    probe_field_length += length;
+    return 0;
+}
+
+static int
+check_layout(void)
+{
+    enum { CANARY = 64 };
+    union { llhttp_settings_t settings; unsigned char bytes[sizeof(llhttp_settings_t) + CANARY]; } s;
+    union { llhttp_t parser; unsigned char bytes[sizeof(llhttp_t) + CANARY]; } p;
+    memset(&s, 0xA5, sizeof(s));
+    p_settings_init(&s.settings);
+    for (size_t i = 0; i < sizeof(s.bytes); i++) {
+        if (s.bytes[i] != (i < sizeof(llhttp_settings_t) ? 0 : 0xA5))
+            goto refused;
+    }
+    s.settings.on_header_field = probe_header_field;
+    memset(&p, 0xA5, sizeof(p));
+    p_init(&p.parser, HTTP_REQUEST, &s.settings);
+    for (size_t i = sizeof(llhttp_t); i < sizeof(p.bytes); i++) {
+        if (p.bytes[i] != 0xA5)
+            goto refused;
+    }
+    if (p.parser.settings != (void *)&s.settings || p.parser.type != HTTP_REQUEST)
+        goto refused;
+    static const char probe[] = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    probe_field_length = 0;
+    if (p_execute(&p.parser, probe, sizeof(probe) - 1) != HPE_OK || probe_field_length != 4)
+        goto refused;
+    return 0;
+refused:
+    PyErr_SetString(PyExc_ImportError,
+                    "httptools' llhttp is not laid out as _llhttp.h (llhttp 9.4.3) says");
+    return -1;
+}
+
 static int
 find_llhttp(void)
 {
@@ -791,8 +855,21 @@ find_llhttp(void)
             return -1;  /* (the handle is kept: the library stays loaded by Python anyway) */
         }
     }
+    /* llhttp built into that module, not a shared libllhttp it links (a distribution's
+     * httptools built with its system llhttp reports the same version: dlsym would find that
+     * library's, of whatever layout) */
+    Dl_info found;
+    char ours[PATH_MAX], theirs[PATH_MAX];
+    if (!dladdr((void *)p_execute, &found) || found.dli_fname == NULL
+            || realpath(found.dli_fname, theirs) == NULL || realpath(path, ours) == NULL
+            || strcmp(ours, theirs) != 0) {
+        PyErr_Format(PyExc_ImportError, "llhttp_execute is not in httptools' parser (%U) itself",
+                     file);
+        Py_DECREF(file);
+        return -1;
+    }
     Py_DECREF(file);
-    return 0;
+    return check_layout();
 }
 
 static int
@@ -824,6 +901,17 @@ find_errors(void)
 /* head(headers, extra, tail, *parts): parts, then b"name: value\r\n" a pair of headers, then
  * extra's lines, then tail, as one bytes object: sized once and copied once, where the
  * writer's list of pieces grew by reallocation (~180 instructions an append) and was joined. */
+static int
+add_size(Py_ssize_t *size, Py_ssize_t more)
+{
+    if (more > PY_SSIZE_T_MAX - *size) {
+        PyErr_SetString(PyExc_OverflowError, "head: too long for a bytes object");
+        return -1;
+    }
+    *size += more;
+    return 0;
+}
+
 static PyObject *
 head(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -839,7 +927,8 @@ head(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             PyErr_Format(PyExc_TypeError, "head: part %zd is not bytes: %R", i - 3, args[i]);
             return NULL;
         }
-        size += PyBytes_GET_SIZE(args[i]);
+        if (add_size(&size, PyBytes_GET_SIZE(args[i])) < 0)
+            return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(headers);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -849,7 +938,10 @@ head(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             PyErr_Format(PyExc_TypeError, "head: header %zd is not a (bytes, bytes) pair: %R", i, pair);
             return NULL;
         }
-        size += PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 0)) + PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 1)) + 4;
+        if (add_size(&size, PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 0))) < 0
+                || add_size(&size, PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 1))) < 0
+                || add_size(&size, 4) < 0)
+            return NULL;
     }
     Py_ssize_t m = PyList_GET_SIZE(extra);
     for (Py_ssize_t i = 0; i < m; i++) {
@@ -858,7 +950,8 @@ head(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             PyErr_Format(PyExc_TypeError, "head: extra line %zd is not bytes: %R", i, line);
             return NULL;
         }
-        size += PyBytes_GET_SIZE(line);
+        if (add_size(&size, PyBytes_GET_SIZE(line)) < 0)
+            return NULL;
     }
     PyObject *out = PyBytes_FromStringAndSize(NULL, size);
     if (out == NULL)
@@ -926,6 +1019,14 @@ head_ends(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     }
     const char *buf = PyBytes_AS_STRING(args[0]);
     const char *p = buf + at, *stop = buf + end;
+    /* as the Python scan: fewer than two newlines a head means fewer heads (each ends with a
+     * "\n\r\n" of its own), and the answer is the end; counted no further than needed */
+    Py_ssize_t newlines = 0;
+    for (const char *q = p; newlines < 2 * heads && q < stop
+            && (q = memchr(q, '\n', (size_t)(stop - q))) != NULL; q++)
+        newlines++;
+    if (newlines < 2 * heads)
+        return PyLong_FromSsize_t(end);
     while (p < stop && (p = memchr(p, '\n', (size_t)(stop - p))) != NULL) {
         if (stop - p >= 3 && p[1] == '\r' && p[2] == '\n' && --heads == 0)
             return PyLong_FromSsize_t(p + 3 - buf);
@@ -969,6 +1070,10 @@ PyInit__wire(void)
     }
     if (find_llhttp() < 0 || find_errors() < 0) {
         /* no Parser: say why (another httptools), the rest of the module serves */
+        if (!PyErr_ExceptionMatches(PyExc_ImportError) && !PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            Py_DECREF(m);
+            return NULL;  /* (MemoryError, KeyboardInterrupt: not a refusal) */
+        }
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
         PyObject *why = value != NULL ? PyObject_Str(value) : PyUnicode_FromString("no llhttp");

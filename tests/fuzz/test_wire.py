@@ -230,6 +230,50 @@ def test_a_target_within_max_start_comes_with_the_head_and_one_past_it_does_not(
     assert recorder.urls == [b"/0123456789/more"]  # once: all it had when past the bound, no more after
 
 
+class Reentrant(Recorder):
+    parser: Any = None
+
+    def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
+                            start: bytes | None = None) -> None:
+        self.parser.feed_data(b"GET /again HTTP/1.1\r\n\r\n")
+
+
+def test_a_feed_from_inside_a_feed_is_refused_not_parsed_under_it() -> None:
+    # llhttp's state and the head's pairs belong to the feed that runs (a callback, or a
+    # finalizer run by an allocation's garbage collection, could otherwise change them)
+    recorder = Reentrant(strip=True)
+    recorder.parser = Parser(recorder, False, 100, True)
+    with pytest.raises(httptools.HttpParserCallbackError) as caught:
+        recorder.parser.feed_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(caught.value.__context__, RuntimeError)
+    assert "while it parses" in str(caught.value.__context__)
+
+
+class Half:
+    """A protocol whose third callback cannot be looked up."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "on_status":
+            raise KeyError(name)
+        raise AttributeError(name)
+
+
+def test_an_init_that_failed_half_way_leaves_nothing_held_and_can_be_retried() -> None:
+    import sys
+
+    names = _wire.Names(KNOWN)
+    parser = Parser.__new__(Parser)
+    before = sys.getrefcount(names)
+    for _ in range(100):
+        with pytest.raises(KeyError):
+            parser.__init__(Half(), False, 10, True, names)
+    assert sys.getrefcount(names) <= before + 1  # the last try's, released by the next init
+    recorder = Recorder(strip=True)
+    parser.__init__(recorder, False, 10, True, names)
+    parser.feed_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert [event[0] for event in recorder.events] == ["begin", "head", "end"]
+
+
 def test_a_parser_is_initialised_once() -> None:
     parser = Parser(Recorder(strip=True), False, 10, True)
     with pytest.raises(RuntimeError):
@@ -259,6 +303,8 @@ def test_head_refuses_anything_but_byte_pairs_lines_and_parts(args: tuple[Any, .
 @given(st.binary(max_size=60).map(lambda b: b.replace(b"a", b"\r\n")), st.integers(0, 70),
        st.integers(0, 70), st.integers(1, 5))
 @example(b"\n\r\n\r\n\r\n", 0, 7, 3)
+@example(b"\n\r\n\r\nX", 0, 6, 2)  # overlapping ends: fewer than two newlines a head, so none
+@example(b"\n\r\n\r\n\r\nX", 0, 8, 3)
 @example(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\n\r", 0, 44, 2)
 def test_head_ends_finds_what_the_python_scan_finds(buf: bytes, at: int, end: int, heads: int) -> None:
     end = min(end, len(buf))
