@@ -120,7 +120,14 @@ def test_the_built_parsers_gather_header_lines_in_c_for_the_httptools_it_was_bui
     import httptools
 
     if httptools.__version__ != compiled.LLHTTP_HTTPTOOLS:
-        pytest.skip(f"httptools is not {compiled.LLHTTP_HTTPTOOLS} here: the parsers call it per header")
+        # a sidecar built so is slower (the realistic hop ~30% more instructions), not wrong:
+        # CI says so, where a fresh install would get a newer httptools first
+        why = (f"httptools is {httptools.__version__}, not {compiled.LLHTTP_HTTPTOOLS}: the parsers "
+               f"call it per header; copy its llhttp.h to sidecar/http/_llhttp.h and set "
+               f"compiled.LLHTTP_HTTPTOOLS")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
     code = ("import sidecar.http.wire as m, sidecar.http._wire as c\n"
             "print(m.GATHERS_HEADERS, m.HEAD is c.head, repr(c.LLHTTP_REFUSED))")
     assert run_python(code, PAKE_PURE_PYTHON="0") == "True True ''"
