@@ -213,7 +213,7 @@ class SourceOnlyFinder:
             spec = importlib.machinery.FileFinder(entry, *loaders).find_spec(fullname)
             if spec is not None:
                 return spec
-        # a module that is only an extension (the llhttp binding) is not loaded either
+        # a module that is only an extension (the wire's C helpers) is not loaded either
         raise ModuleNotFoundError(f"{fullname}: {PURE_ENV}=1 loads the sources only", name=fullname)
 
 

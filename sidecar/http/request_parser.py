@@ -21,8 +21,8 @@ import httptools
 from ..config.model import Limits
 from ..errors import DownstreamProtocolError
 from .headers import HOP_BY_HOP, MESH_INTERNAL, NameTable, connection_tokens, content_length_value
-from .wire import GATHERS_HEADERS, HEAD_ENDS, names, request_parser
 from .message import COMMON_METHODS, RequestHead
+from .wire import GATHERS_HEADERS, HEAD_ENDS, names, request_parser
 
 if TYPE_CHECKING:
     from ..listener.connection import DownstreamConnection

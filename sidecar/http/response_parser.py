@@ -15,8 +15,8 @@ import httptools
 
 from ..errors import UpstreamProtocolError
 from .headers import HOP_BY_HOP, NameTable, connection_tokens, content_length_value
-from .wire import names, response_parser
 from .message import ResponseHead
+from .wire import names, response_parser
 
 if TYPE_CHECKING:
     from ..upstream.upstream_connection import UpstreamConnection
