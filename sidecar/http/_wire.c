@@ -440,8 +440,6 @@ static int
 cb_message_complete(llhttp_t *p)
 {
     Parser *self = PARSER(p);
-    Py_CLEAR(self->name);  /* of a trailer */
-    Py_CLEAR(self->value);
     self->in_head = 0;
     return self->on_message_complete == NULL ? 0 : call0(self, self->on_message_complete);
 }
