@@ -112,8 +112,8 @@ class RequestParser:
                                                limits.max_request_line)
         # and the parser's, for the same reason: called for every request
         self._feed = parser.feed_data
-        self._keep_alive = parser.should_keep_alive
-        self._method = parser.get_method
+        self._keep_alive: Callable[[], bool] = parser.should_keep_alive  # (typed: see ResponseParser)
+        self._method: Callable[[], bytes] = parser.get_method
         self._max_body = limits.max_request_body
         self._max_head = limits.max_request_line + limits.max_headers_size
         self.upgraded = False

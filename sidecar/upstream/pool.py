@@ -67,7 +67,13 @@ class Pool:
         """An idle, live connection at once, or None (dead ones are dropped on the way)."""
         idle = self.idle
         while idle:
-            conn = idle.pop()  # the most recently used one is the most likely alive
+            # the most recently used one is the most likely alive; the last one cleared, not
+            # popped (see DownstreamConnection.stream_done)
+            if len(idle) == 1:
+                conn = idle[0]
+                idle.clear()
+            else:
+                conn = idle.pop()
             if conn.is_available():
                 return conn
             conn.close()
