@@ -27,7 +27,7 @@ import structlog
 from .clock import Clock, MonotonicClock
 from .config.audit import AuditConfig
 from .exchange import Exchange
-from .observability.json_text import DECIMALS, QuoteCache, printable_text, quote, trace_ids
+from .observability.json_text import DECIMALS, QuoteCache, path_literal, quote, request_id_text, trace_ids
 from .observability.log_writer import LogChannel, LogOutputs
 
 __all__ = [
@@ -186,7 +186,7 @@ class AuditLog:
                reason: str) -> None:
         repeated = self._repeated
         self._put(exchange, stage, decision, rule, repeated.get_or_null(exchange.peer_identity),
-                  repeated.get_or_null(exchange.principal), quote(exchange.request.path), quote(reason))
+                  repeated.get_or_null(exchange.principal), path_literal(exchange), quote(reason))
 
     def record_request(self, exchange: Exchange, stage: Stage, decision: Decision, rule: str,
                        start: str) -> None:
@@ -206,7 +206,7 @@ class AuditLog:
             self._start_of = start
             self._method_of = request.method
             self._reason_start = f'{self._starts.get(start)[:-1]}{request.method} '
-        path = quote(request.path)
+        path = path_literal(exchange)
         shown = (path[1:-1] if len(request.path) <= MAX_REASON_PATH
                  else quote(request.path[:MAX_REASON_PATH])[1:-1])
         self._put(exchange, stage, decision, rule, self._caller_source, self._caller_principal_text, path,
@@ -252,7 +252,7 @@ class AuditLog:
                 f'"service":{self._repeated.get(exchange.service)},"stage":"{stage}","decision":"{decision}",'
                 f'"rule":{self._repeated.get(rule)}')
         line = (f'{{"event":"audit","time":"{self._stamp}{DECIMALS[min(int((now - second) * 1000), 999)]}Z",'
-                f'"request_id":"{printable_text(exchange.request_id)}"{trace_ids(exchange.trace_id, exchange.span_id)}'
+                f'"request_id":"{request_id_text(exchange)}"{trace_ids(exchange.trace_id, exchange.span_id)}'
                 f'{same},"method":"{exchange.request.method}","path":{path},"reason":{reason}}}\n')
         if not self.channel.put(line):
             now = self.clock.monotonic()

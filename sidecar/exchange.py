@@ -50,6 +50,10 @@ class Exchange:
     # headers a filter adds to whatever response goes downstream (the rate limit's RateLimit-*);
     # they replace same-named ones from the upstream, so the client sees one value of each
     response_headers: tuple[tuple[bytes, bytes], ...] = ()
+    # the path and the request id as a log line writes them (``json_text.path_literal``,
+    # ``request_id_text``): made by the first line of the exchange that needs them
+    path_json: str = ""
+    request_id_json: str = ""
 
     # Written out because the dataclass-generated ``__init__`` is interpreted Python even when
     # this module is compiled: one exchange per request made it 9k instructions of each
@@ -88,3 +92,5 @@ class Exchange:
         self.bytes_out = bytes_out
         self.tags = {} if tags is None else tags
         self.response_headers = response_headers
+        self.path_json = ""
+        self.request_id_json = ""

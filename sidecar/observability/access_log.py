@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 from ..config.model import RouteConfig
 from ..exchange import Exchange
-from .json_text import DECIMALS, MAX_CACHED, NumberField, QuoteCache, int_text, printable_text, quote, trace_ids
+from .json_text import (DECIMALS, MAX_CACHED, NumberField, QuoteCache, int_text, path_literal, quote,
+                        request_id_text, trace_ids)
 from .log_writer import LogChannel
 
 __all__ = ["AccessLog"]
@@ -98,10 +99,10 @@ class AccessLog:
         if ex.reason:
             optional = ',"reason":' + quote(ex.reason) + optional
         self.channel.put(
-            f'{self._opening}{head.method}","path":{quote(head.path)}{self._status.text(ex.status)}'
+            f'{self._opening}{head.method}","path":{path_literal(ex)}{self._status.text(ex.status)}'
             f'{self._bytes_in.text(ex.bytes_in)}{self._bytes_out.text(ex.bytes_out)}'
             f'{self._duration.text(micros // 1000)}{DECIMALS[micros % 1000]}{self._attempts.text(ex.attempts)}'
-            f',"flags":"{ex.flags}","request_id":"{printable_text(ex.request_id)}"'
+            f',"flags":"{ex.flags}","request_id":"{request_id_text(ex)}"'
             f'{trace_ids(ex.trace_id, ex.span_id)}{who}{optional}}}\n')
 
     def _tags_changed(self, tags: dict[str, str]) -> str:

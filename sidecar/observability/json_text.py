@@ -9,10 +9,13 @@ route, the authority): ``QuoteCache`` quotes each once and then costs a dict loo
 from __future__ import annotations
 
 from json.encoder import encode_basestring_ascii
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-__all__ = ["DECIMALS", "MAX_CACHED", "NumberField", "QuoteCache", "int_text", "printable_text", "quote",
-           "trace_ids"]
+if TYPE_CHECKING:
+    from ..exchange import Exchange
+
+__all__ = ["DECIMALS", "MAX_CACHED", "NumberField", "QuoteCache", "int_text", "path_literal", "printable_text",
+           "quote", "request_id_text", "trace_ids"]
 
 MAX_CACHED: Final = 1024  # values a cache holds before it starts over
 _MAX_CACHED_LENGTH: Final = 256  # longer values are quoted each time: the cache stays under ~0.6 MB
@@ -44,6 +47,23 @@ def printable_text(value: str) -> str:
     if '"' in value or "\\" in value:
         return quote(value)[1:-1]
     return value
+
+
+def path_literal(ex: Exchange) -> str:
+    """``quote(ex.request.path)``, made once an exchange: its audit record and its access line
+    write the same literal (~290 instructions a quote of a short path, callgrind)."""
+    text = ex.path_json
+    if not text:
+        text = ex.path_json = quote(ex.request.path)
+    return text
+
+
+def request_id_text(ex: Exchange) -> str:
+    """``printable_text(ex.request_id)``, made once an exchange, as ``path_literal``."""
+    text = ex.request_id_json
+    if not text:
+        text = ex.request_id_json = printable_text(ex.request_id)
+    return text
 
 
 def trace_ids(trace_id: str | None, span_id: str | None) -> str:

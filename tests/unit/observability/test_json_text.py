@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
-from sidecar.observability.json_text import DECIMALS, NumberField, QuoteCache, int_text, printable_text, trace_ids
+from sidecar.exchange import Exchange
+from sidecar.http.message import RequestHead
+from sidecar.observability.json_text import (DECIMALS, NumberField, QuoteCache, int_text, path_literal, printable_text,
+                                             request_id_text, trace_ids)
 
 
 def test_a_cached_value_is_quoted_as_json_dumps_quotes_it_every_time() -> None:
@@ -35,6 +38,19 @@ def test_a_request_id_with_a_quote_or_a_backslash_is_escaped_and_others_are_kept
     for rid in ("4bf92f3577b34da6a3ce929d0e0e4736", "3f2a9c1e-1b7d-4b8e", 'a"b', "c\\d", '\\"', "~!#$%&'()*+"):
         assert json.loads(f'"{printable_text(rid)}"') == rid
     assert printable_text('a"b\\c') == 'a\\"b\\\\c'
+
+
+def test_an_exchange_s_path_and_request_id_are_quoted_once_for_all_its_log_lines() -> None:
+    path = '/o/"q"\\é'
+    head = RequestHead(method="GET", target=path.encode(), path=path, authority="orders:8080",
+                       host="orders", version="1.1", headers=[])
+    ex = Exchange(request=head, listener="inbound", downstream_address="10.0.0.7", request_id='a"b',
+                  start=0.0)
+    literal = path_literal(ex)
+    assert json.loads(literal) == path and literal == json.dumps(path)
+    assert path_literal(ex) is literal  # the audit record's and the access line's one literal
+    rid = request_id_text(ex)
+    assert json.loads(f'"{rid}"') == 'a"b' and request_id_text(ex) is rid
 
 
 def test_a_prefixed_cache_keeps_whole_fragments_and_stays_bounded() -> None:
