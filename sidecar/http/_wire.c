@@ -7,8 +7,9 @@
  * Cython callback, then our ``on_header``): ~1.4k instructions a line, 19k of the 29.5k a
  * realistic request head costs to parse (bench/README.md). Here the lines are gathered in C,
  * as the (name, value) pairs ``on_header`` made, and handed over once, with the request's
- * target or the response's reason gathered as well: ``on_headers_complete(headers, start)``
- * instead of ``on_header`` a line and ``on_url`` / ``on_status`` a piece. A start longer than
+ * target or the response's reason gathered as well: ``on_headers_complete(headers, start,
+ * codes)`` instead of ``on_header`` a line and ``on_url`` / ``on_status`` a piece (``codes``:
+ * which of the parser's Names each line's name is, a byte a line). A start longer than
  * ``max_start`` goes to ``on_url`` / ``on_status`` as soon as it is (it is refused there), and
  * the head then gets None. Every other callback is httptools': the same names, the same
  * arguments, the same return values to llhttp, and the same exceptions (httptools' own
@@ -70,13 +71,18 @@ static PyObject *method_names[METHODS];
 
 /* Header names as a peer commonly spells them, each one bytes object: a line whose name is one
  * of them gets that object, not a new one (an allocation and a free less a line), and its hash,
- * once computed, is kept. Made once by a parser's module and shared by its parsers. */
+ * once computed, is kept. Made once by a parser's module and shared by its parsers. A head
+ * also says which of them each line's name is (its code: the name's place in the tuple plus
+ * one, 0 for any other name), so the parser's module finds what it knows of a name by index
+ * instead of looking the name up (~90 instructions a line, callgrind). */
 #define NAME_MAX_LENGTH 64
+#define NAME_MAX_CODE 255  /* a code is a byte: names past the 255th are given, not coded */
 
 typedef struct {
     PyObject_HEAD
     PyObject *names;                                /* the tuple given */
     PyObject **by_length[NAME_MAX_LENGTH + 1];      /* borrowed from names */
+    unsigned char *codes_by_length[NAME_MAX_LENGTH + 1];  /* each one's code */
     Py_ssize_t count[NAME_MAX_LENGTH + 1];
 } Names;
 
@@ -110,7 +116,8 @@ Names_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         if (self->count[length] == 0)
             continue;
         self->by_length[length] = PyMem_Malloc(sizeof(PyObject *) * (size_t)self->count[length]);
-        if (self->by_length[length] == NULL) {
+        self->codes_by_length[length] = PyMem_Malloc((size_t)self->count[length]);
+        if (self->by_length[length] == NULL || self->codes_by_length[length] == NULL) {
             Py_DECREF(self);
             return PyErr_NoMemory();
         }
@@ -119,6 +126,7 @@ Names_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *name = PyTuple_GET_ITEM(names, i);
         Py_ssize_t length = PyBytes_GET_SIZE(name);
+        self->codes_by_length[length][self->count[length]] = i < NAME_MAX_CODE ? (unsigned char)(i + 1) : 0;
         self->by_length[length][self->count[length]++] = name;
     }
     return (PyObject *)self;
@@ -127,23 +135,28 @@ Names_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void
 Names_dealloc(Names *self)
 {
-    for (int length = 0; length <= NAME_MAX_LENGTH; length++)
+    for (int length = 0; length <= NAME_MAX_LENGTH; length++) {
         PyMem_Free(self->by_length[length]);
+        PyMem_Free(self->codes_by_length[length]);
+    }
     Py_XDECREF(self->names);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* the object for these bytes, a new reference; NULL (no error) when they are none of them */
+/* the object for these bytes, a new reference, and its code; NULL (no error) when they are
+ * none of them */
 static PyObject *
-names_find(Names *self, const char *at, size_t length)
+names_find(Names *self, const char *at, size_t length, unsigned char *code)
 {
     if (length == 0 || length > NAME_MAX_LENGTH)
         return NULL;
     PyObject **row = self->by_length[length];
     for (Py_ssize_t i = 0, n = self->count[length]; i < n; i++) {
         const char *name = PyBytes_AS_STRING(row[i]);
-        if (name[0] == at[0] && memcmp(name, at, length) == 0)
+        if (name[0] == at[0] && memcmp(name, at, length) == 0) {
+            *code = self->codes_by_length[length][i];
             return Py_NewRef(row[i]);
+        }
     }
     return NULL;
 }
@@ -173,8 +186,10 @@ typedef struct {
     /* the head's pairs so far, handed over as a list of exactly their number (a list
      * appended to grows by reallocation, ~1k instructions a realistic head) */
     PyObject **pairs;         /* inline, or allocated past INLINE_PAIRS */
+    unsigned char *codes;     /* each pair's name's code (Names); as many as pairs' room, or more */
     Py_ssize_t count, room;
     PyObject *name, *value;   /* the line being read, in pieces as they arrived */
+    unsigned char name_code;  /* the code of name: 0 unless it is one of names, whole */
     /* the request's target or the response's reason, handed over with the head: past
      * max_start (0: no bound) it goes to on_url / on_status instead, once (which refuses it) */
     PyObject *start;
@@ -189,6 +204,7 @@ typedef struct {
      * allocation's garbage collection ran) would change the pairs under it */
     int busy;
     PyObject *inline_pairs[INLINE_PAIRS];
+    unsigned char inline_codes[INLINE_PAIRS];
 } Parser;
 
 #define PARSER(p) ((Parser *)((char *)(p) - offsetof(Parser, parser)))
@@ -269,9 +285,11 @@ static int
 end_line(Parser *self)
 {
     PyObject *name = self->name, *value = self->value;
+    unsigned char code = self->name_code;
     if (value == NULL)
         return 0;
     self->name = self->value = NULL;
+    self->name_code = 0;
     if (name == NULL)
         name = PyBytes_FromStringAndSize("", 0);
     if (name == NULL || !self->in_head || self->count >= self->max_headers) {
@@ -281,6 +299,18 @@ end_line(Parser *self)
     }
     if (self->count == self->room) {
         Py_ssize_t room = self->room * 2 < self->max_headers ? self->room * 2 : self->max_headers;
+        /* the codes first: grown while the pairs fail to, they are only roomier than needed */
+        unsigned char *codes = self->codes == self->inline_codes
+            ? PyMem_Malloc((size_t)room) : PyMem_Realloc(self->codes, (size_t)room);
+        if (codes == NULL) {
+            Py_DECREF(name);
+            Py_DECREF(value);
+            PyErr_NoMemory();
+            return -1;
+        }
+        if (self->codes == self->inline_codes)
+            memcpy(codes, self->inline_codes, (size_t)self->count);
+        self->codes = codes;
         PyObject **pairs = self->pairs == self->inline_pairs
             ? PyMem_Malloc(sizeof(PyObject *) * (size_t)room)
             : PyMem_Realloc(self->pairs, sizeof(PyObject *) * (size_t)room);
@@ -319,6 +349,7 @@ end_line(Parser *self)
     }
     PyTuple_SET_ITEM(pair, 0, name);
     PyTuple_SET_ITEM(pair, 1, value);
+    self->codes[self->count] = code;
     self->pairs[self->count++] = pair;
     return 0;
 }
@@ -339,6 +370,7 @@ cb_message_begin(llhttp_t *p)
     Parser *self = PARSER(p);
     Py_CLEAR(self->name);
     Py_CLEAR(self->value);
+    self->name_code = 0;
     drop_pairs(self);  /* (of a head a callback refused) */
     Py_CLEAR(self->start);
     self->start_handed = 0;
@@ -375,8 +407,9 @@ cb_header_field(llhttp_t *p, const char *at, size_t length)
     if (end_line(self) < 0)
         return failed(self, "`on_header_field` callback error");
     if (self->name == NULL && self->names != NULL
-            && (self->name = names_find(self->names, at, length)) != NULL)
+            && (self->name = names_find(self->names, at, length, &self->name_code)) != NULL)
         return 0;
+    self->name_code = 0;  /* (a known name's object, made longer, is another name) */
     if (add_piece(&self->name, at, length) < 0)
         return failed(self, "`on_header_field` callback error");
     return 0;
@@ -401,7 +434,10 @@ cb_headers_complete(llhttp_t *p)
         return failed(self, NULL);
     self->in_head = 0;
     PyObject *headers = PyList_New(self->count);
-    if (headers == NULL) {
+    PyObject *codes = PyBytes_FromStringAndSize((const char *)self->codes, self->count);
+    if (headers == NULL || codes == NULL) {
+        Py_XDECREF(headers);
+        Py_XDECREF(codes);
         drop_pairs(self);
         return failed(self, NULL);
     }
@@ -414,13 +450,15 @@ cb_headers_complete(llhttp_t *p)
     self->start = NULL;
     if (start == NULL) {
         Py_DECREF(headers);
+        Py_DECREF(codes);
         return failed(self, NULL);
     }
-    PyObject *result = NULL, *call[] = {headers, start};
+    PyObject *result = NULL, *call[] = {headers, start, codes};
     if (self->on_headers_complete != NULL)
-        result = PyObject_Vectorcall(self->on_headers_complete, call, 2, NULL);
+        result = PyObject_Vectorcall(self->on_headers_complete, call, 3, NULL);
     Py_DECREF(headers);
     Py_DECREF(start);
+    Py_DECREF(codes);
     if (self->on_headers_complete != NULL) {
         if (result == NULL)
             return failed(self, NULL);
@@ -498,6 +536,7 @@ Parser_init(Parser *self, PyObject *args, PyObject *kwds)
     self->response = response;
     self->max_start = max_start;
     self->pairs = self->inline_pairs;
+    self->codes = self->inline_codes;
     self->count = 0;
     self->room = INLINE_PAIRS;
     const char *callbacks[] = {"on_message_begin", "on_url", "on_status", "on_headers_complete",
@@ -562,6 +601,10 @@ Parser_clear(Parser *self)
         PyMem_Free(self->pairs);
         self->pairs = self->inline_pairs;
         self->room = INLINE_PAIRS;
+    }
+    if (self->codes != NULL && self->codes != self->inline_codes) {
+        PyMem_Free(self->codes);
+        self->codes = self->inline_codes;
     }
     Py_CLEAR(self->name);
     Py_CLEAR(self->value);
@@ -728,8 +771,9 @@ static PyTypeObject ParserType = {
     .tp_name = "sidecar.http._wire.Parser",
     .tp_doc = "Parser(protocol, response, max_headers, strip_trailing_ows, names=None, max_start=0): "
               "httptools' HttpRequestParser or HttpResponseParser, but a head's header lines and "
-              "its target (or reason) reach protocol.on_headers_complete(headers, start) as one "
-              "list of (name, value) pairs and one bytes object.",
+              "its target (or reason) reach protocol.on_headers_complete(headers, start, codes) as "
+              "one list of (name, value) pairs, one bytes object, and a byte a pair: its name's "
+              "place in names plus one, or 0.",
     .tp_basicsize = sizeof(Parser),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,

@@ -72,6 +72,9 @@ _KNOWN: Final[dict[bytes, tuple[bytes, int, bool]]] = {
 }
 _KNOWN_TABLE: Final = NameTable(_KNOWN)  # the same, looked up without hashing a name
 _KNOWN_NAMES: Final = names(tuple(_KNOWN))  # the compiled form's parser gives these objects
+# and says which of them a line's name is, its place plus one (``on_headers_complete``'s codes):
+# its entry by index, not by ``NameTable.get`` (~90 instructions a line, callgrind)
+_KNOWN_BY_CODE: Final = tuple(_KNOWN.values())
 # the methods requests name most, as the one str object each: the bytes llhttp gives are
 # looked up rather than decoded, and the str's hash is kept for the look-ups after
 # (``writer.request_head``, the method checks of routes and policies)
@@ -90,7 +93,7 @@ class RequestSink(Protocol):
 class RequestParser:
     __slots__ = (
         "_sink_request", "_sink_body", "_sink_end", "_feed", "_keep_alive", "_method",
-        "_limits", "_parser", "_url", "_headers", "_in_head", "_head_bytes",
+        "_limits", "_parser", "_url", "_headers", "_codes", "_in_head", "_head_bytes",
         "_chunked", "_chunks", "_overhead", "_body_bytes", "_max_body", "_max_head", "upgraded",
         "_body_total", "_head_rest", "_head_done_here", "_fed_now", "_account", "_held",
         "_length", "_host", "_authority", "_hostname", "_conn",
@@ -119,6 +122,7 @@ class RequestParser:
         self.upgraded = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._codes = b""  # the compiled form's: which of ``_KNOWN`` each line's name is
         self._in_head = True
         self._head_bytes = 0
         self._chunked = False
@@ -280,11 +284,14 @@ class RequestParser:
             self._headers.append((name, value))
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            url: bytes | None = None) -> None:
-        # the compiled form's llhttp gathers the head's lines and its target (which it gave
-        # to ``on_url`` instead only when past the request line's limit: refused there)
+                            url: bytes | None = None, codes: bytes | None = None) -> None:
+        # the compiled form's llhttp gathers the head's lines, their names' codes and its
+        # target (which it gave to ``on_url`` instead only when past the request line's
+        # limit: refused there)
         if headers is not None:
             self._headers = headers
+        if codes is not None:
+            self._codes = codes
         if url is not None:
             self._url = url
         head = self._build_head()
@@ -381,11 +388,20 @@ class RequestParser:
         kept: list[tuple[bytes, ...]] = []
         underscores_ok = limits.allow_underscores_in_headers
         known = _KNOWN_TABLE
-        for pair in cast("list[tuple[bytes, ...]]", headers):
+        lines = cast("list[tuple[bytes, ...]]", headers)
+        codes = self._codes
+        coded = len(codes) == len(lines)  # (httptools' parser: none)
+        for i in range(len(lines)):
+            pair = lines[i]
             raw_name = pair[0]
             value = pair[1]
-            entry = known.get(raw_name)
-            if entry is None:
+            c = codes[i] if coded else 0
+            # (unpacked where it is read: a known entry put in ``entry``, an Optional, was a
+            # new tuple each line once compiled)
+            entry = None if c else known.get(raw_name)
+            if c:
+                name, code, as_received = _KNOWN_BY_CODE[c - 1]
+            elif entry is None:
                 name = raw_name.lower()
                 as_received = name == raw_name
                 # Only here: no name in ``_KNOWN`` has an underscore. The int of "_", not

@@ -50,6 +50,7 @@ _RESPONSE_NAMES: Final[dict[bytes, int]] = {
 }
 _RESPONSE_TABLE: Final = NameTable(_RESPONSE_NAMES)  # the same, looked up without hashing a name
 _KNOWN_NAMES: Final = names(tuple(_RESPONSE_NAMES))  # the compiled form's parser gives these objects
+_CODE_BY_NAME_CODE: Final = tuple(_RESPONSE_NAMES.values())  # and says which (request_parser's _KNOWN_BY_CODE)
 _LONGEST_SPECIAL: Final = max(len(name) for name in _SPECIAL_CODES)
 # by a name's length, 1 when a special name is that long: most plain names (date, vary,
 # cache-control, the x- ones) are not, and skip the look-up and its hash of a fresh object
@@ -179,7 +180,7 @@ class ResponseParser:
                 raise UpstreamProtocolError("too many upstream response headers")
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            reason: bytes | None = None) -> None:
+                            reason: bytes | None = None, codes: bytes = b"") -> None:
         if headers is not None:  # the head's lines and reason, gathered by the compiled form's llhttp
             if len(headers) > _MAX_HEADERS:  # (it keeps one more than the limit, no more)
                 raise UpstreamProtocolError("too many upstream response headers")
@@ -204,12 +205,18 @@ class ResponseParser:
         has_request_id = False
         names = _RESPONSE_TABLE
         lengths = _SPECIAL_LENGTHS
-        for pair in cast("list[tuple[bytes, ...]]", self._headers):
+        lines = cast("list[tuple[bytes, ...]]", self._headers)
+        coded = len(codes) == len(lines)  # (httptools' parser: none)
+        for i in range(len(lines)):
+            pair = lines[i]
             raw_name = pair[0]
             value = pair[1]
             # names are forwarded as received; only possible special ones are lower-cased
             n = len(raw_name)
-            if n > _LONGEST_SPECIAL or not lengths[n]:
+            c = codes[i] if coded else 0
+            if c:
+                code = _CODE_BY_NAME_CODE[c - 1]
+            elif n > _LONGEST_SPECIAL or not lengths[n]:
                 code = _PLAIN
             else:
                 found = names.get(raw_name)

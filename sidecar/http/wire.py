@@ -1,7 +1,8 @@
 """Which of the HTTP/1.1 wire's C helpers (``_wire.c``) the http modules use.
 
 The compiled form has them. The request and response parsers' heads arrive with their header
-lines as one list and their target or reason as one bytes object, the arguments of
+lines as one list, their target or reason as one bytes object, and which of the parser's known
+names (``names``) each line's name is as a byte a line, the arguments of
 ``on_headers_complete``, instead of an ``on_header`` call a line and an ``on_url`` or
 ``on_status`` call a piece (~1.4k instructions a line through httptools, bench/README.md). A
 head is written by one C call; where pipelined heads end in a read is found by one, and so
@@ -58,7 +59,8 @@ def request_parser(protocol: object, max_headers: int, known: object, max_target
     """``protocol``'s llhttp for requests. Gathered, at most ``max_headers + 1`` lines of a
     head are kept (one more than the limit tells a head past it), trailing OWS is dropped
     from values, as ``RequestParser.on_header`` does, names among ``known`` (``names``) are
-    those objects, and a target longer than ``max_target`` goes to ``on_url`` at once."""
+    those objects (their codes: their places in it plus one, the first 255), and a target
+    longer than ``max_target`` goes to ``on_url`` at once."""
     if _PARSER is not None:
         return _PARSER(protocol, False, max_headers + 1, True, known, max_target)
     return httptools.HttpRequestParser(protocol)

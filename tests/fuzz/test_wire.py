@@ -52,6 +52,7 @@ class Recorder:
         self.lines: list[tuple[bytes, bytes]] = []
         self.start = b""
         self.in_head = False
+        self.coded: list[tuple[bytes, int]] = []  # each line's name and its code (the binding's)
 
     def _event(self, *event: object) -> None:
         self.events.append(event)
@@ -75,8 +76,11 @@ class Recorder:
             self.lines.append((name, value.rstrip(b" \t") if self.strip else value))
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            start: bytes | None = None) -> None:
+                            start: bytes | None = None, codes: bytes | None = None) -> None:
         self.in_head = False
+        if codes is not None:
+            assert headers is not None and len(codes) == len(headers)
+            self.coded += [(name, code) for (name, _), code in zip(headers, codes)]
         self._event("head", self.start if start is None else start, self.lines if headers is None else headers)
 
     def on_body(self, body: bytes) -> None:
@@ -120,7 +124,10 @@ def both(pieces: list[bytes], *, response: bool, fail_at: int = -1) -> tuple[lis
     ours, theirs = Recorder(strip=not response, fail_at=fail_at), Recorder(strip=not response, fail_at=fail_at)
     binding = Parser(ours, response, 10_000, not response, _wire.Names(KNOWN))
     reference = httptools.HttpResponseParser(theirs) if response else httptools.HttpRequestParser(theirs)
-    return run(binding, ours, pieces, response), run(reference, theirs, pieces, response)
+    results = run(binding, ours, pieces, response), run(reference, theirs, pieces, response)
+    for name, code in ours.coded:  # a line's code is its name's place in KNOWN, when it is that object
+        assert code == next((i + 1 for i, known in enumerate(KNOWN) if name is known), 0), (name, code)
+    return results
 
 
 @needs_parser
@@ -184,6 +191,18 @@ def test_a_known_name_is_the_object_given_and_any_other_a_new_one() -> None:
     assert pairs == [(b"Host", b"a"), (b"X-B", b"1"), (b"Content-Length", b"0")]
     assert pairs[0][0] is KNOWN[0]
     assert all(name is not known for name, _ in pairs[1:] for known in KNOWN)  # "Con" grew: a new object
+    assert recorder.coded == [(b"Host", 1), (b"X-B", 0), (b"Content-Length", 0)]  # and has no code
+
+
+@needs_parser
+def test_a_known_name_s_code_is_its_place_plus_one_for_the_first_255_names() -> None:
+    known = tuple(b"x-%d" % i for i in range(300))
+    recorder = Recorder(strip=True)
+    parser = Parser(recorder, False, 100, True, _wire.Names(known))
+    parser.feed_data(b"GET / HTTP/1.1\r\nx-0: a\r\nx-254: b\r\nx-255: c\r\nx-299: d\r\nx-300: e\r\n\r\n")
+    assert recorder.coded == [(b"x-0", 1), (b"x-254", 255), (b"x-255", 0), (b"x-299", 0), (b"x-300", 0)]
+    (pairs,) = [event[2] for event in recorder.events if event[0] == "head"]
+    assert [name is known[i] for (name, _), i in zip(pairs, (0, 254, 255, 299))] == [True] * 4
 
 
 @pytest.mark.parametrize("bad", [(b"",), (b"x" * 65,), ("host",), [b"host"]])
@@ -223,9 +242,9 @@ class Counting(Recorder):
         super().on_url(url)
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            start: bytes | None = None) -> None:
+                            start: bytes | None = None, codes: bytes | None = None) -> None:
         self.starts.append(start)
-        super().on_headers_complete(headers, start)
+        super().on_headers_complete(headers, start, codes)
 
 
 @needs_parser
@@ -242,7 +261,7 @@ class Reentrant(Recorder):
     parser: Any = None
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            start: bytes | None = None) -> None:
+                            start: bytes | None = None, codes: bytes | None = None) -> None:
         self.parser.feed_data(b"GET /again HTTP/1.1\r\n\r\n")
 
 
