@@ -206,7 +206,9 @@ class Router:
             else:
                 self._end(stream, admission.error(cluster.name).reply())
             return
-        endpoint = cluster.load_balancer.pick(cluster.endpoints, now, tries.tried)
+        tried = tries.tried
+        endpoint = cluster.load_balancer.pick(cluster.endpoints, now,
+                                              [e.address for e in tried] if tried else ())
         if endpoint is None:
             cluster.breaker.record(now, Outcome.CANCELLED, admission)
             self._end(stream, NoHealthyUpstream(f"cluster {cluster.name} has no available endpoint").reply())
@@ -214,7 +216,7 @@ class Router:
         tries.admission = admission
         tries.endpoint = endpoint
         endpoint.active_requests += 1
-        tries.tried.append(endpoint.address)
+        tried.append(endpoint)
         ex.attempts += 1  # a try counts whether or not it got a connection (as in Envoy)
         pool = cluster.pool_of[endpoint]
         tries.pool = pool
