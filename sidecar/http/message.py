@@ -37,6 +37,10 @@ class RequestHead:
     # pass over the headers so that tracing reads no header list: b"" when sent twice
     traceparent: bytes | None = None
     tracestate: bool = False
+    # the (name, value) pair of ``request_id`` in headers: the response echoes it as that
+    # object (``Stream.on_response_head``). A tuple of any length to the compiler: a pair
+    # would be kept unboxed, and made again each time it is read as an object.
+    request_id_pair: tuple[bytes, ...] | None = None
 
     # Written out because the dataclass-generated ``__init__`` is interpreted Python even when
     # this module is compiled (one head per request; see ``Exchange.__init__``).
@@ -45,7 +49,8 @@ class RequestHead:
                  chunked: bool = False, keep_alive: bool = True, upgrade: bytes | None = None,
                  expect_continue: bool = False, forwarded_for: bytes | None = None,
                  forwarded_proto: bytes | None = None, request_id: bytes | None = None,
-                 traceparent: bytes | None = None, tracestate: bool = False) -> None:
+                 traceparent: bytes | None = None, tracestate: bool = False,
+                 request_id_pair: tuple[bytes, ...] | None = None) -> None:
         self.method = method
         self.target = target
         self.path = path
@@ -63,6 +68,7 @@ class RequestHead:
         self.request_id = request_id
         self.traceparent = traceparent
         self.tracestate = tracestate
+        self.request_id_pair = request_id_pair
 
     @property
     def has_body(self) -> bool:

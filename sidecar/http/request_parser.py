@@ -378,6 +378,7 @@ class RequestParser:
         forwarded_for: bytes | None = None
         forwarded_proto: bytes | None = None
         request_id: bytes | None = None
+        request_id_pair: tuple[bytes, ...] | None = None
         traceparent: bytes | None = None
         tracestate = False
         # ``kept.append``, not a bound ``keep = kept.append``: compiled, the method is a direct
@@ -421,7 +422,8 @@ class RequestParser:
                 hosts += 1
             elif code == _REQUEST_ID:
                 request_id = value
-                kept.append((name, value))
+                request_id_pair = (name, value)
+                kept.append(request_id_pair)
             elif code == _FORWARDED_FOR:
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
             elif code == _FORWARDED_PROTO:
@@ -489,7 +491,7 @@ class RequestParser:
         return RequestHead(
             method, target, path, authority, hostname, version, cast("list[tuple[bytes, bytes]]", kept),
             content_length, chunked, keep_alive, upgrade, expect,
-            forwarded_for, forwarded_proto, request_id, traceparent, tracestate,
+            forwarded_for, forwarded_proto, request_id, traceparent, tracestate, request_id_pair,
         )
 
     def _target(self, method: str) -> tuple[bytes, str | None]:

@@ -355,7 +355,9 @@ class DownstreamConnection(asyncio.Protocol):
             if rid is not None:
                 head.remove_headers(b"x-request-id")  # unusable: replaced, not duplicated
             head.request_id = raw = ids.raw  # the id forwarded, as the caller's would be
-            head.headers.append((b"x-request-id", raw))
+            pair: tuple[bytes, ...] = (b"x-request-id", raw)
+            cast("list[tuple[bytes, ...]]", head.headers).append(pair)
+            head.request_id_pair = pair
         exchange = Exchange(request=head, listener=self.ctx.name, downstream_address=self.client,
                             request_id=request_id, start=_MONOTONIC(),
                             peer_identity=self.peer_identity)

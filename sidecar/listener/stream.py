@@ -12,7 +12,7 @@ HTTP/1.1, else close-delimited.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from ..config.retries import MAX_REPLAY_BODY
 from ..errors import LocalReply
@@ -226,9 +226,13 @@ class Stream:
             self.keep_alive = False  # the upgrade was declined; the parser cannot go on
         if status != 101:
             self._connection_header(extra)
-        if not head.has_request_id:
-            extra.append(self._request_id_line())
         headers = head.headers
+        if not head.has_request_id:
+            pair = self.head.request_id_pair
+            if pair is not None:  # the request's own pair, written as a header: no line made
+                cast("list[tuple[bytes, ...]]", headers).append(pair)
+            else:
+                extra.append(self._request_id_line())
         if added := self.exchange.response_headers:  # a filter's (RateLimit-*): they win
             names = {name for name, _ in added}
             headers = [h for h in headers if h[0].lower() not in names]
