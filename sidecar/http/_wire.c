@@ -279,6 +279,23 @@ add_piece(PyObject **slot, const char *at, size_t length)
     return 0;
 }
 
+/* ``items`` (``count`` of them, ``size`` bytes each) in a buffer of ``room``: the same one
+ * reallocated, or a new one when they are in the parser's own (``inline_items``, never freed);
+ * NULL with MemoryError set */
+static void *
+grown(void *items, void *inline_items, Py_ssize_t count, size_t size, Py_ssize_t room)
+{
+    void *out = items == inline_items ? PyMem_Malloc(size * (size_t)room)
+                                      : PyMem_Realloc(items, size * (size_t)room);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (items == inline_items)
+        memcpy(out, inline_items, size * (size_t)count);
+    return out;
+}
+
 /* The line read so far becomes a pair of the head (as httptools calls on_header: when the
  * next line begins, or the head ends). */
 static int
@@ -300,28 +317,16 @@ end_line(Parser *self)
     if (self->count == self->room) {
         Py_ssize_t room = self->room * 2 < self->max_headers ? self->room * 2 : self->max_headers;
         /* the codes first: grown while the pairs fail to, they are only roomier than needed */
-        unsigned char *codes = self->codes == self->inline_codes
-            ? PyMem_Malloc((size_t)room) : PyMem_Realloc(self->codes, (size_t)room);
-        if (codes == NULL) {
-            Py_DECREF(name);
-            Py_DECREF(value);
-            PyErr_NoMemory();
-            return -1;
-        }
-        if (self->codes == self->inline_codes)
-            memcpy(codes, self->inline_codes, (size_t)self->count);
-        self->codes = codes;
-        PyObject **pairs = self->pairs == self->inline_pairs
-            ? PyMem_Malloc(sizeof(PyObject *) * (size_t)room)
-            : PyMem_Realloc(self->pairs, sizeof(PyObject *) * (size_t)room);
+        unsigned char *codes = grown(self->codes, self->inline_codes, self->count, 1, room);
+        if (codes != NULL)
+            self->codes = codes;
+        PyObject **pairs = codes == NULL ? NULL
+            : grown(self->pairs, self->inline_pairs, self->count, sizeof(PyObject *), room);
         if (pairs == NULL) {
             Py_DECREF(name);
             Py_DECREF(value);
-            PyErr_NoMemory();
             return -1;
         }
-        if (self->pairs == self->inline_pairs)
-            memcpy(pairs, self->inline_pairs, sizeof(PyObject *) * (size_t)self->count);
         self->pairs = pairs;
         self->room = room;
     }

@@ -205,6 +205,20 @@ def test_a_known_name_s_code_is_its_place_plus_one_for_the_first_255_names() -> 
     assert [name is known[i] for (name, _), i in zip(pairs, (0, 254, 255, 299))] == [True] * 4
 
 
+@needs_parser
+def test_a_head_longer_than_the_parsers_own_room_keeps_every_pair_and_code() -> None:
+    # past the 24 pairs kept in the parser itself, the pairs and their codes move to memory
+    # of their own, and grow together
+    known = tuple(b"x-%d" % i for i in range(100))
+    recorder = Recorder(strip=True)
+    parser = Parser(recorder, False, 1000, True, _wire.Names(known))
+    lines = [(b"x-%d" % i if i % 3 else b"y-%d" % i, b"%d" % i) for i in range(100)]
+    parser.feed_data(b"GET / HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in lines) + b"\r\n")
+    (pairs,) = [event[2] for event in recorder.events if event[0] == "head"]
+    assert pairs == lines
+    assert recorder.coded == [(n, int(n[2:]) + 1 if n[:1] == b"x" else 0) for n, _ in lines]
+
+
 @pytest.mark.parametrize("bad", [(b"",), (b"x" * 65,), ("host",), [b"host"]])
 def test_names_are_a_tuple_of_short_bytes(bad: Any) -> None:
     with pytest.raises((TypeError, ValueError), match="Names"):
