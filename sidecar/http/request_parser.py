@@ -284,14 +284,13 @@ class RequestParser:
             self._headers.append((name, value))
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            url: bytes | None = None, codes: bytes | None = None) -> None:
+                            url: bytes | None = None, codes: bytes = b"") -> None:
         # the compiled form's llhttp gathers the head's lines, their names' codes and its
         # target (which it gave to ``on_url`` instead only when past the request line's
         # limit: refused there)
         if headers is not None:
             self._headers = headers
-        if codes is not None:
-            self._codes = codes
+        self._codes = codes
         if url is not None:
             self._url = url
         head = self._build_head()

@@ -50,7 +50,7 @@ _RESPONSE_NAMES: Final[dict[bytes, int]] = {
 }
 _RESPONSE_TABLE: Final = NameTable(_RESPONSE_NAMES)  # the same, looked up without hashing a name
 _KNOWN_NAMES: Final = names(tuple(_RESPONSE_NAMES))  # the compiled form's parser gives these objects
-_CODE_BY_NAME_CODE: Final = tuple(_RESPONSE_NAMES.values())  # and says which (request_parser's _KNOWN_BY_CODE)
+_RESPONSE_BY_CODE: Final = tuple(_RESPONSE_NAMES.values())  # and says which (request_parser's _KNOWN_BY_CODE)
 _LONGEST_SPECIAL: Final = max(len(name) for name in _SPECIAL_CODES)
 # by a name's length, 1 when a special name is that long: most plain names (date, vary,
 # cache-control, the x- ones) are not, and skip the look-up and its hash of a fresh object
@@ -215,7 +215,7 @@ class ResponseParser:
             n = len(raw_name)
             c = codes[i] if coded else 0
             if c:
-                code = _CODE_BY_NAME_CODE[c - 1]
+                code = _RESPONSE_BY_CODE[c - 1]
             elif n > _LONGEST_SPECIAL or not lengths[n]:
                 code = _PLAIN
             else:
