@@ -421,13 +421,13 @@ class RequestParser:
                 hosts += 1
             elif code == _REQUEST_ID:
                 request_id = value
-                request_id_pair = (name, value)
+                request_id_pair = pair if as_received else (name, value)
                 kept.append(request_id_pair)
             elif code == _FORWARDED_FOR:
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
             elif code == _FORWARDED_PROTO:
                 forwarded_proto = value
-                kept.append((name, value))
+                kept.append(pair if as_received else (name, value))
             elif code == _CONTENT_LENGTH:
                 content_length = content_length_value(value)  # llhttp checked the digits and duplicates
             elif code == _TRANSFER_ENCODING:
@@ -447,10 +447,10 @@ class RequestParser:
                 expect = True
             elif code == _TRACEPARENT:  # kept: forwarded as is when tracing is off
                 traceparent = value if traceparent is None else b""  # two: neither is believed
-                kept.append((name, value))
+                kept.append(pair if as_received else (name, value))
             elif code == _TRACESTATE:
                 tracestate = True
-                kept.append((name, value))
+                kept.append(pair if as_received else (name, value))
             # else: hop-by-hop or mesh-internal: dropped
 
         if connection is not None:
