@@ -130,6 +130,10 @@ class DownstreamConnection(asyncio.Protocol):
         self.route_deadline = Deadline(loop, self._on_route_deadline)
         self.try_deadline = Deadline(loop, self._on_try_deadline)
         self._corked = 0
+        # what corked writes gather: up to two pieces (a response's head and its body, as one
+        # upstream read brings them) joined into ``_held``, more into ``_out`` (``write``)
+        self._held = b""
+        self._held_pieces = 0
         self._out: list[bytes] = []
         self._plain = True
         self._lingering = False  # replied and half-closed: reading (and dropping) what is left
@@ -320,6 +324,8 @@ class DownstreamConnection(asyncio.Protocol):
         ctx.state.connections.discard(self)
         ctx.connections -= 1
         self._out.clear()
+        self._held = b""
+        self._held_pieces = 0
         self._unparsed = b""
         for stream in list(self.streams):
             if not stream.finished:
@@ -422,7 +428,24 @@ class DownstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self._corked:
-            self._out.append(data)
+            # Two pieces are joined by one concatenation: a list to gather them, its items'
+            # array and a join cost ~300 instructions more an exchange (callgrind). A third
+            # goes to the list, so a read of many small chunks is not copied again and again.
+            out = self._out
+            pieces = self._held_pieces
+            if out:
+                out.append(data)
+            elif pieces == 0:
+                self._held = data
+                self._held_pieces = 1
+            elif pieces == 1:
+                self._held = self._held + data
+                self._held_pieces = 2
+            else:
+                out.append(self._held)
+                out.append(data)
+                self._held = b""
+                self._held_pieces = 0
         elif not self.closed:
             self._transmit(data)
 
@@ -433,14 +456,20 @@ class DownstreamConnection(asyncio.Protocol):
 
     def uncork(self) -> None:
         self._corked -= 1
-        if not self._corked and self._out:
+        if not self._corked and (self._held_pieces or self._out):
             self._flush()
 
     def _flush(self) -> None:
         out = self._out
+        if out:
+            data = b"".join(out)
+            out.clear()
+        else:
+            data = self._held
+        self._held = b""
+        self._held_pieces = 0
         if not self.closed:
-            self._transmit(out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
+            self._transmit(data)
 
     def _transmit(self, data: bytes) -> None:
         tls = self._tls
@@ -455,7 +484,7 @@ class DownstreamConnection(asyncio.Protocol):
         went out before its request ended): half-close, then read and drop what comes for a
         while (RFC 9112 §9.6), or the kernel answers the unread bytes with a reset and the
         client never reads the reply."""
-        if self._out:
+        if self._held_pieces or self._out:
             self._flush()
         transport = self.transport
         self.closed = True

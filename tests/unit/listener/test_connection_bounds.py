@@ -29,11 +29,13 @@ class FakeTransport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.out = bytearray()
+        self.writes = 0
         self.reading = True
         self.closing = False
 
     def write(self, data: Any) -> None:
         self.out += data
+        self.writes += 1
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -236,3 +238,33 @@ def test_head_room_never_lets_more_heads_complete(heads: int) -> None:
             at = stop
         pos += len(read)
     assert sink.n == 201
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 3, 4, 500])
+async def test_corked_writes_leave_as_one_write_in_order(make: Any, pieces: int) -> None:
+    """What one upstream read brings (a response's head, its body, many small chunks) goes
+    downstream in one write, whole and in order, however many pieces it came in."""
+    c = make()
+    sent = [b"piece %d;" % i for i in range(pieces)]
+    for _ in range(2):  # a second gathering starts empty: nothing of the first is sent again
+        c.conn.cork()
+        for data in sent:
+            c.conn.write(data)
+        assert c.transport.writes == 0, "nothing leaves while corked"
+        c.conn.uncork()
+        assert c.transport.writes == 1
+        assert bytes(c.transport.out) == b"".join(sent)
+        c.transport.out.clear()
+        c.transport.writes = 0
+    c.conn.write(b"uncorked")
+    assert (c.transport.writes, bytes(c.transport.out)) == (1, b"uncorked"), "an uncorked write leaves at once"
+
+
+async def test_writes_corked_when_the_connection_closes_leave_before_it(make: Any) -> None:
+    c = make()
+    c.conn.cork()
+    c.conn.write(b"head;")
+    c.conn.write(b"body")
+    c.conn.close()
+    assert bytes(c.transport.out) == b"head;body"
+    assert c.transport.closing
