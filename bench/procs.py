@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable
 
-__all__ = ["CLK_TCK", "Proc", "Processes", "StartError", "cpu_ticks", "free_port", "memory_kb"]
+__all__ = ["CLK_TCK", "Proc", "Processes", "StartError", "cpu_ticks", "cpu_times", "free_port", "memory_kb"]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -134,13 +134,19 @@ def _signal_group(proc: Proc, sig: signal.Signals) -> None:
         pass
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of the process (all its threads), in clock ticks."""
+def cpu_times(pid: int) -> tuple[int, int]:
+    """utime and stime of the process (all its threads), in clock ticks: its own code's time
+    and the kernel's on its behalf (syscalls, the network stack)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
     # the command name (field 2) may hold spaces; the fields after it start past the last ")"
     fields = data[data.rindex(b")") + 2:].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of the process (all its threads), in clock ticks."""
+    return sum(cpu_times(pid))
 
 
 def memory_kb(pid: int) -> dict[str, int]:

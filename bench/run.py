@@ -62,7 +62,7 @@ from sidecar import compiled
 
 from . import discovery, fanout, haproxy, instructions, sidecars
 from .loadgen import ClosedLoopResult, lua_headers, open_loop, python_closed_loop, run_wrk, wrk_version
-from .procs import CLK_TCK, Proc, Processes, StartError, cpu_ticks, memory_kb
+from .procs import CLK_TCK, Proc, Processes, StartError, cpu_times, memory_kb
 
 REPO = Path(__file__).resolve().parent.parent
 # ``../shared/bench`` beside the checkout; a git worktree sits one level deeper (``wt/NAME``)
@@ -454,17 +454,21 @@ class _Meter:
         self.watched = watched
 
     def start(self) -> None:
-        self.before = {pid: cpu_ticks(pid) for _, pid in self.watched}
+        self.before = {pid: cpu_times(pid) for _, pid in self.watched}
         self.m0, self.own0, self.t0 = _machine_ticks(), _own_ticks(), time.monotonic()
 
     def stop(self) -> dict[str, Any]:
+        """``ticks``: each role's CPU (user + system); ``system_ticks``: the system part."""
         m1, own1, t1 = _machine_ticks(), _own_ticks(), time.monotonic()
-        spent = {role: cpu_ticks(pid) - self.before[pid] for role, pid in self.watched}
+        after = {pid: cpu_times(pid) for _, pid in self.watched}
+        spent = {role: sum(after[pid]) - sum(self.before[pid]) for role, pid in self.watched}
+        system = {role: after[pid][1] - self.before[pid][1] for role, pid in self.watched}
         elapsed = t1 - self.t0
         busy, irq, steal = (b - a for a, b in zip(self.m0, m1))
         others = busy - sum(spent.values()) - (own1 - self.own0)
         return {
             "ticks": spent,
+            "system_ticks": system,
             "other_load_cores": round(max(0.0, others) / CLK_TCK / elapsed, 3),
             "irq_softirq_cores": round(irq / CLK_TCK / elapsed, 3),
             "steal_cores": round(steal / CLK_TCK / elapsed, 3),
@@ -482,6 +486,7 @@ def measure_path(spec: PathSpec, ctx: Ctx, settings: Settings, profile: str, ups
         result = _closed_loop(settings, started.port, profile, settings.duration, headers)
         cpu = meter.stop()
         spent = cpu.pop("ticks")
+        system = cpu.pop("system_ticks")
         run: dict[str, Any] = {
             "profile": profile, "path": spec.key, "label": spec.label, "kind": spec.kind,
             "hops": spec.hops, "variant": spec.variant,
@@ -496,6 +501,7 @@ def measure_path(spec: PathSpec, ctx: Ctx, settings: Settings, profile: str, ups
                            connections=settings.open_loop_connections, headers=headers).to_json()
             ol_cpu = meter.stop()
             ol_spent = ol_cpu.pop("ticks")
+            ol_cpu.pop("system_ticks")
             completed = ol["completed"]
             assert isinstance(completed, int)
             ol["proxy_cpu_us_per_req"] = [_per_req(ol_spent[p.role], completed)  # 10 ms ticks: coarse
@@ -513,6 +519,9 @@ def measure_path(spec: PathSpec, ctx: Ctx, settings: Settings, profile: str, ups
                 "role": p.role, "kind": p.kind, "pid": p.proc.pid,
                 "cpu_s": spent[p.role] / CLK_TCK,
                 "cpu_us_per_req": _per_req(spent[p.role], result.requests),
+                # the kernel's part of it (syscalls, the network stack): the same for every
+                # proxy that makes the same syscalls, so a gap in CPU is in the other part
+                "system_us_per_req": _per_req(system[p.role], result.requests),
                 "peak_rss_mb": round(mem.get("VmHWM", 0) / 1024, 1),
                 "rss_after_load_mb": round(mem.get("VmRSS", 0) / 1024, 1),
             }
@@ -704,6 +713,21 @@ def evaluate_targets(best: dict[str, dict[str, Any]], paths: list[PathSpec]) -> 
             add(f"{name} ({per_sidecar:,.0f} vs {per_haproxy:,.0f} µs)", round(per_sidecar / per_haproxy, 2),
                 "<=", TARGET_CPU_VS_HAPROXY, "×", e, ref)
 
+    def user_ratio(name: str, e: dict[str, Any] | None, ref: dict[str, Any] | None) -> None:
+        """CPU µs/req less the system part, per proxy ÷ per HAProxy (the best runs'): the
+        code's own time, where the two differ; shown, not judged."""
+        def user(entry: dict[str, Any] | None) -> float | None:
+            if not entry or not entry.get("proxies"):
+                return None
+            cpu = [(p["cpu_us_per_req"], p.get("system_us_per_req")) for p in entry["proxies"]]
+            if any(c is None or sys_ is None for c, sys_ in cpu):
+                return None
+            return float(sum(c - sys_ for c, sys_ in cpu) / entry["hops"])
+        mine, theirs = user(e), user(ref)
+        if mine is not None and theirs:
+            targets.append({"target": f"{name} ({mine:,.1f} vs {theirs:,.1f} µs)", "value": round(mine / theirs, 2),
+                            "unit": "×", "status": "info", "noisy": False, "other_load_cores": 0.0})
+
     profiles = [p for p in PROFILES if any(e["profile"] == p for e in best.values())]
     for profile in profiles:
         def get(path: str) -> dict[str, Any] | None:
@@ -722,6 +746,8 @@ def evaluate_targets(best: dict[str, dict[str, Any]], paths: list[PathSpec]) -> 
         rps_ratio(f"{profile}: two-sidecar mTLS + RBAC, audit and access logs on ÷ HAProxy mTLS pair, req/s",
                   get("sidecar-2-mtls-policy"), hm, TARGET_MTLS_POLICY)
         cpu_ratio(f"{profile}: CPU µs/req per sidecar ÷ per HAProxy, mTLS pair", get("sidecar-2-mtls"), hm)
+        user_ratio(f"{profile}: user CPU µs/req per sidecar ÷ per HAProxy, mTLS pair", get("sidecar-2-mtls"), hm)
+        user_ratio(f"{profile}: user CPU µs/req, one sidecar hop ÷ HAProxy one hop", s1, h1)
         cpu_ratio(f"{profile}: CPU µs/req per side ÷ HAProxy's, mTLS with a new connection per request",
                   get("sidecar-2-mtls-new"), get("haproxy-2-mtls-new"))
         cpu_cost(f"{profile}: access log to a file, extra CPU µs/req of one hop", get("sidecar-1-log"), s1,
@@ -787,18 +813,19 @@ def render(results: dict[str, Any]) -> str:
     if s["repeat"] > 1:
         title += f"; best of {s['repeat']} runs (all runs' req/s in the last column)"
     lines.append(title + f"; the sidecars' hot path: {results['machine'].get('hot_path', '?')}")
-    header = ["profile", "path", "req/s", "p50 ms", "p99 ms", "proxy CPU µs/req", "peak RSS MB"]
+    header = ["profile", "path", "req/s", "p50 ms", "p99 ms", "proxy CPU µs/req", "of it system", "peak RSS MB"]
     if s["repeat"] > 1:
         header.append("req/s, every run")
     rows = [header]
     for e in best.values():
-        cpu = "-"
+        cpu = system = "-"
         if e["proxies"]:
             parts = [_f(p["cpu_us_per_req"], 1) for p in e["proxies"]]
             cpu = parts[0] if len(parts) == 1 else f"{_f(e['cpu_us_per_req'], 1)} ({'+'.join(parts)})"
+            system = "+".join(_f(p.get("system_us_per_req"), 1) for p in e["proxies"])
         rss = ", ".join(_f(p["peak_rss_mb"], 1) for p in e["proxies"]) or "-"
         row = [e["profile"], e["label"], f"{e['rps']:,.0f}" + (" !" if e["errors"] else ""),
-               _f(e["p50_ms"]), _f(e["p99_ms"]), cpu, rss]
+               _f(e["p50_ms"]), _f(e["p99_ms"]), cpu, system, rss]
         if s["repeat"] > 1:
             row.append(", ".join(f"{r:,.0f}" for r in e["rps_all"]))
         rows.append(row)

@@ -65,6 +65,7 @@ def test_every_sidecar_path_measured(results: dict[str, Any]) -> None:
     for run in (runs[path] for path in sidecar_paths):
         for proxy in run["proxies"]:
             assert proxy["cpu_us_per_req"] > 0
+            assert 0 <= proxy["system_us_per_req"] <= proxy["cpu_us_per_req"]
             assert proxy["peak_rss_mb"] > 0
             # the traffic went through the sidecar, which counted it (metrics on)
             assert proxy["metrics_requests_total"] >= run["closed_loop"]["requests"]

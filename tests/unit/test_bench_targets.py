@@ -25,3 +25,24 @@ def test_tracing_at_1pct_is_judged_on_tiny_and_only_shown_for_the_parent_sampled
     [realistic] = [t for t in targets.values() if t["target"].startswith("realistic: tracing at 1%")]
     assert realistic["status"] == "info" and realistic["value"] == 20.0
     assert "sampled traceparent" in realistic["target"]
+
+
+def test_the_user_part_of_cpu_is_compared_with_haproxys_per_proxy() -> None:
+    """CPU µs/req less its system part (the kernel's, alike for proxies making the same
+    syscalls), per proxy: where a sidecar and HAProxy differ. Shown, not judged."""
+    def measured(path: str, kind: str, hops: int, per_proxy: tuple[float, float]) -> dict[str, Any]:
+        e = entry("tiny", path, per_proxy[0] * hops)
+        e.update(kind=kind, hops=hops, proxies=[{"cpu_us_per_req": per_proxy[0], "system_us_per_req": per_proxy[1]}
+                                                for _ in range(hops)])
+        return e
+
+    best = {f"tiny/{e['path']}": e for e in (
+        measured("sidecar-1", "sidecar", 1, (16.0, 9.0)), measured("haproxy-1", "haproxy", 1, (12.0, 7.5)),
+        measured("sidecar-2-mtls", "sidecar", 2, (20.0, 6.5)), measured("haproxy-2-mtls", "haproxy", 2, (14.0, 7.0)))}
+    targets = {t["target"].split(" (")[0]: t for t in evaluate_targets(best, PATHS + MTLS_PATHS)}
+    hop = targets["tiny: user CPU µs/req, one sidecar hop ÷ HAProxy one hop"]
+    assert (hop["status"], hop["value"]) == ("info", round(7.0 / 4.5, 2))
+    pair = targets["tiny: user CPU µs/req per sidecar ÷ per HAProxy, mTLS pair"]
+    assert (pair["status"], pair["value"]) == ("info", round(13.5 / 7.0, 2))
+    assert "(13.5 vs 7.0 µs)" in next(t["target"] for t in evaluate_targets(best, PATHS + MTLS_PATHS)
+                                      if t["target"].startswith("tiny: user CPU µs/req per sidecar"))
