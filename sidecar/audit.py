@@ -27,7 +27,7 @@ import structlog
 from .clock import Clock, MonotonicClock
 from .config.audit import AuditConfig
 from .exchange import Exchange
-from .observability.json_text import DECIMALS, QuoteCache, path_literal, quote, request_id_text, trace_ids
+from .observability.json_text import DECIMALS, QuoteCache, path_text, quote, request_id_text, trace_ids
 from .observability.log_writer import LogChannel, LogOutputs
 
 __all__ = [
@@ -186,7 +186,7 @@ class AuditLog:
                reason: str) -> None:
         repeated = self._repeated
         self._put(exchange, stage, decision, rule, repeated.get_or_null(exchange.peer_identity),
-                  repeated.get_or_null(exchange.principal), path_literal(exchange), quote(reason))
+                  repeated.get_or_null(exchange.principal), quote(reason), "", "")
 
     def record_request(self, exchange: Exchange, stage: Stage, decision: Decision, rule: str,
                        start: str) -> None:
@@ -206,11 +206,11 @@ class AuditLog:
             self._start_of = start
             self._method_of = request.method
             self._reason_start = f'{self._starts.get(start)[:-1]}{request.method} '
-        path = path_literal(exchange)
-        shown = (path[1:-1] if len(request.path) <= MAX_REASON_PATH
+        shown = (path_text(exchange) if len(request.path) <= MAX_REASON_PATH
                  else quote(request.path[:MAX_REASON_PATH])[1:-1])
-        self._put(exchange, stage, decision, rule, self._caller_source, self._caller_principal_text, path,
-                  f"{self._reason_start}{shown}{self._who_tail}")
+        # the reason's three pieces go into the line's own build: one string made, not two
+        self._put(exchange, stage, decision, rule, self._caller_source, self._caller_principal_text,
+                  self._reason_start, shown, self._who_tail)
 
     def _caller_changed(self, peer: str | None, principal: str | None, client: str) -> None:
         repeated = self._repeated
@@ -225,9 +225,9 @@ class AuditLog:
         self._who_tail = f' from {who}"'
 
     def _put(self, exchange: Exchange, stage: Stage, decision: Decision, rule: str, source: str,
-             principal: str, path: str, reason: str) -> None:
-        """The record's line, from its fields quoted (``source``, ``principal``, ``path``,
-        ``reason``: JSON literals)."""
+             principal: str, reason: str, reason_more: str, reason_end: str) -> None:
+        """The record's line, from its fields quoted (``source``, ``principal``: JSON
+        literals; the reason a JSON literal in three pieces, joined as they are)."""
         now = self.wall()
         second = int(now)
         if second != self._second:
@@ -253,7 +253,8 @@ class AuditLog:
                 f'"rule":{self._repeated.get(rule)}')
         line = (f'{{"event":"audit","time":"{self._stamp}{DECIMALS[min(int((now - second) * 1000), 999)]}Z",'
                 f'"request_id":"{request_id_text(exchange)}"{trace_ids(exchange.trace_id, exchange.span_id)}'
-                f'{same},"method":"{exchange.request.method}","path":{path},"reason":{reason}}}\n')
+                f'{same},"method":"{exchange.request.method}","path":"{path_text(exchange)}",'
+                f'"reason":{reason}{reason_more}{reason_end}}}\n')
         if not self.channel.put(line):
             now = self.clock.monotonic()
             if now - self._last_warning >= self.warn_interval:

@@ -50,8 +50,8 @@ class Exchange:
     # headers a filter adds to whatever response goes downstream (the rate limit's RateLimit-*);
     # they replace same-named ones from the upstream, so the client sees one value of each
     response_headers: tuple[tuple[bytes, bytes], ...] = ()
-    # the path and the request id as a log line writes them (``json_text.path_literal``,
-    # ``request_id_text``): made by the first line of the exchange that needs them
+    # the path and the request id as a log line writes them between quotes
+    # (``json_text.path_text``, ``request_id_text``): made by the first line that needs them
     path_json: str = ""
     request_id_json: str = ""
 

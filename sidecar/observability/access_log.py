@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ..config.model import RouteConfig
 from ..exchange import Exchange
-from .json_text import (DECIMALS, MAX_CACHED, NumberField, QuoteCache, int_text, path_literal, quote,
+from .json_text import (DECIMALS, MAX_CACHED, NumberField, QuoteCache, int_text, path_text, quote,
                         request_id_text, trace_ids)
 from .log_writer import LogChannel
 
@@ -99,7 +99,7 @@ class AccessLog:
         if ex.reason:
             optional = ',"reason":' + quote(ex.reason) + optional
         self.channel.put(
-            f'{self._opening}{head.method}","path":{path_literal(ex)}{self._status.text(ex.status)}'
+            f'{self._opening}{head.method}","path":"{path_text(ex)}"{self._status.text(ex.status)}'
             f'{self._bytes_in.text(ex.bytes_in)}{self._bytes_out.text(ex.bytes_out)}'
             f'{self._duration.text(micros // 1000)}{DECIMALS[micros % 1000]}{self._attempts.text(ex.attempts)}'
             f',"flags":"{ex.flags}","request_id":"{request_id_text(ex)}"'
