@@ -133,7 +133,9 @@ class Pipeline:
         ex.route = RouteTable.route(service, stream.head)
         return service
 
-    def finish(self, stream: Stream, reply: LocalReply | None) -> None:
+    def finish(self, stream: Stream, reply: LocalReply | None, now: float = -1.0) -> None:
+        """``now``: the monotonic clock's time when the caller read it at the exchange's end
+        (the router, at the response's end), else -1.0 and it is read here."""
         if stream.finished:
             return
         stream.finished = True
@@ -147,7 +149,7 @@ class Pipeline:
             ex.flags = "URX" if ex.flags == "-" else ex.flags + ",URX"
         if ex.trace is not None:  # tracing: the exchange's spans are complete
             ex.trace.finish(ex)
-        duration = _MONOTONIC() - ex.start
+        duration = (now if now >= 0.0 else _MONOTONIC()) - ex.start
         self.metrics.exchange_done(ex, duration)
         if self.access_log is not None:
             self.access_log.log(ex, duration)

@@ -269,7 +269,8 @@ class Router:
         stream.attach(conn, head, again=tries.head_sent)
         tries.head_sent = True
 
-    def _release(self, stream: Stream, *, abort: bool = False) -> None:
+    def _release(self, stream: Stream, *, abort: bool = False, now: float = -1.0) -> None:
+        """``now``: the monotonic clock's time, when the caller read it (else -1.0)."""
         conn = stream.upstream
         tries = stream.tries
         pool = tries.pool if tries is not None else None
@@ -277,9 +278,9 @@ class Router:
             if abort:
                 conn.abort()
             stream.detach()
-            pool.release(conn)
+            pool.release(conn, now)
 
-    def _try_done(self, stream: Stream, outcome: Outcome) -> bool:
+    def _try_done(self, stream: Stream, outcome: Outcome, now: float = -1.0) -> bool:
         """Exactly once per try: give the breaker its slot back and tell it (and the outlier
         detector) how the try went. True when the try failed and the failure is its endpoint's
         alone (``isolated_failure``): the breaker does not count it, a retry spends no budget."""
@@ -297,7 +298,8 @@ class Router:
             stream.exchange.trace.try_end(stream.exchange, outcome)
         endpoint.active_requests -= 1
         cluster = tries.cluster
-        now = _MONOTONIC()
+        if now < 0.0:
+            now = _MONOTONIC()
         isolated = False
         if outcome is not Outcome.CANCELLED:
             failed = outcome is not Outcome.SUCCESS
@@ -367,11 +369,14 @@ class Router:
         return False
 
     def on_response_end(self, stream: Stream) -> None:
-        self._release(stream)
+        # One clock read for the exchange's end, where the pool's idle timer, the breaker's
+        # record and the exchange's duration each read it (~115 instructions a read, callgrind)
+        now = _MONOTONIC()
+        self._release(stream, now=now)
         tries = stream.tries
         assert tries is not None and tries.outcome is not None  # (on_response_head came first)
-        self._try_done(stream, tries.outcome)
-        self._end(stream, None)
+        self._try_done(stream, tries.outcome, now)
+        self._end(stream, None, now)
 
     def on_upstream_error(self, stream: Stream, exc: ProxyError) -> None:
         conn = stream.upstream
@@ -431,7 +436,7 @@ class Router:
         self._try_done(stream, Outcome.CANCELLED)
         self._end(stream, reply)
 
-    def _end(self, stream: Stream, reply: LocalReply | None) -> None:
+    def _end(self, stream: Stream, reply: LocalReply | None, now: float = -1.0) -> None:
         if stream.finished:
             return
         conn = stream.conn
@@ -446,6 +451,6 @@ class Router:
                 tries.connecting.cancel()
                 tries.connecting = None
         if stream.upstream is not None:  # not released: the exchange did not complete on it
-            self._try_done(stream, Outcome.CANCELLED)
-            self._release(stream, abort=True)
-        self.pipeline.finish(stream, reply)
+            self._try_done(stream, Outcome.CANCELLED, now)
+            self._release(stream, abort=True, now=now)
+        self.pipeline.finish(stream, reply, now)

@@ -185,11 +185,12 @@ class Pool:
             tls.abort()  # cancelled (the connect timeout) or refused: the socket goes now
             raise
 
-    def release(self, conn: UpstreamConnection) -> None:
-        """The exchange is done with ``conn``; reuse it or let it go."""
+    def release(self, conn: UpstreamConnection, now: float = -1.0) -> None:
+        """The exchange is done with ``conn``; reuse it or let it go. ``now``: the monotonic
+        clock's time when the caller read it, else -1.0."""
         if not conn.finish():
             return  # closed; connection_lost frees the slot
-        self._hand_over(conn)
+        self._hand_over(conn, now)
 
     def put_back(self, conn: UpstreamConnection) -> None:
         """An unused connection (its exchange ended while it was being opened)."""
@@ -220,7 +221,7 @@ class Pool:
                 waiter.set_exception(UpstreamTimeout("pool closed"))
 
     # --- hand-over ------------------------------------------------------------------------
-    def _hand_over(self, conn: UpstreamConnection) -> None:
+    def _hand_over(self, conn: UpstreamConnection, now: float = -1.0) -> None:
         """A live, reusable connection: to the oldest waiter, else idle (or closed)."""
         while self.waiters:
             waiter = self.waiters.popleft()
@@ -230,7 +231,7 @@ class Pool:
         if self.closed or len(self.idle) >= self.config.max_idle:
             conn.close()
             return
-        conn.arm_idle_timer(self.config.idle_timeout)
+        conn.arm_idle_timer(self.config.idle_timeout, now)
         self.idle.append(conn)
 
     def _pass_on(self, handed: _Handed) -> None:

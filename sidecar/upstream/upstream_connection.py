@@ -96,8 +96,11 @@ class UpstreamConnection(asyncio.Protocol):
             return False
         return True
 
-    def arm_idle_timer(self, timeout: float) -> None:
-        self._idle.set_in(timeout)
+    def arm_idle_timer(self, timeout: float, now: float = -1.0) -> None:
+        if now >= 0.0:
+            self._idle.set_at(now + timeout)
+        else:
+            self._idle.set_in(timeout)
 
     def close(self) -> None:
         self._idle.cancel()
