@@ -149,8 +149,10 @@ class Pipeline:
             ex.flags = "URX" if ex.flags == "-" else ex.flags + ",URX"
         if ex.trace is not None:  # tracing: the exchange's spans are complete
             ex.trace.finish(ex)
-        duration = (now if now >= 0.0 else _MONOTONIC()) - ex.start
+        if now < 0.0:
+            now = _MONOTONIC()
+        duration = now - ex.start
         self.metrics.exchange_done(ex, duration)
         if self.access_log is not None:
             self.access_log.log(ex, duration)
-        conn.stream_done(stream)
+        conn.stream_done(stream, now)

@@ -129,6 +129,7 @@ class DownstreamConnection(asyncio.Protocol):
         self._deadline = Deadline(loop, self._on_deadline)
         self.route_deadline = Deadline(loop, self._on_route_deadline)
         self.try_deadline = Deadline(loop, self._on_try_deadline)
+        self._ended_at = -1.0  # the last exchange's end, while ``stream_done`` advances
         self._corked = 0
         # what corked writes gather: up to two pieces (a response's head and its body, as one
         # upstream read brings them) joined into ``_held``, more into ``_out`` (``write``)
@@ -384,8 +385,10 @@ class DownstreamConnection(asyncio.Protocol):
             stream.end_body()
 
     # === exchanges ========================================================================
-    def stream_done(self, stream: Stream) -> None:
-        """The pipeline finished ``stream``: answer the next pipelined request, or idle."""
+    def stream_done(self, stream: Stream, now: float = -1.0) -> None:
+        """The pipeline finished ``stream``: answer the next pipelined request, or idle.
+        ``now``: the monotonic clock's time when the caller read it at the exchange's end
+        (else -1.0): the idle timer then counts from it, with no read of its own."""
         streams = self.streams
         if not streams or streams[0] is not stream:
             return
@@ -405,7 +408,9 @@ class DownstreamConnection(asyncio.Protocol):
             return
         self.unblock_reading(self.BLOCK_BODY | self.BLOCK_UPSTREAM)
         if not self._parsing:  # (while parsing, the parse's caller starts the next one)
+            self._ended_at = now  # for ``_arm_idle``, within this call only
             self._advance()
+            self._ended_at = -1.0
 
     def body_over_limit(self, stream: Stream, limit: int) -> None:
         """A chunked body grew past its service's limit: refuse it as the parser would."""
@@ -515,7 +520,11 @@ class DownstreamConnection(asyncio.Protocol):
     # === timers ===========================================================================
     def _arm_idle(self) -> None:
         self._head_timer_armed = False
-        self._deadline.set_in(self.ctx.timeouts.idle)
+        ended = self._ended_at
+        if ended >= 0.0:
+            self._deadline.set_at(ended + self.ctx.timeouts.idle)
+        else:
+            self._deadline.set_in(self.ctx.timeouts.idle)
 
     def _arm_head_timer(self) -> None:
         self._head_timer_armed = True

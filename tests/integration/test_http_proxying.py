@@ -831,3 +831,42 @@ async def test_idle_keep_alive_connection_is_closed(tight: tuple[SidecarProcess,
         start = time.monotonic()
         assert await client.closed() == b""
         assert 0.2 <= time.monotonic() - start < 3.0
+
+
+async def test_a_pooled_connection_is_closed_once_idle_for_the_pool_s_idle_timeout(tmp_path: Path) -> None:
+    """An upstream connection goes back to the pool when its exchange ends, and its idle
+    timer counts from there: used again within ``idle_timeout`` it is kept (one connection
+    for every request), left idle it is closed once the timeout has passed, not before."""
+    opened: list[float] = []
+    closed: list[float] = []
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opened.append(time.monotonic())
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            closed.append(time.monotonic())
+        writer.close()
+
+    server = await asyncio.start_server(app, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with SidecarProcess(tmp_path, bootstrap={"service": "echo"}, mesh={"services": {"echo": {
+                "endpoints": [f"127.0.0.1:{port}"], "pool": {"idle_timeout": "500ms"}}}}) as sc:
+            async with await Client.open(sc.ports["outbound"]) as client:
+                for i in range(4):
+                    if i:
+                        await asyncio.sleep(0.25)  # idle for half the timeout, then used again
+                    assert (await client.exchange(request("GET", f"/{i}"))).status == 200
+                last = time.monotonic()
+                deadline = last + 5.0
+                while not closed and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+            assert len(opened) == 1, "kept while used within the idle timeout"
+            assert closed, "closed once idle"
+            assert 0.45 <= closed[0] - last < 3.0, closed[0] - last
+    finally:
+        server.close()
+        await server.wait_closed()
