@@ -96,7 +96,9 @@ class RequestIds:
     The batch is the kernel's random bytes (``os.urandom``, one ``getrandom`` call a batch),
     made hex by ``bytes.hex``: a take cost ~1,520 instructions with the draw as one
     ``getrandbits`` and ``int.to_bytes``, ~980 so (compiled, callgrind). ``take(16)`` cuts a
-    16-digit id (a span's) from the same batch."""
+    16-digit id (a span's) from the same batch. ``take_raw`` cuts the bytes alone: a
+    listener's id is forwarded as bytes, and its text is made only if a log line asks
+    (``Exchange.request_id``)."""
 
     __slots__ = ("_draw", "_text", "_bytes", "_at", "raw")
 
@@ -111,16 +113,25 @@ class RequestIds:
         self.raw = b""
 
     def take(self, size: int = SIZE) -> str:
+        at = self._next(size)
+        self.raw = self._bytes[at:at + size]
+        return self._text[at:at + size]
+
+    def take_raw(self, size: int = SIZE) -> bytes:
+        """``take``'s id as bytes only (``raw`` is left as it was)."""
+        at = self._next(size)
+        return self._bytes[at:at + size]
+
+    def _next(self, size: int) -> int:
+        """Where the next id of ``size`` digits starts in the batch; a new batch is drawn
+        when what is left of this one is too short."""
         at = self._at
-        end = at + size
-        if end > len(self._text):
+        if at + size > len(self._bytes):
             self._text = _HEX(self._draw(RequestIds.BATCH * RequestIds.SIZE // 2))
             self._bytes = self._text.encode("ascii")
             at = 0
-            end = size
-        self._at = end
-        self.raw = self._bytes[at:end]
-        return self._text[at:end]
+        self._at = at + size
+        return at
 
 
 def content_length_value(value: bytes) -> int:

@@ -354,20 +354,17 @@ class DownstreamConnection(asyncio.Protocol):
         self._head_timer_armed = False
         self._deadline.clear()
         rid = head.request_id
-        if rid is not None and is_valid_request_id(rid):
-            request_id = rid.decode("ascii")
-        else:
-            ids = self.ctx.request_ids
-            request_id = ids.take()
+        if rid is None or not is_valid_request_id(rid):
             if rid is not None:
                 head.remove_headers(b"x-request-id")  # unusable: replaced, not duplicated
-            head.request_id = raw = ids.raw  # the id forwarded, as the caller's would be
+            # the id forwarded, as the caller's would be; the exchange's text of it is made
+            # from the head's bytes when a log line asks (``Exchange.request_id``)
+            head.request_id = raw = self.ctx.request_ids.take_raw()
             pair: tuple[bytes, ...] = (b"x-request-id", raw)
             cast("list[tuple[bytes, ...]]", head.headers).append(pair)
             head.request_id_pair = pair
         exchange = Exchange(request=head, listener=self.ctx.name, downstream_address=self.client,
-                            request_id=request_id, start=_MONOTONIC(),
-                            peer_identity=self.peer_identity)
+                            request_id="", start=_MONOTONIC(), peer_identity=self.peer_identity)
         stream = Stream(self, head, exchange, self.ctx.snapshots.hold())
         self.receiving = stream
         self.streams.append(stream)  # (``_parse`` feeds no more heads than there is room for)

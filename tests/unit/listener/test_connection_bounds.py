@@ -268,3 +268,22 @@ async def test_writes_corked_when_the_connection_closes_leave_before_it(make: An
     c.conn.close()
     assert bytes(c.transport.out) == b"head;body"
     assert c.transport.closing
+
+
+async def test_an_exchange_s_request_id_is_the_one_its_head_forwards(make: Any) -> None:
+    """A request without a usable id gets one: the head forwards it as bytes, and the
+    exchange's text of it (log lines, spans, replies) is the same id, made once when asked.
+    A caller's valid id is kept, and an invalid one replaced, not forwarded beside ours."""
+    c = make()
+    c.conn.data_received(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+                          b"GET /b HTTP/1.1\r\nHost: a\r\nX-Request-ID: caller-1\r\n\r\n"
+                          b"GET /c HTTP/1.1\r\nHost: a\r\nX-Request-ID: bad id\r\n\r\n")
+    made, kept, replaced = c.conn.streams
+    for stream in (made, replaced):
+        raw = stream.head.request_id
+        assert raw is not None and len(raw) == 32 and int(raw, 16) >= 0
+        assert stream.exchange.request_id == raw.decode()
+        assert stream.exchange.request_id is stream.exchange.request_id  # made once
+        assert [v for n, v in stream.head.headers if n.lower() == b"x-request-id"] == [raw]
+    assert made.head.request_id != replaced.head.request_id
+    assert kept.head.request_id == b"caller-1" and kept.exchange.request_id == "caller-1"
