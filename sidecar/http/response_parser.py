@@ -164,7 +164,8 @@ class ResponseParser:
             # is out of sync. It must neither reach the downstream nor be dropped silently
             # while the connection goes back to the pool (a later read there is refused).
             raise UpstreamProtocolError("upstream sent more than one response")
-        if not self._in_head or self._headers or self.reason:
+        # (``len``: compiled, a bytes object's truth is a generic call)
+        if not self._in_head or self._headers or len(self.reason):
             self._reset()  # (``begin``, or an interim response's end, left it fresh: mostly)
 
     def on_status(self, reason: bytes) -> None:  # (httptools' parser only)
@@ -245,7 +246,7 @@ class ResponseParser:
             tokens = connection_tokens(connection)
             kept = [pair for pair in kept if pair[0].lower() not in tokens]
         head = ResponseHead(
-            status=status, reason=self.reason or b"-", headers=cast("list[tuple[bytes, bytes]]", kept),
+            status=status, reason=self.reason if len(self.reason) else b"-", headers=cast("list[tuple[bytes, bytes]]", kept),
             content_length=content_length, chunked=chunked,
             keep_alive=self._keep_alive(),
             upgrade=upgrade if status == 101 else None, has_request_id=has_request_id,

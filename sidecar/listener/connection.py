@@ -283,7 +283,8 @@ class DownstreamConnection(asyncio.Protocol):
                         self.ctx.refuse(stream, overload)  # (before any filter or route)
                     continue
                 held = self._unparsed
-                if held and len(streams) <= self.ctx.limits.max_pipelined:
+                # (``len``: compiled, a bytes object's truth is a generic call)
+                if len(held) and len(streams) <= self.ctx.limits.max_pipelined:
                     self._unparsed = b""
                     if not self._parse(held, self._unparsed_at, len(held)):
                         return
@@ -293,10 +294,10 @@ class DownstreamConnection(asyncio.Protocol):
             self._advancing = False
         if self.closed:
             return
-        if not self._unparsed and len(streams) <= self.ctx.limits.max_pipelined:
+        if len(self._unparsed) == 0 and len(streams) <= self.ctx.limits.max_pipelined:
             self.unblock_reading(self.BLOCK_PIPELINE)
         if not streams:
-            if self._client_done and not self._unparsed:
+            if self._client_done and len(self._unparsed) == 0:
                 self.close()  # nothing more will come: not even the rest of a head begun
             elif not self.parser.mid_head:
                 self._arm_idle()

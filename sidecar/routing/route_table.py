@@ -22,7 +22,7 @@ def matches(route: RouteConfig, head: RequestHead) -> bool:
             return False
     elif not head.path.startswith(m.path_prefix):
         return False
-    if m.methods and head.method not in m.methods:
+    if len(m.methods) and head.method not in m.methods:  # (a set's truth: a generic call)
         return False
     for name, value in m.headers:
         if head.header(name.encode()) != value.encode():

@@ -177,7 +177,7 @@ class Router:
             self._host_line = header_line(b"host", authority.encode())
         if ex.trace is None:
             trace = ex.trace_header
-            if trace:
+            if len(trace):  # (a bytes object's truth is a generic call once compiled)
                 extra.append(trace)
             last = _last_line(tries.cluster.expected_identity, 1)
             extra.append(last)

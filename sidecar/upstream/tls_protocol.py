@@ -220,7 +220,7 @@ class TlsProtocol(asyncio.Protocol):
             except (ssl.SSLError, OSError) as exc:
                 self._fatal(exc)
                 return
-            if not data:  # the peer's close_notify
+            if len(data) == 0:  # the peer's close_notify (``len``: a bytes object's truth is a generic call)
                 self._flush()
                 self._closing = True
                 self._app.eof_received()
@@ -290,7 +290,7 @@ class TlsProtocol(asyncio.Protocol):
         send = self._send
         if send is not None:
             data = self._outgoing_read()
-            if data:
+            if len(data):
                 send(data)
 
     def get_write_buffer_size(self) -> int:
