@@ -52,6 +52,7 @@ class RejectReason(enum.IntEnum):
     MAX_CONNECTIONS = 5
 
 
+_SUCCESS: Final = Outcome.SUCCESS  # Final: compiled, a C static compared by identity
 _REASON_TEXT: Final = {
     RejectReason.OPEN: "circuit breaker open",
     RejectReason.HALF_OPEN_BUSY: "circuit breaker half-open, trial requests in flight",
@@ -342,7 +343,9 @@ class CircuitBreaker:
             return
         if outcome is Outcome.CANCELLED:
             return
-        failed = self._failing[outcome]
+        # a success first, by identity: the tuple indexed by an IntEnum object is a generic
+        # item look-up once compiled (~100 instructions, callgrind)
+        failed = outcome is not _SUCCESS and self._failing[outcome]
         if failed and isolated:
             self.isolated += 1
             return

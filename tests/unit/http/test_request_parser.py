@@ -420,3 +420,15 @@ def test_each_request_on_a_connection_gets_its_own_host() -> None:
     with pytest.raises(DownstreamProtocolError, match="invalid Host"):
         parser.feed(b"GET / HTTP/1.1\r\nHost: ec ho\r\n\r\n")
     assert [h.authority for h in sink.heads] == ["echo"]
+
+
+def test_each_request_on_a_connection_has_its_own_method() -> None:
+    """A connection's methods change from request to request (the parser remembers the last
+    one it read, to know the next by identity): every head says its own."""
+    methods = ["GET", "GET", "POST", "GET", "DELETE", "PROPFIND", "PROPFIND", "OPTIONS", "GET"]
+    data = b"".join(b"%s /%d HTTP/1.1\r\nHost: echo\r\nContent-Length: 0\r\n\r\n" % (m.encode(), i)
+                    for i, m in enumerate(methods))
+    for piece in (None, 7):
+        sink = parse(data, piece=piece)
+        assert [h.method for h in sink.heads] == methods
+        assert [h.path for h in sink.heads] == [f"/{i}" for i in range(len(methods))]
