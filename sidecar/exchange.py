@@ -48,7 +48,10 @@ class Exchange:
     reason: str = ""  # why a local reply was sent
     bytes_in: int = 0
     bytes_out: int = 0
-    tags: dict[str, str] = field(default_factory=dict)  # extra facts for logs (rule, decision)
+    # extra facts for logs (rule, decision): read by anyone, written through ``tag``,
+    # ``tag_once`` and ``share_tags`` only (the dict may be shared by many exchanges)
+    tags: dict[str, str] = field(default_factory=dict)
+    _tags_shared: bool = False
     # headers a filter adds to whatever response goes downstream (the rate limit's RateLimit-*);
     # they replace same-named ones from the upstream, so the client sees one value of each
     response_headers: tuple[tuple[bytes, bytes], ...] = ()
@@ -93,9 +96,34 @@ class Exchange:
         self.bytes_in = bytes_in
         self.bytes_out = bytes_out
         self.tags = {} if tags is None else tags
+        self._tags_shared = False
         self.response_headers = response_headers
         self.path_json = ""
         self.request_id_json = ""
+
+    def tag(self, key: str, value: str) -> None:
+        """Set a fact for the logs. A dict shared with other exchanges is copied first."""
+        if self._tags_shared:
+            self.tags = dict(self.tags)
+            self._tags_shared = False
+        self.tags[key] = value
+
+    def tag_once(self, key: str, value: str) -> None:
+        """``tag``, unless the fact is set already (the first filter to answer says why)."""
+        if key not in self.tags:
+            self.tag(key, value)
+
+    def share_tags(self, tags: dict[str, str]) -> None:
+        """Set every fact of ``tags``: a dict a filter made once for every exchange it
+        tags alike (an RBAC rule's decision), never to be changed. An exchange with no
+        facts yet takes the dict itself, which the access log then knows by identity: two
+        sets and a compare of dicts were ~900 instructions an exchange (callgrind)."""
+        if not self.tags:
+            self.tags = tags
+            self._tags_shared = True
+        else:
+            for key, value in tags.items():
+                self.tag(key, value)
 
     @property
     def request_id(self) -> str:

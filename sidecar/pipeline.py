@@ -100,7 +100,7 @@ class Pipeline:
                 log.exception("body_filter_failed", request_id=ex.request_id, trace_id=ex.trace_id)
                 reply = rescue(exc)
         if reply is not None:
-            ex.tags.setdefault("filter", body_filter.name)
+            ex.tag_once("filter", body_filter.name)
             self.finish(stream, reply)
         else:
             self.router.start(stream)

@@ -52,8 +52,8 @@ class ApiKeyAuthnFilter:
 
     def _deny(self, exchange: Exchange, description: str, reason: str) -> LocalReply:
         self.denied += 1
-        exchange.tags.setdefault("authn", "api_key")
-        exchange.tags["authn_result"] = reason
+        exchange.tag_once("authn", "api_key")
+        exchange.tag("authn_result", reason)
         if self.audit is not None:
             self.audit.record(exchange, "authn", "deny", self.name, description)
         return Unauthenticated(description, headers=self._challenges).reply()
@@ -96,8 +96,8 @@ class ApiKeyAuthnFilter:
             request.remove_headers(b"authorization")
         exchange.principal = match.principal
         exchange.roles = match.roles
-        exchange.tags["authn"] = "api_key"
-        exchange.tags["api_key"] = match.name
+        exchange.tag("authn", "api_key")
+        exchange.tag("api_key", match.name)
         set_identity_headers(request, match.principal, match.roles)
         self.allowed += 1
         if self.audit is not None:

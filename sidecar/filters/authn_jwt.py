@@ -78,8 +78,8 @@ class JwtAuthnFilter:
     def _deny(self, exchange: Exchange, description: str, reason: str,
               error: str | None = "invalid_token") -> LocalReply:
         self.denied += 1
-        exchange.tags["authn"] = "jwt"
-        exchange.tags["authn_result"] = reason
+        exchange.tag("authn", "jwt")
+        exchange.tag("authn_result", reason)
         if self.audit is not None:
             self.audit.record(exchange, "authn", "deny", self.name, description)
         challenge = bearer_challenge(self.realm, error, description if error else None)
@@ -111,8 +111,8 @@ class JwtAuthnFilter:
         exchange.principal = verified.principal
         exchange.claims = dict(verified.claims)  # cached tokens share theirs: copy
         exchange.roles = verified.roles
-        exchange.tags["authn"] = "jwt"
-        exchange.tags["authn_provider"] = provider.name
+        exchange.tag("authn", "jwt")
+        exchange.tag("authn_provider", provider.name)
         for claim, header in provider.claims_to_headers:
             value = claim_header_value(verified.claims.get(claim))
             if value is not None:  # stripped above: append, no second scan

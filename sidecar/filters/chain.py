@@ -44,7 +44,7 @@ def run_filters(chain: FilterChain, exchange: Exchange) -> LocalReply | None:
     for f in chain:
         reply = f.on_request(exchange)
         if reply is not None:
-            exchange.tags.setdefault("filter", f.name)
+            exchange.tag_once("filter", f.name)
             return reply
     return None
 

@@ -120,7 +120,7 @@ class MeshTokenMint:
         if exchange.principal is not None:
             token = self.token_for(exchange.principal, exchange.roles)
             request.headers.append((self.header, token.encode("ascii")))
-            exchange.tags["mesh_token"] = "minted"
+            exchange.tag("mesh_token", "minted")
         return None
 
 
@@ -142,7 +142,7 @@ class MeshTokenVerify:
 
     def _deny(self, exchange: Exchange, description: str, reason: str) -> LocalReply:
         self.denied += 1
-        exchange.tags["mesh_token"] = reason
+        exchange.tag("mesh_token", reason)
         if self.audit is not None:
             self.audit.record(exchange, "authn", "deny", self.name, description)
         return Unauthenticated(f"mesh token refused: {description}").reply()
@@ -157,7 +157,7 @@ class MeshTokenVerify:
             # not passed to the app either (it might forward it into the mesh).
             request.remove_headers(self.header)
             self.ignored += 1
-            exchange.tags["mesh_token"] = "ignored_no_mtls"
+            exchange.tag("mesh_token", "ignored_no_mtls")
             return None
         if len(values) != 1:
             return self._deny(exchange, "more than one mesh token", "ambiguous")
@@ -168,13 +168,13 @@ class MeshTokenVerify:
         except JwtError as exc:
             return self._deny(exchange, exc.description, exc.reason)
         self.verified += 1
-        exchange.tags["mesh_token"] = "verified"
+        exchange.tag("mesh_token", "verified")
         if exchange.principal is not None:
             return None  # the service's own authn named the caller at this hop: it decides
         exchange.principal = verified.principal
         exchange.claims = dict(verified.claims)  # cached verifications share theirs: copy
         exchange.roles = verified.roles
-        exchange.tags["authn"] = "mesh_token"
+        exchange.tag("authn", "mesh_token")
         request.remove_headers(PRINCIPAL_HEADER, ROLES_HEADER)
         set_identity_headers(request, verified.principal, verified.roles)
         if self.audit is not None:

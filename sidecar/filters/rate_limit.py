@@ -138,7 +138,7 @@ class RateLimitFilter:
             exchange.response_headers = rate_limit_headers(config, verdict)
             return None
         self.limited += 1
-        exchange.tags["rate_limit"] = config.key
+        exchange.tag("rate_limit", config.key)
         detail = f"more than {config.spec or config.rate} on route {limiter.route}"
         return RateLimited(detail, headers=rate_limit_headers(config, verdict)).reply()
 

@@ -72,6 +72,7 @@ class AccessLog:
         # filters tag every exchange alike (``rbac``, ``rbac_rule``), and one compare of the
         # dicts costs less than a fragment made of them (~0.8k instructions, callgrind)
         self._last_tags: dict[str, str] = {}
+        self._last_tags_of: dict[str, str] = {}  # the dict itself those tags came in
         self._tags_text = ""
 
     def log(self, ex: Exchange, duration: float) -> None:
@@ -95,7 +96,9 @@ class AccessLog:
         optional = ""  # the fields set only on some exchanges; most have none
         tags = ex.tags
         if tags:
-            optional = self._tags_text if tags == self._last_tags else self._tags_changed(tags)
+            # a filter's shared tags (``Exchange.share_tags``) are known by identity
+            optional = (self._tags_text if tags is self._last_tags_of or tags == self._last_tags
+                        else self._tags_changed(tags))
         if ex.reason:
             optional = ',"reason":' + quote(ex.reason) + optional
         self.channel.put(
@@ -115,6 +118,7 @@ class AccessLog:
                 tag = self._tags[key] = QuoteCache(prefix="," + quote(key) + ":")
             parts.append(tag.get(value))
         self._last_tags = dict(tags)
+        self._last_tags_of = tags
         text = self._tags_text = "".join(parts)
         return text
 

@@ -178,3 +178,28 @@ def test_structlog_events_go_on_the_events_channel_and_are_dropped_when_full() -
     assert writer.close()
     lines = [json.loads(line) for line in sink.lines]
     assert [(e["event"], e["level"]) for e in lines] == [("ready", "info"), ("reload_rejected", "error")]
+
+
+def test_shared_tags_show_on_each_line_as_that_exchange_has_them() -> None:
+    """A rule's decision tags its exchanges with one shared dict, which the log knows by
+    identity; an exchange that adds a fact has its own copy, and shows it, the next one
+    sharing the dict again does not."""
+    sink = ListSink()
+    writer = LogWriter(sink, name="test").start()
+    access = AccessLog(writer.channel("access"))
+    allow = {"rbac_rule": "reads", "rbac": "allow"}
+    deny = {"rbac_rule": "reads", "rbac": "deny"}
+    steps: list[tuple[dict[str, str], dict[str, str]]] = [(allow, {}), (allow, {"filter": "authz_rbac"}),
+                                                          (allow, {}), (deny, {}), (allow, {})]
+    for shared, more in steps:
+        ex = exchange()
+        ex.share_tags(shared)
+        for key, value in more.items():
+            ex.tag(key, value)
+        access.log(ex, 0.001)
+    assert writer.close()
+    lines = [json.loads(line) for line in sink.lines]
+    keys = {"rbac", "rbac_rule", "filter"}
+    assert [{k: v for k, v in line.items() if k in keys} for line in lines] == [
+        {**shared, **more} for shared, more in steps]
+    assert allow == {"rbac_rule": "reads", "rbac": "allow"}, "the shared dict is never changed"
