@@ -135,7 +135,7 @@ class Exchange:
         text = self._request_id
         if not text:
             raw = self.request.request_id
-            if raw:
+            if raw is not None and len(raw):  # (a bytes object's truth: a generic call compiled)
                 text = self._request_id = raw.decode("ascii")
         return text
 

@@ -180,11 +180,12 @@ class RequestParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         """Parse ``data``. Returns bytes that follow an upgrade request (to tunnel), else b""."""
+        n = len(data)  # once: of a bytes-or-view, a generic call compiled
         if self._in_head:
-            self._head_bytes += len(data)
+            self._head_bytes += n
         body_before = self._body_total
         self._head_done_here = False
-        self._fed_now = len(data)
+        self._fed_now = n
         self._account = self._chunked
         try:
             self._feed(data)
@@ -208,7 +209,7 @@ class RequestParser:
             raise DownstreamProtocolError("request headers too large", 431, "headers_too_large")
         if self._account:
             try:
-                self._account_chunk_overhead(len(data), self._body_total - body_before)
+                self._account_chunk_overhead(n, self._body_total - body_before)
             except DownstreamProtocolError:
                 self._held = None
                 raise

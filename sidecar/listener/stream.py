@@ -32,7 +32,6 @@ __all__ = ["Stream", "HIGH_WATER"]
 
 HIGH_WATER: Final = 64 * 1024
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_NO_BODY: Final = frozenset({204, 304})
 _MODE_NONE: Final = 0
 _MODE_LENGTH: Final = 1
 _MODE_CHUNKED: Final = 2
@@ -205,7 +204,7 @@ class Stream:
                 extra.append(header_line(b"upgrade", head.upgrade))
             self.tunnel = True
             self.keep_alive = False
-        elif self.head.method == "HEAD" or status in _NO_BODY:
+        elif self.head.method == "HEAD" or status == 204 or status == 304:  # (no body; compares, not a set's boxed look-up)
             self.mode = _MODE_NONE
             if head.content_length is not None and status != 204:
                 extra.append(b"content-length: %d\r\n" % head.content_length)

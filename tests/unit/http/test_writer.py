@@ -14,6 +14,8 @@ from sidecar.http.writer import header_line, response_head
     (200, b"ok", b"HTTP/1.1 200 ok\r\n"),
     (404, b"OK", b"HTTP/1.1 404 OK\r\n"),  # the table's line is for its own status only
     (599, b"Custom", b"HTTP/1.1 599 Custom\r\n"),  # a status HTTPStatus does not know
+    (799, b"Later", b"HTTP/1.1 799 Later\r\n"),  # past the table (the parser takes 100-999)
+    (101, b"Switching Protocols", b"HTTP/1.1 101 Switching Protocols\r\n"),
     (200, b"-", b"HTTP/1.1 200 -\r\n"),
 ])
 def test_the_status_line_carries_the_status_and_the_reason_given(status: int, reason: bytes, line: bytes) -> None:
