@@ -55,7 +55,7 @@ class RbacDecision:
         self.rule = rule
         self.start = start
         self.tags = {"rbac_rule": rule, "rbac": "allow" if allowed else "deny"}
-        self.dry_run_tags = {"rbac_rule": rule, "rbac": "allow" if allowed else "would_deny"}
+        self.dry_run_tags = self.tags if allowed else {"rbac_rule": rule, "rbac": "would_deny"}
 
 
 def _glob(pattern: str, star: str) -> str:

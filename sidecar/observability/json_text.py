@@ -41,9 +41,10 @@ def int_text(n: int) -> str:
 
 def printable_text(value: str) -> str:
     """What goes between a JSON string's quotes for printable ASCII: a request id, which the
-    listener keeps only when it is (``headers.is_valid_request_id``) or makes as hex. Only a
-    quote or a backslash needs escaping there, and an id rarely holds one: two ``in`` checks,
-    where ``quote`` scans and copies a 32-character id for ~1,000 instructions."""
+    listener keeps only when it is (``headers.is_valid_request_id``) or makes as hex, and a
+    parsed path (``path_text``). Only a quote or a backslash needs escaping there, and few
+    hold one: two ``in`` checks, where ``quote`` scans and copies a 32-character id for
+    ~1,000 instructions."""
     if '"' in value or "\\" in value:
         return quote(value)[1:-1]
     return value
@@ -54,15 +55,13 @@ def path_text(ex: Exchange) -> str:
     exchange (its audit record, its access line and a reason write it). A path is what
     llhttp accepted in a request target: printable ASCII, no control character, no byte past
     0x7e (``test_json_text`` holds both parsers to it). So it is the path itself unless it
-    holds a quote or a backslash: two ``in`` checks, where ``quote`` scanned and copied it
+    holds a quote or a backslash (``printable_text``), where ``quote`` scanned and copied it
     (~290 instructions a short path, callgrind) and a reason sliced the quotes off again.
     (``isascii`` too would be a method called by name once compiled, ~210 instructions: the
     parser's check is the one relied on.)"""
     text = ex.path_json
     if not text:
-        path = ex.request.path
-        text = path if '"' not in path and "\\" not in path else quote(path)[1:-1]
-        ex.path_json = text
+        text = ex.path_json = printable_text(ex.request.path)
     return text
 
 
