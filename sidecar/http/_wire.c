@@ -23,7 +23,16 @@
  * beside any other httptools the module has no Parser (LLHTTP_REFUSED says why), and the
  * parsers call httptools per header.
  *
- * Bounds: a head's pairs are kept up to ``max_headers``; past it they are dropped, so the
+ * The block: given ``special`` (a Names), a line whose name is none of them in any case and has
+ * no underscore (what the parser's module reads or drops itself, or must look at) is not a
+ * pair: it is written, as the writer would write it (``name: value\r\n``, the name lower-cased
+ * when ``lower_block``, the value's trailing OWS dropped when ``strip_trailing_ows``), onto one
+ * buffer, handed over as one bytes object. Such a line cost a value object, a pair, a look-up
+ * and a place in the writer's loop (~400 instructions, callgrind); in the block it is a copy.
+ * Lines of a name all go the same way, so the order of a name's lines is kept; the block comes
+ * before the pairs when a head is written (see message.py).
+ *
+ * Bounds: a head's lines (pairs and the block's) are kept up to ``max_headers``; past it they are dropped, so the
  * caller (whose limit is one less) sees more than its limit and refuses the head, and a head
  * of many tiny lines costs no more memory than its limit. Trailers (header lines after a chunked body) are not
  * kept: neither parser forwards them.
@@ -161,6 +170,29 @@ names_find(Names *self, const char *at, size_t length, unsigned char *code)
     return NULL;
 }
 
+/* one of them, in any case (ASCII letters) */
+static int
+names_has_any_case(Names *self, const char *at, size_t length)
+{
+    if (length == 0 || length > NAME_MAX_LENGTH)
+        return 0;
+    PyObject **row = self->by_length[length];
+    for (Py_ssize_t i = 0, n = self->count[length]; i < n; i++) {
+        const unsigned char *name = (const unsigned char *)PyBytes_AS_STRING(row[i]);
+        size_t k = 0;
+        for (; k < length; k++) {
+            unsigned char a = name[k], b = (unsigned char)at[k];
+            if (a != b && (a | 0x20) != (b | 0x20))
+                break;
+            if (a != b && !((a | 0x20) >= 'a' && (a | 0x20) <= 'z'))
+                break;  /* (only letters differ by case) */
+        }
+        if (k == length)
+            return 1;
+    }
+    return 0;
+}
+
 static PyTypeObject NamesType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "sidecar.http._wire.Names",
@@ -190,6 +222,15 @@ typedef struct {
     Py_ssize_t count, room;
     PyObject *name, *value;   /* the line being read, in pieces as they arrived */
     unsigned char name_code;  /* the code of name: 0 unless it is one of names, whole */
+    /* the block: the head's plain lines as written (NULL special: none, every line a pair) */
+    Names *special;           /* names never in the block, in any case */
+    /* by a known name's code (names): 0 not in the block, 1 in it as it is, 2 lower-cased */
+    unsigned char plain_codes[NAME_MAX_CODE + 1];
+    int lower_block;          /* the block's names lower-cased */
+    char *block;              /* PyMem, kept from head to head (freed past BLOCK_KEPT) */
+    Py_ssize_t block_len, block_room, block_lines;
+    Py_ssize_t value_at;      /* where the block's line being read has its value */
+    int in_block;             /* the line being read goes to the block */
     /* the request's target or the response's reason, handed over with the head: past
      * max_start (0: no bound) it goes to on_url / on_status instead, once (which refuses it) */
     PyObject *start;
@@ -296,11 +337,133 @@ grown(void *items, void *inline_items, Py_ssize_t count, size_t size, Py_ssize_t
     return out;
 }
 
+#define BLOCK_KEPT 16384  /* a block's buffer larger than this is freed with its head */
+
+/* the block emptied, its buffer freed when it grew past BLOCK_KEPT (one long head does not
+ * keep its memory for the connection's life) */
+static void
+block_reset(Parser *self)
+{
+    self->block_len = self->block_lines = 0;
+    self->in_block = 0;
+    if (self->block_room > BLOCK_KEPT) {
+        PyMem_Free(self->block);
+        self->block = NULL;
+        self->block_room = 0;
+    }
+}
+
+/* room for ``length`` more bytes at the block's end, where they are to be written (the caller
+ * adds them to block_len); NULL with MemoryError set */
+static char *
+block_room_for(Parser *self, size_t length)
+{
+    if ((Py_ssize_t)length > self->block_room - self->block_len) {
+        if ((Py_ssize_t)length > PY_SSIZE_T_MAX / 2 - self->block_len) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        Py_ssize_t room = self->block_room ? self->block_room : 512;
+        while (room - self->block_len < (Py_ssize_t)length)
+            room *= 2;
+        char *grown_block = PyMem_Realloc(self->block, (size_t)room);
+        if (grown_block == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        self->block = grown_block;
+        self->block_room = room;
+    }
+    return self->block + self->block_len;
+}
+
+/* bytes onto the block; -1 with MemoryError set */
+static int
+block_add(Parser *self, const char *at, size_t length)
+{
+    char *to = block_room_for(self, length);
+    if (to == NULL)
+        return -1;
+    memcpy(to, at, length);
+    self->block_len += (Py_ssize_t)length;
+    return 0;
+}
+
+/* The line whose name was read, at its value's first piece: onto the block (its name and
+ * ": " written, name dropped) when it is plain and the head has room for it; 1 if so. */
+static int
+block_begin(Parser *self)
+{
+    PyObject *name = self->name;
+    if (self->special == NULL || name == NULL || self->count + self->block_lines >= self->max_headers)
+        return 0;
+    const char *at = PyBytes_AS_STRING(name);
+    Py_ssize_t n = PyBytes_GET_SIZE(name);
+    int lower = self->lower_block;
+    if (self->name_code) {  /* known: decided when the parser was made */
+        unsigned char plain = self->plain_codes[self->name_code];
+        if (!plain)
+            return 0;
+        lower = lower && plain == 2;
+    } else if (n == 0 || memchr(at, '_', (size_t)n) != NULL
+               || names_has_any_case(self->special, at, (size_t)n)) {
+        return 0;
+    }
+    char *to = block_room_for(self, (size_t)n + 2);  /* the name and ": " */
+    if (to == NULL)
+        return -1;
+    if (lower) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            to[i] = at[i] >= 'A' && at[i] <= 'Z' ? (char)(at[i] + ('a' - 'A')) : at[i];
+    } else {
+        memcpy(to, at, (size_t)n);
+    }
+    to[n] = ':';
+    to[n + 1] = ' ';
+    self->block_len += n + 2;
+    self->value_at = self->block_len;
+    self->in_block = 1;
+    self->name_code = 0;
+    Py_CLEAR(self->name);
+    return 1;
+}
+
+/* The block's line being read ends (as end_line's pair). */
+static int
+block_end(Parser *self)
+{
+    self->in_block = 0;
+    if (self->strip) {
+        while (self->block_len > self->value_at
+               && (self->block[self->block_len - 1] == ' ' || self->block[self->block_len - 1] == '\t'))
+            self->block_len--;
+    }
+    char *to = block_room_for(self, 2);
+    if (to == NULL)
+        return -1;
+    to[0] = '\r';
+    to[1] = '\n';
+    self->block_len += 2;
+    self->block_lines++;
+    return 0;
+}
+
+/* The head's block handed over (b"" when it has none), and the buffer ready for the next. */
+static PyObject *
+block_take(Parser *self)
+{
+    PyObject *out = PyBytes_FromStringAndSize(self->block_len ? self->block : "", self->block_len);
+    block_reset(self);
+    return out;
+}
+
 /* The line read so far becomes a pair of the head (as httptools calls on_header: when the
  * next line begins, or the head ends). */
 static int
 end_line(Parser *self)
 {
+    if (self->in_block)
+        return block_end(self);
     PyObject *name = self->name, *value = self->value;
     unsigned char code = self->name_code;
     if (value == NULL)
@@ -309,7 +472,7 @@ end_line(Parser *self)
     self->name_code = 0;
     if (name == NULL)
         name = PyBytes_FromStringAndSize("", 0);
-    if (name == NULL || !self->in_head || self->count >= self->max_headers) {
+    if (name == NULL || !self->in_head || self->count + self->block_lines >= self->max_headers) {
         Py_XDECREF(name);
         Py_DECREF(value);
         return name == NULL ? -1 : 0;
@@ -377,6 +540,7 @@ cb_message_begin(llhttp_t *p)
     Py_CLEAR(self->value);
     self->name_code = 0;
     drop_pairs(self);  /* (of a head a callback refused) */
+    block_reset(self);
     Py_CLEAR(self->start);
     self->start_handed = 0;
     self->in_head = 1;
@@ -426,7 +590,12 @@ cb_header_value(llhttp_t *p, const char *at, size_t length)
     Parser *self = PARSER(p);
     if (!self->in_head)
         return 0;
-    if (add_piece(&self->value, at, length) < 0)
+    if (!self->in_block && self->value == NULL) {
+        int begun = block_begin(self);
+        if (begun < 0)
+            return failed(self, "`on_header_value` callback error");
+    }
+    if (self->in_block ? block_add(self, at, length) < 0 : add_piece(&self->value, at, length) < 0)
         return failed(self, "`on_header_value` callback error");
     return 0;
 }
@@ -440,9 +609,13 @@ cb_headers_complete(llhttp_t *p)
     self->in_head = 0;
     PyObject *headers = PyList_New(self->count);
     PyObject *codes = PyBytes_FromStringAndSize((const char *)self->codes, self->count);
-    if (headers == NULL || codes == NULL) {
+    PyObject *lines = PyLong_FromSsize_t(self->block_lines);
+    PyObject *block = block_take(self);
+    if (headers == NULL || codes == NULL || lines == NULL || block == NULL) {
         Py_XDECREF(headers);
         Py_XDECREF(codes);
+        Py_XDECREF(lines);
+        Py_XDECREF(block);
         drop_pairs(self);
         return failed(self, NULL);
     }
@@ -456,14 +629,18 @@ cb_headers_complete(llhttp_t *p)
     if (start == NULL) {
         Py_DECREF(headers);
         Py_DECREF(codes);
+        Py_DECREF(lines);
+        Py_DECREF(block);
         return failed(self, NULL);
     }
-    PyObject *result = NULL, *call[] = {headers, start, codes};
+    PyObject *result = NULL, *call[] = {headers, start, codes, block, lines};
     if (self->on_headers_complete != NULL)
-        result = PyObject_Vectorcall(self->on_headers_complete, call, 3, NULL);
+        result = PyObject_Vectorcall(self->on_headers_complete, call, 5, NULL);
     Py_DECREF(headers);
     Py_DECREF(start);
     Py_DECREF(codes);
+    Py_DECREF(block);
+    Py_DECREF(lines);
     if (self->on_headers_complete != NULL) {
         if (result == NULL)
             return failed(self, NULL);
@@ -511,12 +688,12 @@ static int
 Parser_init(Parser *self, PyObject *args, PyObject *kwds)
 {
     static char *keywords[] = {"protocol", "response", "max_headers", "strip_trailing_ows", "names",
-                               "max_start", NULL};
-    PyObject *protocol, *names = Py_None;
-    int response, strip;
+                               "max_start", "special", "lower_block", NULL};
+    PyObject *protocol, *names = Py_None, *special = Py_None;
+    int response, strip, lower_block = 0;
     Py_ssize_t max_headers, max_start = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opnp|On:Parser", keywords, &protocol, &response,
-                                     &max_headers, &strip, &names, &max_start))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Opnp|OnOp:Parser", keywords, &protocol, &response,
+                                     &max_headers, &strip, &names, &max_start, &special, &lower_block))
         return -1;
     if (max_start < 0) {
         PyErr_SetString(PyExc_ValueError, "max_start must be >= 0");
@@ -524,6 +701,10 @@ Parser_init(Parser *self, PyObject *args, PyObject *kwds)
     }
     if (names != Py_None && !PyObject_TypeCheck(names, &NamesType)) {
         PyErr_Format(PyExc_TypeError, "Parser: names must be a Names or None, got %T", names);
+        return -1;
+    }
+    if (special != Py_None && !PyObject_TypeCheck(special, &NamesType)) {
+        PyErr_Format(PyExc_TypeError, "Parser: special must be a Names or None, got %T", special);
         return -1;
     }
     if (max_headers < 0) {
@@ -538,6 +719,22 @@ Parser_init(Parser *self, PyObject *args, PyObject *kwds)
     self->max_headers = max_headers;
     self->strip = strip;
     self->names = names == Py_None ? NULL : (Names *)Py_NewRef(names);
+    self->special = special == Py_None ? NULL : (Names *)Py_NewRef(special);
+    self->lower_block = lower_block;
+    memset(self->plain_codes, 0, sizeof(self->plain_codes));
+    if (self->special != NULL && self->names != NULL) {
+        PyObject *known = self->names->names;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(known) && i < NAME_MAX_CODE; i++) {
+            const char *name = PyBytes_AS_STRING(PyTuple_GET_ITEM(known, i));
+            size_t length = (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(known, i));
+            if (memchr(name, '_', length) != NULL || names_has_any_case(self->special, name, length))
+                continue;
+            int upper = 0;
+            for (size_t k = 0; k < length; k++)
+                upper |= name[k] >= 'A' && name[k] <= 'Z';
+            self->plain_codes[i + 1] = upper ? 2 : 1;
+        }
+    }
     self->response = response;
     self->max_start = max_start;
     self->pairs = self->inline_pairs;
@@ -582,6 +779,7 @@ Parser_traverse(Parser *self, visitproc visit, void *arg)
     Py_VISIT(self->on_message_complete);
     Py_VISIT(self->on_chunk_header);
     Py_VISIT(self->names);
+    Py_VISIT(self->special);
     for (Py_ssize_t i = 0; i < self->count; i++)
         Py_VISIT(self->pairs[i]);
     Py_VISIT(self->last_error);
@@ -601,7 +799,12 @@ Parser_clear(Parser *self)
     Py_CLEAR(self->on_message_complete);
     Py_CLEAR(self->on_chunk_header);
     Py_CLEAR(self->names);
+    Py_CLEAR(self->special);
     drop_pairs(self);
+    PyMem_Free(self->block);
+    self->block = NULL;
+    self->block_len = self->block_room = self->block_lines = 0;
+    self->in_block = 0;
     if (self->pairs != NULL && self->pairs != self->inline_pairs) {
         PyMem_Free(self->pairs);
         self->pairs = self->inline_pairs;
@@ -754,7 +957,7 @@ Parser_get_status_code(Parser *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Parser_head_lines(Parser *self, PyObject *Py_UNUSED(ignored))
 {
-    return PyLong_FromSsize_t(self->in_head ? self->count : 0);
+    return PyLong_FromSsize_t(self->in_head ? self->count + self->block_lines : 0);
 }
 
 static PyMethodDef Parser_methods[] = {
@@ -774,11 +977,13 @@ static PyMethodDef Parser_methods[] = {
 static PyTypeObject ParserType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "sidecar.http._wire.Parser",
-    .tp_doc = "Parser(protocol, response, max_headers, strip_trailing_ows, names=None, max_start=0): "
-              "httptools' HttpRequestParser or HttpResponseParser, but a head's header lines and "
-              "its target (or reason) reach protocol.on_headers_complete(headers, start, codes) as "
-              "one list of (name, value) pairs, one bytes object, and a byte a pair: its name's "
-              "place in names plus one, or 0.",
+    .tp_doc = "Parser(protocol, response, max_headers, strip_trailing_ows, names=None, max_start=0, "
+              "special=None, lower_block=False): httptools' HttpRequestParser or HttpResponseParser, "
+              "but a head's header lines and its target (or reason) reach "
+              "protocol.on_headers_complete(headers, start, codes, block, block_lines) as one list "
+              "of (name, value) pairs, one bytes object, a byte a pair (its name's place in names "
+              "plus one, or 0), and the lines of names not in special as written (b'' without "
+              "special) with their number.",
     .tp_basicsize = sizeof(Parser),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,

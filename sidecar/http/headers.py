@@ -14,6 +14,7 @@ __all__ = [
     "HEADER_NAME",
     "HOP_BY_HOP",
     "MESH_INTERNAL",
+    "REQUEST_SPECIAL",
     "RESERVED_HEADERS",
     "NameTable",
     "RequestIds",
@@ -36,6 +37,10 @@ HOP_BY_HOP: Final = frozenset({
 # so an app can trust them.
 MESH_INTERNAL: Final = frozenset({b"x-pake-peer-identity", b"x-pake-attempts", b"x-pake-principal",
                                   b"x-pake-roles"})
+# Request headers the parser reads or drops itself: hop-by-hop and mesh-internal ones, and
+# those it keeps in a head's fields. Never in a head's block (message.py).
+REQUEST_SPECIAL: Final = HOP_BY_HOP | MESH_INTERNAL | frozenset({
+    b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"traceparent", b"tracestate"})
 # Headers the sidecar sets for the app after authentication; never taken from outside.
 RESERVED_HEADERS: Final = ("x-pake-peer-identity", "x-pake-principal", "x-pake-roles")
 # Where the gateway's mesh token (the end user, signed) travels. Not in MESH_INTERNAL: it

@@ -3,14 +3,22 @@
 Header names are lower-case bytes, values are bytes as received, hop-by-hop headers are
 already removed (the parser keeps what framing needs in fields), so what a filter reads is
 exactly what will be re-serialised upstream. Pure: no asyncio imports.
+
+A head's headers are in two parts: ``block``, the plain lines as the compiled form's parser
+wrote them (``wire.py``: one bytes object, ``name: value\r\n`` a line, no name the parsers
+read or drop), then ``pairs``, the rest as (name, value). A head is written in that order.
+``headers`` is the whole as pairs: reading it takes the block apart, once, so a proxy that no
+filter asks about headers never makes a pair of a plain line (~400 instructions a line).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["COMMON_METHODS", "RequestHead", "ResponseHead"]
+from .headers import REQUEST_SPECIAL
+
+__all__ = ["COMMON_METHODS", "RequestHead", "ResponseHead", "block_has", "block_pairs"]
 
 # the methods requests name most: the parser and the writer keep a ready form of each
 COMMON_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
@@ -24,7 +32,7 @@ class RequestHead:
     authority: str  # lower-case host[:port] (the absolute-form target's wins over Host)
     host: str  # authority without the port
     version: str  # "1.1" or "1.0"
-    headers: list[tuple[bytes, bytes]]  # end-to-end headers, lower-case names, in order
+    pairs: list[tuple[bytes, bytes]]  # end-to-end headers after the block's, lower-case names, in order
     content_length: int | None = None
     chunked: bool = False
     keep_alive: bool = True
@@ -41,6 +49,7 @@ class RequestHead:
     # object (``Stream.on_response_head``). A tuple of any length to the compiler: a pair
     # would be kept unboxed, and made again each time it is read as an object.
     request_id_pair: tuple[bytes, ...] | None = None
+    block: bytes = b""  # end-to-end lines before pairs, as written (lower-case names; see above)
 
     # Written out because the dataclass-generated ``__init__`` is interpreted Python even when
     # this module is compiled (one head per request; see ``Exchange.__init__``).
@@ -50,14 +59,15 @@ class RequestHead:
                  expect_continue: bool = False, forwarded_for: bytes | None = None,
                  forwarded_proto: bytes | None = None, request_id: bytes | None = None,
                  traceparent: bytes | None = None, tracestate: bool = False,
-                 request_id_pair: tuple[bytes, ...] | None = None) -> None:
+                 request_id_pair: tuple[bytes, ...] | None = None, block: bytes = b"") -> None:
         self.method = method
         self.target = target
         self.path = path
         self.authority = authority
         self.host = host
         self.version = version
-        self.headers = headers
+        self.pairs = headers
+        self.block = block
         self.content_length = content_length
         self.chunked = chunked
         self.keep_alive = keep_alive
@@ -69,6 +79,15 @@ class RequestHead:
         self.traceparent = traceparent
         self.tracestate = tracestate
         self.request_id_pair = request_id_pair
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """End-to-end headers, lower-case names, in the order forwarded: the block taken apart
+        into ``pairs`` (the same list object, before what was there) the first time."""
+        if len(self.block):
+            self.pairs[0:0] = block_pairs(self.block)
+            self.block = b""
+        return self.pairs
 
     @property
     def has_body(self) -> bool:
@@ -85,30 +104,64 @@ class RequestHead:
         return [value for key, value in self.headers if key == name]
 
     def remove_headers(self, *names: bytes) -> None:
-        """Drop every header with one of ``names``: used to strip what outsiders may not set."""
-        if any(key in names for key, _ in self.headers):
-            self.headers = [(k, v) for k, v in self.headers if k not in names]
+        """Drop every header with one of ``names``: used to strip what outsiders may not set.
+        Names the parser reads itself are never in the block, which is left whole for them."""
+        pairs = self.pairs
+        if len(self.block):
+            for name in names:
+                if name not in REQUEST_SPECIAL:
+                    pairs = self.headers  # (the block taken apart: the name may be there)
+                    break
+        if any(key in names for key, _ in pairs):
+            self.pairs = [(k, v) for k, v in pairs if k not in names]
 
 
 @dataclass(slots=True)
 class ResponseHead:
     status: int
     reason: bytes
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    pairs: list[tuple[bytes, bytes]]  # headers after the block's, names as received
     content_length: int | None = None
     chunked: bool = False
     keep_alive: bool = True
     upgrade: bytes | None = None  # the Upgrade header of a 101
     has_request_id: bool = False  # the upstream set x-request-id itself
+    block: bytes = b""  # lines before pairs, as received (names too; see above)
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]] | None = None,
                  content_length: int | None = None, chunked: bool = False, keep_alive: bool = True,
-                 upgrade: bytes | None = None, has_request_id: bool = False) -> None:
+                 upgrade: bytes | None = None, has_request_id: bool = False, block: bytes = b"") -> None:
         self.status = status
         self.reason = reason
-        self.headers = [] if headers is None else headers
+        self.pairs = [] if headers is None else headers
         self.content_length = content_length
         self.chunked = chunked
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.has_request_id = has_request_id
+        self.block = block
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers in the order forwarded (``RequestHead.headers``)."""
+        if len(self.block):
+            self.pairs[0:0] = block_pairs(self.block)
+            self.block = b""
+        return self.pairs
+
+
+def block_pairs(block: bytes) -> list[tuple[bytes, bytes]]:
+    """A block's lines as (name, value) pairs. The parser wrote each ``name: value\r\n``, a
+    name being a token (no colon) and llhttp having refused CR and LF in values, so the first
+    ": " of a line ends its name."""
+    pairs: list[tuple[bytes, bytes]] = []
+    for line in block.split(b"\r\n"):
+        if len(line):
+            name, _, value = line.partition(b": ")
+            pairs.append((name, value))
+    return pairs
+
+
+def block_has(block: bytes, name: bytes) -> bool:
+    """A line of ``name`` (as spelled in the block) is in it."""
+    return block.startswith(name + b":") or b"\r\n" + name + b":" in block

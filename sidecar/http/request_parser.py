@@ -21,8 +21,8 @@ import httptools
 
 from ..config.model import Limits
 from ..errors import DownstreamProtocolError
-from .headers import HOP_BY_HOP, MESH_INTERNAL, NameTable, connection_tokens, content_length_value
-from .message import COMMON_METHODS, RequestHead
+from .headers import REQUEST_SPECIAL, NameTable, connection_tokens, content_length_value
+from .message import COMMON_METHODS, RequestHead, block_has, block_pairs
 from .wire import GATHERS_HEADERS, HEAD_ENDS, names, request_parser
 
 if TYPE_CHECKING:
@@ -46,9 +46,10 @@ _DROP: Final = 9
 _TRACEPARENT: Final = 10
 _TRACESTATE: Final = 11
 _PLAIN: Final = -1  # an end-to-end header: forwarded as it is
-# One dict look-up per header decides everything that is not a plain end-to-end header.
+# One dict look-up per header decides everything that is not a plain end-to-end header:
+# exactly the names of ``REQUEST_SPECIAL``, the rest of them (hop-by-hop, mesh-internal) dropped
 _SPECIAL: Final[dict[bytes, int]] = {
-    **{name: _DROP for name in HOP_BY_HOP | MESH_INTERNAL},
+    **{name: _DROP for name in REQUEST_SPECIAL},
     b"host": _HOST, b"x-request-id": _REQUEST_ID, b"x-forwarded-for": _FORWARDED_FOR,
     b"x-forwarded-proto": _FORWARDED_PROTO, b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION, b"upgrade": _UPGRADE,
@@ -72,6 +73,8 @@ _KNOWN: Final[dict[bytes, tuple[bytes, int, bool]]] = {
 }
 _KNOWN_TABLE: Final = NameTable(_KNOWN)  # the same, looked up without hashing a name
 _KNOWN_NAMES: Final = names(tuple(_KNOWN))  # the compiled form's parser gives these objects
+# and writes the lines of all other names (in any case, without an underscore) as the block
+_SPECIAL_NAMES: Final = names(tuple(_SPECIAL))
 # and says which of them a line's name is, its place plus one (``on_headers_complete``'s codes):
 # its entry by index, not by ``NameTable.get`` (~90 instructions a line, callgrind)
 _KNOWN_BY_CODE: Final = tuple(_KNOWN.values())
@@ -112,7 +115,7 @@ class RequestParser:
         self._sink_end = sink.on_request_end
         self._limits = limits
         parser = self._parser = request_parser(self, limits.max_header_count, _KNOWN_NAMES,
-                                               limits.max_request_line)
+                                               limits.max_request_line, _SPECIAL_NAMES)
         # and the parser's, for the same reason: called for every request
         self._feed = parser.feed_data
         self._keep_alive: Callable[[], bool] = parser.should_keep_alive  # (typed: see ResponseParser)
@@ -290,16 +293,17 @@ class RequestParser:
             self._headers.append((name, value))
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            url: bytes | None = None, codes: bytes = b"") -> None:
-        # the compiled form's llhttp gathers the head's lines, their names' codes and its
-        # target (which it gave to ``on_url`` instead only when past the request line's
-        # limit: refused there)
+                            url: bytes | None = None, codes: bytes = b"", block: bytes = b"",
+                            block_lines: int = 0) -> None:
+        # the compiled form's llhttp gathers the head's lines, their names' codes, its plain
+        # lines and its target (which it gave to ``on_url`` instead only when past the
+        # request line's limit: refused there)
         if headers is not None:
             self._headers = headers
         self._codes = codes
         if url is not None:
             self._url = url
-        head = self._build_head()
+        head = self._build_head(block, block_lines)
         self._in_head = False
         self._chunked = head.chunked
         self._length = head.content_length or 0
@@ -309,7 +313,7 @@ class RequestParser:
             self._head_done_here = True
             self._account = True
             estimate = len(head.method) + len(self._url) + 12 + sum(
-                len(n) + len(v) + 4 for n, v in self._headers) + 2
+                len(n) + len(v) + 4 for n, v in self._headers) + len(block) + 2
             earlier = self._head_bytes - self._fed_now  # of this head, in earlier reads
             self._head_rest = max(estimate - max(earlier, 0), 0)
         limit = self._max_body
@@ -349,16 +353,19 @@ class RequestParser:
             self._end()
 
     # --- validation -----------------------------------------------------------------------
-    def _build_head(self) -> RequestHead:
+    def _build_head(self, block: bytes, block_lines: int) -> RequestHead:
+        """The head of the lines gathered: ``block``, the compiled form's plain lines
+        (``block_lines`` of them, b"" and 0 from httptools' parser), then ``_headers``."""
         parser = self._parser
         limits = self._limits
         headers = self._headers
-        if len(headers) > limits.max_header_count:
+        count = len(headers) + block_lines
+        if count > limits.max_header_count:
             raise DownstreamProtocolError(
-                f"{len(headers)} request headers, more than {limits.max_header_count}", 431,
+                f"{count} request headers, more than {limits.max_header_count}", 431,
                 "headers_too_large")
         if self._head_bytes > limits.max_headers_size and \
-                sum(len(n) + len(v) + 4 for n, v in headers) > limits.max_headers_size:
+                sum(len(n) + len(v) + 4 for n, v in headers) + len(block) > limits.max_headers_size:
             raise DownstreamProtocolError("request headers too large", 431, "headers_too_large")
         # llhttp keeps an HTTP/1.1 request alive unless it says ``Connection: close``, and any
         # other version only with a ``Connection: keep-alive`` (RFC 9112 §9.3). So a request
@@ -401,6 +408,9 @@ class RequestParser:
         lines = cast("list[tuple[bytes, ...]]", headers)
         codes = self._codes
         coded = len(codes) == len(lines)  # (httptools' parser: none)
+        # httptools' parser gives every line as a pair: its plain ones are put first, as the
+        # compiled form's block is, so that both forms forward a head in one order
+        plain = kept if coded else []
         for i in range(len(lines)):
             pair = lines[i]
             raw_name = pair[0]
@@ -425,7 +435,7 @@ class RequestParser:
             else:
                 name, code, as_received = entry
             if code == _PLAIN:
-                kept.append(pair if as_received else (name, value))
+                plain.append(pair if as_received else (name, value))
             elif code == _HOST:
                 host = value
                 hosts += 1
@@ -463,12 +473,20 @@ class RequestParser:
                 kept.append(pair if as_received else (name, value))
             # else: hop-by-hop or mesh-internal: dropped
 
+        if plain is not kept:
+            kept = plain + kept
         if connection is not None:
             if keep_alive:  # perhaps an HTTP/1.0 (or 2.0) request with Connection: keep-alive
                 version = _version(parser)
             tokens = connection_tokens(connection)
             # headers the client named in Connection are hop-by-hop too
             kept = [pair for pair in kept if pair[0] not in tokens]
+            if len(block):
+                for token in tokens:
+                    if token not in REQUEST_SPECIAL and block_has(block, token):
+                        kept = [pair for pair in block_pairs(block) if pair[0] not in tokens] + kept
+                        block = b""
+                        break
             if upgrade is not None and b"upgrade" not in tokens:
                 upgrade = None
         else:
@@ -501,6 +519,7 @@ class RequestParser:
             method, target, path, authority, hostname, version, cast("list[tuple[bytes, bytes]]", kept),
             content_length, chunked, keep_alive, upgrade, expect,
             forwarded_for, forwarded_proto, request_id, traceparent, tracestate, request_id_pair,
+            block,
         )
 
     def _target(self, method: str) -> tuple[bytes, str | None]:

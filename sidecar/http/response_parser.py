@@ -16,7 +16,7 @@ import httptools
 
 from ..errors import UpstreamProtocolError
 from .headers import HOP_BY_HOP, NameTable, connection_tokens, content_length_value
-from .message import ResponseHead
+from .message import ResponseHead, block_has, block_pairs
 from .wire import names, response_parser
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ _RESPONSE_NAMES: Final[dict[bytes, int]] = {
 }
 _RESPONSE_TABLE: Final = NameTable(_RESPONSE_NAMES)  # the same, looked up without hashing a name
 _KNOWN_NAMES: Final = names(tuple(_RESPONSE_NAMES))  # the compiled form's parser gives these objects
+# and writes the lines of all other names (in any case, without an underscore) as the block
+_SPECIAL_NAMES: Final = names(tuple(_SPECIAL_CODES))
 _RESPONSE_BY_CODE: Final = tuple(_RESPONSE_NAMES.values())  # and says which (request_parser's _KNOWN_BY_CODE)
 _LONGEST_SPECIAL: Final = max(len(name) for name in _SPECIAL_CODES)
 # by a name's length, 1 when a special name is that long: most plain names (date, vary,
@@ -88,7 +90,7 @@ class ResponseParser:
         self._sink_head = sink.on_response_head
         self._sink_body = sink.on_response_body
         self._sink_end = sink.on_response_end
-        parser = response_parser(self, _MAX_HEADERS, _KNOWN_NAMES)
+        parser = response_parser(self, _MAX_HEADERS, _KNOWN_NAMES, _SPECIAL_NAMES)
         self._feed = parser.feed_data  # and the parser's, called for every response
         # typed: the parser is ``Any`` (one of two classes), and compiled, an ``Any`` status was
         # compared by ``PyObject_RichCompare`` five times a response (~400 instructions, callgrind)
@@ -181,9 +183,10 @@ class ResponseParser:
                 raise UpstreamProtocolError("too many upstream response headers")
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            reason: bytes | None = None, codes: bytes = b"") -> None:
-        if headers is not None:  # the head's lines and reason, gathered by the compiled form's llhttp
-            if len(headers) > _MAX_HEADERS:  # (it keeps one more than the limit, no more)
+                            reason: bytes | None = None, codes: bytes = b"", block: bytes = b"",
+                            block_lines: int = 0) -> None:
+        if headers is not None:  # the head's lines, plain lines and reason, gathered by the compiled form's llhttp
+            if len(headers) + block_lines > _MAX_HEADERS:  # (it keeps one more than the limit, no more)
                 raise UpstreamProtocolError("too many upstream response headers")
             self._headers = headers
         if reason is not None:
@@ -208,6 +211,9 @@ class ResponseParser:
         lengths = _SPECIAL_LENGTHS
         lines = cast("list[tuple[bytes, ...]]", self._headers)
         coded = len(codes) == len(lines)  # (httptools' parser: none)
+        # the upstream's request id after the plain lines, as the compiled form's block puts
+        # them first (request_parser's ``plain``): both forms forward one order
+        ids = kept if coded else []
         for i in range(len(lines)):
             pair = lines[i]
             raw_name = pair[0]
@@ -228,7 +234,7 @@ class ResponseParser:
                 kept.append(pair)
             elif code == _REQUEST_ID:
                 has_request_id = True
-                kept.append(pair)
+                ids.append(pair)
             elif code == _CONTENT_LENGTH:
                 content_length = content_length_value(value)
             elif code == _TRANSFER_ENCODING:
@@ -242,14 +248,26 @@ class ResponseParser:
             elif code == _UPGRADE:
                 upgrade = value
             # else: another hop-by-hop header, dropped
+        if ids is not kept:
+            kept += ids
         if connection is not None:
             tokens = connection_tokens(connection)
             kept = [pair for pair in kept if pair[0].lower() not in tokens]
+            if len(block):
+                lowered = b""
+                for token in tokens:
+                    if token not in _SPECIAL_CODES:  # (never in the block)
+                        if not len(lowered):
+                            lowered = block.lower()
+                        if block_has(lowered, token):
+                            kept = [pair for pair in block_pairs(block) if pair[0].lower() not in tokens] + kept
+                            block = b""
+                            break
         head = ResponseHead(
             status=status, reason=self.reason if len(self.reason) else b"-", headers=cast("list[tuple[bytes, bytes]]", kept),
             content_length=content_length, chunked=chunked,
             keep_alive=self._keep_alive(),
-            upgrade=upgrade if status == 101 else None, has_request_id=has_request_id,
+            upgrade=upgrade if status == 101 else None, has_request_id=has_request_id, block=block,
         )
         self._head(head)
         if self.head_only or status == 101:

@@ -4,8 +4,11 @@ The compiled form has them. The request and response parsers' heads arrive with 
 lines as one list, their target or reason as one bytes object, and which of the parser's known
 names (``names``) each line's name is as a byte a line, the arguments of
 ``on_headers_complete``, instead of an ``on_header`` call a line and an ``on_url`` or
-``on_status`` call a piece (~1.4k instructions a line through httptools, bench/README.md). A
-head is written by one C call; where pipelined heads end in a read is found by one, and so
+``on_status`` call a piece (~1.4k instructions a line through httptools, bench/README.md).
+A line whose name the parsers neither read nor drop (a plain line: not among ``special``, in
+any case, and without an underscore) is not a pair but part of the head's block: the lines
+as the writer writes them, one bytes object (``RequestHead.block``). A head is written by
+one C call; where pipelined heads end in a read is found by one, and so
 is whether a request id is visible ASCII.
 
 The pure-Python form, and a compiled form beside another httptools than the one its llhttp
@@ -55,20 +58,23 @@ def names(spellings: tuple[bytes, ...]) -> object:
     return None if _PARSER is None else _C.Names(spellings)
 
 
-def request_parser(protocol: object, max_headers: int, known: object, max_target: int) -> Any:
+def request_parser(protocol: object, max_headers: int, known: object, max_target: int,
+                   special: object) -> Any:
     """``protocol``'s llhttp for requests. Gathered, at most ``max_headers + 1`` lines of a
     head are kept (one more than the limit tells a head past it), trailing OWS is dropped
     from values, as ``RequestParser.on_header`` does, names among ``known`` (``names``) are
-    those objects (their codes: their places in it plus one, the first 255), and a target
-    longer than ``max_target`` goes to ``on_url`` at once."""
+    those objects (their codes: their places in it plus one, the first 255), a target
+    longer than ``max_target`` goes to ``on_url`` at once, and the plain lines (names not
+    among ``special``, a ``names``) are the block, their names lower-cased."""
     if _PARSER is not None:
-        return _PARSER(protocol, False, max_headers + 1, True, known, max_target)
+        return _PARSER(protocol, False, max_headers + 1, True, known, max_target, special, True)
     return httptools.HttpRequestParser(protocol)
 
 
-def response_parser(protocol: object, max_headers: int, known: object) -> Any:
+def response_parser(protocol: object, max_headers: int, known: object, special: object) -> Any:
     """``protocol``'s llhttp for responses; values as received (as ``ResponseParser.on_header``),
-    the reason with the head whatever its length (the head's bound holds it)."""
+    the reason with the head whatever its length (the head's bound holds it), and the plain
+    lines the block, their names as received."""
     if _PARSER is not None:
-        return _PARSER(protocol, True, max_headers + 1, False, known, 0)
+        return _PARSER(protocol, True, max_headers + 1, False, known, 0, special, False)
     return httptools.HttpResponseParser(protocol)

@@ -61,7 +61,7 @@ _HEAD: Final[Callable[..., bytes]] = HEAD if HEAD is not None else _joined_head
 def request_head(head: RequestHead, extra: list[bytes], *, end: bool = True,
                  host_line: bytes | None = None) -> bytes:
     """The request line and headers for upstream: HTTP/1.1, Host from the authority,
-    end-to-end headers, then ``extra`` (framing and mesh headers, whole lines). ``end=False``
+    end-to-end headers (the head's block, then its pairs), then ``extra`` (framing and mesh headers, whole lines). ``end=False``
     leaves off the blank line so a caller can add per-try headers. ``host_line``: the Host
     line of ``head.authority``, when the caller kept one made earlier."""
     start = _METHOD_STARTS.get(head.method)
@@ -69,18 +69,19 @@ def request_head(head: RequestHead, extra: list[bytes], *, end: bool = True,
         start = head.method.encode() + b" "
     if host_line is None:
         host_line = header_line(b"host", head.authority.encode())
-    return _HEAD(head.headers, extra, b"\r\n" if end else b"", start, head.target, b" HTTP/1.1\r\n",
-                 host_line)
+    return _HEAD(head.pairs, extra, b"\r\n" if end else b"", start, head.target, b" HTTP/1.1\r\n",
+                 host_line, head.block)
 
 
 def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                  extra: list[bytes]) -> bytes:
-    """The status line, ``headers`` (the upstream's, or a reply's own), then ``extra``
-    (framing and mesh headers, whole lines) and the blank line."""
+                  extra: list[bytes], block: bytes = b"") -> bytes:
+    """The status line, ``block`` and ``headers`` (the upstream's, ``ResponseHead.block`` and
+    ``pairs``, or a reply's own), then ``extra`` (framing and mesh headers, whole lines) and
+    the blank line."""
     known = _STATUS_LINES[status] if 0 <= status < 600 else None
     if known is not None and known[0] == reason:  # one part, not five (~700 instructions in a join)
-        return _HEAD(headers, extra, b"\r\n", known[1])
-    return _HEAD(headers, extra, b"\r\n", b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n")
+        return _HEAD(headers, extra, b"\r\n", known[1], block)
+    return _HEAD(headers, extra, b"\r\n", b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n", block)
 
 
 def local_reply(reply: LocalReply, service: str, extra: list[bytes], *,

@@ -362,7 +362,7 @@ class DownstreamConnection(asyncio.Protocol):
             # from the head's bytes when a log line asks (``Exchange.request_id``)
             head.request_id = raw = self.ctx.request_ids.take_raw()
             pair: tuple[bytes, ...] = (b"x-request-id", raw)
-            cast("list[tuple[bytes, ...]]", head.headers).append(pair)
+            cast("list[tuple[bytes, ...]]", head.pairs).append(pair)  # (after the block's lines)
             head.request_id_pair = pair
         exchange = Exchange(request=head, listener=self.ctx.name, downstream_address=self.client,
                             request_id="", start=_MONOTONIC(), peer_identity=self.peer_identity)

@@ -225,7 +225,7 @@ class Stream:
             self.keep_alive = False  # the upgrade was declined; the parser cannot go on
         if status != 101:
             self._connection_header(extra)
-        headers = head.headers
+        headers = head.pairs  # (after the block's lines, written as they are)
         if not head.has_request_id:
             pair = self.head.request_id_pair
             if pair is not None:  # the request's own pair, written as a header: no line made
@@ -234,9 +234,9 @@ class Stream:
                 extra.append(self._request_id_line())
         if added := self.exchange.response_headers:  # a filter's (RateLimit-*): they win
             names = {name for name, _ in added}
-            headers = [h for h in headers if h[0].lower() not in names]
+            headers = [h for h in head.headers if h[0].lower() not in names]  # (the block's too)
             extra += [header_line(name, value) for name, value in added]
-        self.conn.write(response_head(status, head.reason, headers, extra))
+        self.conn.write(response_head(status, head.reason, headers, extra, head.block))
         if status == 101 and self.driver is not None:
             self.driver.on_tunnel_open(self)
 

@@ -75,7 +75,7 @@ class TraceStart:
                 head.remove_headers(b"traceparent", b"tracestate")
             else:
                 try:
-                    head.headers.remove((b"traceparent", found))
+                    head.pairs.remove((b"traceparent", found))  # (never in the block)
                 except ValueError:
                     pass  # (the caller named it in Connection: already gone)
         # Ids cut from a batch (``RequestIds``): this method cost ~4.5k instructions an

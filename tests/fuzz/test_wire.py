@@ -5,7 +5,10 @@ drive the same llhttp and must call a protocol the same way: the same callbacks 
 order with the same bytes, each head's header lines the same pairs and its target or reason
 the same bytes (the binding's as the arguments of ``on_headers_complete``, httptools' as
 ``on_header``, ``on_url`` and ``on_status`` calls before it; a request's values without
-trailing OWS, as ``RequestParser.on_header`` makes them), and the same errors,
+trailing OWS, as ``RequestParser.on_header`` makes them; the binding's plain lines as its
+block, taken apart and put first, as ``RequestHead.headers`` does: httptools' lines of names
+not among SPECIAL, in any case, without an underscore, are put first and, in a request,
+lower-cased to compare), and the same errors,
 messages, causes and upgrade offsets. The framing tests of the request and response parsers
 then hold for both, since the parsers' own code is the same either way.
 
@@ -23,6 +26,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from sidecar.http.headers import REQUEST_SPECIAL
+from sidecar.http.message import block_pairs
 from sidecar.http.request_parser import head_ends
 from sidecar.http.writer import header_line
 
@@ -53,6 +58,8 @@ class Recorder:
         self.start = b""
         self.in_head = False
         self.coded: list[tuple[bytes, int]] = []  # each line's name and its code (the binding's)
+        self.plain_first = False  # (httptools') put the lines the binding puts in its block first
+        self.blocks: list[bytes] = []  # (the binding's)
 
     def _event(self, *event: object) -> None:
         self.events.append(event)
@@ -76,12 +83,22 @@ class Recorder:
             self.lines.append((name, value.rstrip(b" \t") if self.strip else value))
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            start: bytes | None = None, codes: bytes | None = None) -> None:
+                            start: bytes | None = None, codes: bytes | None = None,
+                            block: bytes = b"", block_lines: int = 0) -> None:
         self.in_head = False
         if codes is not None:
             assert headers is not None and len(codes) == len(headers)
             self.coded += [(name, code) for (name, _), code in zip(headers, codes)]
-        self._event("head", self.start if start is None else start, self.lines if headers is None else headers)
+        if headers is None:
+            lines = self.lines
+            if self.plain_first:  # httptools: its lines in the binding's order
+                plain = [(n.lower() if self.strip else n, v) for n, v in lines if _plain(n)]
+                lines = plain + [(n, v) for n, v in lines if not _plain(n)]
+        else:
+            assert block.count(b"\r\n") == block_lines
+            lines = block_pairs(block) + headers
+            self.blocks.append(block)
+        self._event("head", self.start if start is None else start, lines)
 
     def on_body(self, body: bytes) -> None:
         self._event("body", body)
@@ -92,6 +109,16 @@ class Recorder:
     def on_message_complete(self) -> None:
         self.in_head = False
         self._event("end")
+
+
+# the names a binding given them never puts in its block (a request parser's: the strategies
+# draw several of them)
+SPECIAL = tuple(sorted(REQUEST_SPECIAL))
+
+
+def _plain(name: bytes) -> bool:
+    """A line of this name is in the block of a binding given SPECIAL."""
+    return name.lower() not in REQUEST_SPECIAL and b"_" not in name
 
 
 def run(parser: Any, recorder: Recorder, pieces: list[bytes], response: bool) -> list[object]:
@@ -122,7 +149,9 @@ KNOWN = (b"Host", b"host", b"Content-Length", b"transfer-encoding", b"Transfer-E
 
 def both(pieces: list[bytes], *, response: bool, fail_at: int = -1) -> tuple[list[object], list[object]]:
     ours, theirs = Recorder(strip=not response, fail_at=fail_at), Recorder(strip=not response, fail_at=fail_at)
-    binding = Parser(ours, response, 10_000, not response, _wire.Names(KNOWN))
+    theirs.plain_first = True
+    binding = Parser(ours, response, 10_000, not response, _wire.Names(KNOWN), 0, _wire.Names(SPECIAL),
+                     not response)
     reference = httptools.HttpResponseParser(theirs) if response else httptools.HttpRequestParser(theirs)
     results = run(binding, ours, pieces, response), run(reference, theirs, pieces, response)
     for name, code in ours.coded:  # a line's code is its name's place in KNOWN, when it is that object
@@ -256,9 +285,10 @@ class Counting(Recorder):
         super().on_url(url)
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            start: bytes | None = None, codes: bytes | None = None) -> None:
+                            start: bytes | None = None, codes: bytes | None = None,
+                            block: bytes = b"", block_lines: int = 0) -> None:
         self.starts.append(start)
-        super().on_headers_complete(headers, start, codes)
+        super().on_headers_complete(headers, start, codes, block, block_lines)
 
 
 @needs_parser
@@ -275,7 +305,8 @@ class Reentrant(Recorder):
     parser: Any = None
 
     def on_headers_complete(self, headers: list[tuple[bytes, bytes]] | None = None,
-                            start: bytes | None = None, codes: bytes | None = None) -> None:
+                            start: bytes | None = None, codes: bytes | None = None,
+                            block: bytes = b"", block_lines: int = 0) -> None:
         self.parser.feed_data(b"GET /again HTTP/1.1\r\n\r\n")
 
 
@@ -371,3 +402,68 @@ def test_head_ends_refuses_a_range_outside_the_bytes(args: tuple[bytes, int, int
 @example(b"\x80")
 def test_visible_is_every_byte_between_0x21_and_0x7e(value: bytes) -> None:
     assert _wire.visible(value) is all(0x21 <= c <= 0x7E for c in value)
+
+
+# --- the block -------------------------------------------------------------------------------
+
+def _head_of(recorder: Recorder) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The last head's block and its pairs (not taken apart)."""
+    (block,) = recorder.blocks[-1:]
+    (lines,) = [event[2] for event in recorder.events if event[0] == "head"][-1:]
+    return block, lines[len(block_pairs(block)):]
+
+
+REQUEST_HEAD = (b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: x \t\r\nACCEPT:\r\nX-Weird: a: b\r\n"
+                b"X-Request-Id: 1\r\nx_u: 2\r\nConnection: keep-alive\r\naccept: c\r\n\r\n")
+
+
+@needs_parser
+@pytest.mark.parametrize("size", [len(REQUEST_HEAD), 1, 7])
+def test_a_request_s_plain_lines_are_its_block_as_the_writer_writes_them(size: int) -> None:
+    # a name not among the special ones, in any case, and without an underscore: lower-cased,
+    # the value without trailing OWS, in arrival order, however the head arrives in reads
+    recorder = Recorder(strip=True)
+    parser = Parser(recorder, False, 100, True, _wire.Names(KNOWN), 0, _wire.Names(SPECIAL), True)
+    for at in range(0, len(REQUEST_HEAD), size):
+        parser.feed_data(REQUEST_HEAD[at:at + size])
+    block, pairs = _head_of(recorder)
+    assert block == b"user-agent: x\r\naccept: \r\nx-weird: a: b\r\naccept: c\r\n"
+    assert pairs == [(b"Host", b"a"), (b"X-Request-Id", b"1"), (b"x_u", b"2"), (b"Connection", b"keep-alive")]
+
+
+@needs_parser
+def test_a_response_s_plain_lines_are_its_block_as_received() -> None:
+    recorder = Recorder(strip=False)
+    parser = Parser(recorder, True, 100, False, _wire.Names(KNOWN), 0, _wire.Names(SPECIAL), False)
+    parser.feed_data(b"HTTP/1.1 200 OK\r\nContent-Type: a/b \r\nX-Request-ID: r\r\nX-A:\t1\r\n"
+                     b"Content-Length: 0\r\n\r\n")
+    block, pairs = _head_of(recorder)
+    assert block == b"Content-Type: a/b \r\nX-A: 1\r\n"  # (llhttp drops leading OWS itself)
+    assert pairs == [(b"X-Request-ID", b"r"), (b"Content-Length", b"0")]
+
+
+@needs_parser
+def test_max_headers_counts_the_block_s_lines_too() -> None:
+    # the memory a head of many plain lines takes is bounded as the pairs' is
+    recorder = Recorder(strip=True)
+    parser = Parser(recorder, False, 5, True, None, 0, _wire.Names(SPECIAL), True)
+    parser.feed_data(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(5000))
+                     + b"\r\n")
+    block, pairs = _head_of(recorder)
+    assert pairs == [(b"Host", b"a")]
+    assert block == b"".join(b"x-%d: %d\r\n" % (i, i) for i in range(4))
+    parser.feed_data(b"GET / HTTP/1.1\r\nX-1: a\r\nX-2: b")
+    assert parser.head_lines() == 1  # X-2 is not whole yet
+    parser.feed_data(b"\r\nX-3")
+    assert parser.head_lines() == 2
+
+
+@needs_parser
+def test_a_long_block_leaves_nothing_behind_for_the_next_head() -> None:
+    # the buffer of a long block is freed with its head; the next head's block is its own
+    recorder = Recorder(strip=True)
+    parser = Parser(recorder, False, 10_000, True, None, 0, _wire.Names(SPECIAL), True)
+    long_lines = b"".join(b"x-%d: %s\r\n" % (i, b"v" * 500) for i in range(100))
+    parser.feed_data(b"GET / HTTP/1.1\r\n" + long_lines + b"\r\nGET / HTTP/1.1\r\nX-B: 1\r\n\r\n"
+                     + b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert recorder.blocks == [long_lines, b"x-b: 1\r\n", b""]

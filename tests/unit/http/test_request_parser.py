@@ -12,6 +12,7 @@ from sidecar.errors import DownstreamProtocolError
 from sidecar.http.headers import content_length_value, is_valid_request_id
 from sidecar.http.message import RequestHead
 from sidecar.http.request_parser import _KNOWN, _PLAIN, _SPECIAL, RequestParser
+from sidecar.http.writer import request_head
 
 
 @dataclass
@@ -376,7 +377,8 @@ def test_a_header_name_is_recognised_in_any_spelling(spelling: bytes) -> None:
     head, _ = one(b"GET / HTTP/1.1\r\nHost: echo\r\n" + spelling + b": https\r\nAccept: */*\r\n"
                   b"ACCEPT-LANGUAGE: en\r\n\r\n")
     assert head.forwarded_proto == b"https"
-    assert [n for n, _ in head.headers] == [b"x-forwarded-proto", b"accept", b"accept-language"]
+    # (plain lines first, then the ones the parser read: ``message.py``)
+    assert [n for n, _ in head.headers] == [b"accept", b"accept-language", b"x-forwarded-proto"]
 
 
 VERSIONS = [b"1.0", b"1.1", b"2.0", b"0.9"]  # the ones llhttp reads (it refuses 3.0 itself)
@@ -432,3 +434,61 @@ def test_each_request_on_a_connection_has_its_own_method() -> None:
         sink = parse(data, piece=piece)
         assert [h.method for h in sink.heads] == methods
         assert [h.path for h in sink.heads] == [f"/{i}" for i in range(len(methods))]
+
+
+# === the order a head is forwarded in ===========================================================
+
+ORDERED = (b"GET / HTTP/1.1\r\nHost: echo\r\nX-Request-ID: r-1\r\nAccept: a\r\nTraceparent: t\r\n"
+           b"ACCEPT: b\r\nUser-Agent: u\r\naccept: c\r\nX-Forwarded-Proto: https\r\nX-Custom: 1\r\n\r\n")
+
+
+@pytest.mark.parametrize("piece", [None, 1, 5])
+def test_plain_lines_come_first_in_arrival_order_then_the_ones_the_parser_read(piece: int | None) -> None:
+    # Both forms: a name's lines keep their order whatever their spelling (RFC 9110 §5.3:
+    # the order of one name's lines is meaningful, that of different names is not)
+    sink = parse(ORDERED, piece=piece)
+    (head,) = sink.heads
+    assert head.headers == [(b"accept", b"a"), (b"accept", b"b"), (b"user-agent", b"u"), (b"accept", b"c"),
+                            (b"x-custom", b"1"), (b"x-request-id", b"r-1"), (b"traceparent", b"t"),
+                            (b"x-forwarded-proto", b"https")]
+    assert request_head(head, []) == (
+        b"GET / HTTP/1.1\r\nhost: echo\r\naccept: a\r\naccept: b\r\nuser-agent: u\r\naccept: c\r\n"
+        b"x-custom: 1\r\nx-request-id: r-1\r\ntraceparent: t\r\nx-forwarded-proto: https\r\n\r\n")
+
+
+def test_removing_a_name_the_parser_reads_leaves_the_plain_lines_as_they_are() -> None:
+    (head,) = parse(ORDERED).heads
+    block = head.block  # the compiled form's plain lines (b"" in the pure form's)
+    head.remove_headers(b"x-request-id", b"traceparent")
+    assert head.block is block  # not taken apart for names never in it
+    assert [name for name, _ in head.headers] == [b"accept", b"accept", b"user-agent", b"accept",
+                                                  b"x-custom", b"x-forwarded-proto"]
+
+
+def test_removing_a_plain_name_removes_each_of_its_lines() -> None:
+    (head,) = parse(ORDERED).heads
+    head.remove_headers(b"accept")
+    assert head.block == b""
+    assert [name for name, _ in head.headers] == [b"user-agent", b"x-custom", b"x-request-id", b"traceparent",
+                                                  b"x-forwarded-proto"]
+    assert b"accept" not in request_head(head, [])
+
+
+def test_headers_read_by_a_filter_are_what_goes_upstream_with_its_changes() -> None:
+    (head,) = parse(ORDERED).heads
+    head.headers.append((b"x-pake-principal", b"alice"))  # as a filter adds one
+    assert head.header(b"user-agent") == b"u" and head.header_values(b"accept") == [b"a", b"b", b"c"]
+    assert request_head(head, []).endswith(b"x-forwarded-proto: https\r\nx-pake-principal: alice\r\n\r\n")
+    assert request_head(head, []).count(b"accept: ") == 3  # taken apart once, not written twice
+
+
+@pytest.mark.parametrize("named", [b"x-custom", b"X-Custom", b"x-custom, close"])
+def test_a_plain_name_the_client_lists_in_connection_is_dropped(named: bytes) -> None:
+    head, _ = one(b"GET / HTTP/1.1\r\nHost: echo\r\nX-Custom: 1\r\nAccept: a\r\nConnection: " + named
+                  + b"\r\n\r\n")
+    assert head.headers == [(b"accept", b"a")]
+
+
+def test_connection_keep_alive_leaves_the_plain_lines_whole() -> None:
+    head, _ = one(b"GET / HTTP/1.0\r\nHost: echo\r\nAccept: a\r\nConnection: keep-alive\r\n\r\n")
+    assert head.headers == [(b"accept", b"a")] and head.keep_alive

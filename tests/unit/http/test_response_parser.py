@@ -12,6 +12,7 @@ from sidecar.errors import UpstreamProtocolError
 from sidecar.http.headers import HOP_BY_HOP
 from sidecar.http.message import ResponseHead
 from sidecar.http.response_parser import ResponseParser
+from sidecar.http.writer import response_head
 
 
 @dataclass
@@ -91,7 +92,8 @@ def test_special_response_headers_are_recognised_in_any_spelling(spell: Callable
                        b"%s: keep-alive\r\n%s: x\r\n%s: X-T\r\n%s: h2c\r\n%s: r-1\r\n%s: text/plain\r\n"
                        b"%s: accept\r\nX-Private: 1\r\n\r\nok" % tuple(n))
     head = sink.heads[0]
-    assert head.headers == [(n[7], b"r-1"), (n[8], b"text/plain"), (n[9], b"accept")]
+    # (plain lines first, then the request id the parser read: ``message.py``)
+    assert head.headers == [(n[8], b"text/plain"), (n[9], b"accept"), (n[7], b"r-1")]
     assert (head.content_length, head.has_request_id, sink.body) == (2, True, b"ok")
     sink, _, _ = parse(b"HTTP/1.1 200 OK\r\n%s: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n" % spell(b"Transfer-Encoding"))
     assert sink.heads[0].chunked and sink.heads[0].headers == [] and sink.body == b"ok"
@@ -203,3 +205,32 @@ def test_a_response_head_past_the_bound_in_its_first_read_is_refused_there() -> 
 def test_response_header_count_is_bounded() -> None:
     many = b"".join(b"X-%d: v\r\n" % i for i in range(201))
     assert "too many" in refused(b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 0\r\n\r\n")
+
+
+# === the order a head is forwarded in ===========================================================
+
+RESPONSE = (b"HTTP/1.1 200 OK\r\nX-Request-Id: r-1\r\nContent-Type: a/b\r\nContent-Length: 2\r\n"
+            b"Set-Cookie: a=1\r\nVary: x\r\nset-cookie: b=2\r\n\r\nok")
+
+
+@pytest.mark.parametrize("piece", [None, 1, 9])
+def test_plain_response_lines_come_first_as_received_then_the_request_id(piece: int | None) -> None:
+    sink, _, _ = parse(RESPONSE, piece=piece)
+    (head,) = sink.heads
+    assert head.headers == [(b"Content-Type", b"a/b"), (b"Set-Cookie", b"a=1"), (b"Vary", b"x"),
+                            (b"set-cookie", b"b=2"), (b"X-Request-Id", b"r-1")]
+    assert response_head(head.status, head.reason, head.pairs, [], head.block) == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nSet-Cookie: a=1\r\nVary: x\r\nset-cookie: b=2\r\n"
+        b"X-Request-Id: r-1\r\n\r\n")
+
+
+@pytest.mark.parametrize("named", [b"x-private", b"X-PRIVATE", b"close, X-Private"])
+def test_a_plain_name_the_upstream_lists_in_connection_is_dropped(named: bytes) -> None:
+    sink, _, _ = parse(b"HTTP/1.1 200 OK\r\nX-Private: 1\r\nVary: x\r\nConnection: " + named
+                       + b"\r\nContent-Length: 0\r\n\r\n")
+    assert sink.heads[0].headers == [(b"Vary", b"x")]
+
+
+def test_connection_keep_alive_leaves_the_plain_response_lines_whole() -> None:
+    sink, _, _ = parse(b"HTTP/1.1 200 OK\r\nVary: x\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
+    assert sink.heads[0].headers == [(b"Vary", b"x")]
