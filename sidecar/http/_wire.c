@@ -607,16 +607,18 @@ cb_headers_complete(llhttp_t *p)
     if (end_line(self) < 0)
         return failed(self, NULL);
     self->in_head = 0;
+    /* each made only when the one before was (no call with an error set) */
     PyObject *headers = PyList_New(self->count);
-    PyObject *codes = PyBytes_FromStringAndSize((const char *)self->codes, self->count);
-    PyObject *lines = PyLong_FromSsize_t(self->block_lines);
-    PyObject *block = block_take(self);
-    if (headers == NULL || codes == NULL || lines == NULL || block == NULL) {
+    PyObject *codes = headers == NULL ? NULL
+        : PyBytes_FromStringAndSize((const char *)self->codes, self->count);
+    PyObject *lines = codes == NULL ? NULL : PyLong_FromSsize_t(self->block_lines);
+    PyObject *block = lines == NULL ? NULL : block_take(self);
+    if (block == NULL) {
         Py_XDECREF(headers);
         Py_XDECREF(codes);
         Py_XDECREF(lines);
-        Py_XDECREF(block);
         drop_pairs(self);
+        block_reset(self);
         return failed(self, NULL);
     }
     for (Py_ssize_t i = 0; i < self->count; i++)
