@@ -548,6 +548,24 @@ async def test_hop_by_hop_headers_are_removed_both_ways(env: Env) -> None:
         assert response.header(name) is None, f"{name} was forwarded downstream"
 
 
+async def test_a_name_s_lines_reach_the_app_in_order_whatever_their_spelling(env: Env) -> None:
+    # RFC 9110 §5.3: a name's lines are one list in order. Lines the sidecar passes on
+    # untouched come first, then the ones it read on the way (docs/operations.md)
+    before = len(env.rec.received)
+    async with await Client.open(env.port) as client:
+        response = await client.exchange(request("GET", "/order", host="rec", headers=[
+            ("Accept", "a"), ("X-Request-ID", "r-1"), ("ACCEPT", "b"), ("Cookie", "c=1"), ("accept", "c"),
+            ("X-Custom", "spaced \t"), ("X-Forwarded-Proto", "https")]))
+        assert response.status == 200
+    raw = env.rec.received[before:]
+    sent = upstream_headers(raw)
+    assert [(n, v) for n, v in sent if n in ("accept", "cookie", "x-custom", "x-request-id")] == [
+        ("accept", "a"), ("accept", "b"), ("cookie", "c=1"), ("accept", "c"), ("x-custom", "spaced"),
+        ("x-request-id", "r-1")]
+    assert b"\r\naccept: a\r\naccept: b\r\ncookie: c=1\r\naccept: c\r\nx-custom: spaced\r\n" in raw
+    assert [v for n, v in sent if n == "x-forwarded-proto"] == ["https"]
+
+
 async def test_request_id_is_kept_when_valid_and_generated_otherwise(env: Env) -> None:
     async with await Client.open(env.port) as client:
         kept = await client.exchange(request("GET", "/rid/kept", headers=[("X-Request-ID", "req-123")]))
