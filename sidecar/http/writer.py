@@ -11,7 +11,8 @@ from ..errors import LocalReply
 from .message import COMMON_METHODS, RequestHead
 from .wire import HEAD
 
-__all__ = ["chunk", "header_line", "LAST_CHUNK", "local_reply", "reason_phrase", "request_head", "response_head"]
+__all__ = ["chunk", "header_line", "LAST_CHUNK", "LengthLine", "local_reply", "reason_phrase", "request_head",
+           "response_head"]
 
 LAST_CHUNK: Final = b"0\r\n\r\n"
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -38,6 +39,25 @@ def header_line(name: bytes, value: bytes) -> bytes:
     ids) come as such lines in a head's ``extra``, many made once (a constant, or once a
     connection); those forwarded are made here as the head is written."""
     return b"%b: %b\r\n" % (name, value)
+
+
+class LengthLine:
+    """The ``content-length`` line of one flow of messages (a connection's requests, or its
+    responses), kept for the last length: a client asks for the same resources again, so a
+    message is mostly as long as the one before, and the line formatted again cost ~400
+    instructions (the int made text, a bytes build; callgrind)."""
+
+    __slots__ = ("_length", "_line")
+
+    def __init__(self) -> None:
+        self._length = -1
+        self._line = b""
+
+    def line(self, length: int) -> bytes:
+        if length != self._length:
+            self._line = b"content-length: %d\r\n" % length
+            self._length = length
+        return self._line
 
 
 def _joined_head(headers: list[tuple[bytes, bytes]], extra: list[bytes], tail: bytes, *parts: bytes) -> bytes:

@@ -23,7 +23,7 @@ from ..exchange import Exchange
 from ..http.headers import RequestIds, is_valid_request_id
 from ..http.message import RequestHead
 from ..http.request_parser import RequestParser
-from ..http.writer import header_line, local_reply
+from ..http.writer import LengthLine, header_line, local_reply
 from ..deadline import Deadline
 from ..heap import LARGE_READ, keep_heap_slack
 from ..pipeline import Pipeline
@@ -111,6 +111,9 @@ class DownstreamConnection(asyncio.Protocol):
         # and a line made again (~550 instructions a request, callgrind)
         self._relayed_for = b""
         self._relayed_for_line = b""
+        # the content-length lines of its requests upstream and of its responses
+        self.request_length = LengthLine()
+        self.response_length = LengthLine()
         # answered in this order. A list, not a deque: compiled, a list's append, [0] and pop(0)
         # are direct calls, a deque's are looked up by name (~200 instructions each); it holds
         # at most max_pipelined + 1

@@ -207,10 +207,10 @@ class Stream:
         elif self.head.method == "HEAD" or status == 204 or status == 304:  # (no body; compares, not a set's boxed look-up)
             self.mode = _MODE_NONE
             if head.content_length is not None and status != 204:
-                extra.append(b"content-length: %d\r\n" % head.content_length)
+                extra.append(self.conn.response_length.line(head.content_length))
         elif head.content_length is not None:
             self.mode = _MODE_LENGTH
-            extra.append(b"content-length: %d\r\n" % head.content_length)
+            extra.append(self.conn.response_length.line(head.content_length))
         elif self.head.version == "1.1":
             self.mode = _MODE_CHUNKED
             extra.append(b"transfer-encoding: chunked\r\n")

@@ -167,7 +167,7 @@ class Router:
         if head.chunked:
             extra.append(b"transfer-encoding: chunked\r\n")
         elif head.content_length is not None:
-            extra.append(b"content-length: %d\r\n" % head.content_length)
+            extra.append(conn.request_length.line(head.content_length))
         if head.upgrade is not None:
             extra.append(b"connection: upgrade\r\n")
             extra.append(header_line(b"upgrade", head.upgrade))

@@ -566,6 +566,23 @@ async def test_a_name_s_lines_reach_the_app_in_order_whatever_their_spelling(env
     assert [v for n, v in sent if n == "x-forwarded-proto"] == ["https"]
 
 
+async def test_a_connection_s_responses_each_carry_their_own_length(env: Env) -> None:
+    # the connection keeps the last content-length line made (``LengthLine``): a response of
+    # another length gets its own, one of the same length the same
+    async with await Client.open(env.port) as client:
+        for path in ("/len/a", "/len/a", "/len/" + "b" * 40, "/len/a", "/len/" + "c" * 300, "/len/a"):
+            response = await client.exchange(request("GET", path))
+            assert response.status == 200 and response.framing == "length"
+            assert response.header("content-length") == str(len(response.body))
+            assert response.json()["path"] == path
+        # and its requests' bodies upstream, each its own length
+        for body in (b"x" * 5, b"x" * 5, b"y" * 700, b"", b"x" * 5):
+            response = await client.exchange(request("POST", "/len/post", body=body))
+            assert response.status == 200
+            assert (response.json()["body_bytes"], response.echoed_headers()["content-length"]) == (
+                len(body), str(len(body)))
+
+
 async def test_request_id_is_kept_when_valid_and_generated_otherwise(env: Env) -> None:
     async with await Client.open(env.port) as client:
         kept = await client.exchange(request("GET", "/rid/kept", headers=[("X-Request-ID", "req-123")]))

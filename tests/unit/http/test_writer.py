@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.http.writer import header_line, response_head
+from sidecar.http.writer import LengthLine, header_line, response_head
 
 
 @pytest.mark.parametrize(("status", "reason", "line"), [
@@ -21,3 +21,12 @@ from sidecar.http.writer import header_line, response_head
 def test_the_status_line_carries_the_status_and_the_reason_given(status: int, reason: bytes, line: bytes) -> None:
     head = response_head(status, reason, [(b"x-a", b"1")], [header_line(b"content-length", b"0")])
     assert head == line + b"x-a: 1\r\ncontent-length: 0\r\n\r\n"
+
+
+def test_a_length_line_is_made_again_only_when_the_length_changes() -> None:
+    lengths = LengthLine()
+    lines = [lengths.line(n) for n in (5, 5, 1024, 0, 0, 5, 10**12)]
+    assert lines == [b"content-length: 5\r\n", b"content-length: 5\r\n", b"content-length: 1024\r\n",
+                     b"content-length: 0\r\n", b"content-length: 0\r\n", b"content-length: 5\r\n",
+                     b"content-length: 1000000000000\r\n"]
+    assert lines[1] is lines[0] and lines[4] is lines[3]  # kept for a length asked again
