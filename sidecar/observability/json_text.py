@@ -89,8 +89,9 @@ class NumberField:
 
     __slots__ = ("_prefix", "_table")
 
-    def __init__(self, name: str, size: int) -> None:
-        self._prefix = f',"{name}":'
+    def __init__(self, name: str, size: int, lead: str = "") -> None:
+        # ``lead``: what the line has before the field (a string's closing quote), one piece less
+        self._prefix = f'{lead},"{name}":'
         self._table = tuple(self._prefix + str(i) for i in range(size))
 
     def text(self, n: int) -> str:

@@ -96,6 +96,23 @@ def test_each_line_names_its_own_caller_and_upstream_when_one_of_them_changes() 
              line["client"], line.get("peer"), line.get("principal")) for line in lines] == expected
 
 
+def test_each_line_shows_its_own_method_and_flags_when_they_change() -> None:
+    # the line's opening with the method, and the flags with the keys around them, are kept
+    # from the line before while they stay the same object
+    sink = ListSink()
+    writer = LogWriter(sink, name="test").start()
+    access = AccessLog(writer.channel("access"))
+    cases = [("GET", "-"), ("GET", "-"), ("POST", "-"), ("POST", "UO"), ("GET", "UO"), ("GET", "-"),
+             ("PURGE", "RBAC"), ("GET", "-")]
+    for method, flags in cases:
+        ex = exchange(flags=flags)
+        ex.request.method = method
+        access.log(ex, 0.001)
+    assert writer.close()
+    assert [(line["method"], line["flags"], line["request_id"]) for line in map(json.loads, sink.lines)] == [
+        (method, flags, "r-1") for method, flags in cases]
+
+
 def test_each_line_carries_its_own_tags_when_they_change() -> None:
     # The last tags' fragment is kept while the next exchange's tags are the same: a line
     # must show exactly its exchange's tags (and its reason), never the one before.

@@ -100,8 +100,8 @@ def test_what_a_caller_shapes_is_escaped_in_every_record_also_when_repeated() ->
 
 
 def test_each_record_names_its_own_caller_service_and_rule_when_one_of_them_changes() -> None:
-    # Who asked, the service, the stage, the decision and the rule are one fragment, made
-    # again when any of them changes: a record must never show the one before it.
+    # Who asked, the service, the stage, the decision, the rule and the method are one
+    # fragment, made again when any of them changes: a record must never show the one before it.
     sink = ListSink()
     writer = LogWriter(sink, name="test").start()
     audit = AuditLog(writer.channel("audit"))
@@ -122,11 +122,11 @@ def test_each_record_names_its_own_caller_service_and_rule_when_one_of_them_chan
         stage, decision, rule = case.get("stage", "authz"), case.get("decision", "allow"), case.get("rule", "reads")
         audit.record_request(ex, stage, decision, rule, f"rule '{rule}' allows ")
         expected.append((f"r{i}", peer, ex.downstream_address, ex.principal, ex.service, stage, decision, rule,
-                         f"/orders/{i}", request_reason(f"rule '{rule}' allows ", ex)))
+                         case.get("method", "GET"), f"/orders/{i}", request_reason(f"rule '{rule}' allows ", ex)))
     assert writer.close()
     records = [json.loads(line) for line in sink.lines]
     assert [(r["request_id"], r["source"], r["client"], r["principal"], r["service"], r["stage"],
-             r["decision"], r["rule"], r["path"], r["reason"]) for r in records] == expected
+             r["decision"], r["rule"], r["method"], r["path"], r["reason"]) for r in records] == expected
 
 
 async def test_blocked_sink_drops_are_counted_and_warned_once_per_interval() -> None:
