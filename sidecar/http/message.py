@@ -18,7 +18,7 @@ from typing import Final
 
 from .headers import REQUEST_SPECIAL
 
-__all__ = ["COMMON_METHODS", "RequestHead", "ResponseHead", "block_has", "block_pairs"]
+__all__ = ["COMMON_METHODS", "RequestHead", "ResponseHead", "block_pairs", "block_without"]
 
 # the methods requests name most: the parser and the writer keep a ready form of each
 COMMON_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
@@ -162,6 +162,19 @@ def block_pairs(block: bytes) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
-def block_has(block: bytes, name: bytes) -> bool:
-    """A line of ``name`` (as spelled in the block) is in it."""
-    return block.startswith(name + b":") or b"\r\n" + name + b":" in block
+def block_without(block: bytes, tokens: set[bytes], never: frozenset[bytes],
+                  any_case: bool) -> list[tuple[bytes, bytes]] | None:
+    """The block's lines as pairs without those a ``Connection`` header named (``tokens``,
+    lower case), or None when it has none of them: the block then stays whole. ``never``:
+    names never in a block (the parser reads or drops them itself), not looked for.
+    ``any_case``: the block's names are as received (a response's), not lower case."""
+    searched = b""
+    for token in tokens:
+        if token in never:
+            continue
+        if not len(searched):
+            searched = block.lower() if any_case else block
+        if searched.startswith(token + b":") or b"\r\n" + token + b":" in searched:
+            return [pair for pair in block_pairs(block)
+                    if (pair[0].lower() if any_case else pair[0]) not in tokens]
+    return None

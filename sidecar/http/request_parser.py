@@ -22,7 +22,7 @@ import httptools
 from ..config.model import Limits
 from ..errors import DownstreamProtocolError
 from .headers import REQUEST_SPECIAL, NameTable, connection_tokens, content_length_value
-from .message import COMMON_METHODS, RequestHead, block_has, block_pairs
+from .message import COMMON_METHODS, RequestHead, block_without
 from .wire import GATHERS_HEADERS, HEAD_ENDS, names, request_parser
 
 if TYPE_CHECKING:
@@ -481,12 +481,10 @@ class RequestParser:
             tokens = connection_tokens(connection)
             # headers the client named in Connection are hop-by-hop too
             kept = [pair for pair in kept if pair[0] not in tokens]
-            if len(block):
-                for token in tokens:
-                    if token not in REQUEST_SPECIAL and block_has(block, token):
-                        kept = [pair for pair in block_pairs(block) if pair[0] not in tokens] + kept
-                        block = b""
-                        break
+            named = block_without(block, tokens, REQUEST_SPECIAL, False) if len(block) else None
+            if named is not None:
+                kept = named + kept
+                block = b""
             if upgrade is not None and b"upgrade" not in tokens:
                 upgrade = None
         else:

@@ -16,7 +16,7 @@ import httptools
 
 from ..errors import UpstreamProtocolError
 from .headers import HOP_BY_HOP, NameTable, connection_tokens, content_length_value
-from .message import ResponseHead, block_has, block_pairs
+from .message import ResponseHead, block_without
 from .wire import names, response_parser
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ _RESPONSE_TABLE: Final = NameTable(_RESPONSE_NAMES)  # the same, looked up witho
 _KNOWN_NAMES: Final = names(tuple(_RESPONSE_NAMES))  # the compiled form's parser gives these objects
 # and writes the lines of all other names (in any case, without an underscore) as the block
 _SPECIAL_NAMES: Final = names(tuple(_SPECIAL_CODES))
+_SPECIAL_NAMES_SET: Final = frozenset(_SPECIAL_CODES)  # (never in the block)
 _RESPONSE_BY_CODE: Final = tuple(_RESPONSE_NAMES.values())  # and says which (request_parser's _KNOWN_BY_CODE)
 _LONGEST_SPECIAL: Final = max(len(name) for name in _SPECIAL_CODES)
 # by a name's length, 1 when a special name is that long: most plain names (date, vary,
@@ -253,16 +254,10 @@ class ResponseParser:
         if connection is not None:
             tokens = connection_tokens(connection)
             kept = [pair for pair in kept if pair[0].lower() not in tokens]
-            if len(block):
-                lowered = b""
-                for token in tokens:
-                    if token not in _SPECIAL_CODES:  # (never in the block)
-                        if not len(lowered):
-                            lowered = block.lower()
-                        if block_has(lowered, token):
-                            kept = [pair for pair in block_pairs(block) if pair[0].lower() not in tokens] + kept
-                            block = b""
-                            break
+            named = block_without(block, tokens, _SPECIAL_NAMES_SET, True) if len(block) else None
+            if named is not None:
+                kept = named + kept
+                block = b""
         head = ResponseHead(
             status=status, reason=self.reason if len(self.reason) else b"-", headers=cast("list[tuple[bytes, bytes]]", kept),
             content_length=content_length, chunked=chunked,

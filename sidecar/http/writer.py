@@ -81,9 +81,10 @@ _HEAD: Final[Callable[..., bytes]] = HEAD if HEAD is not None else _joined_head
 def request_head(head: RequestHead, extra: list[bytes], *, end: bool = True,
                  host_line: bytes | None = None) -> bytes:
     """The request line and headers for upstream: HTTP/1.1, Host from the authority,
-    end-to-end headers (the head's block, then its pairs), then ``extra`` (framing and mesh headers, whole lines). ``end=False``
-    leaves off the blank line so a caller can add per-try headers. ``host_line``: the Host
-    line of ``head.authority``, when the caller kept one made earlier."""
+    end-to-end headers (the head's block, then its pairs), then ``extra`` (framing and mesh
+    headers, whole lines). ``end=False`` leaves off the blank line so a caller can add per-try
+    headers. ``host_line``: the Host line of ``head.authority``, when the caller kept one made
+    earlier."""
     start = _METHOD_STARTS.get(head.method)
     if start is None:
         start = head.method.encode() + b" "

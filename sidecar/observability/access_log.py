@@ -14,8 +14,9 @@ fragments, key and value (the stamp with the line's opening, the cached fields, 
 values of the numbers, the trace ids when off): 41 pieces → 28. Who asked and where it went
 (listener, authority, route, cluster, upstream, client, peer, principal) is one fragment kept
 while it stays the same, as it does along a connection: 28 → 19. The opening with the method,
-the flags with the keys around them, the status with the path's closing quote: 19 → 15. The line goes on the log's channel
-(``log_writer``): no I/O on the loop, dropped and counted when the output cannot keep up.
+the flags with the keys around them, the status with the path's closing quote: 19 → 15. The
+line goes on the log's channel (``log_writer``): no I/O on the loop, dropped and counted when
+the output cannot keep up.
 """
 
 from __future__ import annotations
