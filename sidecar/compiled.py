@@ -16,8 +16,9 @@ source is easier to read).
 
 Beside the mypyc libraries, the build compiles one C module of our own: ``http/_wire.c``, the
 HTTP/1.1 wire where a Python call a header line was the cost (``http/wire.py``): a head's
-header lines reach the parsers as one list (httptools' llhttp driven from C, for the httptools
-version whose llhttp header it carries), and are written by one call.
+header lines reach the parsers as one list (llhttp driven from C: the llhttp httptools
+carries, built into it with SSE4.2 where the CPU has it, ``http/llhttp/README.md``), and are
+written by one call.
 
 A compiled module older than its source would run code that is no longer there: ``stale()``
 finds them, ``build --if-stale`` rebuilds, the test session refuses to start with them and the
@@ -84,11 +85,10 @@ _LEFT_AS_PYTHON = frozenset({
 })
 
 # The HTTP/1.1 wire's C helpers (http/_wire.c, http/wire.py): C, not mypyc, built beside the
-# libraries. Its llhttp parser is laid out by llhttp's header (http/_llhttp.h, llhttp 9.4.3)
-# from this httptools, and serves beside no other.
+# libraries, with llhttp's sources (http/llhttp/: the copy httptools 0.9.0 carries) in them.
 WIRE_SOURCE = "http/_wire.c"
-LLHTTP_HEADER = "http/_llhttp.h"
-LLHTTP_HTTPTOOLS = "0.9.0"
+LLHTTP_SOURCES = ("http/llhttp/llhttp.c", "http/llhttp/api.c", "http/llhttp/http.c")
+LLHTTP_HEADER = "http/llhttp/llhttp.h"
 
 _PACKAGE = Path(__file__).resolve().parent
 _EXT_SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
@@ -112,6 +112,26 @@ def groups(package: Path = _PACKAGE) -> dict[str, list[Path]]:
             seen.update(candidates)
         out[group] = files
     return out
+
+
+def wire_sources(package: Path = _PACKAGE) -> list[Path]:
+    """What the wire's C helpers are built from: ``_wire.c`` and llhttp's files."""
+    return [package / path for path in (WIRE_SOURCE, *LLHTTP_SOURCES, LLHTTP_HEADER)]
+
+
+def simd_flags(cpu_flags: str | None = None) -> list[str]:
+    """``-msse4.2`` on an x86-64 CPU that has it, else nothing: llhttp then scans a header
+    value 16 bytes a step (its ``_mm_cmpestri`` path; an ARM build has NEON's by default).
+    The CPU is the one building: the module refuses to load on one without SSE4.2."""
+    if os.uname().machine.lower() not in ("x86_64", "amd64"):
+        return []
+    if cpu_flags is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpu_flags = next((line for line in f if line.startswith("flags")), "")
+        except OSError:
+            return []
+    return ["-msse4.2"] if "sse4_2" in cpu_flags.split() else []
 
 
 def wire_module(package: Path = _PACKAGE) -> Path:
@@ -155,10 +175,10 @@ def stale(package: Path = _PACKAGE) -> list[Path]:
             out.append(source)
     out.extend(library for library in libraries if not library.exists())
     source = package / WIRE_SOURCE
-    if source.exists():  # (and _llhttp.h: the parser's layout)
+    if source.exists():  # (and llhttp's sources, built into it)
         wire = wire_module(package)
         expected.add(wire)
-        newest = max(source.stat().st_mtime, (package / LLHTTP_HEADER).stat().st_mtime)
+        newest = max(path.stat().st_mtime for path in wire_sources(package))
         if not wire.exists() or wire.stat().st_mtime < newest:
             out.append(source)
     return out + [p for p in present if p not in expected]
@@ -257,10 +277,11 @@ def build(package: Path = _PACKAGE) -> float:
                 if (package / WIRE_SOURCE).exists():
                     from setuptools import Extension
 
+                    # hidden: llhttp's symbols stay this module's (calls without the PLT)
                     extensions.append(Extension(
-                        "sidecar.http._wire", [str(Path(package.name) / WIRE_SOURCE)],
-                        define_macros=[("PAKE_HTTPTOOLS_VERSION", f'"{LLHTTP_HTTPTOOLS}"')],
-                        extra_compile_args=["-Wall"]))
+                        "sidecar.http._wire",
+                        [str(path.relative_to(root)) for path in wire_sources(package)[:-1]],
+                        extra_compile_args=["-Wall", "-fvisibility=hidden", *simd_flags()]))
                 dist = Distribution({"name": "pake-mesh-hot-path", "ext_modules": extensions})
                 cmd = dist.get_command_obj("build_ext")
                 cmd.inplace = True
@@ -306,15 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     except BuildFailed as exc:
         print(f"could not compile the hot path ({exc}): the sidecar runs as pure Python", file=sys.stderr)
         return 1 if args.required else 0
-    import httptools
-
-    installed = str(getattr(httptools, "__version__", "?"))
-    if installed == LLHTTP_HTTPTOOLS:
-        binding = f"and the wire's C helpers (llhttp's parser for httptools {installed})"
-    else:
-        binding = (f"and the wire's C helpers without llhttp's parser (laid out for httptools "
-                   f"{LLHTTP_HTTPTOOLS}; this is {installed}: the parsers call httptools per header)")
-    print(f"compiled {len(sources())} modules in {took:.0f} s, {binding}: {form()}")
+    simd = " ".join(flag.removeprefix("-m") for flag in simd_flags()) or "no SIMD flag"
+    print(f"compiled {len(sources())} modules in {took:.0f} s, and the wire's C helpers with "
+          f"llhttp ({simd}): {form()}")
     return 0
 
 

@@ -15,13 +15,11 @@
  * arguments, the same return values to llhttp, and the same exceptions (httptools' own
  * classes), so ``RequestParser`` and ``ResponseParser`` read both parsers alike.
  *
- * Which llhttp: httptools' own, the one in its parser module. That module exports llhttp's
- * functions, and this one finds them there when it is imported (dlopen of the module Python
- * loaded, dlsym of each function): one copy of the parser in the process, and its fixes come
- * with httptools. The layout of llhttp_t and of the settings comes from _llhttp.h, llhttp's
- * header of the version inside the httptools this was built for (PAKE_HTTPTOOLS_VERSION):
- * beside any other httptools the module has no Parser (LLHTTP_REFUSED says why), and the
- * parsers call httptools per header.
+ * Which llhttp: our copy of the one httptools carries (llhttp/, llhttp 9.4.3, unchanged;
+ * llhttp/README.md), built into this module. httptools' wheels build it without SSE4.2, and
+ * with SSE4.2 llhttp scans a header value 16 bytes a step: sidecar/compiled.py builds it so
+ * where the CPU has it, and a module built so refuses to load on a CPU without it (the
+ * parsers then call httptools per header). The exceptions are httptools' own classes.
  *
  * The block: given ``special`` (a Names), a line whose name is none of them in any case and has
  * no underscore (what the parser's module reads or drops itself, or must look at) is not a
@@ -37,36 +35,27 @@
  * of many tiny lines costs no more memory than its limit. Trailers (header lines after a chunked body) are not
  * kept: neither parser forwards them.
  */
-#define _GNU_SOURCE  /* dladdr */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <dlfcn.h>
 #include <limits.h>
 #include <stddef.h>
 #include <stdlib.h>
 
-#include "_llhttp.h"
+#include "llhttp/llhttp.h"
 
-#ifndef PAKE_HTTPTOOLS_VERSION
-#error "PAKE_HTTPTOOLS_VERSION: the httptools version whose llhttp _llhttp.h is"
+#define LLHTTP_VERSION_TEXT_(a, b, c) #a "." #b "." #c
+#define LLHTTP_VERSION_TEXT(a, b, c) LLHTTP_VERSION_TEXT_(a, b, c)
+#define LLHTTP_VERSION LLHTTP_VERSION_TEXT(LLHTTP_VERSION_MAJOR, LLHTTP_VERSION_MINOR, LLHTTP_VERSION_PATCH)
+
+/* the SIMD llhttp's header values were built for: a fact of the build, shown by the module */
+#if defined(__SSE4_2__)
+#define LLHTTP_SIMD "sse4.2"
+#elif defined(__ARM_NEON__) || defined(__ARM_NEON)
+#define LLHTTP_SIMD "neon"
+#else
+#define LLHTTP_SIMD ""
 #endif
 
-/* llhttp's functions, from httptools' parser module (set once, at import) */
-static __typeof__(&llhttp_init) p_init;
-static __typeof__(&llhttp_settings_init) p_settings_init;
-static __typeof__(&llhttp_execute) p_execute;
-static __typeof__(&llhttp_should_keep_alive) p_should_keep_alive;
-static __typeof__(&llhttp_resume_after_upgrade) p_resume_after_upgrade;
-static __typeof__(&llhttp_get_error_pos) p_get_error_pos;
-static __typeof__(&llhttp_get_error_reason) p_get_error_reason;
-static __typeof__(&llhttp_set_error_reason) p_set_error_reason;
-static __typeof__(&llhttp_get_errno) p_get_errno;
-static __typeof__(&llhttp_get_method) p_get_method;
-static __typeof__(&llhttp_method_name) p_method_name;
-static __typeof__(&llhttp_get_http_major) p_get_http_major;
-static __typeof__(&llhttp_get_http_minor) p_get_http_minor;
-static __typeof__(&llhttp_get_status_code) p_get_status_code;
-static __typeof__(&llhttp_get_upgrade) p_get_upgrade;
 
 /* httptools' exception classes, raised as httptools raises them */
 static PyObject *HttpParserError, *HttpParserCallbackError, *HttpParserInvalidStatusError,
@@ -263,7 +252,7 @@ failed(Parser *self, const char *reason)
     Py_XDECREF(tb);
     Py_XSETREF(self->last_error, value);
     if (reason != NULL) {
-        p_set_error_reason(&self->parser, reason);
+        llhttp_set_error_reason(&self->parser, reason);
         return HPE_USER;
     }
     return -1;
@@ -648,7 +637,7 @@ cb_headers_complete(llhttp_t *p)
             return failed(self, NULL);
         Py_DECREF(result);
     }
-    return p_get_upgrade(p) ? 1 : 0;
+    return llhttp_get_upgrade(p) ? 1 : 0;
 }
 
 static int
@@ -752,7 +741,7 @@ Parser_init(Parser *self, PyObject *args, PyObject *kwds)
         if ((*slots[i] = optional_method(protocol, callbacks[i])) == NULL && PyErr_Occurred())
             return -1;
     }
-    p_settings_init(&self->settings);
+    llhttp_settings_init(&self->settings);
     self->settings.on_message_begin = cb_message_begin;
     self->settings.on_header_field = cb_header_field;
     self->settings.on_header_value = cb_header_value;
@@ -766,7 +755,7 @@ Parser_init(Parser *self, PyObject *args, PyObject *kwds)
         self->settings.on_body = cb_body;
     if (self->on_chunk_header != NULL)
         self->settings.on_chunk_header = cb_chunk_header;
-    p_init(&self->parser, response ? HTTP_RESPONSE : HTTP_REQUEST, &self->settings);
+    llhttp_init(&self->parser, response ? HTTP_RESPONSE : HTTP_REQUEST, &self->settings);
     return 0;
 }
 
@@ -852,7 +841,7 @@ parse_error(Parser *self, llhttp_errno_t err)
     default:
         cls = HttpParserError;
     }
-    const char *reason = p_get_error_reason(&self->parser);
+    const char *reason = llhttp_get_error_reason(&self->parser);
     PyObject *text = PyUnicode_DecodeLatin1(reason ? reason : "", reason ? (Py_ssize_t)strlen(reason) : 0,
                                             NULL);
     if (text == NULL)
@@ -896,13 +885,13 @@ Parser_feed_data(Parser *self, PyObject *data)
         len = view.len;
     }
     self->busy = 1;
-    llhttp_errno_t err = p_execute(&self->parser, buf, (size_t)len);
+    llhttp_errno_t err = llhttp_execute(&self->parser, buf, (size_t)len);
     self->busy = 0;
-    if (err == HPE_PAUSED_UPGRADE && p_get_upgrade(&self->parser)) {
+    if (err == HPE_PAUSED_UPGRADE && llhttp_get_upgrade(&self->parser)) {
         /* as httptools: the offset of the bytes after the head, and the parser freed from
          * its paused state */
-        Py_ssize_t at = (Py_ssize_t)(p_get_error_pos(&self->parser) - buf);
-        p_resume_after_upgrade(&self->parser);
+        Py_ssize_t at = (Py_ssize_t)(llhttp_get_error_pos(&self->parser) - buf);
+        llhttp_resume_after_upgrade(&self->parser);
         if (owned)
             PyBuffer_Release(&view);
         PyObject *offset = PyLong_FromSsize_t(at);
@@ -915,29 +904,29 @@ Parser_feed_data(Parser *self, PyObject *data)
     if (owned)
         PyBuffer_Release(&view);
     if (err != HPE_OK)
-        return parse_error(self, p_get_errno(&self->parser));
+        return parse_error(self, llhttp_get_errno(&self->parser));
     Py_RETURN_NONE;
 }
 
 static PyObject *
 Parser_should_keep_alive(Parser *self, PyObject *Py_UNUSED(ignored))
 {
-    return PyBool_FromLong(p_should_keep_alive(&self->parser));
+    return PyBool_FromLong(llhttp_should_keep_alive(&self->parser));
 }
 
 static PyObject *
 Parser_should_upgrade(Parser *self, PyObject *Py_UNUSED(ignored))
 {
-    return PyBool_FromLong(p_get_upgrade(&self->parser));
+    return PyBool_FromLong(llhttp_get_upgrade(&self->parser));
 }
 
 static PyObject *
 Parser_get_method(Parser *self, PyObject *Py_UNUSED(ignored))
 {
-    unsigned method = p_get_method(&self->parser);
+    unsigned method = llhttp_get_method(&self->parser);
     if (method < METHODS && method_names[method] != NULL)
         return Py_NewRef(method_names[method]);
-    PyObject *name = PyBytes_FromString(p_method_name((llhttp_method_t)method));
+    PyObject *name = PyBytes_FromString(llhttp_method_name((llhttp_method_t)method));
     if (name != NULL && method < METHODS)
         method_names[method] = Py_NewRef(name);
     return name;
@@ -946,14 +935,14 @@ Parser_get_method(Parser *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Parser_get_http_version(Parser *self, PyObject *Py_UNUSED(ignored))
 {
-    return PyUnicode_FromFormat("%u.%u", (unsigned)p_get_http_major(&self->parser),
-                                (unsigned)p_get_http_minor(&self->parser));
+    return PyUnicode_FromFormat("%u.%u", (unsigned)llhttp_get_http_major(&self->parser),
+                                (unsigned)llhttp_get_http_minor(&self->parser));
 }
 
 static PyObject *
 Parser_get_status_code(Parser *self, PyObject *Py_UNUSED(ignored))
 {
-    return PyLong_FromLong(p_get_status_code(&self->parser));
+    return PyLong_FromLong(llhttp_get_status_code(&self->parser));
 }
 
 static PyObject *
@@ -997,134 +986,6 @@ static PyTypeObject ParserType = {
 };
 
 /* --- import ---------------------------------------------------------------------------- */
-
-/* The layout _llhttp.h gives is the one llhttp's functions use: llhttp_settings_init clears
- * exactly the settings, llhttp_init exactly the parser and keeps its type and settings where
- * the header says, and a request parsed calls the header-field callback where the header puts
- * it. Canary bytes after each struct catch a larger one (a memset past our field). */
-static size_t probe_field_length;
-
-static int
-probe_header_field(llhttp_t *p, const char *at, size_t length)
-{
-    (void)p;
-    (void)at;
-    probe_field_length += length;
-    return 0;
-}
-
-static int
-check_layout(void)
-{
-    enum { CANARY = 64 };
-    union { llhttp_settings_t settings; unsigned char bytes[sizeof(llhttp_settings_t) + CANARY]; } s;
-    union { llhttp_t parser; unsigned char bytes[sizeof(llhttp_t) + CANARY]; } p;
-    memset(&s, 0xA5, sizeof(s));
-    p_settings_init(&s.settings);
-    for (size_t i = 0; i < sizeof(s.bytes); i++) {
-        if (s.bytes[i] != (i < sizeof(llhttp_settings_t) ? 0 : 0xA5))
-            goto refused;
-    }
-    s.settings.on_header_field = probe_header_field;
-    memset(&p, 0xA5, sizeof(p));
-    p_init(&p.parser, HTTP_REQUEST, &s.settings);
-    for (size_t i = sizeof(llhttp_t); i < sizeof(p.bytes); i++) {
-        if (p.bytes[i] != 0xA5)
-            goto refused;
-    }
-    if (p.parser.settings != (void *)&s.settings || p.parser.type != HTTP_REQUEST)
-        goto refused;
-    static const char probe[] = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
-    probe_field_length = 0;
-    if (p_execute(&p.parser, probe, sizeof(probe) - 1) != HPE_OK || probe_field_length != 4)
-        goto refused;
-    return 0;
-refused:
-    PyErr_SetString(PyExc_ImportError,
-                    "httptools' llhttp is not laid out as _llhttp.h (llhttp 9.4.3) says");
-    return -1;
-}
-
-static int
-find_llhttp(void)
-{
-    PyObject *httptools = PyImport_ImportModule("httptools");
-    if (httptools == NULL)
-        return -1;
-    PyObject *version = PyObject_GetAttrString(httptools, "__version__");
-    Py_DECREF(httptools);
-    if (version == NULL)
-        return -1;
-    int same = PyUnicode_Check(version)
-        && PyUnicode_CompareWithASCIIString(version, PAKE_HTTPTOOLS_VERSION) == 0;
-    if (!same) {
-        PyErr_Format(PyExc_ImportError,
-                     "built for httptools " PAKE_HTTPTOOLS_VERSION " (its llhttp's layout), "
-                     "found %R", version);
-        Py_DECREF(version);
-        return -1;
-    }
-    Py_DECREF(version);
-    PyObject *parser = PyImport_ImportModule("httptools.parser.parser");
-    if (parser == NULL)
-        return -1;
-    PyObject *file = PyObject_GetAttrString(parser, "__file__");
-    Py_DECREF(parser);
-    if (file == NULL)
-        return -1;
-    const char *path = PyUnicode_AsUTF8(file);
-    if (path == NULL) {
-        Py_DECREF(file);
-        return -1;
-    }
-    /* the library Python loaded already: RTLD_NOLOAD opens no second copy */
-    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
-    if (lib == NULL) {
-        PyErr_Format(PyExc_ImportError, "httptools' parser (%U) is not loaded: %s", file, dlerror());
-        Py_DECREF(file);
-        return -1;
-    }
-    struct { void **slot; const char *name; } wanted[] = {
-        {(void **)&p_init, "llhttp_init"},
-        {(void **)&p_settings_init, "llhttp_settings_init"},
-        {(void **)&p_execute, "llhttp_execute"},
-        {(void **)&p_should_keep_alive, "llhttp_should_keep_alive"},
-        {(void **)&p_resume_after_upgrade, "llhttp_resume_after_upgrade"},
-        {(void **)&p_get_error_pos, "llhttp_get_error_pos"},
-        {(void **)&p_get_error_reason, "llhttp_get_error_reason"},
-        {(void **)&p_set_error_reason, "llhttp_set_error_reason"},
-        {(void **)&p_get_errno, "llhttp_get_errno"},
-        {(void **)&p_get_method, "llhttp_get_method"},
-        {(void **)&p_method_name, "llhttp_method_name"},
-        {(void **)&p_get_http_major, "llhttp_get_http_major"},
-        {(void **)&p_get_http_minor, "llhttp_get_http_minor"},
-        {(void **)&p_get_status_code, "llhttp_get_status_code"},
-        {(void **)&p_get_upgrade, "llhttp_get_upgrade"},
-    };
-    for (size_t i = 0; i < sizeof(wanted) / sizeof(wanted[0]); i++) {
-        *wanted[i].slot = dlsym(lib, wanted[i].name);
-        if (*wanted[i].slot == NULL) {
-            PyErr_Format(PyExc_ImportError, "httptools' parser (%U) has no %s", file, wanted[i].name);
-            Py_DECREF(file);
-            return -1;  /* (the handle is kept: the library stays loaded by Python anyway) */
-        }
-    }
-    /* llhttp built into that module, not a shared libllhttp it links (a distribution's
-     * httptools built with its system llhttp reports the same version: dlsym would find that
-     * library's, of whatever layout) */
-    Dl_info found;
-    char ours[PATH_MAX], theirs[PATH_MAX];
-    if (!dladdr((void *)p_execute, &found) || found.dli_fname == NULL
-            || realpath(found.dli_fname, theirs) == NULL || realpath(path, ours) == NULL
-            || strcmp(ours, theirs) != 0) {
-        PyErr_Format(PyExc_ImportError, "llhttp_execute is not in httptools' parser (%U) itself",
-                     file);
-        Py_DECREF(file);
-        return -1;
-    }
-    Py_DECREF(file);
-    return check_layout();
-}
 
 static int
 find_errors(void)
@@ -1304,7 +1165,7 @@ static PyMethodDef module_functions[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "sidecar.http._wire",
-    .m_doc = "The HTTP/1.1 wire in C: heads read through httptools' llhttp with their header "
+    .m_doc = "The HTTP/1.1 wire in C: heads read through llhttp with their header "
              "lines gathered, and heads written.",
     .m_size = -1,
     .m_methods = module_functions,
@@ -1313,37 +1174,27 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__wire(void)
 {
+#if defined(__SSE4_2__) && defined(__GNUC__)
+    /* built where the CPU has SSE4.2, loaded where it may not (a copied install): refuse here,
+     * not with SIGILL at the first header value */
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("sse4.2")) {
+        PyErr_SetString(PyExc_ImportError, "sidecar.http._wire was built for SSE4.2 and this CPU "
+                        "has none: rebuild it here (python -m sidecar.compiled build)");
+        return NULL;
+    }
+#endif
+    if (find_errors() < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddStringConstant(m, "HTTPTOOLS_VERSION", PAKE_HTTPTOOLS_VERSION) < 0
+    if (PyModule_AddStringConstant(m, "LLHTTP_VERSION", LLHTTP_VERSION) < 0
+            || PyModule_AddStringConstant(m, "LLHTTP_SIMD", LLHTTP_SIMD) < 0
             || PyType_Ready(&NamesType) < 0
-            || PyModule_AddObjectRef(m, "Names", (PyObject *)&NamesType) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    if (find_llhttp() < 0 || find_errors() < 0) {
-        /* no Parser: say why (another httptools), the rest of the module serves */
-        if (!PyErr_ExceptionMatches(PyExc_ImportError) && !PyErr_ExceptionMatches(PyExc_AttributeError)) {
-            Py_DECREF(m);
-            return NULL;  /* (MemoryError, KeyboardInterrupt: not a refusal) */
-        }
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyObject *why = value != NULL ? PyObject_Str(value) : PyUnicode_FromString("no llhttp");
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
-        if (why == NULL || PyModule_AddObject(m, "LLHTTP_REFUSED", why) < 0) {
-            Py_XDECREF(why);
-            Py_DECREF(m);
-            return NULL;
-        }
-        return m;
-    }
-    if (PyType_Ready(&ParserType) < 0
-            || PyModule_AddObjectRef(m, "Parser", (PyObject *)&ParserType) < 0
-            || PyModule_AddStringConstant(m, "LLHTTP_REFUSED", "") < 0) {
+            || PyModule_AddObjectRef(m, "Names", (PyObject *)&NamesType) < 0
+            || PyType_Ready(&ParserType) < 0
+            || PyModule_AddObjectRef(m, "Parser", (PyObject *)&ParserType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

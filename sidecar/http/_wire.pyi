@@ -1,8 +1,8 @@
 # The HTTP/1.1 wire in C (_wire.c), part of the compiled form; see sidecar/http/wire.py.
 from typing import Final
 
-HTTPTOOLS_VERSION: Final[str]  # the httptools whose llhttp the Parser is laid out for
-LLHTTP_REFUSED: Final[str]  # why there is no Parser (another httptools), or ""
+LLHTTP_VERSION: Final[str]  # the llhttp built in (llhttp/), e.g. "9.4.3"
+LLHTTP_SIMD: Final[str]  # what llhttp scans header values with: "sse4.2", "neon" or ""
 
 def head(headers: list[tuple[bytes, bytes]], extra: list[bytes], tail: bytes, /, *parts: bytes) -> bytes: ...
 def head_ends(buf: bytes, at: int, end: int, heads: int, /) -> int: ...
@@ -11,7 +11,7 @@ def visible(value: bytes, /) -> bool: ...
 class Names:
     def __init__(self, names: tuple[bytes, ...], /) -> None: ...
 
-class Parser:  # present only when LLHTTP_REFUSED is ""
+class Parser:
     def __init__(self, protocol: object, response: bool, max_headers: int,
                  strip_trailing_ows: bool, names: Names | None = None, max_start: int = 0,
                  special: Names | None = None, lower_block: bool = False) -> None: ...

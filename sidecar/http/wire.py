@@ -11,9 +11,9 @@ as the writer writes them, one bytes object (``RequestHead.block``). A head is w
 one C call; where pipelined heads end in a read is found by one, and so
 is whether a request id is visible ASCII.
 
-The pure-Python form, and a compiled form beside another httptools than the one its llhttp
-layout came from (the parser only), use httptools' parsers, which call ``on_header``, the
-writer's join of a head's pieces, and the loops in Python. A parser implements both sets of
+The pure-Python form (and a compiled one whose module would not load: built for SSE4.2, on a
+CPU without it) uses httptools' parsers, which call ``on_header``, the writer's join of a
+head's pieces, and the loops in Python. A parser implements both sets of
 callbacks; everything else it is called with is the same.
 """
 
@@ -34,7 +34,7 @@ def _wire() -> Any:
         return None
     try:
         from . import _wire
-    except ImportError:  # not built (no C compiler)
+    except ImportError:  # not built (no C compiler), or built for another CPU
         return None
     return _wire
 

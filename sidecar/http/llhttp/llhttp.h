@@ -1,33 +1,3 @@
-/* llhttp's public header, version 9.4.3: the copy httptools 0.9.0 builds into its parser
- * (vendor/llhttp/include/llhttp.h of its sdist), unchanged below this comment. It gives
- * sidecar/http/_wire.c the layout of llhttp_t and llhttp_settings_t; the functions are
- * httptools' own, found at import (see there). Only for the httptools version it came with.
- *
- * llhttp: Copyright Fedor Indutny, 2018. MIT License:
- *
- * This software is licensed under the MIT License.
- *
- * Copyright Fedor Indutny, 2018.
- *
- * Permission is hereby granted, free of charge, to any person obtaining a
- * copy of this software and associated documentation files (the
- * "Software"), to deal in the Software without restriction, including
- * without limitation the rights to use, copy, modify, merge, publish,
- * distribute, sublicense, and/or sell copies of the Software, and to permit
- * persons to whom the Software is furnished to do so, subject to the
- * following conditions:
- *
- * The above copyright notice and this permission notice shall be included
- * in all copies or substantial portions of the Software.
- *
- * THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS
- * OR IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF
- * MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN
- * NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM,
- * DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR
- * OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE
- * USE OR OTHER DEALINGS IN THE SOFTWARE.
- */
 
 #ifndef INCLUDE_LLHTTP_H_
 #define INCLUDE_LLHTTP_H_
