@@ -134,6 +134,16 @@ def simd_flags(cpu_flags: str | None = None) -> list[str]:
     return ["-msse4.2"] if "sse4_2" in cpu_flags.split() else []
 
 
+def lto_flags(compiler: str | None = None) -> list[str]:
+    """``-flto`` when the compiler is GCC: llhttp's span and header callbacks (``api.c``,
+    ``http.c``) are inlined into its parser (``llhttp.c``), -1.6% of a realistic one hop's
+    instructions. Clang's would need an LLVM-aware linker: nothing asked of it."""
+    if compiler is None:
+        compiler = os.environ.get("CC") or str(sysconfig.get_config_var("CC") or "")
+    words = compiler.split()
+    return ["-flto"] if words and "gcc" in Path(words[0]).name else []
+
+
 def wire_module(package: Path = _PACKAGE) -> Path:
     """Where the built C helpers go: ``sidecar/http/_wire`` plus the extension suffix."""
     return extension_of(package / WIRE_SOURCE)
@@ -278,10 +288,12 @@ def build(package: Path = _PACKAGE) -> float:
                     from setuptools import Extension
 
                     # hidden: llhttp's symbols stay this module's (calls without the PLT)
+                    lto = lto_flags()
                     extensions.append(Extension(
                         "sidecar.http._wire",
                         [str(path.relative_to(root)) for path in wire_sources(package)[:-1]],
-                        extra_compile_args=["-Wall", "-fvisibility=hidden", *simd_flags()]))
+                        extra_compile_args=["-Wall", "-fvisibility=hidden", *simd_flags(), *lto],
+                        extra_link_args=[*lto, "-O3"] if lto else []))
                 dist = Distribution({"name": "pake-mesh-hot-path", "ext_modules": extensions})
                 cmd = dist.get_command_obj("build_ext")
                 cmd.inplace = True

@@ -143,6 +143,11 @@ def test_the_simd_flag_follows_the_cpu_that_builds() -> None:
     assert compiled.simd_flags("flags\t: fpu sse4_2x") == []  # a flag is a whole word
 
 
+def test_llhttp_is_linked_with_its_callbacks_inlined_only_by_gcc() -> None:
+    assert compiled.lto_flags("gcc -pthread") == compiled.lto_flags("/usr/bin/x86_64-linux-gnu-gcc") == ["-flto"]
+    assert compiled.lto_flags("clang") == compiled.lto_flags("") == []
+
+
 # Dataclasses of the compiled hot path that keep the generated (interpreted) ``__init__``: each
 # is made when a config or a breaker state changes (``FaultAction``: only when a configured
 # fault fires), never for every request; so is every class of ``sidecar.config`` (made when a
