@@ -43,6 +43,7 @@ from .observability.log_writer import LogOutputs
 from .observability.logging import log_control
 from .observability.metrics import Metrics
 from . import compiled
+from .http import wire
 from . import pipeline as pipeline_module
 from .pipeline import Pipeline
 from .audit import build_audit_log
@@ -298,6 +299,9 @@ class Sidecar:
         if hot_path == "compiled" and (stale := await asyncio.to_thread(compiled.stale)):
             # an edit since the last build is not running: `make compile` rebuilds
             log.warning("compiled_form_stale", sources=[str(p) for p in stale[:5]], count=len(stale))
+        if hot_path == "compiled" and wire.UNAVAILABLE:
+            # (a build for SSE4.2 copied to a CPU without it): correct, and much slower
+            log.warning("wire_helpers_unavailable", reason=wire.UNAVAILABLE)
         log.info("ready", service=b.service, version=self.snapshot.version, ports=self.ports(),
                  config=self.origin.info() if self.origin else None, hot_path=hot_path)
         if self._control_setup is not None:

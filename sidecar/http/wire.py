@@ -24,22 +24,28 @@ from typing import Any, Final
 
 import httptools
 
-__all__ = ["GATHERS_HEADERS", "HEAD", "HEAD_ENDS", "VISIBLE", "names", "request_parser", "response_parser"]
+__all__ = ["GATHERS_HEADERS", "HEAD", "HEAD_ENDS", "UNAVAILABLE", "VISIBLE", "names", "request_parser",
+           "response_parser"]
 
 
-def _wire() -> Any:
+def _wire() -> tuple[Any, str]:
+    """The C helpers, or None and why not ("" for the pure form, which has none)."""
     # A module run as its source is the pure form (PAKE_PURE_PYTHON=1 also keeps the
     # extension from loading: compiled.SourceOnlyFinder).
     if __file__.endswith(".py"):
-        return None
+        return None, ""
     try:
         from . import _wire
-    except ImportError:  # not built (no C compiler), or built for another CPU
-        return None
-    return _wire
+    except ImportError as exc:  # not built (no C compiler), or built for another CPU
+        return None, str(exc) or type(exc).__name__
+    return _wire, ""
 
 
-_C: Final = _wire()
+_LOADED: Final = _wire()
+_C: Final = _LOADED[0]
+# why a compiled form runs without the C helpers (the parsers then call Python a header
+# line, ~40% of a realistic exchange more): the sidecar warns with it when ready; "" else
+UNAVAILABLE: Final[str] = _LOADED[1]
 _PARSER: Final = getattr(_C, "Parser", None)
 GATHERS_HEADERS: Final = _PARSER is not None  # on_headers_complete gets the lines
 # ``head(headers, extra, tail, *parts)``: parts, b"name: value\r\n" a pair, extra's lines and

@@ -40,8 +40,10 @@ class SidecarFailed(Exception):
 
 class SidecarProcess:
     def __init__(self, workdir: Path, *, bootstrap: dict[str, Any], mesh: dict[str, Any] | None,
-                 name: str = "sidecar", ready_timeout: float = 15.0) -> None:
+                 name: str = "sidecar", ready_timeout: float = 15.0,
+                 env: dict[str, str] | None = None) -> None:
         self.dir = workdir / name
+        self.env = env or {}  # over the test's own environment (PYTHONPATH: the repository)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.bootstrap = {"mesh": "mesh.yaml", **bootstrap}
         self.bootstrap.setdefault("listeners", {"outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"})
@@ -69,7 +71,7 @@ class SidecarProcess:
 
     async def start(self) -> SidecarProcess:
         self.write_config()
-        env = {**os.environ, "PYTHONPATH": str(_ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(_ROOT), **self.env}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sidecar", "run", "-c", str(self.config_path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(self.dir), env=env,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from sidecar import compiled
 from tests.helpers.pki import make_test_pki
 from tests.integration.test_mtls import inbound_sidecar
+from tests.helpers.raw_client import RawClient
 from tests.helpers.sidecar_process import SidecarProcess
 from tests.helpers.upstreams import RecordingUpstream
 
@@ -98,6 +100,7 @@ async def test_the_ready_line_says_which_form_of_the_hot_path_runs(tmp_path: Pat
     # the listener's connection) is set up inside it, without its own extension file
     assert ("/sidecar/_compiled__mypyc." in maps) == (expected == "compiled")
     assert not sc.events("compiled_form_stale")
+    assert not sc.events("wire_helpers_unavailable")  # built here, for this CPU
 
 
 class _BulkUpstream(asyncio.Protocol):
@@ -176,3 +179,44 @@ async def test_a_large_body_relayed_does_not_grow_the_heap_at_every_read(tmp_pat
     finally:
         server.close()
         await server.wait_closed()
+
+
+# what a module built for SSE4.2 says on a CPU without it (sidecar/http/_wire.c)
+_REFUSED = "sidecar.http._wire was built for SSE4.2 and this CPU has none"
+_REFUSING_WIRE = f"""
+import sys
+
+class RefuseWire:
+    def find_spec(self, name, path=None, target=None):
+        if name == "sidecar.http._wire":
+            raise ImportError({_REFUSED!r})
+        return None
+
+sys.meta_path.insert(0, RefuseWire())
+"""
+
+
+async def test_a_compiled_sidecar_without_the_wire_helpers_serves_and_warns_why(tmp_path: Path) -> None:
+    """A build copied to a CPU it was not built for: the C helpers refuse to load, the
+    parsers call Python a header line (correct, ~40% slower on a realistic exchange), and
+    the sidecar says so once it is ready, with the module's reason."""
+    if compiled.expected_form() != "compiled":
+        pytest.skip("the compiled form is not what runs here")
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_REFUSING_WIRE)
+    root = Path(__file__).resolve().parents[2]
+    async with RecordingUpstream() as app:
+        boot = {"service": "orders", "app": app.address,
+                "listeners": {"inbound": {"address": "127.0.0.1:0", "tls": False}}}
+        async with SidecarProcess(tmp_path, bootstrap=boot, mesh={"services": {"orders": {}}},
+                                  env={"PYTHONPATH": f"{hooks}{os.pathsep}{root}"}) as sc:
+            client = await RawClient.open(sc.ports["inbound"])
+            status, _, body = await client.get("/orders/1", b"X-Custom: kept\r\n", host=b"orders")
+            await client.close()
+            [warning] = sc.events("wire_helpers_unavailable")
+            [ready] = sc.events("ready")
+    assert (status, body) == (200, b"ok")
+    assert warning["reason"] == _REFUSED
+    assert ready["hot_path"] == "compiled"
+    assert b"\r\nx-custom: kept\r\n" in app.received  # forwarded as by the C parser
