@@ -32,6 +32,7 @@ import os
 import sys
 import sysconfig
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -85,10 +86,14 @@ _LEFT_AS_PYTHON = frozenset({
 })
 
 # The HTTP/1.1 wire's C helpers (http/_wire.c, http/wire.py): C, not mypyc, built beside the
-# libraries, with llhttp's sources (http/llhttp/: the copy httptools 0.9.0 carries) in them.
+# libraries, with llhttp's sources (http/llhttp/: the copy httptools 0.9.0 carries) in them;
+# its parser through http/_llhttp_parser.c, the one file built for SSE4.2.
 WIRE_SOURCE = "http/_wire.c"
-LLHTTP_SOURCES = ("http/llhttp/llhttp.c", "http/llhttp/api.c", "http/llhttp/http.c")
-LLHTTP_HEADER = "http/llhttp/llhttp.h"
+WIRE_SOURCES = (WIRE_SOURCE, "http/_llhttp_parser.c", "http/llhttp/api.c", "http/llhttp/http.c")
+LLHTTP_FILES = ("http/llhttp/llhttp.c", "http/llhttp/api.c", "http/llhttp/http.c", "http/llhttp/llhttp.h")
+# the httptools whose sdist's vendor/llhttp is http/llhttp/: the pure form parses with that
+# httptools, so a test fails in CI when another is installed (copy its llhttp, set this)
+LLHTTP_FROM_HTTPTOOLS = "0.9.0"
 
 _PACKAGE = Path(__file__).resolve().parent
 _EXT_SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
@@ -114,34 +119,73 @@ def groups(package: Path = _PACKAGE) -> dict[str, list[Path]]:
     return out
 
 
-def wire_sources(package: Path = _PACKAGE) -> list[Path]:
-    """What the wire's C helpers are built from: ``_wire.c`` and llhttp's files."""
-    return [package / path for path in (WIRE_SOURCE, *LLHTTP_SOURCES, LLHTTP_HEADER)]
+def wire_inputs(package: Path = _PACKAGE) -> list[Path]:
+    """What the wire's C helpers are made from: their sources, llhttp's files, and this
+    module (it holds the build's options): any newer than the module makes it stale."""
+    files = dict.fromkeys((*WIRE_SOURCES, *LLHTTP_FILES, "compiled.py"))
+    return [package / name for name in files]
 
 
-def simd_flags(cpu_flags: str | None = None) -> list[str]:
-    """``-msse4.2`` on an x86-64 CPU that has it, else nothing: llhttp then scans a header
-    value 16 bytes a step (its ``_mm_cmpestri`` path; an ARM build has NEON's by default).
-    The CPU is the one building: the module refuses to load on one without SSE4.2."""
+def has_sse42(cpu_flags: str | None = None) -> bool:
+    """The CPU building is x86-64 with SSE4.2 (``/proc/cpuinfo``'s flags)."""
     if os.uname().machine.lower() not in ("x86_64", "amd64"):
-        return []
+        return False
     if cpu_flags is None:
         try:
             with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
                 cpu_flags = next((line for line in f if line.startswith("flags")), "")
         except OSError:
-            return []
-    return ["-msse4.2"] if "sse4_2" in cpu_flags.split() else []
+            return False
+    words = cpu_flags.split()
+    return "sse4_2" in words and "popcnt" in words
 
 
-def lto_flags(compiler: str | None = None) -> list[str]:
-    """``-flto`` when the compiler is GCC: llhttp's span and header callbacks (``api.c``,
-    ``http.c``) are inlined into its parser (``llhttp.c``), -1.6% of a realistic one hop's
-    instructions. Clang's would need an LLVM-aware linker: nothing asked of it."""
-    if compiler is None:
-        compiler = os.environ.get("CC") or str(sysconfig.get_config_var("CC") or "")
-    words = compiler.split()
-    return ["-flto"] if words and "gcc" in Path(words[0]).name else []
+def is_gcc(command: str) -> bool:
+    """``command`` (a compiler or linker command line, as setuptools gets it) runs GCC."""
+    words = command.split()
+    return bool(words) and "gcc" in Path(words[0]).name
+
+
+@dataclass(frozen=True)
+class WireOptions:
+    """How the wire's C helpers are compiled and linked (setuptools ``Extension`` arguments).
+
+    - ``PAKE_LLHTTP_SSE42`` (GCC on a CPU with SSE4.2): ``_llhttp_parser.c`` builds llhttp's
+      parser for SSE4.2, which then checks a header value 16 bytes a step (its
+      ``_mm_cmpestri`` path; ARM builds have its NEON path by default), and the module's
+      import checks the CPU (``cpuid``) before anything runs. Only that file: the rest of
+      the module, its import first, has no instruction a CPU may lack.
+    - ``-flto`` (GCC compiling and linking): llhttp's span and header wrappers (``api.c``,
+      ``http.c``) are inlined into its parser, -1.6% of a realistic one hop's instructions.
+      Fat objects: a linker without GCC's plugin links the plain code. ``main`` builds
+      again without it when the module does not load.
+    - ``-fvisibility=hidden``: llhttp's symbols stay the module's (calls without the PLT).
+    """
+
+    define_macros: list[tuple[str, str | None]]
+    extra_compile_args: list[str]
+    extra_link_args: list[str]
+
+    @classmethod
+    def for_build(cls, *, lto: bool = True, compiler: str | None = None, linker: str | None = None,
+                  cpu_flags: str | None = None) -> WireOptions:
+        if compiler is None:
+            compiler = os.environ.get("CC") or str(sysconfig.get_config_var("CC") or "")
+        if linker is None:
+            linker = os.environ.get("LDSHARED") or str(sysconfig.get_config_var("LDSHARED") or "")
+        gcc = is_gcc(compiler)
+        macros: list[tuple[str, str | None]] = [("PAKE_LLHTTP_SSE42", "1")] if gcc and has_sse42(cpu_flags) else []
+        flto = lto and gcc and is_gcc(linker)
+        return cls(macros, ["-Wall", "-fvisibility=hidden", *(["-flto", "-ffat-lto-objects"] if flto else [])],
+                   ["-flto", "-O3"] if flto else [])
+
+    @property
+    def simd(self) -> str:
+        return "sse4.2" if self.define_macros else ""
+
+    @property
+    def lto(self) -> bool:
+        return "-flto" in self.extra_link_args
 
 
 def wire_module(package: Path = _PACKAGE) -> Path:
@@ -188,7 +232,7 @@ def stale(package: Path = _PACKAGE) -> list[Path]:
     if source.exists():  # (and llhttp's sources, built into it)
         wire = wire_module(package)
         expected.add(wire)
-        newest = max(path.stat().st_mtime for path in wire_sources(package))
+        newest = max(path.stat().st_mtime for path in wire_inputs(package))
         if not wire.exists() or wire.stat().st_mtime < newest:
             out.append(source)
     return out + [p for p in present if p not in expected]
@@ -253,9 +297,10 @@ class BuildFailed(Exception):
     pass
 
 
-def build(package: Path = _PACKAGE) -> float:
-    """Compile every module of ``GROUPS`` into ``package``, a library per group; seconds it took.
-    On failure nothing compiled is left behind: the sidecar then runs as Python."""
+def build(package: Path = _PACKAGE, *, lto: bool = True) -> float:
+    """Compile every module of ``GROUPS`` into ``package``, a library per group, and the wire's
+    C helpers (``lto``: see ``WireOptions``); seconds it took. On failure nothing compiled is
+    left behind: the sidecar then runs as Python."""
     import tempfile  # (the build's imports stay out of a running sidecar)
     import threading
     import time
@@ -287,13 +332,11 @@ def build(package: Path = _PACKAGE) -> float:
                 if (package / WIRE_SOURCE).exists():
                     from setuptools import Extension
 
-                    # hidden: llhttp's symbols stay this module's (calls without the PLT)
-                    lto = lto_flags()
+                    options = WireOptions.for_build(lto=lto)
                     extensions.append(Extension(
-                        "sidecar.http._wire",
-                        [str(path.relative_to(root)) for path in wire_sources(package)[:-1]],
-                        extra_compile_args=["-Wall", "-fvisibility=hidden", *simd_flags(), *lto],
-                        extra_link_args=[*lto, "-O3"] if lto else []))
+                        "sidecar.http._wire", [str(Path(package.name) / name) for name in WIRE_SOURCES],
+                        define_macros=options.define_macros, extra_compile_args=options.extra_compile_args,
+                        extra_link_args=options.extra_link_args))
                 dist = Distribution({"name": "pake-mesh-hot-path", "ext_modules": extensions})
                 cmd = dist.get_command_obj("build_ext")
                 cmd.inplace = True
@@ -334,16 +377,41 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"compiling the hot path with mypyc: {len(sources())} modules (about 90 s on 2 cores)...",
           flush=True)
+    lto = WireOptions.for_build().lto
     try:
-        took = build()
+        took = build(lto=lto)
+        why = wire_refused()
+        if why and lto:
+            # a linker that took GCC's LTO objects and made a module without them
+            print(f"the wire's C helpers built with -flto do not load ({why}): building again without it",
+                  flush=True)
+            lto = False
+            took += build(lto=False)
+            why = wire_refused()
     except BuildFailed as exc:
         print(f"could not compile the hot path ({exc}): the sidecar runs as pure Python", file=sys.stderr)
         return 1 if args.required else 0
-    simd = " ".join(flag.removeprefix("-m") for flag in simd_flags()) or "no SIMD flag"
-    print(f"compiled {len(sources())} modules in {took:.0f} s, and the wire's C helpers with "
-          f"llhttp ({simd}): {form()}")
+    if why:
+        print(f"the wire's C helpers do not load ({why}): the parsers call Python a header line",
+              file=sys.stderr)
+        return 1 if args.required else 0
+    simd = WireOptions.for_build().simd
+    built = ", ".join([f"llhttp for {simd}" if simd else "llhttp"] + (["LTO"] if lto else []))
+    print(f"compiled {len(sources())} modules in {took:.0f} s, and the wire's C helpers ({built}): {form()}")
     return 0
 
+
+def wire_refused(package: Path = _PACKAGE) -> str:
+    """Why the built wire module does not import in a fresh interpreter, or "" when it does."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != PURE_ENV}
+    result = subprocess.run([sys.executable, "-c", "import sidecar.http._wire"], cwd=package.parent,
+                            env=env, capture_output=True, text=True, timeout=60)
+    if result.returncode == 0:
+        return ""
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {result.returncode}"
 
 if __name__ == "__main__":
     sys.exit(main())

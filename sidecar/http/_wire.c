@@ -17,9 +17,10 @@
  *
  * Which llhttp: our copy of the one httptools carries (llhttp/, llhttp 9.4.3, unchanged;
  * llhttp/README.md), built into this module. httptools' wheels build it without SSE4.2, and
- * with SSE4.2 llhttp scans a header value 16 bytes a step: sidecar/compiled.py builds it so
- * where the CPU has it, and a module built so refuses to load on a CPU without it (the
- * parsers then call httptools per header). The exceptions are httptools' own classes.
+ * with SSE4.2 llhttp scans a header value 16 bytes a step: sidecar/compiled.py builds its
+ * parser so (_llhttp_parser.c, that file only) where the CPU has it, and a module built so
+ * refuses to load on a CPU without it (the parsers then call httptools per header, and the
+ * sidecar warns). The exceptions are httptools' own classes.
  *
  * The block: given ``special`` (a Names), a line whose name is none of them in any case and has
  * no underscore (what the parser's module reads or drops itself, or must look at) is not a
@@ -47,9 +48,15 @@
 #define LLHTTP_VERSION_TEXT(a, b, c) LLHTTP_VERSION_TEXT_(a, b, c)
 #define LLHTTP_VERSION LLHTTP_VERSION_TEXT(LLHTTP_VERSION_MAJOR, LLHTTP_VERSION_MINOR, LLHTTP_VERSION_PATCH)
 
-/* the SIMD llhttp's header values were built for: a fact of the build, shown by the module */
-#if defined(__SSE4_2__)
+/* the SIMD llhttp's header values were built for (_llhttp_parser.c): a fact of the build,
+ * shown by the module; for SSE4.2 the import checks the CPU first */
+#if defined(PAKE_LLHTTP_SSE42) && defined(__GNUC__) && !defined(__clang__) \
+    && (defined(__x86_64__) || defined(__i386__))
+#define LLHTTP_SSE42 1
 #define LLHTTP_SIMD "sse4.2"
+#define WIRE_NO_SSE42 "sidecar.http._wire was built for SSE4.2 and this CPU has none: " \
+    "rebuild it here (python -m sidecar.compiled build)"
+#include <cpuid.h>
 #elif defined(__ARM_NEON__) || defined(__ARM_NEON)
 #define LLHTTP_SIMD "neon"
 #else
@@ -1001,8 +1008,12 @@ find_errors(void)
         {&HttpParserInvalidURLError, "HttpParserInvalidURLError"},
         {&HttpParserUpgrade, "HttpParserUpgrade"},
     };
-    for (size_t i = 0; i < sizeof(wanted) / sizeof(wanted[0]); i++) {
-        if ((*wanted[i].slot = PyObject_GetAttrString(errors, wanted[i].name)) == NULL) {
+    size_t n = sizeof(wanted) / sizeof(wanted[0]);
+    for (size_t i = 0; i < n; i++) {
+        Py_XSETREF(*wanted[i].slot, PyObject_GetAttrString(errors, wanted[i].name));
+        if (*wanted[i].slot == NULL) {
+            for (size_t j = 0; j < i; j++)  /* a failed import keeps none of them */
+                Py_CLEAR(*wanted[j].slot);
             Py_DECREF(errors);
             return -1;
         }
@@ -1174,13 +1185,12 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__wire(void)
 {
-#if defined(__SSE4_2__) && defined(__GNUC__)
+#ifdef LLHTTP_SSE42
     /* built where the CPU has SSE4.2, loaded where it may not (a copied install): refuse here,
-     * not with SIGILL at the first header value */
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("sse4.2")) {
-        PyErr_SetString(PyExc_ImportError, "sidecar.http._wire was built for SSE4.2 and this CPU "
-                        "has none: rebuild it here (python -m sidecar.compiled build)");
+     * not with SIGILL at the first header value. cpuid.h's inline function: no libgcc. */
+    unsigned int eax, ebx, ecx, edx;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_SSE4_2) || !(ecx & bit_POPCNT)) {
+        PyErr_SetString(PyExc_ImportError, WIRE_NO_SSE42);
         return NULL;
     }
 #endif

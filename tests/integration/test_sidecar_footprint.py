@@ -182,7 +182,8 @@ async def test_a_large_body_relayed_does_not_grow_the_heap_at_every_read(tmp_pat
 
 
 # what a module built for SSE4.2 says on a CPU without it (sidecar/http/_wire.c)
-_REFUSED = "sidecar.http._wire was built for SSE4.2 and this CPU has none"
+_REFUSED = ("sidecar.http._wire was built for SSE4.2 and this CPU has none: rebuild it here "
+            "(python -m sidecar.compiled build)")
 _REFUSING_WIRE = f"""
 import sys
 

@@ -30,9 +30,10 @@ def fake_package(tmp_path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"def name() -> str:\n    return {str(path.relative_to(package))!r}\n")
     (package / "__init__.py").write_text("")
-    for path in compiled.wire_sources(package):  # _wire.c and llhttp's files
+    for path in compiled.wire_inputs(package)[:-1]:  # _wire.c and llhttp's files
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"/* {path.name} */\n")
+    (package / "compiled.py").write_text("# the build's options\n")
     return package
 
 
@@ -58,11 +59,12 @@ def test_the_form_on_disk_is_python_until_built_and_stale_once_a_source_is_newer
         library.write_bytes(b"")
     wire = compiled.wire_module(package)
     assert compiled.stale(package) == [package / compiled.WIRE_SOURCE]  # the C module is part of it
-    for path in compiled.wire_sources(package):
+    for path in compiled.wire_inputs(package):
         age(path, 60)
     wire.write_bytes(b"")
     assert (compiled.form(package), compiled.stale(package)) == ("compiled", [])
-    for name in (*compiled.LLHTTP_SOURCES, compiled.LLHTTP_HEADER):  # another llhttp copied in
+    # another llhttp copied in, an edit of ours, other build options
+    for name in (*compiled.LLHTTP_FILES, *compiled.WIRE_SOURCES[1:], "compiled.py"):
         path = package / name
         path.write_text(path.read_text() + "/* 9.5 */\n")
         assert compiled.stale(package) == [package / compiled.WIRE_SOURCE], name
@@ -131,21 +133,51 @@ def test_llhttp_is_built_to_scan_header_values_with_the_simd_this_cpu_has() -> N
     # with SSE4.2, llhttp reads a header value 16 bytes a step (a realistic request head 6.4k
     # -> 3.4k instructions); httptools' wheels are built without it
     require_compiled()
-    flags = compiled.simd_flags()
-    expected = "sse4.2" if flags == ["-msse4.2"] else ("neon" if os.uname().machine == "aarch64" else "")
+    options = compiled.WireOptions.for_build()
+    expected = options.simd or ("neon" if os.uname().machine == "aarch64" else "")
     assert run_python("import sidecar.http._wire as c\nprint(repr(c.LLHTTP_SIMD))", PAKE_PURE_PYTHON="0") == repr(expected)
 
 
-def test_the_simd_flag_follows_the_cpu_that_builds() -> None:
+def test_sse42_is_asked_of_gcc_only_on_a_cpu_that_has_it() -> None:
     on_x86 = os.uname().machine.lower() in ("x86_64", "amd64")
-    assert compiled.simd_flags("flags\t: fpu sse2 ssse3 sse4_1 sse4_2 popcnt avx") == (["-msse4.2"] if on_x86 else [])
-    assert compiled.simd_flags("flags\t: fpu sse2 ssse3 sse4_1") == []
-    assert compiled.simd_flags("flags\t: fpu sse4_2x") == []  # a flag is a whole word
+    has = "flags\t: fpu sse2 ssse3 sse4_1 sse4_2 popcnt avx"
+    assert compiled.has_sse42(has) == on_x86
+    assert not compiled.has_sse42("flags\t: fpu sse2 ssse3 sse4_1 popcnt")
+    assert not compiled.has_sse42("flags\t: fpu sse4_2x popcnt")  # a flag is a whole word
+    gcc = compiled.WireOptions.for_build(compiler="gcc -pthread", linker="gcc -shared", cpu_flags=has)
+    assert (gcc.simd, gcc.define_macros) == (("sse4.2", [("PAKE_LLHTTP_SSE42", "1")]) if on_x86 else ("", []))
+    clang = compiled.WireOptions.for_build(compiler="clang", linker="clang -shared", cpu_flags=has)
+    assert (clang.simd, clang.lto) == ("", False)  # its target pragma is not GCC's
+    # never a flag for the whole module: its import checks the CPU before anything runs
+    assert not [flag for flag in gcc.extra_compile_args if flag.startswith("-m")]
 
 
-def test_llhttp_is_linked_with_its_callbacks_inlined_only_by_gcc() -> None:
-    assert compiled.lto_flags("gcc -pthread") == compiled.lto_flags("/usr/bin/x86_64-linux-gnu-gcc") == ["-flto"]
-    assert compiled.lto_flags("clang") == compiled.lto_flags("") == []
+def test_llhttp_is_linked_with_its_wrappers_inlined_only_when_gcc_compiles_and_links() -> None:
+    both = compiled.WireOptions.for_build(compiler="/usr/bin/x86_64-linux-gnu-gcc", linker="gcc -shared -L/x")
+    assert both.lto and "-ffat-lto-objects" in both.extra_compile_args  # a plugin-less linker links it too
+    assert not compiled.WireOptions.for_build(compiler="gcc", linker="ld -shared").lto
+    assert not compiled.WireOptions.for_build(compiler="gcc", linker="gcc -shared", lto=False).lto
+    assert not compiled.WireOptions.for_build(compiler="", linker="").lto
+
+
+def test_the_built_wire_module_loads_in_a_fresh_interpreter() -> None:
+    # what the build checks before it says it is done (and builds again without -flto when not)
+    require_compiled()
+    assert compiled.wire_refused() == ""
+
+
+def test_the_vendored_llhttp_is_the_one_of_the_installed_httptools() -> None:
+    # the pure form parses with httptools' llhttp, the compiled one with http/llhttp/: a newer
+    # httptools (a fresh install) may carry another llhttp, and the two forms would differ
+    import httptools
+
+    if httptools.__version__ != compiled.LLHTTP_FROM_HTTPTOOLS:
+        why = (f"httptools is {httptools.__version__}, sidecar/http/llhttp/ is the llhttp of "
+               f"{compiled.LLHTTP_FROM_HTTPTOOLS}: copy its sdist's vendor/llhttp there "
+               f"(sidecar/http/llhttp/README.md) and set compiled.LLHTTP_FROM_HTTPTOOLS")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
 
 
 # Dataclasses of the compiled hot path that keep the generated (interpreted) ``__init__``: each
