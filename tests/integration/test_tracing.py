@@ -429,10 +429,11 @@ async def test_while_spans_are_encoded_the_loop_waits_a_short_slice_not_cpythons
                 gaps.append(now - last)
                 last = now
             await encoder
-            gaps.sort()
-            # p99 of a turn: ~5.3 ms at CPython's interval (the thread then holds the GIL for
-            # one in ~15 turns), ~0.6 ms at this one
-            assert gaps[len(gaps) * 99 // 100] < 0.0025, gaps[-10:]
+            # at CPython's interval one turn in ~15 waits 5 ms while the thread holds the GIL
+            # (5-7% of them); at this one each wait is ~0.6 ms, and a turn past 4 ms is the
+            # machine's doing (a preemption), not the thread's
+            slow = [gap for gap in gaps if gap > 0.004]
+            assert len(slow) < len(gaps) // 100, (len(slow), len(gaps), sorted(gaps)[-10:])
         finally:
             await traced.tracer.close(timeout=0.5)
     finally:
