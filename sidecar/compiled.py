@@ -413,5 +413,6 @@ def wire_refused(package: Path = _PACKAGE) -> str:
     lines = result.stderr.strip().splitlines()
     return lines[-1] if lines else f"exit status {result.returncode}"
 
+
 if __name__ == "__main__":
     sys.exit(main())
