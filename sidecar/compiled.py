@@ -141,9 +141,15 @@ def has_sse42(cpu_flags: str | None = None) -> bool:
 
 
 def is_gcc(command: str) -> bool:
-    """``command`` (a compiler or linker command line, as setuptools gets it) runs GCC."""
+    """``command`` (a compiler or linker command line, as setuptools gets it) runs GCC: by its
+    name, or the name of what it links to (Debian's ``cc`` is GCC, macOS's is clang)."""
+    import shutil  # (the build's, not a running sidecar's: shutil is ~0.1 MB of imports)
+
     words = command.split()
-    return bool(words) and "gcc" in Path(words[0]).name
+    if not words:
+        return False
+    found = shutil.which(words[0])
+    return "gcc" in Path(words[0]).name or (found is not None and "gcc" in Path(os.path.realpath(found)).name)
 
 
 @dataclass(frozen=True)

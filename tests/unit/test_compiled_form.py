@@ -160,6 +160,17 @@ def test_llhttp_is_linked_with_its_wrappers_inlined_only_when_gcc_compiles_and_l
     assert not compiled.WireOptions.for_build(compiler="", linker="").lto
 
 
+def test_a_compiler_is_gcc_by_its_name_or_what_its_name_links_to(tmp_path: Path) -> None:
+    (tmp_path / "x86_64-linux-gnu-gcc-12").write_text("#!/bin/sh\n")
+    (tmp_path / "x86_64-linux-gnu-gcc-12").chmod(0o755)
+    (tmp_path / "cc").symlink_to(tmp_path / "x86_64-linux-gnu-gcc-12")  # as Debian's alternatives
+    (tmp_path / "clang-16").write_text("#!/bin/sh\n")
+    (tmp_path / "clang-16").chmod(0o755)
+    (tmp_path / "c99").symlink_to(tmp_path / "clang-16")
+    assert compiled.is_gcc(f"{tmp_path}/cc -pthread") and compiled.is_gcc("gcc -shared")
+    assert not compiled.is_gcc(f"{tmp_path}/c99") and not compiled.is_gcc("clang") and not compiled.is_gcc("")
+
+
 def test_the_built_wire_module_loads_in_a_fresh_interpreter() -> None:
     # what the build checks before it says it is done (and builds again without -flto when not)
     require_compiled()
