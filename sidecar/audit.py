@@ -28,7 +28,7 @@ from .clock import Clock, MonotonicClock
 from .config.audit import AuditConfig
 from .exchange import Exchange
 from .observability.json_text import DECIMALS, QuoteCache, path_text, quote, request_id_text, trace_ids
-from .observability.log_writer import LogChannel, LogOutputs
+from .observability.log_writer import LogChannel, LogOutputs, encoded_chunks
 
 __all__ = [
     "AuditLog",
@@ -110,16 +110,17 @@ class RotatingFileSink:
         self._file = self._open()
 
     def write(self, lines: list[str]) -> None:
-        # A batch that fits is encoded and written whole: line by line, an encode and a
-        # buffered write each cost the writer thread ~650 instructions a record (callgrind).
-        # One that would pass ``max_size`` goes line by line, to rotate between the same lines.
-        data = "".join(lines).encode("utf-8")
-        if not self._rotates or self._size + len(data) <= self.max_size:
-            self._file.write(data)
-            self._size += len(data)
-        else:
-            for line in lines:
-                encoded = line.encode("utf-8")
+        # A piece of the batch that fits is encoded and written whole (``encoded_chunks``):
+        # line by line, an encode and a buffered write each cost the writer thread ~650
+        # instructions a record (callgrind). One that would pass ``max_size`` goes line by
+        # line, to rotate between the same lines.
+        for piece, data in encoded_chunks(lines):
+            if not self._rotates or self._size + len(data) <= self.max_size:
+                self._file.write(data)
+                self._size += len(data)
+                continue
+            for line in piece:
+                encoded = line.encode("utf-8", "backslashreplace")
                 if self._size and self._size + len(encoded) > self.max_size:
                     self._rotate()
                 self._file.write(encoded)

@@ -20,7 +20,7 @@ from sidecar.config.policy import ServiceAuthn
 from sidecar.config.rbac import RbacMatch, RbacPolicy, RbacRule
 from sidecar.filters.authn_api_key import build_api_key_authn
 from sidecar.filters.authz_rbac import build_rbac
-from sidecar.observability.log_writer import LogOutputs, LogWriter
+from sidecar.observability.log_writer import WRITE_CHUNK, LogOutputs, LogWriter
 
 from .conftest import FakeClock, exchange, request
 
@@ -193,6 +193,26 @@ def test_rotating_file_sink_rotates_a_batch_between_the_same_lines(tmp_path: Pat
         assert (batched.parent / name).stat().st_size <= 100
     assert [json.loads(x)["n"] for x in (batched.parent / "audit.log.3").read_text().splitlines()] \
         == [0, 1]
+
+
+def test_a_batch_of_many_pieces_rotates_where_single_records_would(tmp_path: Path) -> None:
+    """A busy second's batch is encoded a piece (``WRITE_CHUNK`` lines) at a time: pieces
+    that fit go whole, the one that would pass the size goes line by line."""
+    lines = [json.dumps({"n": i, "pad": "x" * 30}) + "\n" for i in range(3 * WRITE_CHUNK + 7)]
+    one_by_one, batched = tmp_path / "one" / "audit.log", tmp_path / "batch" / "audit.log"
+    size = 40 * (WRITE_CHUNK + 100)  # the first rotation falls inside the second piece
+    sink = RotatingFileSink(one_by_one, max_size=size, keep=5)
+    for line in lines:
+        sink.write([line])
+    sink.close()
+    sink = RotatingFileSink(batched, max_size=size, keep=5)
+    sink.write(lines)
+    sink.close()
+    names = sorted(p.name for p in one_by_one.parent.iterdir())
+    assert len(names) > 2 and sorted(p.name for p in batched.parent.iterdir()) == names
+    for name in names:
+        assert (batched.parent / name).read_text() == (one_by_one.parent / name).read_text()
+        assert (batched.parent / name).stat().st_size <= size
 
 
 def test_rotation_keep_zero_truncates(tmp_path: Path) -> None:
