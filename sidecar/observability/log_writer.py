@@ -27,7 +27,7 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import repeat
 from pathlib import Path
 from typing import Final, Protocol, TextIO
@@ -46,18 +46,18 @@ MAX_CHARS: Final = 1 << 20  # ... and in characters (about bytes: the lines are 
 LINGER: Final = 0.05  # seconds a busy writer gathers lines between writes (Envoy's access log: 1 s)
 _POPLEFT: Final = deque.popleft  # the unbound method: ``map`` calls it for each line
 # Lines joined and encoded at a time: a busy batch whole (~256 KiB of lines) was a string and
-# its bytes of that size each, the writer's share of the process's peak RSS; ~75 KiB pieces
-# keep the copies in cache and cost a write call more per 256 lines.
+# its bytes of that size each, the writer's share of the process's peak RSS; ~75 KiB pieces,
+# one alive at a time, cost a write call more per 256 lines.
 WRITE_CHUNK: Final = 256
 
 
-def encoded_chunks(lines: list[str]) -> list[tuple[list[str], bytes]]:
+def encoded_chunks(lines: list[str]) -> Iterator[tuple[list[str], bytes]]:
     """``lines`` in pieces of ``WRITE_CHUNK``, each with its UTF-8 (unencodable characters
-    escaped: the lines are JSON, ASCII but for a process log's odd value)."""
-    if len(lines) <= WRITE_CHUNK:
-        return [(lines, "".join(lines).encode("utf-8", "backslashreplace"))]
-    pieces = [lines[start:start + WRITE_CHUNK] for start in range(0, len(lines), WRITE_CHUNK)]
-    return [(piece, "".join(piece).encode("utf-8", "backslashreplace")) for piece in pieces]
+    escaped: the lines are JSON, ASCII but for a process log's odd value), made as the
+    caller asks for the next."""
+    for start in range(0, len(lines), WRITE_CHUNK):
+        piece = lines if len(lines) <= WRITE_CHUNK else lines[start:start + WRITE_CHUNK]
+        yield piece, "".join(piece).encode("utf-8", "backslashreplace")
 
 
 class LineSink(Protocol):
