@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                       format_override=getattr(args, "log_format", None))
     from .app import Sidecar  # after logging is configured
 
+    tune_threads(bootstrap)
     outcome = _Outcome(_app_command(args))
 
     async def run() -> None:
@@ -191,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         logs.close(2.0)  # the loop has stopped: write what is queued (bounded), "stopped" included
     return outcome.exit()
+
+
+def tune_threads(bootstrap: Bootstrap) -> None:
+    """The process's thread switch interval: with tracing, the export thread encodes span
+    batches in Python holding the GIL, and the loop then waits a switch interval for each
+    callback (``tracing.EXPORT_SWITCH_INTERVAL`` says why and how much). Only ever lowered."""
+    if bootstrap.tracing is not None:
+        from .observability.tracing import EXPORT_SWITCH_INTERVAL
+
+        sys.setswitchinterval(min(sys.getswitchinterval(), EXPORT_SWITCH_INTERVAL))
 
 
 def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
@@ -226,6 +237,7 @@ def _main_joined(args: argparse.Namespace, bootstrap: Bootstrap) -> int:
                       format_override=getattr(args, "log_format", None))
     from .app import ControlSetup, Sidecar  # after logging is configured
 
+    tune_threads(bootstrap)
     outcome = _Outcome(_app_command(args))
 
     async def run() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
-import sys
 import time
 import weakref
 from dataclasses import dataclass, replace
@@ -150,11 +149,8 @@ class Sidecar:
         self.admin: AdminServer | None = None
         self.tracer = None  # spans to a collector: imported only when configured
         if bootstrap.tracing is not None:
-            from .observability.tracing import EXPORT_SWITCH_INTERVAL, Tracer
+            from .observability.tracing import Tracer
             self.tracer = Tracer(bootstrap.tracing, bootstrap.service, registry=self.metrics.registry)
-            # the process's, set once here: the export thread's encoding then holds the loop
-            # up for a short slice at a time, not CPython's 5 ms (tracing.py says why)
-            sys.setswitchinterval(min(sys.getswitchinterval(), EXPORT_SWITCH_INTERVAL))
         self.access_log = (AccessLog(logs.channel("access", bootstrap.access_log.path))
                            if bootstrap.access_log.enabled else None)
         self._access_log_config = bootstrap.access_log
