@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Final
 
 __all__ = ["GROUPS", "PURE_ENV", "SourceOnlyFinder", "clean", "compiled_modules", "expected_form",
            "extension_of", "form", "group_libraries", "groups", "loaded_form", "main",
@@ -140,16 +141,28 @@ def has_sse42(cpu_flags: str | None = None) -> bool:
     return "sse4_2" in words and "popcnt" in words
 
 
+_LAUNCHERS: Final = frozenset({"ccache", "sccache", "distcc", "env"})  # run the compiler named next
+
+
 def is_gcc(command: str) -> bool:
     """``command`` (a compiler or linker command line, as setuptools gets it) runs GCC: by its
-    name, or the name of what it links to (Debian's ``cc`` is GCC, macOS's is clang)."""
+    name, or the name of what it links to (Debian's ``cc`` is GCC, macOS's is clang), past a
+    launcher (``ccache gcc``) and environment assignments."""
     import shutil  # (the build's, not a running sidecar's: shutil is ~0.1 MB of imports)
 
     words = command.split()
+    while words and (Path(words[0]).name in _LAUNCHERS or "=" in words[0]):
+        words = words[1:]
     if not words:
         return False
+    if _gcc_name(Path(words[0]).name):
+        return True
     found = shutil.which(words[0])
-    return "gcc" in Path(words[0]).name or (found is not None and "gcc" in Path(os.path.realpath(found)).name)
+    return found is not None and _gcc_name(Path(os.path.realpath(found)).name)
+
+
+def _gcc_name(name: str) -> bool:
+    return name == "gcc" or name.startswith("gcc-") or name.endswith("-gcc") or "-gcc-" in name
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,10 @@ def test_a_compiler_is_gcc_by_its_name_or_what_its_name_links_to(tmp_path: Path)
     (tmp_path / "c99").symlink_to(tmp_path / "clang-16")
     assert compiled.is_gcc(f"{tmp_path}/cc -pthread") and compiled.is_gcc("gcc -shared")
     assert not compiled.is_gcc(f"{tmp_path}/c99") and not compiled.is_gcc("clang") and not compiled.is_gcc("")
+    # past a launcher and environment assignments, as setuptools runs them
+    assert compiled.is_gcc("ccache gcc") and compiled.is_gcc("CCACHE_DIR=/x ccache x86_64-linux-gnu-gcc-12 -O2")
+    assert compiled.is_gcc(f"env CC=1 {tmp_path}/cc") and not compiled.is_gcc("ccache clang")
+    assert not compiled.is_gcc("gccgo") and not compiled.is_gcc("ccache")
 
 
 def test_the_built_wire_module_loads_in_a_fresh_interpreter() -> None:
