@@ -316,10 +316,10 @@ class BuildFailed(Exception):
     pass
 
 
-def build(package: Path = _PACKAGE, *, lto: bool = True) -> float:
+def build(package: Path = _PACKAGE, *, options: WireOptions | None = None) -> float:
     """Compile every module of ``GROUPS`` into ``package``, a library per group, and the wire's
-    C helpers (``lto``: see ``WireOptions``); seconds it took. On failure nothing compiled is
-    left behind: the sidecar then runs as Python."""
+    C helpers (``options``: this machine's by default); seconds it took. On failure nothing
+    compiled is left behind: the sidecar then runs as Python."""
     import tempfile  # (the build's imports stay out of a running sidecar)
     import threading
     import time
@@ -351,7 +351,7 @@ def build(package: Path = _PACKAGE, *, lto: bool = True) -> float:
                 if (package / WIRE_SOURCE).exists():
                     from setuptools import Extension
 
-                    options = WireOptions.for_build(lto=lto)
+                    options = options or WireOptions.for_build()
                     extensions.append(Extension(
                         "sidecar.http._wire", [str(Path(package.name) / name) for name in WIRE_SOURCES],
                         define_macros=options.define_macros, extra_compile_args=options.extra_compile_args,
@@ -396,16 +396,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"compiling the hot path with mypyc: {len(sources())} modules (about 90 s on 2 cores)...",
           flush=True)
-    lto = WireOptions.for_build().lto
+    options = WireOptions.for_build()
     try:
-        took = build(lto=lto)
+        took = build(options=options)
         why = wire_refused()
-        if why and lto:
+        if why and options.lto:
             # a linker that took GCC's LTO objects and made a module without them
             print(f"the wire's C helpers built with -flto do not load ({why}): building again without it",
                   flush=True)
-            lto = False
-            took += build(lto=False)
+            options = WireOptions.for_build(lto=False)
+            took += build(options=options)
             why = wire_refused()
     except BuildFailed as exc:
         print(f"could not compile the hot path ({exc}): the sidecar runs as pure Python", file=sys.stderr)
@@ -414,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the wire's C helpers do not load ({why}): the parsers call Python a header line",
               file=sys.stderr)
         return 1 if args.required else 0
-    simd = WireOptions.for_build().simd
-    built = ", ".join([f"llhttp for {simd}" if simd else "llhttp"] + (["LTO"] if lto else []))
+    built = ", ".join([f"llhttp for {options.simd}" if options.simd else "llhttp"]
+                      + (["LTO"] if options.lto else []))
     print(f"compiled {len(sources())} modules in {took:.0f} s, and the wire's C helpers ({built}): {form()}")
     return 0
 
