@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib.machinery
 import os
 import sys
-import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +96,9 @@ LLHTTP_FILES = ("http/llhttp/llhttp.c", "http/llhttp/api.c", "http/llhttp/http.c
 LLHTTP_FROM_HTTPTOOLS = "0.9.0"
 
 _PACKAGE = Path(__file__).resolve().parent
-_EXT_SUFFIX = str(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+# what sysconfig's EXT_SUFFIX says, from the import system: ``sysconfig`` and its build-time
+# data are ~0.15 MB of every running sidecar (only a build reads the compiler from them)
+_EXT_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
 def groups(package: Path = _PACKAGE) -> dict[str, list[Path]]:
@@ -188,6 +189,8 @@ class WireOptions:
     @classmethod
     def for_build(cls, *, lto: bool = True, compiler: str | None = None, linker: str | None = None,
                   cpu_flags: str | None = None) -> WireOptions:
+        import sysconfig  # (a build's, not a running sidecar's)
+
         if compiler is None:
             compiler = os.environ.get("CC") or str(sysconfig.get_config_var("CC") or "")
         if linker is None:

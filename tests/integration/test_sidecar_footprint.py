@@ -24,8 +24,10 @@ from tests.helpers.upstreams import RecordingUpstream
 # Loaded by nothing a sidecar needs: a Retry-After date is read without email.utils (email,
 # calendar, quopri...), the hot path's form is told without importlib.abc (which brings
 # importlib.resources, tempfile, shutil and the compression modules), the command line reads
-# the terminal's width without shutil, and certificates load without tempfile.
-NOT_LOADED = ("email", "calendar", "importlib.resources", "tempfile", "shutil", "bz2", "lzma")
+# the terminal's width without shutil, certificates load without tempfile, and the compiled
+# modules' file suffix comes from the import system, not sysconfig's build-time data.
+NOT_LOADED = ("email", "calendar", "importlib.resources", "tempfile", "shutil", "bz2", "lzma", "sysconfig",
+              "_sysconfigdata__linux_x86_64-linux-gnu")
 SIDECAR_IMPORTS = """
 import json, sys
 import uvloop
