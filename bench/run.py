@@ -140,6 +140,10 @@ class PathSpec:
     needs: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
     open_loop: bool = True
     variant: Literal["plain", "mtls"] = "plain"
+    # judged by a cost of a few % against another cost path (the access log's, tracing's):
+    # one run's spread is larger, so it runs ``--cost-runs`` times (closed loop only after the
+    # first), interleaved with the others, and the target takes the median
+    cost: bool = False
 
 
 def _start_direct(ctx: Ctx) -> Started:
@@ -365,15 +369,15 @@ def _needs_haproxy() -> str | None:
 
 PATHS: list[PathSpec] = [
     PathSpec("direct", "direct", "direct", 0, _start_direct),
-    PathSpec("sidecar-1", "one sidecar hop", "sidecar", 1, _start_one_sidecar),
+    PathSpec("sidecar-1", "one sidecar hop", "sidecar", 1, _start_one_sidecar, cost=True),
     PathSpec("sidecar-2", "two-sidecar path", "sidecar", 2, _start_two_sidecars),
     # issue 11: what the access log costs, judged against sidecar-1
     PathSpec("sidecar-1-log", "one sidecar hop, access log to a file", "sidecar", 1,
-             lambda c: _start_one_sidecar(c, "file")),
+             lambda c: _start_one_sidecar(c, "file"), cost=True),
     PathSpec("sidecar-1-stdout", "one sidecar hop, access log to stdout (quickstart)", "sidecar", 1,
-             lambda c: _start_one_sidecar(c, "stdout")),
+             lambda c: _start_one_sidecar(c, "stdout"), cost=True),
     PathSpec("sidecar-1-trace-1", "one sidecar hop, tracing 1%", "sidecar", 1,
-             lambda c: _start_traced_sidecar(c, "1%")),
+             lambda c: _start_traced_sidecar(c, "1%"), cost=True),
     PathSpec("sidecar-1-trace-100", "one sidecar hop, tracing 100%", "sidecar", 1,
              lambda c: _start_traced_sidecar(c, "100%")),
     PathSpec("haproxy-1", "HAProxy one hop", "haproxy", 1, lambda c: _start_haproxy(c, 1), _needs_haproxy),
@@ -433,6 +437,7 @@ class Settings:
     open_loop_duration: float
     open_loop_connections: int
     repeat: int
+    cost_runs: int  # runs of a cost path (PathSpec.cost) at the least
     loadgen: Literal["wrk", "python"]
     loadgen_reason: str  # why this generator: "wrk installed", "wrk not found", "--loadgen python"
     script: Path
@@ -476,7 +481,7 @@ class _Meter:
 
 
 def measure_path(spec: PathSpec, ctx: Ctx, settings: Settings, profile: str, upstream: Proc,
-                 headers: list[tuple[str, str]]) -> dict[str, Any]:
+                 headers: list[tuple[str, str]], *, with_open_loop: bool = True) -> dict[str, Any]:
     started = spec.start(ctx)
     try:
         if settings.warmup > 0:
@@ -495,7 +500,7 @@ def measure_path(spec: PathSpec, ctx: Ctx, settings: Settings, profile: str, ups
             **cpu,
             "proxies": [],
         }
-        if settings.open_loop and spec.open_loop:
+        if settings.open_loop and spec.open_loop and with_open_loop:
             meter.start()
             ol = open_loop(started.port, rate=settings.rate, duration=settings.open_loop_duration,
                            connections=settings.open_loop_connections, headers=headers).to_json()
@@ -565,7 +570,9 @@ def run_all(settings: Settings, paths: list[PathSpec], log: Callable[[str], None
             log(f"skipping {spec.label}: {reason}")
         else:
             runnable.append(spec)
-    total = len(settings.profiles) * settings.repeat * len(runnable)
+    runs = {spec.key: path_runs(spec, settings) for spec in runnable}
+    rounds = max(runs.values(), default=1)
+    total = len(settings.profiles) * sum(runs.values())
     step = 0
     with tempfile.TemporaryDirectory(prefix="pake-bench-") as tmp:
         root = Path(tmp)
@@ -575,16 +582,19 @@ def run_all(settings: Settings, paths: list[PathSpec], log: Callable[[str], None
             for profile in settings.profiles:
                 headers = lua_headers(settings.script) if profile == "realistic" else []
                 upstream, up_port = start_upstream(procs, profile)
-                for rep in range(1, settings.repeat + 1):
+                for rep in range(1, rounds + 1):
                     for spec in runnable:
+                        if rep > runs[spec.key]:
+                            continue
                         step += 1
-                        tag = f" (run {rep}/{settings.repeat})" if settings.repeat > 1 else ""
+                        tag = f" (run {rep}/{runs[spec.key]})" if runs[spec.key] > 1 else ""
                         log(f"[{step}/{total}] {profile}: {spec.label}{tag} …")
                         workdir = root / f"{profile}-{spec.key}-{rep}"
                         workdir.mkdir()
                         ctx = Ctx(procs, workdir, up_port, shared)
                         try:
-                            run = measure_path(spec, ctx, settings, profile, upstream, headers)
+                            run = measure_path(spec, ctx, settings, profile, upstream, headers,
+                                               with_open_loop=rep <= settings.repeat)
                         except (StartError, RuntimeError, OSError, ValueError) as exc:
                             msg = f"{type(exc).__name__}: {exc}"
                             results["errors"].append({"profile": profile, "path": spec.key, "run": rep,
@@ -600,6 +610,13 @@ def run_all(settings: Settings, paths: list[PathSpec], log: Callable[[str], None
     results["best"] = best_runs(results["runs"])
     results["targets"] = evaluate_targets(results["best"], paths)
     return results
+
+
+def path_runs(spec: PathSpec, settings: Settings) -> int:
+    """How many times a path is measured: ``--repeat``, and a cost path at least
+    ``--cost-runs`` (its runs past ``--repeat`` without the open loop: a few % of CPU is
+    judged, not the added latency, and the open loop's figure is the lowest p99 of its runs)."""
+    return max(settings.repeat, settings.cost_runs if spec.cost else 1)
 
 
 def _one_line(run: dict[str, Any]) -> str:
@@ -810,12 +827,17 @@ def render(results: dict[str, Any]) -> str:
     title = (f"closed loop: {gen} -t1 -c{s['connections']} -d{s['duration']:g}s" if gen == "wrk" else
              f"closed loop: Python generator ({s['loadgen_reason']}), {s['connections']} connections, "
              f"{s['duration']:g}s")
+    # several runs of a path (--repeat, or a cost path's --cost-runs): its best run's figures,
+    # every run's req/s, and the median CPU that a cost is judged by
+    several = any(e["runs"] > 1 for e in best.values())
     if s["repeat"] > 1:
-        title += f"; best of {s['repeat']} runs (all runs' req/s in the last column)"
+        title += f"; best of {s['repeat']} runs"
+    elif several:
+        title += f"; a cost path: best of its {s.get('cost_runs', 1)} runs"
     lines.append(title + f"; the sidecars' hot path: {results['machine'].get('hot_path', '?')}")
     header = ["profile", "path", "req/s", "p50 ms", "p99 ms", "proxy CPU µs/req", "of it system", "peak RSS MB"]
-    if s["repeat"] > 1:
-        header.append("req/s, every run")
+    if several:
+        header += ["req/s, every run", "CPU µs/req, median"]
     rows = [header]
     for e in best.values():
         cpu = system = "-"
@@ -826,8 +848,8 @@ def render(results: dict[str, Any]) -> str:
         rss = ", ".join(_f(p["peak_rss_mb"], 1) for p in e["proxies"]) or "-"
         row = [e["profile"], e["label"], f"{e['rps']:,.0f}" + (" !" if e["errors"] else ""),
                _f(e["p50_ms"]), _f(e["p99_ms"]), cpu, system, rss]
-        if s["repeat"] > 1:
-            row.append(", ".join(f"{r:,.0f}" for r in e["rps_all"]))
+        if several:
+            row += [", ".join(f"{r:,.0f}" for r in e["rps_all"]), _f(e["cpu_us_per_req_median"], 1)]
         rows.append(row)
     lines += _table(rows)
     if any(e["errors"] for e in best.values()):
@@ -961,7 +983,7 @@ def _settings_json(s: Settings) -> dict[str, Any]:
     return {"profiles": s.profiles, "duration": s.duration, "warmup": s.warmup, "connections": s.connections,
             "threads": 1, "open_loop": s.open_loop, "rate": s.rate,
             "open_loop_duration": s.open_loop_duration,
-            "open_loop_connections": s.open_loop_connections, "repeat": s.repeat,
+            "open_loop_connections": s.open_loop_connections, "repeat": s.repeat, "cost_runs": s.cost_runs,
             "loadgen": s.loadgen, "loadgen_reason": s.loadgen_reason,
             "realistic_script": str(s.script)}
 
@@ -984,6 +1006,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--open-loop-connections", type=int, default=8, help="(default 8)")
     add("--repeat", type=int, default=1,
         help="measure every path this many times, interleaved; the table shows the best (default 1)")
+    add("--cost-runs", type=int, default=None,
+        help="runs of each path judged by a cost of a few %% against another (the access log's, tracing's: "
+             + ", ".join(s.key for s in PATHS if s.cost) + "), interleaved; the target takes the median "
+             "(default 3, --quick 1)")
     add("--loadgen", choices=("auto", "wrk", "python"), default="auto",
         help="closed-loop generator (default auto: wrk when installed, else Python)")
     add("--realistic-script", type=Path, default=DEFAULT_SCRIPT,
@@ -1006,6 +1032,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--instructions-baseline", type=Path, default=None,
         help="a previous results JSON: the counts are shown beside its counts")
     args = p.parse_args(argv)
+    if args.cost_runs is not None and args.cost_runs < 1:
+        p.error("--cost-runs must be positive")
     if args.repeat < 1 or args.connections < 1 or args.open_loop_connections < 1 or args.rate <= 0:
         p.error("--repeat, --connections, --open-loop-connections and --rate must be positive")
     return args
@@ -1090,6 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
         open_loop_duration=(args.open_loop_duration if args.open_loop_duration is not None
                             else (2.0 if args.quick else 5.0)),
         open_loop_connections=args.open_loop_connections, repeat=args.repeat,
+        cost_runs=args.cost_runs if args.cost_runs is not None else (1 if args.quick else 3),
         loadgen=loadgen, loadgen_reason=reason,
         script=script, output=args.output,
     )
