@@ -150,13 +150,25 @@ def cpu_ticks(pid: int) -> int:
 
 
 def memory_kb(pid: int) -> dict[str, int]:
-    """VmHWM (peak resident set) and VmRSS, in KiB."""
+    """VmHWM (peak resident set) and VmRSS, in KiB; and Anonymous: the pages the process
+    allocated itself (objects, heap, buffers, stacks), where RSS also counts the pages of
+    libraries it mapped, which the page cache shares with every process on the host (and a
+    file's pages not yet written back count as private dirty: anonymous does not move with a
+    fresh build)."""
     out: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in ("VmHWM", "VmRSS"):
                 out[key] = int(value.split()[0])
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:  # (Linux 4.14 and later)
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "Anonymous":
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
     return out
 
 

@@ -69,6 +69,7 @@ def test_every_sidecar_path_measured(results: dict[str, Any]) -> None:
             assert proxy["cpu_us_per_req"] > 0
             assert 0 <= proxy["system_us_per_req"] <= proxy["cpu_us_per_req"]
             assert proxy["peak_rss_mb"] > 0
+            assert 0 < proxy["anonymous_after_load_mb"] < proxy["rss_after_load_mb"]
             # the traffic went through the sidecar, which counted it (metrics on)
             assert proxy["metrics_requests_total"] >= run["closed_loop"]["requests"]
     assert results["best"]["tiny/sidecar-1"]["added_p99_ms_per_hop"] is not None
@@ -138,6 +139,11 @@ def test_targets_a_user_reads(bench: tuple[dict[str, Any], str]) -> None:
                  "mTLS sidecar peak RSS under load (VmHWM, sidecar-2-mtls and -policy)"):
         assert names[name]["status"] in ("PASS", "MISS"), name
         assert name in stdout
+    own = ("plain sidecar's own memory after load (anonymous pages; RSS adds library pages shared "
+           "between processes)")
+    assert names[own]["status"] == "info" and 0 < names[own]["value"] < names[
+        "plain sidecar peak RSS under load (VmHWM, any plain path without tracing)"]["value"]
+    assert own in stdout
     assert "targets:" in stdout and "checks" in stdout
 
 

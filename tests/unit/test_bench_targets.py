@@ -46,3 +46,20 @@ def test_the_user_part_of_cpu_is_compared_with_haproxys_per_proxy() -> None:
     assert (pair["status"], pair["value"]) == ("info", round(13.5 / 7.0, 2))
     assert "(13.5 vs 7.0 µs)" in next(t["target"] for t in evaluate_targets(best, PATHS + MTLS_PATHS)
                                       if t["target"].startswith("tiny: user CPU µs/req per sidecar"))
+
+
+def test_a_sidecars_own_memory_is_shown_beside_its_rss_without_tracing_or_churn() -> None:
+    """RSS counts the pages of every library a sidecar maps, which the page cache shares
+    between the sidecars of a host; what each one adds is its anonymous pages, shown per
+    variant as the largest of its paths (tracing's and the churn test's apart, as for RSS)."""
+    best = {}
+    for path, variant, anonymous in (("sidecar-1", "plain", 20.5), ("sidecar-1-log", "plain", 21.25),
+                                     ("sidecar-1-trace-1", "plain", 31.0), ("sidecar-2-mtls", "mtls", 26.0),
+                                     ("sidecar-2-mtls-new", "mtls", 60.0)):
+        e = entry("tiny", path, 20.0)
+        e.update(variant=variant, anonymous_mb=anonymous)
+        best[f"tiny/{path}"] = e
+    own = {t["target"].split("'s own")[0]: t for t in evaluate_targets(best, PATHS + MTLS_PATHS)
+           if "own memory" in t["target"]}
+    assert {name: (t["value"], t["status"]) for name, t in own.items()} == {
+        "plain sidecar": (21.25, "info"), "mTLS sidecar": (26.0, "info")}
