@@ -18,7 +18,8 @@ Beside the mypyc libraries, the build compiles one C module of our own: ``http/_
 HTTP/1.1 wire where a Python call a header line was the cost (``http/wire.py``): a head's
 header lines reach the parsers as one list (llhttp driven from C: the llhttp httptools
 carries, built into it with SSE4.2 where the CPU has it, ``http/llhttp/README.md``), and are
-written by one call.
+written by one call; and the TLS records under them are read and written with the GIL held
+(``http/_tls_records.c``).
 
 A compiled module older than its source would run code that is no longer there: ``stale()``
 finds them, ``build --if-stale`` rebuilds, the test session refuses to start with them and the
@@ -87,9 +88,12 @@ _LEFT_AS_PYTHON = frozenset({
 
 # The HTTP/1.1 wire's C helpers (http/_wire.c, http/wire.py): C, not mypyc, built beside the
 # libraries, with llhttp's sources (http/llhttp/: the copy httptools 0.9.0 carries) in them;
-# its parser through http/_llhttp_parser.c, the one file built for SSE4.2.
+# its parser through http/_llhttp_parser.c, the one file built for SSE4.2; and the TLS records'
+# reads and writes (http/_tls_records.c, upstream/tls_protocol.py).
 WIRE_SOURCE = "http/_wire.c"
-WIRE_SOURCES = (WIRE_SOURCE, "http/_llhttp_parser.c", "http/llhttp/api.c", "http/llhttp/http.c")
+WIRE_SOURCES = (WIRE_SOURCE, "http/_llhttp_parser.c", "http/llhttp/api.c", "http/llhttp/http.c",
+                "http/_tls_records.c")
+WIRE_HEADERS = ("http/_tls_records.h",)
 LLHTTP_FILES = ("http/llhttp/llhttp.c", "http/llhttp/api.c", "http/llhttp/http.c", "http/llhttp/llhttp.h")
 # the httptools whose sdist's vendor/llhttp is http/llhttp/: the pure form parses with that
 # httptools, so a test fails in CI when another is installed (copy its llhttp, set this)
@@ -124,7 +128,7 @@ def groups(package: Path = _PACKAGE) -> dict[str, list[Path]]:
 def wire_inputs(package: Path = _PACKAGE) -> list[Path]:
     """What the wire's C helpers are made from: their sources, llhttp's files, and this
     module (it holds the build's options): any newer than the module makes it stale."""
-    files = dict.fromkeys((*WIRE_SOURCES, *LLHTTP_FILES, "compiled.py"))
+    files = dict.fromkeys((*WIRE_SOURCES, *WIRE_HEADERS, *LLHTTP_FILES, "compiled.py"))
     return [package / name for name in files]
 
 

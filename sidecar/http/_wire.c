@@ -1,5 +1,6 @@
 /* The HTTP/1.1 wire in C, where a Python call a header line was the cost: heads read through
- * llhttp with their header lines gathered (Parser), and heads written (head).
+ * llhttp with their header lines gathered (Parser), and heads written (head); and the TLS
+ * records under them read and written without giving the GIL up (_tls_records.c).
  * Part of the hot path's compiled form (sidecar/compiled.py builds it); sidecar/http/wire.py
  * says which the modules use, and the pure-Python form has neither.
  *
@@ -43,6 +44,7 @@
 #include <stdlib.h>
 
 #include "llhttp/llhttp.h"
+#include "_tls_records.h"
 
 #define LLHTTP_VERSION_TEXT_(a, b, c) #a "." #b "." #c
 #define LLHTTP_VERSION_TEXT(a, b, c) LLHTTP_VERSION_TEXT_(a, b, c)
@@ -1170,6 +1172,14 @@ static PyMethodDef module_functions[] = {
     {"head", (PyCFunction)(void (*)(void))head, METH_FASTCALL,
      "head(headers, extra, tail, *parts): parts, a b'name: value\\r\\n' line a (name, value) "
      "pair of headers, extra's lines, tail: one bytes object (writer's heads)."},
+    {"tls_read", (PyCFunction)(void (*)(void))tls_read, METH_FASTCALL,
+     "tls_read(sslobj, n): sslobj.read(n) (an _ssl._SSLSocket over memory BIOs), OpenSSL "
+     "called with the GIL held (_tls_records.c)."},
+    {"tls_write", (PyCFunction)(void (*)(void))tls_write, METH_FASTCALL,
+     "tls_write(sslobj, data): sslobj.write(data), OpenSSL called with the GIL held."},
+    {"tls_records", tls_records, METH_O,
+     "tls_records(sslobj): '' when tls_read and tls_write call OpenSSL themselves for it, "
+     "else why they call its methods."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,7 +9,8 @@ A line whose name the parsers neither read nor drop (a plain line: not among ``s
 any case, and without an underscore) is not a pair but part of the head's block: the lines
 as the writer writes them, one bytes object (``RequestHead.block``). A head is written by
 one C call; where pipelined heads end in a read is found by one, and so
-is whether a request id is visible ASCII.
+is whether a request id is visible ASCII. Beneath, a TLS connection's records are read and
+written with the GIL held (``TLS_READ``, ``TLS_WRITE``).
 
 The pure-Python form (and a compiled one whose module would not load: built for SSE4.2, on a
 CPU without it) uses httptools' parsers, which call ``on_header``, the writer's join of a
@@ -24,8 +25,8 @@ from typing import Any, Final
 
 import httptools
 
-__all__ = ["GATHERS_HEADERS", "HEAD", "HEAD_ENDS", "UNAVAILABLE", "VISIBLE", "names", "request_parser",
-           "response_parser"]
+__all__ = ["GATHERS_HEADERS", "HEAD", "HEAD_ENDS", "TLS_READ", "TLS_WRITE", "UNAVAILABLE", "VISIBLE", "names",
+           "request_parser", "response_parser"]
 
 
 def _wire() -> tuple[Any, str]:
@@ -56,6 +57,12 @@ HEAD: Final[Callable[..., bytes] | None] = getattr(_C, "head", None)
 HEAD_ENDS: Final[Callable[[bytes, int, int, int], int] | None] = getattr(_C, "head_ends", None)
 # ``visible(value)``: every byte visible ASCII (a request id kept); None: headers' own loop
 VISIBLE: Final[Callable[[bytes], bool] | None] = getattr(_C, "visible", None)
+# ``tls_read(sslobj, n)``, ``tls_write(sslobj, data)``: an ``_ssl._SSLSocket``'s ``read`` and
+# ``write`` over memory BIOs with OpenSSL called with the GIL held (its methods give it up and
+# take it back around each call, ~1.7k instructions an exchange on a TLS side: _tls_records.c);
+# None: its methods
+TLS_READ: Final[Callable[[object, int], bytes] | None] = getattr(_C, "tls_read", None)
+TLS_WRITE: Final[Callable[[object, bytes | bytearray | memoryview], int] | None] = getattr(_C, "tls_write", None)
 
 
 def names(spellings: tuple[bytes, ...]) -> object:

@@ -8,6 +8,9 @@ server 32.4k instructions on its TLS layer and 26.5k on a prototype of this one,
 (callgrind; bench/README.md). OpenSSL reading the socket itself was cheaper still in
 instructions but not in time: without read-ahead it reads a record's header and its body
 in two syscalls, where the TCP transport reads a whole burst into the incoming BIO in one.
+The compiled form reads and writes the records through the wire's C helpers (``TLS_READ``,
+``TLS_WRITE``: OpenSSL's calls made with the GIL held, which ``_ssl`` gives up and takes back
+around each one).
 
 ``TlsProtocol`` is the TCP transport's protocol and its connection's transport: the
 asyncio ``Transport`` that ``UpstreamConnection`` and ``DownstreamConnection`` speak
@@ -29,6 +32,8 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
+from ..http.wire import TLS_READ, TLS_WRITE
+
 if TYPE_CHECKING:
     from ..listener.connection import DownstreamConnection
     from .upstream_connection import UpstreamConnection
@@ -36,6 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["ConnectionApp", "TLS_RECORD", "TlsProtocol"]
 
 _EOF: Final = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
+# Final: compiled, C statics (an imported name is a look-up in the module's globals a read)
+_TLS_READ: Final = TLS_READ
+_TLS_WRITE: Final = TLS_WRITE
 # The most plaintext one TLS record carries (RFC 8446 §5.1), and so the most one read of
 # OpenSSL's returns: a read is a new bytes object of the size asked for, cut to what it holds.
 TLS_RECORD: Final = 16384
@@ -79,8 +87,10 @@ class TlsProtocol(asyncio.Protocol):
         self._ssl = ssl_object = context.wrap_bio(self._incoming, self._outgoing,
                                                   server_side=server_side,
                                                   server_hostname=server_hostname)
-        # the C object's own methods (ssl.SSLObject's are Python wrappers around them)
+        # the C object's own methods (ssl.SSLObject's are Python wrappers around them); its
+        # reads and writes through the wire's C helpers where the compiled form has them
         native: Any = getattr(ssl_object, "_sslobj")
+        self._native: object = native
         self._read: Callable[[int], bytes] = native.read
         self._write: Callable[[bytes | bytearray | memoryview], int] = native.write
         self._pending: Callable[[], int] = native.pending
@@ -212,7 +222,7 @@ class TlsProtocol(asyncio.Protocol):
             if size > TLS_RECORD:
                 size = TLS_RECORD
             try:
-                data = self._read(size)
+                data = _TLS_READ(self._native, size) if _TLS_READ is not None else self._read(size)
             except ssl.SSLWantReadError:
                 break  # part of a record, or no data in it (a session ticket)
             except _EOF:
@@ -280,7 +290,10 @@ class TlsProtocol(asyncio.Protocol):
         if self._closing or not self._connected:
             return  # after close or abort: nothing more goes out
         try:
-            self._write(data)
+            if _TLS_WRITE is not None:
+                _TLS_WRITE(self._native, data)
+            else:
+                self._write(data)
         except (ssl.SSLError, OSError) as exc:
             self._fatal(exc)
             return

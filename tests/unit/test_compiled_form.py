@@ -64,7 +64,7 @@ def test_the_form_on_disk_is_python_until_built_and_stale_once_a_source_is_newer
     wire.write_bytes(b"")
     assert (compiled.form(package), compiled.stale(package)) == ("compiled", [])
     # another llhttp copied in, an edit of ours, other build options
-    for name in (*compiled.LLHTTP_FILES, *compiled.WIRE_SOURCES[1:], "compiled.py"):
+    for name in (*compiled.LLHTTP_FILES, *compiled.WIRE_SOURCES[1:], *compiled.WIRE_HEADERS, "compiled.py"):
         path = package / name
         path.write_text(path.read_text() + "/* 9.5 */\n")
         assert compiled.stale(package) == [package / compiled.WIRE_SOURCE], name

@@ -41,5 +41,5 @@ def test_wheel_holds_sidecar_certs_and_control_only(tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith("tests/") or "/tests/" in n]
     assert "sidecar/config/redact.py" in names and "control/cli.py" in names
     # what `python -m sidecar.compiled build` compiles besides the modules: the wire's C helpers
-    assert {"sidecar/http/_wire.pyi", *(f"sidecar/{name}" for name in (*compiled.WIRE_SOURCES,
+    assert {"sidecar/http/_wire.pyi", *(f"sidecar/{name}" for name in (*compiled.WIRE_SOURCES, *compiled.WIRE_HEADERS,
                                                                       *compiled.LLHTTP_FILES))} <= set(names)
