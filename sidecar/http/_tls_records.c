@@ -8,9 +8,13 @@
  * tiny mTLS pair's inbound side). Here the same OpenSSL calls are made with the GIL held.
  *
  * What ``_ssl`` does and this does not: it writes the call's error into its object (read
- * again only by its own next failing call, which writes it first) and checks the signals
- * after each call (the event loop does). What it does alike: a read asks for ``n`` bytes and
- * cuts them to what came (``_PyBytes_Resize``); a close_notify read is ``b""``.
+ * again only by its own next failing call, which writes it first), checks the signals after
+ * each call (the event loop does), and raises after a read or write that worked an exception
+ * a callback stored on the object: only a message callback (``SSLContext._msg_callback``, a
+ * debugging hook) stores one after the handshake, and tls_protocol calls the methods for a
+ * context that has one. What it does alike: a read asks for ``n`` bytes and cuts them to
+ * what came (``_PyBytes_Resize``); a close_notify read is ``b""``. Only objects over memory
+ * BIOs (``wrap_bio``'s): a socket's may block, and is left to its methods.
  *
  * Anything but a read or a write that worked, or a close_notify, is left to ``_ssl``: the
  * call is made again through the object's own method, which raises what it always raised.
@@ -127,7 +131,10 @@ check(PyObject *obj)
     SslSocketHead *head = (SslSocketHead *)obj;
     int same = head->ctx == context;
     Py_DECREF(context);
-    /* the context in its place says the SSL is in its own; then its app data is the object */
+    /* the context in its place says the SSL is in its own; then its app data is the object.
+     * (A socket's object, whose SSL reads the socket, is checked no further: never used.) */
+    if (head->socket != NULL)
+        return 0;
     if (!same || head->ssl == NULL || ssl_get_ex_data(head->ssl, 0) != (void *)obj) {
         Py_DECREF(type);
         refuse("_ssl's _SSLSocket is not laid out as read (the context, the SSL's app data)");
@@ -138,7 +145,9 @@ check(PyObject *obj)
     return 0;
 }
 
-/* the object's SSL when this module may use it, else NULL (and -1 with an error set) */
+/* the object's SSL when this module may use it, else NULL (and *error set with a Python
+ * error). Only over memory BIOs: a socket's object (``ssl.SSLSocket``'s) has its SSL read the
+ * socket, which may block, and ``_ssl`` then waits for it with the GIL given up. */
 static SSL *
 usable(PyObject *obj, int *error)
 {
@@ -149,7 +158,10 @@ usable(PyObject *obj, int *error)
     }
     if (state != USABLE || Py_TYPE(obj) != socket_type)
         return NULL;
-    SSL *ssl = ((SslSocketHead *)obj)->ssl;
+    SslSocketHead *head = (SslSocketHead *)obj;
+    if (head->socket != NULL)
+        return NULL;
+    SSL *ssl = head->ssl;
     return ssl != NULL && ssl_get_ex_data(ssl, 0) == (void *)obj ? ssl : NULL;
 }
 
@@ -216,5 +228,5 @@ tls_records(PyObject *Py_UNUSED(module), PyObject *obj)
     if (error)
         return NULL;
     return PyUnicode_FromString(ssl != NULL ? "" : state == REFUSED ? refused
-                                : "not an _ssl._SSLSocket with its SSL: its methods are called");
+                                : "not an _ssl._SSLSocket over memory BIOs: its methods are called");
 }

@@ -91,6 +91,9 @@ class TlsProtocol(asyncio.Protocol):
         # reads and writes through the wire's C helpers where the compiled form has them
         native: Any = getattr(ssl_object, "_sslobj")
         self._native: object = native
+        # (not with a message callback, a debugging hook: an exception it raises fails the
+        # method's read or write that ran it, and the helpers would leave it for the next call)
+        self._records = _TLS_READ is not None and getattr(context, "_msg_callback", None) is None
         self._read: Callable[[int], bytes] = native.read
         self._write: Callable[[bytes | bytearray | memoryview], int] = native.write
         self._pending: Callable[[], int] = native.pending
@@ -222,7 +225,7 @@ class TlsProtocol(asyncio.Protocol):
             if size > TLS_RECORD:
                 size = TLS_RECORD
             try:
-                data = _TLS_READ(self._native, size) if _TLS_READ is not None else self._read(size)
+                data = _TLS_READ(self._native, size) if self._records and _TLS_READ is not None else self._read(size)
             except ssl.SSLWantReadError:
                 break  # part of a record, or no data in it (a session ticket)
             except _EOF:
@@ -290,7 +293,7 @@ class TlsProtocol(asyncio.Protocol):
         if self._closing or not self._connected:
             return  # after close or abort: nothing more goes out
         try:
-            if _TLS_WRITE is not None:
+            if self._records and _TLS_WRITE is not None:
                 _TLS_WRITE(self._native, data)
             else:
                 self._write(data)

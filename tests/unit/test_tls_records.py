@@ -5,8 +5,11 @@ the methods)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,23 +158,113 @@ def test_anything_else_is_the_objects_own_method() -> None:
     assert records.calls == [("read", 5), ("write", b"abc")]
     assert "_SSLSocket" in getattr(wire, "_C").tls_records(records)
     with pytest.raises(TypeError):
-        wire.TLS_READ(records, "5")
+        wire.TLS_READ(records, "5")  # type: ignore[arg-type]
 
 
-def test_nothing_to_write_or_read_is_the_methods_answer(pairs: tuple[Pair, Pair]) -> None:
-    fast, slow = pairs
+def outcome(call: Callable[[], object]) -> object:
+    """What a call did: its result, or its exception's type, reason, library and message."""
+    try:
+        return ("ok", call())
+    except Exception as exc:  # noqa: BLE001 - what the method does, whatever it is
+        return (type(exc).__name__, getattr(exc, "reason", None), getattr(exc, "library", None), str(exc))
+
+
+def alike(contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+          scenario: Callable[[Pair, Callable[[Any, int], bytes], Callable[[Any, bytes], int]], list[object]]) -> None:
+    """The scenario on two fresh sessions, through the helpers and through the methods: the
+    same outcomes, call by call."""
     assert wire.TLS_READ is not None and wire.TLS_WRITE is not None
-    assert wire.TLS_READ(fast.s, 0) == slow.s.read(0) == b""
-    with pytest.raises(ValueError):
-        wire.TLS_READ(fast.s, -1)
+    fast = scenario(Pair(*contexts), wire.TLS_READ, wire.TLS_WRITE)
+    slow = scenario(Pair(*contexts), lambda obj, n: obj.read(n), lambda obj, data: obj.write(data))
+    assert fast == slow
 
-    def outcome(call: Any) -> object:
+
+def test_the_ends_of_a_session_are_the_methods_ends(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A close_notify after ours (both shutdown flags: _ssl raises, where one alone reads as
+    nothing), the peer's fatal alert, the transport's end mid-session and mid-record, a write
+    after a close, nothing to read or write: each is what ``_ssl``'s methods make of it."""
+    def both_closed(p: Pair, read: Callable[[Any, int], bytes], write: Callable[[Any, bytes], int]) -> list[object]:
+        with pytest.raises(ssl.SSLWantReadError):
+            p.server.unwrap()
+        p.c_in.write(p.s_out.read())
+        p.client.unwrap()  # answers the server's close_notify with its own
+        p.to_server()
+        return [outcome(lambda: read(p.s, 100)), outcome(lambda: read(p.s, 100)), outcome(lambda: write(p.s, b"x"))]
+
+    def fatal_alert(p: Pair, read: Callable[[Any, int], bytes], write: Callable[[Any, bytes], int]) -> list[object]:
+        p.server.write(b"hello")
+        records = bytearray(p.s_out.read())
+        records[-1] ^= 0x01
+        p.c_in.write(bytes(records))
+        with pytest.raises(ssl.SSLError):
+            p.client.read(100)  # the client answers with a fatal alert
+        p.to_server()
+        return [outcome(lambda: read(p.s, 100)), outcome(lambda: read(p.s, 100)), outcome(lambda: write(p.s, b"x"))]
+
+    def eof(p: Pair, read: Callable[[Any, int], bytes], write: Callable[[Any, bytes], int]) -> list[object]:
+        p.s_in.write_eof()
+        return [outcome(lambda: read(p.s, 100)), outcome(lambda: read(p.s, 100))]
+
+    def eof_mid_record(p: Pair, read: Callable[[Any, int], bytes], write: Callable[[Any, bytes], int]) -> list[object]:
+        p.client.write(b"x" * 3000)
+        p.s_in.write(p.c_out.read()[:50])
+        first = outcome(lambda: read(p.s, 100))
+        p.s_in.write_eof()
+        return [first, outcome(lambda: read(p.s, 100))]
+
+    def nothing(p: Pair, read: Callable[[Any, int], bytes], write: Callable[[Any, bytes], int]) -> list[object]:
+        return [outcome(lambda: read(p.s, 0)), outcome(lambda: read(p.s, -1)), outcome(lambda: write(p.c, b""))]
+
+    for scenario in (both_closed, fatal_alert, eof, eof_mid_record, nothing):
+        alike(contexts, scenario)
+
+
+def test_a_sockets_ssl_object_is_left_to_its_methods(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A socket's SSL reads the socket and may wait for it: ``_ssl`` gives the GIL up
+    meanwhile, and so must a read here, or a thread that would send the bytes never runs."""
+    assert wire.TLS_READ is not None
+    client_context, server_context = contexts
+    a, b = socket.socketpair()
+    served: dict[str, ssl.SSLSocket] = {}
+    thread = threading.Thread(target=lambda: served.update(s=server_context.wrap_socket(b, server_side=True)))
+    thread.start()
+    client = client_context.wrap_socket(a)
+    thread.join()
+    try:
+        native = getattr(client, "_sslobj")
+        assert "memory BIOs" in getattr(wire, "_C").tls_records(native)
+        sender = threading.Timer(0.2, lambda: served["s"].write(b"late"))
+        sender.start()
+        assert wire.TLS_READ(native, 100) == b"late"  # waited for, the GIL given up
+        sender.join()
+    finally:
+        client.close()
+        served["s"].close()
+
+
+def test_a_context_with_a_message_callback_is_read_through_the_methods(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A message callback (``SSLContext._msg_callback``, a debugging hook) may raise after a
+    record: ``_ssl`` raises it from the read or write that ran it, the helpers would not, so
+    a TLS connection whose context has one reads and writes through the methods."""
+    from sidecar.upstream.tls_protocol import TlsProtocol
+
+    client_context, _ = contexts
+    loop = asyncio.new_event_loop()
+    try:
+        def made() -> TlsProtocol:
+            return TlsProtocol(loop, asyncio.Protocol(), client_context, server_side=False,
+                               handshake_timeout=1.0, on_handshake=lambda exc: None)
+
+        assert getattr(made(), "_records") is True
+        client_context._msg_callback = lambda *args: None  # type: ignore[attr-defined]
         try:
-            return call()
-        except Exception as exc:  # noqa: BLE001 - what the method does, whatever it is
-            return type(exc)
-
-    assert outcome(lambda: wire.TLS_WRITE(fast.c, b"")) == outcome(lambda: slow.c.write(b""))
+            assert getattr(made(), "_records") is False
+        finally:
+            client_context._msg_callback = None  # type: ignore[attr-defined]
+    finally:
+        loop.close()
 
 
 def test_a_mesh_hops_tls_goes_through_the_helpers() -> None:
