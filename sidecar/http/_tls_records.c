@@ -131,10 +131,8 @@ check(PyObject *obj)
     SslSocketHead *head = (SslSocketHead *)obj;
     int same = head->ctx == context;
     Py_DECREF(context);
-    /* the context in its place says the SSL is in its own; then its app data is the object.
-     * (A socket's object, whose SSL reads the socket, is checked no further: never used.) */
-    if (head->socket != NULL)
-        return 0;
+    /* the context in its place says the SSL is in its own; then its app data is the object
+     * (a socket's object is laid out alike: ``usable`` leaves it to its methods) */
     if (!same || head->ssl == NULL || ssl_get_ex_data(head->ssl, 0) != (void *)obj) {
         Py_DECREF(type);
         refuse("_ssl's _SSLSocket is not laid out as read (the context, the SSL's app data)");
